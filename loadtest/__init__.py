@@ -1,0 +1,1 @@
+"""Locust load tests that hold the ranking endpoint to its latency budget."""

@@ -1,0 +1,3 @@
+"""recdistill: staged distillation of recommender ranking models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,94 @@
+"""The ``recdistill`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from recdistill.config import load_config, section, spec_from
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, KeyError, FileNotFoundError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"recdistill: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recdistill",
+        description="Distil large recommender ranking models into tiny real-time students.",
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    data = commands.add_parser("data", help="build a data directory (tables, splits, candidates)")
+    sources = data.add_subparsers(required=True, metavar="SOURCE")
+
+    synthetic = sources.add_parser(
+        "synthetic", help="generate the synthetic world with a known ground truth"
+    )
+    synthetic.add_argument("--out", type=Path, required=True, help="data directory to write")
+    synthetic.add_argument("--config", type=Path, help="TOML with [data.synthetic], [data.split]")
+    synthetic.add_argument("--users", type=int, help="number of users")
+    synthetic.add_argument("--items", type=int, help="number of items")
+    synthetic.add_argument("--mean-activity", type=float, help="mean interactions per user")
+    synthetic.add_argument("--seed", type=int, help="seed of the generator and of the split")
+    synthetic.set_defaults(run=_data_synthetic)
+
+    movielens = sources.add_parser("movielens", help="read MovieLens (ml-100k or ml-latest layout)")
+    movielens.add_argument("--path", type=Path, required=True, help="raw MovieLens directory")
+    movielens.add_argument("--out", type=Path, required=True, help="data directory to write")
+    movielens.add_argument("--config", type=Path, help="TOML with a [data.split] table")
+    movielens.add_argument("--seed", type=int, help="seed of the candidate sampling")
+    movielens.set_defaults(run=_data_movielens)
+    return parser
+
+
+def _data_synthetic(args: argparse.Namespace) -> None:
+    from recdistill.data.prepare import SplitSpec, prepare
+    from recdistill.data.summary import describe
+    from recdistill.data.synthetic import SyntheticSpec, generate
+    from recdistill.data.tables import atomic_output_dir
+
+    config = load_config(args.config)
+    spec = spec_from(
+        SyntheticSpec,
+        section(config, "data.synthetic"),
+        "[data.synthetic]",
+        users=args.users,
+        items=args.items,
+        mean_activity=args.mean_activity,
+        seed=args.seed,
+    )
+    split = spec_from(SplitSpec, section(config, "data.split"), "[data.split]", seed=args.seed)
+    with atomic_output_dir(args.out) as scratch:
+        generate(spec, scratch)
+        prepare(scratch, split)
+    print(describe(args.out))
+
+
+def _data_movielens(args: argparse.Namespace) -> None:
+    from recdistill.data.movielens import read_movielens
+    from recdistill.data.prepare import SplitSpec, prepare
+    from recdistill.data.summary import describe
+    from recdistill.data.tables import atomic_output_dir, write_raw
+
+    split = spec_from(
+        SplitSpec, section(load_config(args.config), "data.split"), "[data.split]", seed=args.seed
+    )
+    raw = read_movielens(args.path)
+    with atomic_output_dir(args.out) as scratch:
+        write_raw(scratch, raw)
+        prepare(scratch, split)
+    print(describe(args.out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

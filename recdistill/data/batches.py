@@ -1,0 +1,242 @@
+"""Ranking lists as torchrec ``KeyedJaggedTensor`` batches.
+
+Every example is a list: one user and ``list_size`` candidate items with labels. Training
+lists hold the positive first, then negatives re-sampled every epoch from the items the user
+never interacted with in train (only train: steering negatives away from held-out items would
+leak where they are); evaluation lists are the saved candidate lists (held-out item
+first). The user side of a batch is a KJT with one row per list: ``user_id``, ``history``
+(the user's train items, most recent first, without the list's target, capped), and one
+key per demographic feature. The item side has one row per candidate: ``item_id`` and the
+``genres`` bag. IDs are mapped to contiguous indices with 0 reserved for "unknown".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recdistill.data.sampling import pair_keys, sample_unseen
+from recdistill.data.tables import ITEMS, USERS, candidates_file, read_meta, split_file
+
+UNKNOWN = 0
+ITEM_KEYS = ("item_id", "genres")
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Sorted distinct values; value ``values[k]`` has index ``k + 1``, 0 means unknown."""
+
+    values: np.ndarray
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> Vocabulary:
+        return cls(np.unique(values))
+
+    def __len__(self) -> int:
+        return len(self.values) + 1
+
+    def index(self, values: np.ndarray) -> np.ndarray:
+        values = np.asarray(values)
+        if len(self.values) == 0:
+            return np.zeros(values.shape, dtype=np.int64)
+        position = np.minimum(np.searchsorted(self.values, values), len(self.values) - 1)
+        return np.where(self.values[position] == values, position + 1, UNKNOWN).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Jagged:
+    """Rows of int64 values in CSR form: row ``r`` is ``values[offsets[r]:offsets[r + 1]]``."""
+
+    offsets: np.ndarray
+    values: np.ndarray
+
+    def gather(self, rows: np.ndarray, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The (values, lengths) of ``rows`` concatenated, each row cut to ``limit`` values."""
+        starts = self.offsets[rows]
+        lengths = self.offsets[rows + 1] - starts
+        if limit is not None:
+            lengths = np.minimum(lengths, limit)
+        within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return self.values[np.repeat(starts, lengths) + within], lengths
+
+
+@dataclass
+class RankingBatch:
+    """A batch of ranking lists; ``labels`` and ``mask`` are ``[lists, list_size]``."""
+
+    users: KeyedJaggedTensor
+    items: KeyedJaggedTensor
+    labels: torch.Tensor
+    mask: torch.Tensor
+    user_ids: torch.Tensor
+
+    @property
+    def list_size(self) -> int:
+        return self.labels.shape[1]
+
+
+class FeatureStore:
+    """Everything needed to turn (user, candidate items) into KJTs, built from a data dir."""
+
+    def __init__(self, directory: Path, history_length: int = 50) -> None:
+        directory = Path(directory)
+        meta = read_meta(directory)
+        # Sorted by ID, row r of each table is vocabulary index r + 1.
+        users = pq.read_table(directory / USERS).sort_by("user_id")
+        items = pq.read_table(directory / ITEMS).sort_by("item_id")
+        train = pq.read_table(directory / split_file("train"))
+        self.directory = directory
+        self.history_length = history_length
+        self.user_features: tuple[str, ...] = tuple(meta["user_features"])
+        self.users = Vocabulary.of(users.column("user_id").to_numpy())
+        self.items = Vocabulary.of(items.column("item_id").to_numpy())
+
+        self.feature_vocabularies: dict[str, Vocabulary] = {}
+        self.user_codes: dict[str, np.ndarray] = {}
+        for name in self.user_features:
+            values = users.column(name).to_numpy(zero_copy_only=False).astype(str)
+            vocabulary = Vocabulary.of(values)
+            self.feature_vocabularies[name] = vocabulary
+            self.user_codes[name] = np.concatenate([[UNKNOWN], vocabulary.index(values)])
+
+        genres = items.column("genres")
+        genre_names = pc.list_flatten(genres).to_numpy(zero_copy_only=False)
+        self.genres = Vocabulary.of(genre_names)
+        genre_counts = pc.list_value_length(genres).fill_null(0).to_numpy()
+        self.item_genres = Jagged(
+            np.concatenate([[0, 0], np.cumsum(genre_counts)]), self.genres.index(genre_names)
+        )
+
+        train_users = self.users.index(train.column("user_id").to_numpy())
+        train_items = self.items.index(train.column("item_id").to_numpy())
+        recent_first = np.lexsort((-train.column("timestamp").to_numpy(), train_users))
+        self.train_users = train_users
+        self.train_items = train_items
+        self.history = Jagged(
+            np.concatenate([[0], np.cumsum(np.bincount(train_users, minlength=len(self.users)))]),
+            train_items[recent_first],
+        )
+        self.train_seen = np.sort(pair_keys(train_users, train_items, len(self.items)))
+
+    def cardinalities(self) -> dict[str, int]:
+        """Embedding table sizes per KJT key (index 0 = unknown included)."""
+        sizes = {"user_id": len(self.users), "history": len(self.items)}
+        sizes.update({name: len(v) for name, v in self.feature_vocabularies.items()})
+        sizes.update({"item_id": len(self.items), "genres": len(self.genres)})
+        return sizes
+
+    def batch(
+        self,
+        users: np.ndarray,
+        items: np.ndarray,
+        labels: np.ndarray,
+        exclude_from_history: np.ndarray | None = None,
+    ) -> RankingBatch:
+        """Build a batch from user indices ``[B]`` and candidate item indices ``[B, L]``.
+
+        ``exclude_from_history`` (item index per list) is dropped from that list's history, so
+        a training target is never one of its own features.
+        """
+        lists = len(users)
+        history, history_lengths = self.history.gather(users, limit=self.history_length + 1)
+        owner = np.repeat(np.arange(lists), history_lengths)
+        keep = np.ones(len(history), dtype=bool)
+        if exclude_from_history is not None:
+            keep &= history != exclude_from_history[owner]
+        kept_before = np.cumsum(keep) - keep
+        first_of_row = np.repeat(np.cumsum(history_lengths) - history_lengths, history_lengths)
+        keep &= (kept_before - kept_before[first_of_row]) < self.history_length
+        history_lengths = np.bincount(owner[keep], minlength=lists)
+        user_values = [users, history[keep]] + [
+            self.user_codes[n][users] for n in self.user_features
+        ]
+        user_lengths = [np.ones(lists), history_lengths] + [np.ones(lists)] * len(
+            self.user_features
+        )
+
+        flat_items = items.reshape(-1)
+        genres, genre_lengths = self.item_genres.gather(flat_items)
+        return RankingBatch(
+            users=_kjt(("user_id", "history", *self.user_features), user_values, user_lengths),
+            items=_kjt(ITEM_KEYS, [flat_items, genres], [np.ones(len(flat_items)), genre_lengths]),
+            labels=torch.as_tensor(labels, dtype=torch.float32),
+            mask=torch.ones(labels.shape, dtype=torch.bool),
+            user_ids=torch.as_tensor(self.users.values[users - 1]),
+        )
+
+
+def _kjt(keys, values: list[np.ndarray], lengths: list[np.ndarray]) -> KeyedJaggedTensor:
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=list(keys),
+        values=torch.as_tensor(np.concatenate(values).astype(np.int64)),
+        lengths=torch.as_tensor(np.concatenate(lengths).astype(np.int32)),
+    )
+
+
+class TrainLists:
+    """Training lists (positive first, ``negatives`` fresh negatives) for one epoch at a time."""
+
+    def __init__(
+        self, store: FeatureStore, *, batch_size: int, negatives: int, seed: int = 0
+    ) -> None:
+        self.store = store
+        self.batch_size = batch_size
+        self.negatives = negatives
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.store.train_users) / self.batch_size)
+
+    def epoch(self, epoch: int) -> Iterator[RankingBatch]:
+        store = self.store
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(store.train_users))
+        labels = np.zeros((1, self.negatives + 1), dtype=np.float32)
+        labels[0, 0] = 1.0
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            users, positives = store.train_users[rows], store.train_items[rows]
+            negatives = sample_unseen(
+                users, self.negatives, store.train_seen, len(store.items), rng, first_item=1
+            )
+            yield store.batch(
+                users,
+                np.concatenate([positives[:, None], negatives], axis=1),
+                np.repeat(labels, len(rows), axis=0),
+                exclude_from_history=positives,
+            )
+
+
+class CandidateLists:
+    """The saved validation or test candidate lists (held-out item first), in batches."""
+
+    def __init__(self, store: FeatureStore, split: str, *, batch_size: int = 256) -> None:
+        table = pq.read_table(store.directory / candidates_file(split))
+        self.store = store
+        self.batch_size = batch_size
+        self.users = store.users.index(table.column("user_id").to_numpy())
+        candidates = table.column("candidates")
+        list_size = len(candidates[0]) if len(candidates) else 0
+        self.items = store.items.index(pc.list_flatten(candidates).to_numpy()).reshape(
+            -1, list_size
+        )
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.users) / self.batch_size)
+
+    def __iter__(self) -> Iterator[RankingBatch]:
+        labels = np.zeros((1, self.items.shape[1]), dtype=np.float32)
+        labels[0, 0] = 1.0
+        for start in range(0, len(self.users), self.batch_size):
+            users = self.users[start : start + self.batch_size]
+            yield self.store.batch(
+                users, self.items[start : start + self.batch_size], labels.repeat(len(users), 0)
+            )

@@ -1,0 +1,125 @@
+"""The canonical tables every data source is turned into, and how they are written.
+
+A data directory holds:
+
+- ``interactions.parquet``: ``user_id``, ``item_id``, ``timestamp`` (seconds), ``rating``
+- ``users.parquet``: ``user_id`` + categorical feature columns + segment columns
+- ``items.parquet``: ``item_id``, ``title``, ``genres`` (list of strings) + popularity columns
+- ``train/valid/test.parquet``: the leave-one-out split of ``interactions``
+- ``candidates_{valid,test}.parquet``: per user the held-out item plus sampled negatives
+- ``meta.json``: source, sizes, feature and segment column names, split settings
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+INTERACTIONS_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("item_id", pa.int64()),
+        ("timestamp", pa.int64()),
+        ("rating", pa.float32()),
+    ]
+)
+
+INTERACTIONS = "interactions.parquet"
+USERS = "users.parquet"
+ITEMS = "items.parquet"
+SPLITS = ("train", "valid", "test")
+META = "meta.json"
+
+
+def split_file(split: str) -> str:
+    return f"{split}.parquet"
+
+
+def candidates_file(split: str) -> str:
+    return f"candidates_{split}.parquet"
+
+
+@dataclass(frozen=True)
+class RawDataset:
+    """A source's tables before splitting: what a reader hands to :func:`write_raw`.
+
+    ``users`` holds ``user_id`` and the string-valued ``user_features`` columns;
+    ``items`` holds ``item_id``, ``title`` and ``genres`` (list of strings).
+    """
+
+    source: str
+    interactions: pa.Table
+    users: pa.Table
+    items: pa.Table
+    user_features: tuple[str, ...]
+
+
+def write_raw(directory: Path, raw: RawDataset) -> None:
+    pq.write_table(raw.interactions.cast(INTERACTIONS_SCHEMA), directory / INTERACTIONS)
+    pq.write_table(raw.users, directory / USERS)
+    pq.write_table(raw.items, directory / ITEMS)
+    write_json(
+        directory / META,
+        {"source": raw.source, "user_features": list(raw.user_features)},
+    )
+
+
+def rows_of_ids(ids: np.ndarray, wanted: np.ndarray, where: str) -> np.ndarray:
+    """Positions of ``wanted`` IDs in the sorted, unique ``ids``; each one must be present.
+
+    ``where`` names the ID set in the error, e.g. ``"users.parquet"``.
+    """
+    wanted = np.asarray(wanted, dtype=np.int64)
+    rows = np.minimum(np.searchsorted(ids, wanted), len(ids) - 1)
+    missing = ids[rows] != wanted
+    if missing.any():
+        raise KeyError(f"{where} has no id {wanted[missing].flat[0]}")
+    return rows
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / META
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: {directory} is not a recdistill data directory "
+            "(create one with `recdistill data synthetic` or `recdistill data movielens`)"
+        )
+    return json.loads(path.read_text())
+
+
+@contextmanager
+def atomic_output_dir(out: Path) -> Iterator[Path]:
+    """Yield a scratch directory that replaces ``out`` only if the block succeeds.
+
+    On any exception the scratch directory is removed and an existing ``out`` is left
+    untouched, so a failed run never leaves half-written tables behind.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield scratch
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    previous = out.with_name(f".{out.name}.previous")
+    if out.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(out, previous)
+    os.replace(scratch, out)
+    shutil.rmtree(previous, ignore_errors=True)

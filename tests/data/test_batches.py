@@ -1,0 +1,112 @@
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from recdistill.data.batches import CandidateLists, FeatureStore, TrainLists, Vocabulary
+
+HISTORY = 8
+
+
+@pytest.fixture(scope="module")
+def store(synthetic_dir):
+    return FeatureStore(synthetic_dir, history_length=HISTORY)
+
+
+def frame(directory, name):
+    return pq.read_table(directory / f"{name}.parquet").to_pandas()
+
+
+def rows_of(kjt, key):
+    return [t.tolist() for t in kjt[key].to_dense()]
+
+
+def test_vocabulary_reserves_zero_for_unknown():
+    vocabulary = Vocabulary.of(np.array([30, 10, 20, 10]))
+    assert len(vocabulary) == 4
+    assert vocabulary.index(np.array([10, 20, 30, 15, 99])).tolist() == [1, 2, 3, 0, 0]
+
+
+def test_train_batch_contents_match_the_source_rows(store, synthetic_dir):
+    train = frame(synthetic_dir, "train").sort_values(["timestamp", "item_id"], ascending=False)
+    history_of = train.groupby("user_id", sort=False)["item_id"].apply(list)
+    users = frame(synthetic_dir, "users").set_index("user_id")
+    genres_of = frame(synthetic_dir, "items").set_index("item_id")["genres"]
+    train_pairs = set(zip(train["user_id"], train["item_id"]))
+
+    batch = next(TrainLists(store, batch_size=64, negatives=4, seed=1).epoch(0))
+    assert batch.labels.shape == (64, 5) and batch.labels[:, 0].eq(1).all()
+    assert batch.labels[:, 1:].eq(0).all() and batch.mask.all()
+    user_ids = [
+        store.users.values[i - 1] for i in rows_of(batch.users, "user_id")[0:64] for i in [i[0]]
+    ]
+    assert user_ids == batch.user_ids.tolist()
+    items = np.array(rows_of(batch.items, "item_id")).reshape(64, 5)
+    item_ids = store.items.values[items - 1]
+    genre_rows = rows_of(batch.items, "genres")
+    for row, user in enumerate(user_ids):
+        target = item_ids[row, 0]
+        assert (user, target) in train_pairs
+        expected = [i for i in history_of[user] if i != target][:HISTORY]
+        history = rows_of(batch.users, "history")[row]
+        assert store.items.values[np.array(history, int) - 1].tolist() == expected
+        for feature in ("region", "age_bucket"):
+            code = rows_of(batch.users, feature)[row][0]
+            assert store.feature_vocabularies[feature].values[code - 1] == users.loc[user, feature]
+        for position, item in enumerate(item_ids[row]):
+            names = store.genres.values[np.array(genre_rows[row * 5 + position], int) - 1]
+            assert names.tolist() == list(genres_of[item])
+
+
+def test_no_leakage_into_training_batches(store, synthetic_dir):
+    held_out = set()
+    for split in ("valid", "test"):
+        table = frame(synthetic_dir, split)
+        held_out |= set(zip(table["user_id"], table["item_id"]))
+    train = frame(synthetic_dir, "train")
+    seen = train.groupby("user_id")["item_id"].apply(set)
+    for batch in TrainLists(store, batch_size=512, negatives=9, seed=0).epoch(0):
+        users = batch.user_ids.tolist()
+        items = store.items.values[batch.items["item_id"].values().numpy().reshape(-1, 10) - 1]
+        histories = rows_of(batch.users, "history")
+        for user, listed, history in zip(users, items, histories):
+            features = set(store.items.values[np.array(history, int) - 1].tolist())
+            assert not {(user, i) for i in features} & held_out
+            assert (user, listed[0]) not in held_out
+            assert len(set(listed)) == 10
+            # Negatives avoid what the trainer may know, the user's train items. They may hit
+            # a held-out item by chance: excluding those would tell training where they are.
+            assert not set(listed[1:]) & seen[user]
+            assert listed[0] not in features
+
+
+def test_negatives_are_resampled_each_epoch_and_reproducible(store):
+    lists = TrainLists(store, batch_size=256, negatives=4, seed=5)
+    assert len(lists) == -(-len(store.train_users) // 256)
+
+    def first(epoch):
+        return next(lists.epoch(epoch)).items["item_id"].values()
+
+    assert first(0).equal(first(0))
+    assert not first(0).equal(first(1))
+    total = sum(b.labels.shape[0] for b in lists.epoch(2))
+    assert total == len(store.train_users)
+
+
+def test_candidate_lists_follow_the_saved_lists(store, synthetic_dir):
+    candidates = frame(synthetic_dir, "candidates_test")
+    train = frame(synthetic_dir, "train")
+    lists = CandidateLists(store, "test", batch_size=100)
+    batches = list(lists)
+    assert len(batches) == len(lists)
+    assert sum(b.labels.shape[0] for b in batches) == len(candidates)
+    batch = batches[0]
+    assert batch.labels.shape == (100, 100) and batch.labels.sum(1).eq(1).all()
+    items = store.items.values[batch.items["item_id"].values().numpy().reshape(100, 100) - 1]
+    assert items.tolist() == [list(c) for c in candidates["candidates"][:100]]
+    assert batch.user_ids.tolist() == candidates["user_id"][:100].tolist()
+    # Evaluation histories are the full train history, capped: no target to exclude.
+    last = train.sort_values(["timestamp", "item_id"], ascending=False).groupby("user_id")
+    user = candidates["user_id"][0]
+    expected = last.get_group(user)["item_id"].tolist()[:HISTORY]
+    history = rows_of(batch.users, "history")[0]
+    assert store.items.values[np.array(history, int) - 1].tolist() == expected

@@ -1,0 +1,150 @@
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from recdistill.data.prepare import SplitSpec, prepare
+from recdistill.data.tables import RawDataset, atomic_output_dir, read_meta, write_raw
+
+
+def write_tiny(directory, rows, n_items=300, users=None):
+    """rows: (user, item, timestamp) triples; items 1..n_items, one genre each."""
+    user, item, timestamp = (np.array(column, dtype=np.int64) for column in zip(*rows))
+    user_ids = np.array(sorted(set(user) | set(users or [])), dtype=np.int64)
+    write_raw(
+        directory,
+        RawDataset(
+            source="tiny",
+            interactions=pa.table(
+                {
+                    "user_id": user,
+                    "item_id": item,
+                    "timestamp": timestamp,
+                    "rating": np.ones(len(user), np.float32),
+                }
+            ),
+            users=pa.table(
+                {"user_id": user_ids, "gender": ["F" if u % 2 else "M" for u in user_ids]}
+            ),
+            items=pa.table(
+                {
+                    "item_id": np.arange(1, n_items + 1),
+                    "title": [f"t{i}" for i in range(1, n_items + 1)],
+                    "genres": [[f"g{i % 3}"] for i in range(1, n_items + 1)],
+                }
+            ),
+            user_features=("gender",),
+        ),
+    )
+    return directory
+
+
+def frame(directory, name):
+    return pq.read_table(directory / f"{name}.parquet").to_pandas()
+
+
+def test_leave_one_out_by_time_with_ties_broken_by_item(tmp_path):
+    rows = [
+        (7, 30, 100),
+        (7, 10, 300),
+        (7, 20, 200),
+        (7, 40, 300),  # items 10 and 40 tie
+        (9, 5, 50),
+        (9, 6, 40),
+    ]  # too short to hold out
+    prepare(write_tiny(tmp_path, rows), SplitSpec(negatives=5))
+    test, valid, train = frame(tmp_path, "test"), frame(tmp_path, "valid"), frame(tmp_path, "train")
+    assert test[["user_id", "item_id"]].values.tolist() == [[7, 40]]
+    assert valid[["user_id", "item_id"]].values.tolist() == [[7, 10]]
+    assert sorted(train[["user_id", "item_id"]].values.tolist()) == [
+        [7, 20],
+        [7, 30],
+        [9, 5],
+        [9, 6],
+    ]
+    meta = read_meta(tmp_path)
+    assert meta["users_evaluated"] == 1
+    assert meta["splits"] == {"train": 4, "valid": 1, "test": 1}
+
+
+def test_repeated_pairs_keep_only_the_latest(tmp_path):
+    rows = [(1, 10, 100), (1, 11, 200), (1, 12, 300), (1, 10, 400)]
+    prepare(write_tiny(tmp_path, rows), SplitSpec(negatives=5))
+    assert frame(tmp_path, "test")["item_id"].tolist() == [10]
+    assert 10 not in frame(tmp_path, "train")["item_id"].tolist()
+    assert read_meta(tmp_path)["duplicate_pairs_dropped"] == 1
+
+
+def test_candidates_are_held_out_first_then_never_seen_items(synthetic_dir):
+    interactions = frame(synthetic_dir, "interactions")
+    seen = interactions.groupby("user_id")["item_id"].apply(set)
+    all_items = set(frame(synthetic_dir, "items")["item_id"])
+    for split in ("valid", "test"):
+        held_out = frame(synthetic_dir, split).set_index("user_id")["item_id"]
+        candidates = frame(synthetic_dir, f"candidates_{split}")
+        assert len(candidates) == len(held_out) == read_meta(synthetic_dir)["users_evaluated"]
+        for user, item, items in candidates.itertuples(index=False):
+            assert item == held_out[user] == items[0]
+            assert len(items) == 100 and len(set(items)) == 100
+            assert not set(items[1:]) & seen[user]
+            assert set(items) <= all_items
+
+
+def test_held_out_items_never_reach_train(synthetic_dir):
+    train = frame(synthetic_dir, "train")
+    train_pairs = set(zip(train["user_id"], train["item_id"]))
+    for split in ("valid", "test"):
+        held = frame(synthetic_dir, split)
+        assert not set(zip(held["user_id"], held["item_id"])) & train_pairs
+    test, valid = frame(synthetic_dir, "test"), frame(synthetic_dir, "valid")
+    last_train = train.groupby("user_id")["timestamp"].max()
+    merged = test.merge(valid, on="user_id", suffixes=("_test", "_valid"))
+    assert (merged["timestamp_test"] >= merged["timestamp_valid"]).all()
+    assert (
+        merged.set_index("user_id")["timestamp_valid"]
+        >= last_train.reindex(merged["user_id"]).values
+    ).all()
+
+
+def test_segments(tmp_path):
+    # user u has u + 2 interactions (train count u); item 1 is by far the most popular
+    rows = []
+    for user in range(1, 21):
+        rows += [(user, 1 if k == 0 else 100 + 20 * user + k, k) for k in range(user + 2)]
+    meta = prepare(
+        write_tiny(tmp_path, rows, n_items=600, users=[99]),
+        SplitSpec(negatives=5, activity_quantiles=(0.25, 0.5, 0.75), popularity_shares=(0.05, 0.5)),
+    )
+    users = frame(tmp_path, "users").set_index("user_id")
+    assert users.loc[1:20, "n_train"].tolist() == list(range(1, 21))
+    assert users.loc[[1, 5, 6, 10, 11, 15, 16, 20], "activity_tier"].tolist() == [
+        "cold",
+        "cold",
+        "light",
+        "light",
+        "medium",
+        "medium",
+        "heavy",
+        "heavy",
+    ]
+    assert users.loc[99, "n_train"] == 0
+    items = frame(tmp_path, "items").set_index("item_id")
+    assert items.loc[1, "popularity_tier"] == "head"
+    assert items.loc[599, "popularity_tier"] == "tail"  # never interacted with
+    assert (items["popularity_tier"] == "torso").sum() > 0
+    assert meta["user_segments"] == ["activity_tier", "gender"]
+
+
+def test_failed_write_leaves_the_previous_output_untouched(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic_output_dir(out) as scratch:
+        (scratch / "half.parquet").write_text("partial")
+        raise RuntimeError("boom")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    with atomic_output_dir(out) as scratch:
+        (scratch / "new.txt").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
