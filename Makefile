@@ -14,7 +14,9 @@ TORCHREC := torchrec==1.8.0
 #                         FBGEMM=fbgemm-gpu==1.8.0 test
 TORCH_INDEX :=
 
+DEMO_CONFIG := configs/synthetic.toml
 DEMO_DATA := data/synthetic
+DEMO_RUN := runs/synthetic
 
 .PHONY: demo test venv clean
 
@@ -28,7 +30,9 @@ $(INSTALLED): pyproject.toml Makefile
 	touch $@
 
 demo: $(INSTALLED)
-	$(BIN)/recdistill data synthetic --config configs/synthetic.toml --out $(DEMO_DATA)
+	$(BIN)/recdistill data synthetic --config $(DEMO_CONFIG) --out $(DEMO_DATA)
+	rm -rf $(DEMO_RUN)
+	$(BIN)/recdistill train --config $(DEMO_CONFIG) --data $(DEMO_DATA) --out $(DEMO_RUN)
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest

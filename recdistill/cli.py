@@ -48,6 +48,15 @@ def _parser() -> argparse.ArgumentParser:
     movielens.add_argument("--config", type=Path, help="TOML with a [data.split] table")
     movielens.add_argument("--seed", type=int, help="seed of the candidate sampling")
     movielens.set_defaults(run=_data_movielens)
+
+    train = commands.add_parser(
+        "train", help="train teacher, intermediate and students; score baselines; summary.json"
+    )
+    train.add_argument("--config", type=Path, required=True, help="TOML with models and stages")
+    train.add_argument("--data", type=Path, required=True, help="data directory")
+    train.add_argument("--out", type=Path, required=True, help="run directory to write")
+    train.add_argument("--resume", action="store_true", help="continue from the checkpoints")
+    train.set_defaults(run=_train)
     return parser
 
 
@@ -88,6 +97,14 @@ def _data_movielens(args: argparse.Namespace) -> None:
         write_raw(scratch, raw)
         prepare(scratch, split)
     print(describe(args.out))
+
+
+def _train(args: argparse.Namespace) -> None:
+    from recdistill.pipeline import SUMMARY, run, summary_table
+
+    summary = run(args.config, args.data, args.out, resume=args.resume)
+    print(summary_table(summary))
+    print(f"\nwrote {args.out / SUMMARY}")
 
 
 if __name__ == "__main__":

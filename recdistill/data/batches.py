@@ -7,7 +7,9 @@ leak where they are); evaluation lists are the saved candidate lists (held-out i
 first). The user side of a batch is a KJT with one row per list: ``user_id``, ``history``
 (the user's train items, most recent first, without the list's target, capped), and one
 key per demographic feature. The item side has one row per candidate: ``item_id`` and the
-``genres`` bag. IDs are mapped to contiguous indices with 0 reserved for "unknown".
+``genres`` bag, one row per distinct item of the batch (so a tower runs once per item),
+with ``candidates`` pointing each list slot at its row. IDs are mapped to contiguous indices
+with 0 reserved for "unknown".
 """
 
 from __future__ import annotations
@@ -70,10 +72,16 @@ class Jagged:
 
 @dataclass
 class RankingBatch:
-    """A batch of ranking lists; ``labels`` and ``mask`` are ``[lists, list_size]``."""
+    """A batch of ranking lists.
+
+    ``users`` has one row per list, ``items`` one row per distinct item; ``candidates``,
+    ``labels`` and ``mask`` are ``[lists, list_size]``, ``candidates`` holding row numbers
+    of ``items``.
+    """
 
     users: KeyedJaggedTensor
     items: KeyedJaggedTensor
+    candidates: torch.Tensor
     labels: torch.Tensor
     mask: torch.Tensor
     user_ids: torch.Tensor
@@ -162,11 +170,12 @@ class FeatureStore:
             self.user_features
         )
 
-        flat_items = items.reshape(-1)
-        genres, genre_lengths = self.item_genres.gather(flat_items)
+        distinct, slots = np.unique(items, return_inverse=True)
+        genres, genre_lengths = self.item_genres.gather(distinct)
         return RankingBatch(
             users=_kjt(("user_id", "history", *self.user_features), user_values, user_lengths),
-            items=_kjt(ITEM_KEYS, [flat_items, genres], [np.ones(len(flat_items)), genre_lengths]),
+            items=_kjt(ITEM_KEYS, [distinct, genres], [np.ones(len(distinct)), genre_lengths]),
+            candidates=torch.as_tensor(slots.reshape(items.shape)),
             labels=torch.as_tensor(labels, dtype=torch.float32),
             mask=torch.ones(labels.shape, dtype=torch.bool),
             user_ids=torch.as_tensor(self.users.values[users - 1]),

@@ -1,6 +1,7 @@
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from recdistill.data.batches import CandidateLists, FeatureStore, TrainLists, Vocabulary
 
@@ -14,6 +15,12 @@ def store(synthetic_dir):
 
 def frame(directory, name):
     return pq.read_table(directory / f"{name}.parquet").to_pandas()
+
+
+def slot_item_ids(store, batch):
+    """External item ID of every list slot, ``[lists, list_size]``."""
+    rows = batch.items["item_id"].values().numpy()
+    return store.items.values[rows[batch.candidates.numpy()] - 1]
 
 
 def rows_of(kjt, key):
@@ -40,9 +47,9 @@ def test_train_batch_contents_match_the_source_rows(store, synthetic_dir):
         store.users.values[i - 1] for i in rows_of(batch.users, "user_id")[0:64] for i in [i[0]]
     ]
     assert user_ids == batch.user_ids.tolist()
-    items = np.array(rows_of(batch.items, "item_id")).reshape(64, 5)
-    item_ids = store.items.values[items - 1]
+    item_ids = slot_item_ids(store, batch)
     genre_rows = rows_of(batch.items, "genres")
+    assert len(genre_rows) == len(np.unique(item_ids))
     for row, user in enumerate(user_ids):
         target = item_ids[row, 0]
         assert (user, target) in train_pairs
@@ -53,7 +60,8 @@ def test_train_batch_contents_match_the_source_rows(store, synthetic_dir):
             code = rows_of(batch.users, feature)[row][0]
             assert store.feature_vocabularies[feature].values[code - 1] == users.loc[user, feature]
         for position, item in enumerate(item_ids[row]):
-            names = store.genres.values[np.array(genre_rows[row * 5 + position], int) - 1]
+            item_row = batch.candidates[row, position]
+            names = store.genres.values[np.array(genre_rows[item_row], int) - 1]
             assert names.tolist() == list(genres_of[item])
 
 
@@ -66,7 +74,7 @@ def test_no_leakage_into_training_batches(store, synthetic_dir):
     seen = train.groupby("user_id")["item_id"].apply(set)
     for batch in TrainLists(store, batch_size=512, negatives=9, seed=0).epoch(0):
         users = batch.user_ids.tolist()
-        items = store.items.values[batch.items["item_id"].values().numpy().reshape(-1, 10) - 1]
+        items = slot_item_ids(store, batch)
         histories = rows_of(batch.users, "history")
         for user, listed, history in zip(users, items, histories):
             features = set(store.items.values[np.array(history, int) - 1].tolist())
@@ -84,7 +92,7 @@ def test_negatives_are_resampled_each_epoch_and_reproducible(store):
     assert len(lists) == -(-len(store.train_users) // 256)
 
     def first(epoch):
-        return next(lists.epoch(epoch)).items["item_id"].values()
+        return torch.as_tensor(slot_item_ids(store, next(lists.epoch(epoch))))
 
     assert first(0).equal(first(0))
     assert not first(0).equal(first(1))
@@ -101,7 +109,7 @@ def test_candidate_lists_follow_the_saved_lists(store, synthetic_dir):
     assert sum(b.labels.shape[0] for b in batches) == len(candidates)
     batch = batches[0]
     assert batch.labels.shape == (100, 100) and batch.labels.sum(1).eq(1).all()
-    items = store.items.values[batch.items["item_id"].values().numpy().reshape(100, 100) - 1]
+    items = slot_item_ids(store, batch)
     assert items.tolist() == [list(c) for c in candidates["candidates"][:100]]
     assert batch.user_ids.tolist() == candidates["user_id"][:100].tolist()
     # Evaluation histories are the full train history, capped: no target to exclude.

@@ -1,0 +1,223 @@
+"""Ranking losses for distillation: pure functions with one signature, in the spirit of rax.
+
+Every loss is ``loss(student, target, *, mask, **options) -> Tensor``. ``student`` and
+``target`` are ``[lists, list_size]`` scores (``target`` holds the teacher's scores, or 0/1
+labels for the label losses) and ``mask`` is ``[lists, list_size]`` bool, False on padding.
+A loss is computed per list and averaged over the lists that have something to contribute
+(each docstring says which), so neither padded slots nor empty lists change the result.
+
+Padded values are replaced before any arithmetic touches them, softmaxes are log-sum-exps
+with a finite fill, and log-sigmoids are softplus, so scores of ±1e4 (or NaN in a padded
+slot) give finite losses and gradients. Sorting by the teacher is stable: ties keep their
+original order. ``LOSSES`` maps config names to the functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class LossFn(Protocol):
+    """``loss(student, target, *, mask, **options)``: a scalar, mean over contributing lists."""
+
+    def __call__(
+        self, student: Tensor, target: Tensor, *, mask: Tensor, **options: Any
+    ) -> Tensor: ...
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+
+
+def _list_mean(per_list: Tensor, contributes: Tensor) -> Tensor:
+    """Mean of ``per_list`` over the lists where ``contributes``; 0 when none does."""
+    return torch.where(contributes, per_list, 0.0).sum() / contributes.sum().clamp(min=1)
+
+
+def _entry_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Per list, the mean of ``values`` over the valid entries (0 for an empty list)."""
+    return torch.where(mask, values, 0.0).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def _log_softmax(scores: Tensor, mask: Tensor) -> Tensor:
+    """Per list, log softmax over the valid entries; 0 on padding."""
+    logits = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.where(mask, logits - logits.logsumexp(-1, keepdim=True), 0.0)
+
+
+def _teacher_order(teacher: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per list, the positions sorted by teacher score (descending, ties by position).
+
+    Returns ``(order, valid, rank)``: ``valid`` is the mask in sorted order and ``rank`` the
+    0-based rank of each sorted slot among the valid ones (padding sorts last).
+    """
+    key = teacher.masked_fill(~mask, torch.finfo(teacher.dtype).min)
+    order = key.sort(dim=-1, descending=True, stable=True).indices
+    valid = mask.gather(-1, order)
+    return order, valid, valid.cumsum(-1) - 1
+
+
+def bce_loss(student: Tensor, labels: Tensor, *, mask: Tensor) -> Tensor:
+    """Pointwise binary cross-entropy with logits on 0/1 labels.
+
+    Per list: mean over valid entries of ``-y log σ(s) - (1 - y) log(1 - σ(s))``; lists with a
+    valid entry contribute.
+    """
+    s = student.masked_fill(~mask, 0.0)
+    y = labels.masked_fill(~mask, 0.0)
+    bce = F.binary_cross_entropy_with_logits(s, y, reduction="none")
+    return _list_mean(_entry_mean(bce, mask), mask.any(-1))
+
+
+def softmax_cross_entropy_loss(student: Tensor, labels: Tensor, *, mask: Tensor) -> Tensor:
+    """Listwise softmax cross-entropy against the label distribution.
+
+    Per list: ``-Σ_i p_i log softmax(s)_i`` with ``p = y / Σ y``, both over valid entries.
+    Lists with a positive label and at least two valid entries contribute.
+    """
+    y = labels.masked_fill(~mask, 0.0)
+    total = y.sum(-1, keepdim=True)
+    target = y / torch.where(total > 0, total, 1.0)
+    per_list = -(target * _log_softmax(student, mask)).sum(-1)
+    return _list_mean(per_list, (total.squeeze(-1) > 0) & (mask.sum(-1) >= 2))
+
+
+def soft_bce_loss(
+    student: Tensor, teacher: Tensor, *, mask: Tensor, temperature: float = 1.0
+) -> Tensor:
+    """Pointwise BCE against the teacher's soft labels, with Hinton's T² scaling.
+
+    Per list: ``T² · mean_i BCE(σ(s_i / T), σ(t_i / T))`` over valid entries; its minimum, at
+    ``s == t``, is ``T²`` times the mean entropy of ``σ(t / T)``. Lists with a valid entry
+    contribute.
+    """
+    _positive("temperature", temperature)
+    s = student.masked_fill(~mask, 0.0) / temperature
+    p = torch.sigmoid(teacher.masked_fill(~mask, 0.0) / temperature)
+    bce = F.binary_cross_entropy_with_logits(s, p, reduction="none")
+    return temperature**2 * _list_mean(_entry_mean(bce, mask), mask.any(-1))
+
+
+def listnet_loss(
+    student: Tensor, teacher: Tensor, *, mask: Tensor, temperature: float = 1.0
+) -> Tensor:
+    """ListNet distillation: ``T² · KL(softmax(t / T) ‖ softmax(s / T))`` over valid entries.
+
+    Per list: ``T² · Σ_i p_i (log p_i - log q_i)`` with ``p = softmax(t / T)``,
+    ``q = softmax(s / T)``; zero when ``s == t`` up to a per-list constant. Lists with at least
+    two valid entries contribute.
+    """
+    _positive("temperature", temperature)
+    log_p = _log_softmax(teacher / temperature, mask)
+    log_q = _log_softmax(student / temperature, mask)
+    kl = torch.where(mask, log_p.exp() * (log_p - log_q), 0.0).sum(-1)
+    return temperature**2 * _list_mean(kl, mask.sum(-1) >= 2)
+
+
+def listmle_loss(
+    student: Tensor, teacher: Tensor, *, mask: Tensor, top_k: int | None = None
+) -> Tensor:
+    """ListMLE: Plackett–Luce negative log-likelihood of the teacher's ranking.
+
+    With ``π`` the valid entries sorted by teacher score (descending, ties by position) and
+    ``n`` their number, per list: ``(1/m) Σ_{r<m} (log Σ_{j≥r} exp(s_{π_j}) - s_{π_r})`` with
+    ``m = min(top_k, n - 1)`` (``n - 1`` without ``top_k``): the last factor is always 1, and
+    each denominator keeps the whole remaining set. Lists with a term contribute.
+    """
+    if top_k is not None:
+        _positive("top_k", top_k)
+    order, valid, rank = _teacher_order(teacher, mask)
+    s = student.gather(-1, order).masked_fill(~valid, torch.finfo(student.dtype).min)
+    remaining = s.flip(-1).logcumsumexp(-1).flip(-1)
+    n = valid.sum(-1, keepdim=True)
+    terms = valid & (rank < (n - 1 if top_k is None else (n - 1).clamp(max=top_k)))
+    nll = torch.where(terms, remaining - s, 0.0).sum(-1) / terms.sum(-1).clamp(min=1)
+    return _list_mean(nll, terms.any(-1))
+
+
+def rank_weighted_topk_loss(
+    student: Tensor, teacher: Tensor, *, mask: Tensor, top_k: int = 10, decay: float = 5.0
+) -> Tensor:
+    """Ranking Distillation (Tang & Wang, KDD 2018), position-weighted form.
+
+    The teacher's top ``k`` valid entries ``π_0..π_{k-1}`` (ties by position; all valid entries
+    when fewer than ``k``) are positives with weights ``w_r ∝ exp(-r / decay)``, ``Σ w_r = 1``;
+    the other valid entries ``R`` are negatives. Per list:
+    ``-Σ_r w_r log σ(s_{π_r}) - (1/|R|) Σ_{i∈R} log(1 - σ(s_i))`` (no negative term when ``R``
+    is empty). Only the static position weights are used, not the paper's dynamic weighting
+    by the student's rank discrepancy. Lists with a valid entry contribute.
+    """
+    _positive("top_k", top_k)
+    _positive("decay", decay)
+    order, valid, rank = _teacher_order(teacher, mask)
+    s = student.gather(-1, order).masked_fill(~valid, 0.0)
+    top = valid & (rank < top_k)
+    weight = torch.where(top, torch.exp(-rank.to(s.dtype) / decay), 0.0)
+    # a non-empty top has weight 1 at rank 0, so the clamp only guards empty lists
+    weight = weight / weight.sum(-1, keepdim=True).clamp(min=1.0)
+    positives = (weight * F.softplus(-s)).sum(-1)
+    negatives = _entry_mean(F.softplus(s), valid & ~top)
+    return _list_mean(positives + negatives, valid.any(-1))
+
+
+def ranknet_loss(
+    student: Tensor, teacher: Tensor, *, mask: Tensor, margin_weighted: bool = True
+) -> Tensor:
+    """RankNet on the teacher's pairs: logistic loss on every ordered pair, ties excluded.
+
+    Per list, over valid pairs with ``t_i > t_j``: ``Σ w_ij log(1 + exp(-(s_i - s_j))) / Σ w_ij``
+    with ``w_ij = t_i - t_j`` when ``margin_weighted``, else 1. Lists with such a pair
+    contribute.
+    """
+    s = student.masked_fill(~mask, 0.0)
+    t = teacher.masked_fill(~mask, 0.0)
+    margin = t[:, :, None] - t[:, None, :]
+    pairs = mask[:, :, None] & mask[:, None, :] & (margin > 0)
+    weight = pairs * margin if margin_weighted else pairs.to(s.dtype)
+    logistic = F.softplus(s[:, None, :] - s[:, :, None])
+    total = weight.sum((1, 2))
+    per_list = (weight * logistic).sum((1, 2)) / torch.where(total > 0, total, 1.0)
+    return _list_mean(per_list, total > 0)
+
+
+def margin_mse_loss(student: Tensor, teacher: Tensor, *, mask: Tensor) -> Tensor:
+    """Margin-MSE (Hofstätter et al. 2020) over all valid pairs of a list.
+
+    Per list: ``mean_{i≠j} ((s_i - s_j) - (t_i - t_j))²``, computed in O(n) with ``d = s - t``
+    as ``2n/(n-1) · Var(d) = 2/(n-1) · Σ_i (d_i - mean(d))²`` (population variance). Lists
+    with at least two valid entries contribute.
+    """
+    d = (student - teacher).masked_fill(~mask, 0.0)
+    n = mask.sum(-1, keepdim=True)
+    centred = torch.where(mask, d - d.sum(-1, keepdim=True) / n.clamp(min=1), 0.0)
+    n = n.squeeze(-1)
+    per_list = 2 * centred.square().sum(-1) / (n - 1).clamp(min=1)
+    return _list_mean(per_list, n >= 2)
+
+
+def feature_mse_loss(student: Tensor, teacher: Tensor, *, mask: Tensor) -> Tensor:
+    """MSE between representations: mean over selected rows of ``‖s - t‖² / dim``.
+
+    ``student`` and ``teacher`` are ``[rows, dim]`` (the student's projected tower outputs and
+    the teacher's); ``mask`` is ``[rows]`` bool and selects the rows.
+    """
+    diff = (student - teacher).masked_fill(~mask[..., None], 0.0)
+    return _list_mean(diff.square().mean(-1), mask)
+
+
+LOSSES: dict[str, LossFn] = {
+    "bce": bce_loss,
+    "softmax_ce": softmax_cross_entropy_loss,
+    "soft_bce": soft_bce_loss,
+    "listnet": listnet_loss,
+    "listmle": listmle_loss,
+    "rank_weighted": rank_weighted_topk_loss,
+    "ranknet": ranknet_loss,
+    "margin_mse": margin_mse_loss,
+    "feature_mse": feature_mse_loss,
+}

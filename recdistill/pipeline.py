@@ -1,0 +1,188 @@
+"""The staged run: teacher → intermediate → student, the baselines, and ``summary.json``.
+
+Stages run in config order; a stage may learn from any earlier stage. After training, every
+model and the reference baselines are scored on the same test candidate lists and on full
+ranking, and the run's claims (retention, distillation gain) are tested over users.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from scipy import stats
+
+from recdistill.baselines import Ease, Popularity
+from recdistill.config import load_config, section, spec_from
+from recdistill.data.batches import FeatureStore
+from recdistill.data.tables import read_meta, write_json
+from recdistill.evaluate import evaluate, mean_metrics
+from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
+from recdistill.train import CHECKPOINT, LossTerm, StageSpec, Trainer
+
+SUMMARY = "summary.json"
+PER_USER = "per_user.parquet"
+STAGE_KEYS = {f.name for f in StageSpec.__dataclass_fields__.values()} - {"name", "losses"}
+# (model, reference) pairs whose per-user NDCG@10 is compared in summary.json.
+COMPARISONS = (
+    ("student", "teacher"),
+    ("student", "student_scratch"),
+    ("student", "student_direct"),
+    ("intermediate", "teacher"),
+    ("teacher", "ease"),
+    ("teacher", "popularity"),
+)
+
+
+def stages_from(config: dict[str, Any]) -> list[StageSpec]:
+    defaults = {k: v for k, v in section(config, "train").items() if k in STAGE_KEYS}
+    stages = []
+    for name, table in section(config, "stages").items():
+        table = dict(table)
+        terms = []
+        for term in table.pop("losses", []):
+            term = dict(term)
+            fixed = {k: term.pop(k) for k in ("fn", "source", "weight") if k in term}
+            terms.append(LossTerm(**fixed, options=term))
+        if not terms:
+            raise ValueError(f"[stages.{name}] has no losses")
+        stages.append(
+            spec_from(
+                StageSpec, {**defaults, **table}, f"[stages.{name}]", name=name, losses=tuple(terms)
+            )
+        )
+    if not stages:
+        raise ValueError("the config has no [stages.*] tables")
+    return stages
+
+
+def run(config_path: Path, data: Path, out: Path, *, resume: bool = False) -> dict[str, Any]:
+    config = load_config(config_path)
+    out = Path(out)
+    if not resume and any(out.glob(f"*/{CHECKPOINT}")):
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(config_path, out / "config.toml")
+
+    train_table = section(config, "train")
+    store = FeatureStore(data, history_length=train_table.get("history_length", 50))
+    space = FeatureSpace(store.user_features, store.cardinalities())
+    presets = {
+        name: spec_from(TwoTowerSpec, table, f"[models.{name}]")
+        for name, table in section(config, "models").items()
+    }
+    stages = stages_from(config)
+
+    models: dict[str, Any] = {}
+    meta = read_meta(data)
+    summary: dict[str, Any] = {"data": str(data), "source": meta["source"], "models": {}}
+    _check_order(stages, presets)
+    for stage in stages:
+        torch.manual_seed(stage.seed)
+        model = TwoTower(presets[stage.model], space)
+        teachers = {name: models[name] for name in stage.teachers}
+        result = Trainer(stage, model, teachers, store, out / stage.name).fit(resume=resume)
+        models[stage.name] = model
+        summary["models"][stage.name] = {
+            "preset": stage.model,
+            "params": model.parameter_count(),
+            "multiply_adds": model.multiply_adds(meta["list_size"]),
+            "training": {
+                "teachers": list(stage.teachers),
+                "losses": [f"{t.weight:g}·{t.fn}({t.source})" for t in stage.losses],
+                "best_epoch": result.best_epoch,
+                "epochs_run": result.epochs_run,
+                "valid_ndcg@10": result.best_valid,
+                "train_seconds": result.seconds,
+                "examples_per_second": result.examples_per_second,
+            },
+        }
+
+    models["popularity"] = Popularity(store)
+    summary["models"]["popularity"] = {"params": 0}
+    ease_l2 = _tune_ease(store, section(config, "baselines.ease").get("l2", [100, 300, 1000]))
+    models["ease"] = Ease(store, ease_l2)
+    summary["models"]["ease"] = {"params": len(store.items) ** 2, "l2": ease_l2}
+
+    per_user = {name: evaluate(model, store, "test") for name, model in models.items()}
+    for name, metrics in per_user.items():
+        summary["models"][name]["metrics"] = mean_metrics(metrics)
+    summary["comparisons"] = _comparisons(per_user)
+    _write_per_user(per_user, out / PER_USER)
+    write_json(out / SUMMARY, summary)
+    return summary
+
+
+def _check_order(stages: list[StageSpec], presets: dict[str, TwoTowerSpec]) -> None:
+    """Fail before any training if a stage names an unknown preset or a later teacher."""
+    trained: set[str] = set()
+    for stage in stages:
+        if stage.model not in presets:
+            raise ValueError(f"[stages.{stage.name}] uses unknown model preset {stage.model!r}")
+        missing = [t for t in stage.teachers if t not in trained]
+        if missing:
+            raise ValueError(f"[stages.{stage.name}] learns from {missing}, not trained before it")
+        trained.add(stage.name)
+
+
+def _tune_ease(store: FeatureStore, grid: list[float]) -> float:
+    """The EASE regularisation with the best validation NDCG@10 (never looks at test)."""
+    scores = {
+        l2: float(evaluate(Ease(store, l2), store, "valid", full_ranking=False)["ndcg@10"].mean())
+        for l2 in grid
+    }
+    return max(scores, key=scores.get)
+
+
+def _comparisons(per_user: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Relative NDCG@10 (sampled and full) and a paired t-test over users, per pair."""
+    result = {}
+    for model, reference in COMPARISONS:
+        if model not in per_user or reference not in per_user:
+            continue
+        entry = {}
+        for metric in ("ndcg@10", "full_ndcg@10"):
+            a, b = per_user[model][metric], per_user[reference][metric]
+            entry[f"{metric}_ratio"] = float(a.mean() / b.mean())
+            entry[f"{metric}_p_value"] = float(stats.ttest_rel(a, b).pvalue)
+        result[f"{model}_vs_{reference}"] = entry
+    return result
+
+
+def _write_per_user(per_user: dict[str, dict[str, np.ndarray]], path: Path) -> None:
+    tables = [
+        pa.table({"model": [name] * len(metrics["user_id"]), **metrics})
+        for name, metrics in per_user.items()
+    ]
+    pq.write_table(pa.concat_tables(tables), path)
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    """The run's models side by side, as printed at the end of ``recdistill train``."""
+    header = (
+        f"{'model':<16}{'params':>11}{'MACs/cand':>11}{'ndcg@10':>9}{'hr@10':>8}{'mrr':>8}"
+        f"{'full_ndcg@10':>14}{'full_rec@10':>13}{'train ex/s':>12}"
+    )
+    lines = [header]
+    for name, entry in summary["models"].items():
+        metrics = entry["metrics"]
+        macs = entry.get("multiply_adds", {}).get("per_candidate")
+        speed = entry.get("training", {}).get("examples_per_second")
+        lines.append(
+            f"{name:<16}{entry['params']:>11,}{'' if macs is None else f'{macs:,.0f}':>11}"
+            f"{metrics['ndcg@10']:>9.4f}{metrics['hr@10']:>8.4f}{metrics['mrr']:>8.4f}"
+            f"{metrics['full_ndcg@10']:>14.4f}{metrics['full_recall@10']:>13.4f}"
+            f"{'' if speed is None else f'{speed:,.0f}':>12}"
+        )
+    lines.append("")
+    for pair, entry in summary["comparisons"].items():
+        lines.append(
+            f"{pair:<32} ndcg@10 ×{entry['ndcg@10_ratio']:.3f} (p={entry['ndcg@10_p_value']:.2g})"
+            f"  full ×{entry['full_ndcg@10_ratio']:.3f} (p={entry['full_ndcg@10_p_value']:.2g})"
+        )
+    return "\n".join(lines)

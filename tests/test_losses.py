@@ -1,0 +1,509 @@
+import inspect
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from recdistill.losses import LOSSES
+
+LABEL_LOSSES = ("bce", "softmax_ce")
+# a list of one item still gives these a term that depends on the student
+POINTWISE = ("bce", "soft_bce", "rank_weighted")
+# Each list loss with its default options, plus non-default variants.
+VARIANTS = [
+    ("bce", {}),
+    ("softmax_ce", {}),
+    ("soft_bce", {}),
+    ("soft_bce", {"temperature": 3.0}),
+    ("listnet", {}),
+    ("listnet", {"temperature": 2.0}),
+    ("listmle", {}),
+    ("listmle", {"top_k": 2}),
+    ("rank_weighted", {}),
+    ("rank_weighted", {"top_k": 2, "decay": 1.0}),
+    ("ranknet", {}),
+    ("ranknet", {"margin_weighted": False}),
+    ("margin_mse", {}),
+]
+SHIFT_INVARIANT = [
+    ("listnet", {}),
+    ("listnet", {"temperature": 2.0}),
+    ("listmle", {}),
+    ("listmle", {"top_k": 2}),
+    ("ranknet", {}),
+    ("ranknet", {"margin_weighted": False}),
+    ("margin_mse", {}),
+]
+WILD = [1e4, -1e4, 1e30, -math.inf, math.inf, math.nan]
+
+
+def variant_id(value):
+    return ",".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else value
+
+
+def loss_of(name, options, student, target, mask):
+    return LOSSES[name](student, target, mask=mask, **options)
+
+
+def tensor(rows, dtype=torch.float32):
+    return torch.tensor(rows, dtype=dtype)
+
+
+def random_list(name, n, generator):
+    """(student, target) for one list of ``n`` valid entries, a positive label among them."""
+    student = torch.randn(n, generator=generator) * 2
+    if name in LABEL_LOSSES:
+        target = (torch.rand(n, generator=generator) < 0.4).float()
+        target[torch.randint(n, (1,), generator=generator)] = 1.0
+    else:
+        target = torch.randn(n, generator=generator) * 2
+    return student, target
+
+
+def pad_wild(rows, size):
+    """Stack 1-D tensors into ``[len(rows), size]``, padding with wild values; and the mask."""
+    padded = torch.tensor(
+        [[WILD[(i + j) % len(WILD)] for j in range(size)] for i in range(len(rows))],
+        dtype=rows[0].dtype,
+    )
+    mask = torch.zeros(len(rows), size, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        padded[i, : len(row)] = row
+        mask[i, : len(row)] = True
+    return padded, mask
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def lse(values):
+    values = np.asarray(values, dtype=np.float64)
+    return values.max() + np.log(np.exp(values - values.max()).sum())
+
+
+# --- hand-computed values ----------------------------------------------------------------
+
+
+def test_bce_hand_computed():
+    student = tensor([[2.0, -1.0, 0.5], [0.3, 7.0, 7.0]])
+    labels = tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    first = (-math.log(sigmoid(2.0)) - math.log(1 - sigmoid(-1.0))) / 2
+    second = -math.log(sigmoid(0.3))
+    loss = LOSSES["bce"](student, labels, mask=mask)
+    assert loss.item() == pytest.approx((first + second) / 2, rel=1e-6)
+
+
+def test_softmax_ce_hand_computed_and_lists_without_positives_contribute_nothing():
+    student = tensor([[1.0, 2.0, 0.0, 5.0], [1.0, 2.0, 3.0, 4.0], [9.0, 1.0, 1.0, 1.0]])
+    labels = tensor([[1.0, 1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True, False], [True] * 4, [True, False, False, False]])
+    # p = [1/2, 1/2, 0]: -(1/2)(1 - lse) - (1/2)(2 - lse)
+    expected = lse([1.0, 2.0, 0.0]) - 1.5
+    loss = LOSSES["softmax_ce"](student, labels, mask=mask)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_soft_bce_hand_computed(temperature):
+    student = tensor([[1.0, -2.0, 4.0]])
+    teacher = tensor([[0.5, 3.0, -4.0]])
+    mask = torch.tensor([[True, True, False]])
+    terms = []
+    for s, t in [(1.0, 0.5), (-2.0, 3.0)]:
+        p, q = sigmoid(t / temperature), sigmoid(s / temperature)
+        terms.append(-(p * math.log(q) + (1 - p) * math.log(1 - q)))
+    expected = temperature**2 * np.mean(terms)
+    loss = LOSSES["soft_bce"](student, teacher, mask=mask, temperature=temperature)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_listnet_hand_computed(temperature):
+    student = tensor([[1.0, 0.0, 2.0, -3.0]])
+    teacher = tensor([[2.0, 1.0, 0.0, 8.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    s, t = np.array([1.0, 0.0, 2.0]) / temperature, np.array([2.0, 1.0, 0.0]) / temperature
+    p, q = np.exp(t) / np.exp(t).sum(), np.exp(s) / np.exp(s).sum()
+    expected = temperature**2 * (p * np.log(p / q)).sum()
+    loss = LOSSES["listnet"](student, teacher, mask=mask, temperature=temperature)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_listmle_hand_computed_with_ties_broken_by_position():
+    s0, s1, s2, s3 = 0.3, 1.0, -0.5, 2.0
+    student = tensor([[s0, s1, s2, s3, 6.0]])
+    teacher = tensor([[0.5, 2.0, 0.5, 1.0, 9.0]])
+    mask = torch.tensor([[True, True, True, True, False]])
+    # teacher order: 1 (2.0), 3 (1.0), 0 (0.5), 2 (0.5; tied with 0, which comes first)
+    terms = [
+        lse([s1, s3, s0, s2]) - s1,
+        lse([s3, s0, s2]) - s3,
+        lse([s0, s2]) - s0,
+    ]
+    assert LOSSES["listmle"](student, teacher, mask=mask).item() == pytest.approx(
+        np.mean(terms), rel=1e-6
+    )
+    top_two = LOSSES["listmle"](student, teacher, mask=mask, top_k=2)
+    assert top_two.item() == pytest.approx(np.mean(terms[:2]), rel=1e-6)
+
+
+def test_rank_weighted_hand_computed_with_ties_and_a_short_list():
+    s = [0.4, 1.5, -0.2, 0.8, 2.0]
+    student = tensor([s, [0.7, -1.1, 3.0, 3.0, 3.0]])
+    teacher = tensor([[0.1, 0.9, 0.5, 0.2, 0.5], [1.0, 2.0, 5.0, 5.0, 5.0]])
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    w = np.exp(-np.arange(2) / 5.0)
+    w = w / w.sum()
+    # first list: top two are 1 (0.9) and 2 (0.5; tied with 4, which comes later)
+    first = -w[0] * math.log(sigmoid(s[1])) - w[1] * math.log(sigmoid(s[2]))
+    first -= np.mean([math.log(1 - sigmoid(s[i])) for i in (4, 3, 0)])
+    # second list is shorter than k: both valid items are the top, in teacher order
+    second = -w[0] * math.log(sigmoid(-1.1)) - w[1] * math.log(sigmoid(0.7))
+    loss = LOSSES["rank_weighted"](student, teacher, mask=mask, top_k=2, decay=5.0)
+    assert loss.item() == pytest.approx((first + second) / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("margin_weighted", [True, False])
+def test_ranknet_hand_computed_excludes_ties(margin_weighted):
+    s = [0.5, 1.0, -1.0, 0.2]
+    t = [3.0, 1.0, 1.0, 0.0]
+    student = tensor([s + [4.0], [1.0, 2.0, 0.0, 0.0, 0.0]])
+    teacher = tensor([t + [2.0], [1.0, 1.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[True] * 4 + [False], [True, True, False, False, False]])
+    pairs = [(i, j) for i in range(4) for j in range(4) if t[i] > t[j]]
+    assert len(pairs) == 5  # (1, 2) is a tie; the second list has only a tie
+    weights = [t[i] - t[j] if margin_weighted else 1.0 for i, j in pairs]
+    losses = [math.log(1 + math.exp(-(s[i] - s[j]))) for i, j in pairs]
+    expected = np.dot(weights, losses) / np.sum(weights)
+    loss = LOSSES["ranknet"](student, teacher, mask=mask, margin_weighted=margin_weighted)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_margin_mse_hand_computed():
+    student = tensor([[1.0, 2.0, 4.0, 100.0]])
+    teacher = tensor([[0.0, 0.0, 0.0, -100.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    # ordered pairs: (1-2)² = 1, (1-4)² = 9, (2-4)² = 4, each twice, over 6 pairs
+    expected = 2 * (1 + 9 + 4) / 6
+    assert LOSSES["margin_mse"](student, teacher, mask=mask).item() == pytest.approx(expected)
+
+
+def test_margin_mse_matches_the_explicit_pairwise_form():
+    generator = torch.Generator().manual_seed(0)
+    lengths = [6, 2, 5, 1]
+    rows = [torch.randn(2, n, generator=generator, dtype=torch.float64) for n in lengths]
+    student, mask = pad_wild([r[0] for r in rows], 7)
+    teacher, _ = pad_wild([r[1] for r in rows], 7)
+    per_list = []
+    for row in rows:
+        s, t = row.numpy()
+        n = len(s)
+        if n >= 2:
+            pairs = [
+                ((s[i] - s[j]) - (t[i] - t[j])) ** 2 for i in range(n) for j in range(n) if i != j
+            ]
+            per_list.append(np.mean(pairs))
+    loss = LOSSES["margin_mse"](student.double(), teacher.double(), mask=mask)
+    assert loss.item() == pytest.approx(np.mean(per_list), rel=1e-12)
+
+
+def test_feature_mse_hand_computed():
+    student = tensor([[1.0, 2.0], [3.0, 4.0], [9.0, math.nan]])
+    teacher = tensor([[0.0, 0.0], [3.0, 3.0], [0.0, 0.0]])
+    mask = torch.tensor([True, True, False])
+    expected = ((1 + 4) / 2 + (0 + 1) / 2) / 2
+    assert LOSSES["feature_mse"](student, teacher, mask=mask).item() == pytest.approx(expected)
+
+
+# --- minima ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("listnet", {}), ("listnet", {"temperature": 2.0}), ("margin_mse", {})],
+    ids=variant_id,
+)
+def test_zero_with_zero_gradient_when_student_equals_teacher(name, options):
+    teacher, mask = pad_wild([torch.tensor([0.3, -1.2, 2.5, 0.0]), torch.tensor([4.0, 1.0])], 6)
+    student = teacher.clone().requires_grad_()
+    loss = loss_of(name, options, student, teacher, mask)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    assert student.grad.abs().max().item() < 1e-6
+
+
+def test_feature_mse_zero_when_equal():
+    teacher = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([True, True, False, True])
+    assert LOSSES["feature_mse"](teacher.clone(), teacher, mask=mask).item() == 0.0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_soft_bce_minimum_is_the_teacher_entropy(temperature):
+    t = np.array([0.5, -2.0, 3.0])
+    teacher, mask = pad_wild([torch.tensor(t, dtype=torch.float32)], 5)
+    student = teacher.clone().requires_grad_()
+    loss = LOSSES["soft_bce"](student, teacher, mask=mask, temperature=temperature)
+    loss.backward()
+    p = sigmoid(t / temperature)
+    entropy = -(p * np.log(p) + (1 - p) * np.log(1 - p))
+    assert loss.item() == pytest.approx(temperature**2 * entropy.mean(), rel=1e-6)
+    assert student.grad.abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("name", "confident", "minimum"),
+    [
+        ("bce", lambda y: 50 * (2 * y - 1), lambda npos: 0.0),
+        # the entropy of the label distribution: log of the number of positives
+        ("softmax_ce", lambda y: 50 * y, lambda npos: np.mean(np.log(npos))),
+    ],
+    ids=["bce", "softmax_ce"],
+)
+def test_label_losses_reach_their_minimum_for_a_confident_student(name, confident, minimum):
+    labels = tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0]])
+    loss = LOSSES[name](confident(labels), labels, mask=torch.ones(2, 4, dtype=torch.bool))
+    assert loss.item() == pytest.approx(minimum(np.array([3, 1])), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("listmle", {}),
+        ("listmle", {"top_k": 3}),
+        ("ranknet", {}),
+        ("ranknet", {"margin_weighted": False}),
+        ("rank_weighted", {"top_k": 3}),
+    ],
+    ids=variant_id,
+)
+def test_a_confident_student_that_agrees_with_the_teacher_reaches_zero(name, options):
+    generator = torch.Generator().manual_seed(1)
+    teacher = torch.stack([torch.randperm(8, generator=generator) for _ in range(3)]).float()
+    # ±25 around the threshold between the teacher's top 3 and the rest; a scaled copy otherwise
+    student = 50 * (teacher - 4.5) if name == "rank_weighted" else 50 * teacher
+    loss = loss_of(name, options, student, teacher, torch.ones(3, 8, dtype=torch.bool))
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_listmle_prefers_the_teachers_order_to_a_shuffle(top_k):
+    generator = torch.Generator().manual_seed(2)
+    teacher = torch.randn(4, 10, generator=generator)
+    mask = torch.ones(4, 10, dtype=torch.bool)
+    shuffled = teacher[:, torch.randperm(10, generator=generator)]
+    for scale in [1.0, 20.0]:
+        agreeing = LOSSES["listmle"](scale * teacher, teacher, mask=mask, top_k=top_k)
+        other = LOSSES["listmle"](scale * shuffled, teacher, mask=mask, top_k=top_k)
+        assert agreeing < other
+
+
+# --- padding -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "options"), VARIANTS, ids=variant_id)
+def test_padding_is_ignored_and_ragged_lists_match_each_list_alone(name, options):
+    generator = torch.Generator().manual_seed(3)
+    lists = [random_list(name, n, generator) for n in (5, 3, 7, 2)]
+    student, mask = pad_wild([s for s, _ in lists], 9)
+    target, _ = pad_wild([t for _, t in lists], 9)
+    student.requires_grad_()
+    loss = loss_of(name, options, student, target, mask)
+    loss.backward()
+
+    alone = [
+        loss_of(name, options, s[None], t[None], torch.ones(1, len(s), dtype=torch.bool))
+        for s, t in lists
+    ]
+    torch.testing.assert_close(loss, torch.stack(alone).mean())
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+    assert student.grad[~mask].eq(0).all()
+
+    # the same lists at one length, with and without padding
+    same = [
+        (s[:2], t[:2]) if name not in LABEL_LOSSES else (s[:2], tensor([1.0, 0.0]))
+        for s, t in lists
+    ]
+    padded_student, padded_mask = pad_wild([s for s, _ in same], 6)
+    padded_target, _ = pad_wild([t for _, t in same], 6)
+    unpadded = loss_of(
+        name,
+        options,
+        torch.stack([s for s, _ in same]),
+        torch.stack([t for _, t in same]),
+        torch.ones(4, 2, dtype=torch.bool),
+    )
+    torch.testing.assert_close(
+        loss_of(name, options, padded_student, padded_target, padded_mask), unpadded
+    )
+
+
+@pytest.mark.parametrize(("name", "options"), VARIANTS, ids=variant_id)
+def test_lists_with_nothing_to_contribute_are_left_out(name, options):
+    generator = torch.Generator().manual_seed(4)
+    lists = [random_list(name, n, generator) for n in (4, 6)]
+    student, mask = pad_wild([s for s, _ in lists] + [torch.empty(0)], 6)
+    target, _ = pad_wild([t for _, t in lists] + [torch.empty(0)], 6)
+    torch.testing.assert_close(
+        loss_of(name, options, student, target, mask),
+        loss_of(name, options, student[:2], target[:2], mask[:2]),
+    )
+
+    empty = student[2:].clone().requires_grad_()
+    loss = loss_of(name, options, empty, target[2:], mask[2:])
+    loss.backward()
+    assert loss.item() == 0.0 and empty.grad.eq(0).all()
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [(name, options) for name, options in VARIANTS if name not in POINTWISE],
+    ids=variant_id,
+)
+def test_single_item_lists_are_left_out_of_list_and_pair_losses(name, options):
+    generator = torch.Generator().manual_seed(9)
+    lists = [random_list(name, n, generator) for n in (4, 6, 1)]
+    student, mask = pad_wild([s for s, _ in lists], 6)
+    target, _ = pad_wild([t for _, t in lists], 6)
+    torch.testing.assert_close(
+        loss_of(name, options, student, target, mask),
+        loss_of(name, options, student[:2], target[:2], mask[:2]),
+    )
+
+
+def test_feature_mse_ignores_padded_rows():
+    generator = torch.Generator().manual_seed(5)
+    student, teacher = torch.randn(2, 4, 3, generator=generator)
+    mask = torch.tensor([True, False, True, True])
+    wild_student, wild_teacher = student.clone(), teacher.clone()
+    wild_student[1], wild_teacher[1] = tensor([1e4, math.nan, math.inf]), tensor([-1e4, 1e30, 0.0])
+    wild_student.requires_grad_()
+    loss = LOSSES["feature_mse"](wild_student, wild_teacher, mask=mask)
+    loss.backward()
+    rows = [
+        LOSSES["feature_mse"](student[i : i + 1], teacher[i : i + 1], mask=mask[i : i + 1])
+        for i in (0, 2, 3)
+    ]
+    torch.testing.assert_close(loss, torch.stack(rows).mean())
+    torch.testing.assert_close(
+        loss, LOSSES["feature_mse"](student[mask], teacher[mask], mask=mask[mask])
+    )
+    assert torch.isfinite(wild_student.grad).all() and wild_student.grad[1].eq(0).all()
+
+
+# --- extremes, shifts, gradients ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "options"), VARIANTS, ids=variant_id)
+def test_finite_loss_and_gradients_at_extreme_scores(name, options):
+    extremes = tensor([[1e4, -1e4, 1e4, 0.0, -1e4, 9999.0], [-1e4, -1e4, -9999.0, 1e4, 1e4, 1e4]])
+    mask = torch.tensor([[True] * 6, [True, True, True, True, False, True]])
+    if name in LABEL_LOSSES:
+        target = tensor([[0.0, 1.0, 1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0, 1.0, 1.0]])
+    else:
+        target = extremes.flip(-1).clone()
+    student = extremes.clone().requires_grad_()
+    target.requires_grad_()
+    loss = loss_of(name, options, student, target, mask)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(student.grad).all()
+    # listmle, rank_weighted and unweighted ranknet use only the teacher's order: no gradient
+    assert target.grad is None or torch.isfinite(target.grad).all()
+
+
+def test_feature_mse_finite_at_extreme_values():
+    student = tensor([[1e4, -1e4], [-1e4, 1e4]]).requires_grad_()
+    loss = LOSSES["feature_mse"](student, -student.detach(), mask=torch.tensor([True, True]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+
+
+@pytest.mark.parametrize(("name", "options"), SHIFT_INVARIANT, ids=variant_id)
+def test_shift_invariance(name, options):
+    generator = torch.Generator().manual_seed(6)
+    lists = [random_list(name, n, generator) for n in (6, 4, 3)]
+    student, mask = pad_wild([s for s, _ in lists], 6)
+    teacher, _ = pad_wild([t for _, t in lists], 6)
+    shift = tensor([[5.0], [-3.0], [12.0]])
+    loss = loss_of(name, options, student, teacher, mask)
+    torch.testing.assert_close(
+        loss_of(name, options, student + shift, teacher, mask), loss, rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        loss_of(name, options, student, teacher - shift, mask), loss, rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("name", ["bce", "soft_bce", "rank_weighted"])
+def test_pointwise_losses_are_not_shift_invariant(name):
+    generator = torch.Generator().manual_seed(7)
+    student, target = random_list(name, 5, generator)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    loss = loss_of(name, {}, student[None], target[None], mask)
+    assert not torch.isclose(loss_of(name, {}, student[None] + 3.0, target[None], mask), loss)
+
+
+@pytest.mark.parametrize(("name", "options"), [*VARIANTS, ("feature_mse", {})], ids=variant_id)
+def test_gradcheck(name, options):
+    generator = torch.Generator().manual_seed(8)
+    student = torch.randn(2, 5, generator=generator, dtype=torch.float64)
+    mask = torch.tensor([[True, True, True, False, True], [True, True, False, False, False]])
+    if name in LABEL_LOSSES:
+        target = tensor([[1.0, 0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0, 0.0]], torch.float64)
+    else:
+        # distinct teacher scores, so the teacher's order is stable under perturbation
+        target = torch.randperm(10, generator=generator).reshape(2, 5).double() / 3
+    if name == "feature_mse":
+        mask = mask[:, 0] & torch.tensor([True, False])
+    student.requires_grad_()
+    target.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda s, t: loss_of(name, options, s, t, mask), (student, target)
+    )
+
+
+# --- registry ----------------------------------------------------------------------------
+
+
+def test_registry_names_and_common_signature():
+    assert set(LOSSES) == {
+        "bce",
+        "softmax_ce",
+        "soft_bce",
+        "listnet",
+        "listmle",
+        "rank_weighted",
+        "ranknet",
+        "margin_mse",
+        "feature_mse",
+    }
+    for name, loss in LOSSES.items():
+        parameters = list(inspect.signature(loss).parameters.values())
+        first, second, mask, *options = parameters
+        assert first.kind == second.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD, name
+        assert mask.name == "mask" and mask.kind == inspect.Parameter.KEYWORD_ONLY, name
+        assert mask.default is inspect.Parameter.empty, name
+        for option in options:
+            assert option.kind == inspect.Parameter.KEYWORD_ONLY, (name, option.name)
+            assert option.default is not inspect.Parameter.empty, (name, option.name)
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("soft_bce", {"temperature": 0.0}),
+        ("listnet", {"temperature": -1.0}),
+        ("listmle", {"top_k": 0}),
+        ("rank_weighted", {"top_k": 0}),
+        ("rank_weighted", {"decay": 0.0}),
+    ],
+    ids=lambda v: variant_id(v),
+)
+def test_invalid_options_are_rejected(name, options):
+    scores = torch.zeros(1, 3)
+    with pytest.raises(ValueError, match=next(iter(options))):
+        loss_of(name, options, scores, scores, torch.ones(1, 3, dtype=torch.bool))

@@ -1,0 +1,142 @@
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from recdistill.cli import main
+from recdistill.pipeline import run, stages_from
+
+TINY = """
+[models.big]
+embedding_dim = 16
+tower = [32, 8]
+feature_dim = 4
+
+[models.small]
+embedding_dim = 4
+tower = [8]
+feature_dim = 2
+
+[train]
+history_length = 10
+batch_size = 512
+negatives = 4
+epochs = 2
+patience = 2
+learning_rate = 5e-3
+
+[baselines.ease]
+l2 = [50.0, 500.0]
+
+[stages.teacher]
+model = "big"
+losses = [{ fn = "softmax_ce" }]
+
+[stages.intermediate]
+model = "small"
+losses = [{ fn = "listnet", source = "teacher", temperature = 2.0 }]
+
+[stages.student]
+model = "small"
+epochs = 1
+losses = [
+    { fn = "softmax_ce" },
+    { fn = "ranknet", source = "intermediate", weight = 0.5 },
+    { fn = "feature_mse", source = "teacher", weight = 0.1 },
+]
+
+[stages.student_scratch]
+model = "small"
+losses = [{ fn = "softmax_ce" }]
+
+[stages.student_direct]
+model = "small"
+losses = [{ fn = "margin_mse", source = "teacher" }]
+"""
+
+MODELS = [
+    "teacher",
+    "intermediate",
+    "student",
+    "student_scratch",
+    "student_direct",
+    "popularity",
+    "ease",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(synthetic_dir, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("run")
+    config = directory / "tiny.toml"
+    config.write_text(TINY)
+    out = directory / "run"
+    assert (
+        main(["train", "--config", str(config), "--data", str(synthetic_dir), "--out", str(out)])
+        == 0
+    )
+    return config, out
+
+
+def test_summary_holds_every_model_with_the_contracted_fields(tiny_run):
+    _, out = tiny_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["models"]) == MODELS
+    for name, entry in summary["models"].items():
+        assert isinstance(entry["params"], int)
+        for metric in ("ndcg@10", "hr@10", "mrr", "full_ndcg@10", "full_recall@10"):
+            assert 0.0 <= entry["metrics"][metric] <= 1.0, (name, metric)
+    student = summary["models"]["student"]
+    assert student["training"]["teachers"] == ["intermediate", "teacher"]
+    assert student["training"]["epochs_run"] == 1
+    assert summary["models"]["ease"]["l2"] in (50.0, 500.0)
+    assert "student_vs_student_scratch" in summary["comparisons"]
+    per_user = pq.read_table(out / "per_user.parquet").to_pandas()
+    assert sorted(per_user["model"].unique()) == sorted(MODELS)
+    means = per_user.groupby("model")["ndcg@10"].mean()
+    assert means["teacher"] == pytest.approx(summary["models"]["teacher"]["metrics"]["ndcg@10"])
+
+
+def test_a_finished_run_is_not_overwritten_without_resume(tiny_run, synthetic_dir, capsys):
+    config, out = tiny_run
+    before = (out / "summary.json").read_text()
+    assert (
+        main(["train", "--config", str(config), "--data", str(synthetic_dir), "--out", str(out)])
+        == 2
+    )
+    assert "--resume" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(config),
+                "--data",
+                str(synthetic_dir),
+                "--out",
+                str(out),
+                "--resume",
+            ]
+        )
+        == 0
+    )
+    assert (
+        json.loads((out / "summary.json").read_text())["models"]["student"]["metrics"]
+        == (json.loads(before)["models"]["student"]["metrics"])
+    )
+
+
+def test_stage_order_and_teachers_are_checked_before_training(synthetic_dir, tmp_path):
+    with pytest.raises(ValueError, match="has no losses"):
+        stages_from({"stages": {"a": {"model": "m"}}})
+    config = tmp_path / "c.toml"
+    for broken, message in [
+        ('source = "intermediate"', "learns from ['nobody']"),
+        ('model = "big"', "unknown model preset 'huge'"),
+    ]:
+        config.write_text(
+            TINY.replace(broken, broken.replace("intermediate", "nobody").replace("big", "huge"))
+        )
+        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            run(config, synthetic_dir, tmp_path / "out")
+        assert not list((tmp_path / "out").glob("*/log.jsonl"))

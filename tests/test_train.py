@@ -1,0 +1,120 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from recdistill.data.batches import FeatureStore
+from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
+from recdistill.train import LossTerm, StageSpec, Trainer
+
+SMALL = TwoTowerSpec(embedding_dim=8, tower=(8,), feature_dim=2, dropout=0.2)
+
+
+@pytest.fixture(scope="module")
+def store(synthetic_dir):
+    return FeatureStore(synthetic_dir, history_length=10)
+
+
+def fresh_model(store, seed=0, spec=SMALL):
+    torch.manual_seed(seed)
+    return TwoTower(spec, FeatureSpace(store.user_features, store.cardinalities()))
+
+
+def stage(**overrides):
+    values = {
+        "name": "s",
+        "model": "small",
+        "losses": (LossTerm("softmax_ce"),),
+        "epochs": 3,
+        "patience": 5,
+        "batch_size": 256,
+        "negatives": 4,
+        "learning_rate": 5e-3,
+    }
+    return StageSpec(**{**values, **overrides})
+
+
+def log_of(directory):
+    return [json.loads(line) for line in (directory / "log.jsonl").read_text().splitlines()]
+
+
+def test_training_improves_validation_and_logs_every_epoch(store, tmp_path):
+    model = fresh_model(store)
+    result = Trainer(stage(), model, {}, store, tmp_path).fit()
+    log = log_of(tmp_path)
+    assert [r["epoch"] for r in log] == [0, 1, 2]
+    assert result.best_valid == max(r["valid_ndcg@10"] for r in log)
+    assert log[-1]["train_loss"] < log[0]["train_loss"]
+    assert result.best_valid > 0.2  # random ranking of 1 + 99 gives about 0.05
+    best = load_file(str(tmp_path / "model.safetensors"))
+    assert all(torch.equal(best[k], v) for k, v in model.state_dict().items())
+
+
+def test_resume_after_interruption_reaches_the_identical_result(store, tmp_path, monkeypatch):
+    spec = stage(
+        losses=(LossTerm("softmax_ce"), LossTerm("listnet", "teacher", 1.0, {"temperature": 2.0}))
+    )
+    teacher = fresh_model(store, seed=7)
+    straight = fresh_model(store)
+    Trainer(spec, straight, {"teacher": teacher}, store, tmp_path / "straight").fit()
+
+    saves = 0
+    original = Trainer._checkpoint
+
+    def crash_after_two(self, state):
+        nonlocal saves
+        original(self, state)
+        saves += 1
+        if saves == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_checkpoint", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(spec, fresh_model(store), {"teacher": teacher}, store, tmp_path / "cut").fit()
+    monkeypatch.setattr(Trainer, "_checkpoint", original)
+    assert len(log_of(tmp_path / "cut")) == 2
+
+    resumed = fresh_model(store, seed=99)  # different init: the checkpoint must win
+    Trainer(spec, resumed, {"teacher": teacher}, store, tmp_path / "cut").fit(resume=True)
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    drop_timing = [
+        {k: v for k, v in r.items() if k not in ("seconds", "examples_per_second")}
+        for r in log_of(tmp_path / "straight")
+    ]
+    assert drop_timing == [
+        {k: v for k, v in r.items() if k not in ("seconds", "examples_per_second")}
+        for r in log_of(tmp_path / "cut")
+    ]
+
+
+def test_early_stopping_and_frozen_teacher(store, tmp_path):
+    teacher = fresh_model(store, seed=3)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    spec = stage(
+        epochs=30,
+        patience=1,
+        learning_rate=0.5,
+        losses=(LossTerm("ranknet", "teacher"), LossTerm("feature_mse", "teacher")),
+    )
+    result = Trainer(spec, fresh_model(store), {"teacher": teacher}, store, tmp_path).fit()
+    assert result.epochs_run < 30
+    assert result.epochs_run == result.best_epoch + 2
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert not teacher.training
+
+
+def test_resuming_with_another_spec_is_refused(store, tmp_path):
+    Trainer(stage(epochs=1), fresh_model(store), {}, store, tmp_path).fit()
+    with pytest.raises(ValueError, match="different stage spec"):
+        Trainer(stage(epochs=2, learning_rate=1e-2), fresh_model(store), {}, store, tmp_path).fit(
+            resume=True
+        )
+
+
+def test_loss_terms_are_checked():
+    with pytest.raises(ValueError, match="unknown loss"):
+        LossTerm("listnett")
+    with pytest.raises(ValueError, match="needs a teacher"):
+        LossTerm("feature_mse")
