@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,12 @@ class Trainer:
         for teacher in teachers.values():
             teacher.eval()
             teacher.requires_grad_(False)
+        # A frozen teacher's item vectors never change: compute them once for the catalogue.
+        with torch.no_grad():
+            catalogue = store.catalogue()
+            self.teacher_items = {
+                name: teacher.item_tower(catalogue) for name, teacher in teachers.items()
+            }
         # Feature distillation maps the student's tower outputs into each teacher's space;
         # the adapters are trained with the stage and are not part of the model.
         self.adapters = nn.ModuleDict(
@@ -121,8 +128,10 @@ class Trainer:
         scores = self.model.score(users, items, batch)
         teacher_outputs = {}
         with torch.no_grad():
+            item_ids = batch.items["item_id"].values()
             for name, teacher in self.teachers.items():
-                t_users, t_items = teacher.towers(batch)
+                t_users = teacher.user_tower(batch.users)
+                t_items = self.teacher_items[name][item_ids]
                 teacher_outputs[name] = (t_users, t_items, teacher.score(t_users, t_items, batch))
         total = scores.new_zeros(())
         for term in self.spec.losses:
@@ -204,7 +213,8 @@ class Trainer:
                 log.write(json.dumps(record) + "\n")
             tqdm.write(
                 f"{spec.name} epoch {epoch}: loss {record['train_loss']:.4f}  "
-                f"valid {SELECTION_METRIC} {valid_metric:.4f}{'  *' if improved else ''}"
+                f"valid {SELECTION_METRIC} {valid_metric:.4f}{'  *' if improved else ''}",
+                file=sys.stderr,
             )
             self._checkpoint(state)
             epoch += 1

@@ -141,6 +141,12 @@ class FeatureStore:
         sizes.update({"item_id": len(self.items), "genres": len(self.genres)})
         return sizes
 
+    def catalogue(self) -> KeyedJaggedTensor:
+        """Item-side features of every item index (row ``i`` = index ``i``, 0 = unknown)."""
+        everything = np.arange(len(self.items))
+        genres, lengths = self.item_genres.gather(everything)
+        return _kjt(ITEM_KEYS, [everything, genres], [np.ones(len(everything)), lengths])
+
     def batch(
         self,
         users: np.ndarray,

@@ -118,3 +118,14 @@ def test_candidate_lists_follow_the_saved_lists(store, synthetic_dir):
     expected = last.get_group(user)["item_id"].tolist()[:HISTORY]
     history = rows_of(batch.users, "history")[0]
     assert store.items.values[np.array(history, int) - 1].tolist() == expected
+
+
+def test_catalogue_rows_are_item_indices(store, synthetic_dir):
+    catalogue = store.catalogue()
+    assert catalogue["item_id"].values().tolist() == list(range(len(store.items)))
+    genres_of = frame(synthetic_dir, "items").set_index("item_id")["genres"]
+    rows = rows_of(catalogue, "genres")
+    assert rows[0] == []
+    for index in (1, 7, len(store.items) - 1):
+        names = store.genres.values[np.array(rows[index], int) - 1].tolist()
+        assert names == list(genres_of[store.items.values[index - 1]])
