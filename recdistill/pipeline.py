@@ -28,6 +28,8 @@ from recdistill.train import CHECKPOINT, LossTerm, StageSpec, Trainer
 SUMMARY = "summary.json"
 PER_USER = "per_user.parquet"
 STAGE_KEYS = {f.name for f in StageSpec.__dataclass_fields__.values()} - {"name", "losses"}
+# The [train] key that shapes the features rather than a stage.
+HISTORY_LENGTH = "history_length"
 # (model, reference) pairs whose per-user NDCG@10 is compared in summary.json.
 COMPARISONS = (
     ("student", "teacher"),
@@ -40,7 +42,14 @@ COMPARISONS = (
 
 
 def stages_from(config: dict[str, Any]) -> list[StageSpec]:
-    defaults = {k: v for k, v in section(config, "train").items() if k in STAGE_KEYS}
+    train = section(config, "train")
+    unknown = sorted(set(train) - STAGE_KEYS - {HISTORY_LENGTH})
+    if unknown:
+        raise ValueError(
+            f"[train]: unknown key(s) {unknown}; valid keys are "
+            f"{sorted(STAGE_KEYS | {HISTORY_LENGTH})}"
+        )
+    defaults = {k: v for k, v in train.items() if k in STAGE_KEYS}
     stages = []
     for name, table in section(config, "stages").items():
         table = dict(table)
@@ -70,7 +79,7 @@ def run(config_path: Path, data: Path, out: Path, *, resume: bool = False) -> di
     shutil.copyfile(config_path, out / "config.toml")
 
     train_table = section(config, "train")
-    store = FeatureStore(data, history_length=train_table.get("history_length", 50))
+    store = FeatureStore(data, history_length=train_table.get(HISTORY_LENGTH, 50))
     space = FeatureSpace(store.user_features, store.cardinalities())
     presets = {
         name: spec_from(TwoTowerSpec, table, f"[models.{name}]")

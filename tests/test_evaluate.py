@@ -63,6 +63,7 @@ def test_ease_matches_its_closed_form_and_popularity_counts(store):
     assert np.allclose(ease.scores.numpy(), x @ weights, atol=1e-4)
     counts = Popularity(store).counts.numpy()
     assert counts.sum() == len(store.train_items) and counts[0] == 0
-    assert evaluate(ease, store, "valid")["ndcg@10"].mean() > evaluate(
-        Popularity(store), store, "valid"
-    )["ndcg@10"].mean()
+    assert (
+        evaluate(ease, store, "valid")["ndcg@10"].mean()
+        > evaluate(Popularity(store), store, "valid")["ndcg@10"].mean()
+    )

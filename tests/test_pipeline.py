@@ -129,6 +129,8 @@ def test_a_finished_run_is_not_overwritten_without_resume(tiny_run, synthetic_di
 def test_stage_order_and_teachers_are_checked_before_training(synthetic_dir, tmp_path):
     with pytest.raises(ValueError, match="has no losses"):
         stages_from({"stages": {"a": {"model": "m"}}})
+    with pytest.raises(ValueError, match=r"\[train\]: unknown key\(s\) \['learning_rat'\]"):
+        stages_from({"train": {"learning_rat": 1.0}, "stages": {}})
     config = tmp_path / "c.toml"
     for broken, message in [
         ('source = "intermediate"', "learns from ['nobody']"),
