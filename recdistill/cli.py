@@ -8,6 +8,12 @@ from pathlib import Path
 
 from recdistill.config import load_config, section, spec_from
 
+EXAMPLES = """commands:
+  recdistill data synthetic --out data/synthetic [--users N --items M --seed S]
+  recdistill data movielens --path ../shared/datasets/ml-100k --out data/ml100k
+  recdistill train --config configs/ml100k.toml --data data/ml100k --out runs/ml100k [--resume]
+"""
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
@@ -25,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recdistill",
         description="Distil large recommender ranking models into tiny real-time students.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 

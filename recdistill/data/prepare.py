@@ -16,6 +16,7 @@ from recdistill.data.tables import (
     INTERACTIONS_SCHEMA,
     ITEMS,
     META,
+    SPLITS,
     USERS,
     candidates_file,
     read_meta,
@@ -99,7 +100,7 @@ def prepare(directory: Path, spec: SplitSpec) -> dict:
         }
 
     sizes = {}
-    for split, name in enumerate(("train", "valid", "test")):
+    for split, name in enumerate(SPLITS):
         part = rows(split)
         sizes[name] = len(part["user_id"])
         pq.write_table(pa.table(part, schema=INTERACTIONS_SCHEMA), directory / split_file(name))
