@@ -113,11 +113,14 @@ class TwoTower(nn.Module):
         return self.user_tower(batch.users), self.item_tower(batch.items)
 
     def score(self, users: torch.Tensor, items: torch.Tensor, batch: RankingBatch) -> torch.Tensor:
-        """Scores ``[lists, list_size]`` from tower outputs."""
-        item_ids = batch.items["item_id"].values()
-        per_item = items[batch.candidates]
-        bias = self.item_bias(item_ids).squeeze(-1)[batch.candidates]
-        return torch.einsum("ld,lkd->lk", users, per_item) + bias
+        """Scores ``[lists, list_size]`` from tower outputs.
+
+        Every list is scored against all of the batch's distinct items, then its candidates
+        are gathered: unlike indexing the item vectors per slot, whose backward pass adds
+        into shared rows from several threads, this keeps training bit-reproducible.
+        """
+        item_bias = self.item_bias(batch.items["item_id"].values()).squeeze(-1)
+        return (users @ items.T + item_bias).gather(1, batch.candidates)
 
     def forward(self, batch: RankingBatch) -> torch.Tensor:
         users, items = self.towers(batch)

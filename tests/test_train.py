@@ -118,3 +118,19 @@ def test_loss_terms_are_checked():
         LossTerm("listnett")
     with pytest.raises(ValueError, match="needs a teacher"):
         LossTerm("feature_mse")
+
+
+def test_same_seed_same_weights_with_several_threads(store, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        spec = stage(epochs=1, batch_size=512, negatives=19)
+        runs = []
+        for attempt in range(2):
+            model = fresh_model(store, spec=TwoTowerSpec(embedding_dim=64, tower=(64,)))
+            Trainer(spec, model, {}, store, tmp_path / str(attempt)).fit()
+            runs.append(model.state_dict())
+    finally:
+        torch.set_num_threads(threads)
+    for key, value in runs[0].items():
+        assert torch.equal(value, runs[1][key]), key
