@@ -33,6 +33,7 @@ demo: $(INSTALLED)
 	$(BIN)/recdistill data synthetic --config $(DEMO_CONFIG) --out $(DEMO_DATA)
 	rm -rf $(DEMO_RUN)
 	$(BIN)/recdistill train --config $(DEMO_CONFIG) --data $(DEMO_DATA) --out $(DEMO_RUN)
+	$(BIN)/recdistill report --run $(DEMO_RUN)
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest

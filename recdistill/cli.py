@@ -12,6 +12,7 @@ EXAMPLES = """commands:
   recdistill data synthetic --out data/synthetic [--users N --items M --seed S]
   recdistill data movielens --path ../shared/datasets/ml-100k --out data/ml100k
   recdistill train --config configs/ml100k.toml --data data/ml100k --out runs/ml100k [--resume]
+  recdistill report --run runs/ml100k
 """
 
 
@@ -19,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        args.run(args)
+        args.handler(args)
     except (ValueError, KeyError, FileNotFoundError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"recdistill: error: {message}", file=sys.stderr)
@@ -48,14 +49,14 @@ def _parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--items", type=int, help="number of items")
     synthetic.add_argument("--mean-activity", type=float, help="mean interactions per user")
     synthetic.add_argument("--seed", type=int, help="seed of the generator and of the split")
-    synthetic.set_defaults(run=_data_synthetic)
+    synthetic.set_defaults(handler=_data_synthetic)
 
     movielens = sources.add_parser("movielens", help="read MovieLens (ml-100k or ml-latest layout)")
     movielens.add_argument("--path", type=Path, required=True, help="raw MovieLens directory")
     movielens.add_argument("--out", type=Path, required=True, help="data directory to write")
     movielens.add_argument("--config", type=Path, help="TOML with a [data.split] table")
     movielens.add_argument("--seed", type=int, help="seed of the candidate sampling")
-    movielens.set_defaults(run=_data_movielens)
+    movielens.set_defaults(handler=_data_movielens)
 
     train = commands.add_parser(
         "train", help="train teacher, intermediate and students; score baselines; summary.json"
@@ -64,7 +65,17 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--data", type=Path, required=True, help="data directory")
     train.add_argument("--out", type=Path, required=True, help="run directory to write")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoints")
-    train.set_defaults(run=_train)
+    train.set_defaults(handler=_train)
+
+    report = commands.add_parser(
+        "report", help="segment-level evaluation report (HTML, Markdown, segments.parquet)"
+    )
+    report.add_argument("--run", type=Path, required=True, help="run directory of `train`")
+    report.add_argument("--min-users", type=int, help="smallest slice reported (default 30)")
+    report.add_argument(
+        "--retention-threshold", type=float, help="flag slices below this retention (0.95)"
+    )
+    report.set_defaults(handler=_report)
     return parser
 
 
@@ -113,6 +124,20 @@ def _train(args: argparse.Namespace) -> None:
     summary = run(args.config, args.data, args.out, resume=args.resume)
     print(summary_table(summary))
     print(f"\nwrote {args.out / SUMMARY}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from recdistill.report import build_report
+    from recdistill.segments import SliceSpec
+
+    spec = spec_from(
+        SliceSpec,
+        {},
+        "report",
+        min_users=args.min_users,
+        retention_threshold=args.retention_threshold,
+    )
+    print(f"wrote {build_report(args.run, spec)}")
 
 
 if __name__ == "__main__":

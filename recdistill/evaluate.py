@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -10,12 +12,30 @@ import torch
 
 from recdistill.data.batches import CandidateLists, FeatureStore, RankingBatch
 from recdistill.data.tables import split_file
-from recdistill.metrics import held_out_ranks, single_positive_metrics
+from recdistill.metrics import held_out_ranks, list_metrics, single_positive_metrics
 
 Ranker = Callable[[RankingBatch], torch.Tensor]
 """Anything that scores a batch's lists: ``[lists, list_size]`` scores."""
 
 OTHER_HELD_OUT = {"valid": "test", "test": "valid"}
+
+
+@dataclass(frozen=True)
+class ScoredLists:
+    """A ranker's scores on a split's candidate lists (held-out item in column 0)."""
+
+    users: np.ndarray
+    items: np.ndarray
+    scores: np.ndarray
+
+
+@torch.no_grad()
+def score_lists(
+    ranker: Ranker, store: FeatureStore, split: str, *, batch_size: int = 256
+) -> ScoredLists:
+    lists = CandidateLists(store, split, batch_size=batch_size)
+    scores = np.concatenate([ranker(batch).numpy() for batch in lists])
+    return ScoredLists(lists.users, lists.items, scores.astype(np.float32))
 
 
 @torch.no_grad()
@@ -26,22 +46,30 @@ def evaluate(
     *,
     k: int = 10,
     full_ranking: bool = True,
+    reference: ScoredLists | None = None,
+    scored: ScoredLists | None = None,
     batch_size: int = 256,
 ) -> dict[str, np.ndarray]:
     """Per-user metrics on ``split``'s candidate lists (and on full ranking), plus ``user_id``.
 
-    Full ranking ranks the held-out item against every catalogue item except the user's
-    train items and other held-out item.
+    ``reference`` (the teacher's scores on the same lists) adds teacher-fidelity metrics;
+    ``scored`` reuses this ranker's scores when they are at hand. Full ranking ranks the
+    held-out item against every catalogue item except the user's train items and other
+    held-out item.
     """
-    lists = CandidateLists(store, split, batch_size=batch_size)
-    greater, ties = [], []
-    for batch in lists:
-        g, t = held_out_ranks(ranker(batch).numpy(), np.zeros(len(batch.labels), dtype=int))
-        greater.append(g)
-        ties.append(t)
-    result = {"user_id": store.users.values[lists.users - 1]}
-    result |= single_positive_metrics(np.concatenate(greater), np.concatenate(ties), k=k)
+    if scored is None:
+        scored = score_lists(ranker, store, split, batch_size=batch_size)
+    popularity = np.bincount(store.train_items, minlength=len(store.items))
+    result = {"user_id": store.users.values[scored.users - 1]}
+    result |= list_metrics(
+        scored.scores,
+        popularity=popularity[scored.items],
+        n_users=len(store.users) - 1,
+        reference=None if reference is None else reference.scores,
+        k=k,
+    )
     if full_ranking:
+        lists = CandidateLists(store, split, batch_size=batch_size)
         full = single_positive_metrics(*_full_ranks(ranker, store, lists, split, batch_size), k=k)
         result |= {
             f"full_ndcg@{k}": full[f"ndcg@{k}"],
@@ -49,6 +77,29 @@ def evaluate(
             "full_mrr": full["mrr"],
         }
     return result
+
+
+@torch.no_grad()
+def scoring_latency_ms(
+    ranker: Ranker, store: FeatureStore, split: str, *, requests: int = 200
+) -> dict[str, float]:
+    """In-process time to score one list (one request), median and 99th percentile in ms.
+
+    Batches are built before the clock starts: only the ranker's own work is timed.
+    """
+    lists = CandidateLists(store, split, batch_size=1)
+    batches = [batch for _, batch in zip(range(requests), lists)]
+    for batch in batches[:10]:
+        ranker(batch)
+    seconds = []
+    for batch in batches:
+        started = time.perf_counter()
+        ranker(batch)
+        seconds.append(time.perf_counter() - started)
+    return {
+        "p50": float(np.percentile(seconds, 50) * 1e3),
+        "p99": float(np.percentile(seconds, 99) * 1e3),
+    }
 
 
 def _full_ranks(
@@ -83,4 +134,5 @@ def _full_ranks(
 
 
 def mean_metrics(per_user: dict[str, np.ndarray]) -> dict[str, float]:
-    return {name: float(values.mean()) for name, values in per_user.items() if name != "user_id"}
+    """Means over users; a metric undefined for some users (NaN) averages the others."""
+    return {name: float(np.nanmean(v)) for name, v in per_user.items() if name != "user_id"}

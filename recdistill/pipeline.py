@@ -15,18 +15,27 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from safetensors.numpy import save_file
 from scipy import stats
 
 from recdistill.baselines import Ease, Popularity
 from recdistill.config import load_config, section, spec_from
 from recdistill.data.batches import FeatureStore
 from recdistill.data.tables import read_meta, write_json
-from recdistill.evaluate import evaluate, mean_metrics
+from recdistill.evaluate import (
+    ScoredLists,
+    evaluate,
+    mean_metrics,
+    score_lists,
+    scoring_latency_ms,
+)
+from recdistill.metrics import coverage_at
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
 from recdistill.train import CHECKPOINT, LossTerm, StageSpec, Trainer
 
 SUMMARY = "summary.json"
 PER_USER = "per_user.parquet"
+SCORES = "scores_test.safetensors"
 STAGE_KEYS = {f.name for f in StageSpec.__dataclass_fields__.values()} - {"name", "losses"}
 # The [train] key that shapes the features rather than a stage.
 HISTORY_LENGTH = "history_length"
@@ -118,11 +127,21 @@ def run(config_path: Path, data: Path, out: Path, *, resume: bool = False) -> di
     models["ease"] = Ease(store, ease_l2)
     summary["models"]["ease"] = {"params": len(store.items) ** 2, "l2": ease_l2}
 
-    per_user = {name: evaluate(model, store, "test") for name, model in models.items()}
-    for name, metrics in per_user.items():
-        summary["models"][name]["metrics"] = mean_metrics(metrics)
+    scored = {name: score_lists(model, store, "test") for name, model in models.items()}
+    teacher = scored.get("teacher")
+    per_user = {}
+    for name, model in models.items():
+        reference = None if name == "teacher" else teacher
+        per_user[name] = evaluate(model, store, "test", scored=scored[name], reference=reference)
+        entry = summary["models"][name]
+        entry["metrics"] = mean_metrics(per_user[name])
+        entry["metrics"]["coverage@10"] = coverage_at(
+            scored[name].scores, scored[name].items, len(store.items) - 1, 10
+        )
+        entry["latency_ms"] = scoring_latency_ms(model, store, "test")
     summary["comparisons"] = _comparisons(per_user)
     _write_per_user(per_user, out / PER_USER)
+    _write_scores(scored, store, out / SCORES)
     write_json(out / SUMMARY, summary)
     return summary
 
@@ -163,12 +182,23 @@ def _comparisons(per_user: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
     return result
 
 
+def _write_scores(scored: dict[str, ScoredLists], store: FeatureStore, path: Path) -> None:
+    """Every model's scores on the test lists, for analyses after the fact."""
+    first = next(iter(scored.values()))
+    tensors = {
+        "user_id": store.users.values[first.users - 1],
+        "candidates": store.items.values[first.items - 1],
+    }
+    tensors |= {name: lists.scores for name, lists in scored.items()}
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path))
+
+
 def _write_per_user(per_user: dict[str, dict[str, np.ndarray]], path: Path) -> None:
     tables = [
         pa.table({"model": [name] * len(metrics["user_id"]), **metrics})
         for name, metrics in per_user.items()
     ]
-    pq.write_table(pa.concat_tables(tables), path)
+    pq.write_table(pa.concat_tables(tables, promote_options="default"), path)
 
 
 def summary_table(summary: dict[str, Any]) -> str:

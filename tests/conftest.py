@@ -29,3 +29,18 @@ def ml100k() -> Path:
     if not (ML100K / "u.data").exists():
         pytest.skip(f"MovieLens 100K not found at {ML100K}")
     return ML100K
+
+
+@pytest.fixture(scope="session")
+def tiny_run(synthetic_dir, tmp_path_factory):
+    """A full `recdistill train` run with tiny models on the small synthetic world."""
+    from recdistill.cli import main
+    from tests.test_pipeline import TINY
+
+    directory = tmp_path_factory.mktemp("run")
+    config = directory / "tiny.toml"
+    config.write_text(TINY)
+    out = directory / "run"
+    command = ["train", "--config", str(config), "--data", str(synthetic_dir), "--out", str(out)]
+    assert main(command) == 0
+    return config, out

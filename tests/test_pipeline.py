@@ -65,19 +65,6 @@ MODELS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(synthetic_dir, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("run")
-    config = directory / "tiny.toml"
-    config.write_text(TINY)
-    out = directory / "run"
-    assert (
-        main(["train", "--config", str(config), "--data", str(synthetic_dir), "--out", str(out)])
-        == 0
-    )
-    return config, out
-
-
 def test_summary_holds_every_model_with_the_contracted_fields(tiny_run):
     _, out = tiny_run
     summary = json.loads((out / "summary.json").read_text())

@@ -1,0 +1,127 @@
+"""Every metric per user segment, with bootstrap CIs, retention and paired tests.
+
+A slice is one value of one segment column (``activity_tier = cold``, ``gender = F``, the
+held-out item's ``popularity_tier = tail``, or ``all``). Slices smaller than
+``min_users`` are left out. For each slice and model: the mean of each metric with its
+bootstrap CI over users; for NDCG@10, the retention against the teacher with its paired
+bootstrap CI, and paired tests against the teacher and against ``student_scratch``
+(t-test and randomization test), Holm-corrected across the slices of each comparison.
+Slices whose retention falls below ``retention_threshold`` are flagged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from recdistill.data.tables import ITEMS, USERS, read_meta, split_file
+from recdistill.stats import (
+    bootstrap_mean_ci,
+    bootstrap_ratio_ci,
+    holm,
+    paired_t_test,
+    randomization_test,
+)
+
+ALL = "all"
+HELD_OUT_TIER = "held_out_popularity_tier"
+REFERENCES = ("teacher", "student_scratch")
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    metrics: tuple[str, ...] = ("ndcg@10", "hr@10", "mrr", "auc", "full_ndcg@10")
+    key_metric: str = "ndcg@10"
+    min_users: int = 30
+    retention_threshold: float = 0.95
+    level: float = 0.95
+    replicates: int = 1000
+    permutations: int = 2000
+    seed: int = 0
+
+
+def user_segments(data: Path, split: str = "test") -> pd.DataFrame:
+    """Per evaluated user, the value of every segment column (as strings), by ``user_id``."""
+    data = Path(data)
+    meta = read_meta(data)
+    users = pq.read_table(data / USERS).to_pandas().set_index("user_id")
+    segments = users[meta["user_segments"]].astype(str)
+    held_out = pq.read_table(data / split_file(split)).to_pandas()
+    tiers = pq.read_table(data / ITEMS).to_pandas().set_index("item_id")["popularity_tier"]
+    segments[HELD_OUT_TIER] = held_out.set_index("user_id")["item_id"].map(tiers)
+    return segments.loc[held_out["user_id"]]
+
+
+def slice_table(per_user: pd.DataFrame, segments: pd.DataFrame, spec: SliceSpec) -> pd.DataFrame:
+    """One row per (segment, value, model, metric) with mean, CI, retention and tests."""
+    wide = {
+        metric: per_user.pivot(index="user_id", columns="model", values=metric)
+        for metric in spec.metrics
+    }
+    users = wide[spec.key_metric].index
+    segments = segments.reindex(users)
+    slices = [(ALL, ALL, np.ones(len(users), dtype=bool))]
+    for column in segments.columns:
+        for value in sorted(segments[column].dropna().unique()):
+            chosen = (segments[column] == value).to_numpy()
+            if chosen.sum() >= spec.min_users:
+                slices.append((column, value, chosen))
+
+    rows = []
+    models = list(wide[spec.key_metric].columns)
+    for segment, value, chosen in slices:
+        for model in models:
+            for metric in spec.metrics:
+                values = wide[metric][model].to_numpy()[chosen]
+                low, high = bootstrap_mean_ci(
+                    values, level=spec.level, replicates=spec.replicates, seed=spec.seed
+                )
+                row = {
+                    "segment": segment,
+                    "value": value,
+                    "model": model,
+                    "metric": metric,
+                    "users": int(chosen.sum()),
+                    "mean": float(values.mean()),
+                    "ci_low": low,
+                    "ci_high": high,
+                }
+                if metric == spec.key_metric:
+                    row |= _against_references(wide[metric], model, chosen, spec)
+                rows.append(row)
+    table = pd.DataFrame(rows)
+    for reference in REFERENCES:
+        for test in ("t", "randomization"):
+            column = f"p_{test}_vs_{reference}"
+            if column in table:
+                for (model, metric), group in table.groupby(["model", "metric"]):
+                    table.loc[group.index, f"{column}_holm"] = holm(group[column].to_numpy())
+    if "retention" in table:
+        table["flagged"] = table["retention"] < spec.retention_threshold
+    return table
+
+
+def _against_references(
+    frame: pd.DataFrame, model: str, chosen: np.ndarray, spec: SliceSpec
+) -> dict[str, float]:
+    result: dict[str, float] = {}
+    values = frame[model].to_numpy()[chosen]
+    for reference in REFERENCES:
+        if reference not in frame or reference == model:
+            continue
+        other = frame[reference].to_numpy()[chosen]
+        result[f"p_t_vs_{reference}"] = paired_t_test(values, other)
+        result[f"p_randomization_vs_{reference}"] = randomization_test(
+            values, other, permutations=spec.permutations, seed=spec.seed
+        )
+        if reference == "teacher":
+            result["retention"] = float(values.mean() / other.mean())
+            low, high = bootstrap_ratio_ci(
+                values, other, level=spec.level, replicates=spec.replicates, seed=spec.seed
+            )
+            result["retention_ci_low"], result["retention_ci_high"] = low, high
+    return result

@@ -1,0 +1,89 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from recdistill.cli import main
+from recdistill.segments import ALL, SliceSpec, slice_table
+
+
+@pytest.fixture(scope="module")
+def report(tiny_run):
+    _, run = tiny_run
+    assert main(["report", "--run", str(run)]) == 0
+    return run / "report"
+
+
+def test_report_writes_three_self_contained_files(report):
+    html = (report / "index.html").read_text()
+    assert html.count("data:image/png;base64,") == 4
+    assert 'src="http' not in html and "<script" not in html
+    markdown = (report / "report.md").read_text()
+    assert "| teacher |" in markdown and "retention" in markdown
+    segments = pd.read_parquet(report / "segments.parquet")
+    assert {
+        "activity_tier",
+        "region",
+        "age_bucket",
+        "cold_start",
+        "held_out_popularity_tier",
+        ALL,
+    } <= set(segments["segment"])
+
+
+def test_the_segment_the_generator_made_different_differs(report):
+    # Heavy users of the synthetic world seek niche items, cold ones follow the crowd.
+    segments = pd.read_parquet(report / "segments.parquet")
+    teacher = segments[(segments["model"] == "teacher") & (segments["metric"] == "ndcg@10")]
+    tiers = teacher[teacher["segment"] == "activity_tier"].set_index("value")
+    assert tiers.loc["heavy", "ci_high"] < tiers.loc["cold", "ci_low"]
+
+
+def test_slices_retention_flags_and_holm(report):
+    segments = pd.read_parquet(report / "segments.parquet")
+    key = segments[segments["metric"] == "ndcg@10"]
+    assert key["users"].min() >= 30
+    student = key[key["model"] == "student"].set_index(["segment", "value"])
+    teacher = key[key["model"] == "teacher"].set_index(["segment", "value"])
+    ratio = student["mean"] / teacher["mean"]
+    assert np.allclose(student["retention"], ratio)
+    assert (student["flagged"] == (student["retention"] < 0.95)).all()
+    assert (student["p_t_vs_teacher_holm"] >= student["p_t_vs_teacher"] - 1e-12).all()
+    assert (student["retention_ci_low"] <= student["retention"]).all()
+    assert teacher["retention"].isna().all()
+
+
+def test_min_users_and_threshold_are_honoured():
+    rng = np.random.default_rng(0)
+    users = np.arange(100)
+    per_user = pd.DataFrame(
+        {
+            "user_id": np.tile(users, 2),
+            "model": ["teacher"] * 100 + ["student"] * 100,
+            "ndcg@10": np.concatenate([rng.random(100), rng.random(100) * 0.5]),
+        }
+    )
+    segments = pd.DataFrame({"tier": ["a"] * 80 + ["b"] * 20}, index=users)
+    table = slice_table(
+        per_user,
+        segments,
+        SliceSpec(metrics=("ndcg@10",), min_users=30, replicates=200, permutations=200),
+    )
+    assert set(zip(table["segment"], table["value"])) == {(ALL, ALL), ("tier", "a")}
+    assert table.loc[table["model"] == "student", "flagged"].all()
+
+
+def test_report_without_a_run_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", "--run", str(tmp_path)]) == 2
+    assert "run `recdistill train` first" in capsys.readouterr().err
+
+
+def test_summary_carries_latency_and_fidelity(tiny_run):
+    _, run = tiny_run
+    summary = json.loads((run / "summary.json").read_text())
+    student = summary["models"]["student"]
+    assert student["latency_ms"]["p99"] >= student["latency_ms"]["p50"] > 0
+    assert -1 <= student["metrics"]["kendall_tau"] <= 1
+    assert 0 <= student["metrics"]["overlap@10"] <= 1
+    assert "kendall_tau" not in summary["models"]["teacher"]["metrics"]
