@@ -34,7 +34,7 @@ REFERENCES = ("teacher", "student_scratch")
 
 @dataclass(frozen=True)
 class SliceSpec:
-    metrics: tuple[str, ...] = ("ndcg@10", "hr@10", "mrr", "auc", "full_ndcg@10")
+    metrics: tuple[str, ...] | None = None  # None: every metric column of per_user
     key_metric: str = "ndcg@10"
     min_users: int = 30
     retention_threshold: float = 0.95
@@ -58,9 +58,10 @@ def user_segments(data: Path, split: str = "test") -> pd.DataFrame:
 
 def slice_table(per_user: pd.DataFrame, segments: pd.DataFrame, spec: SliceSpec) -> pd.DataFrame:
     """One row per (segment, value, model, metric) with mean, CI, retention and tests."""
+    metrics = spec.metrics or tuple(c for c in per_user.columns if c not in ("model", "user_id"))
     wide = {
         metric: per_user.pivot(index="user_id", columns="model", values=metric)
-        for metric in spec.metrics
+        for metric in metrics
     }
     users = wide[spec.key_metric].index
     segments = segments.reindex(users)
@@ -75,8 +76,11 @@ def slice_table(per_user: pd.DataFrame, segments: pd.DataFrame, spec: SliceSpec)
     models = list(wide[spec.key_metric].columns)
     for segment, value, chosen in slices:
         for model in models:
-            for metric in spec.metrics:
+            for metric in metrics:
                 values = wide[metric][model].to_numpy()[chosen]
+                values = values[~np.isnan(values)]  # e.g. teacher fidelity of the teacher
+                if len(values) == 0:
+                    continue
                 low, high = bootstrap_mean_ci(
                     values, level=spec.level, replicates=spec.replicates, seed=spec.seed
                 )
