@@ -8,6 +8,55 @@ from recdistill.data.synthetic import SyntheticSpec, generate
 PROJECT = Path(__file__).resolve().parents[1]
 ML100K = PROJECT.parent / "shared" / "datasets" / "ml-100k"
 
+# Tiny models and schedules: a whole `recdistill train` run in seconds.
+TINY = """
+[models.big]
+embedding_dim = 16
+tower = [32, 8]
+feature_dim = 4
+
+[models.small]
+embedding_dim = 4
+tower = [8]
+feature_dim = 2
+
+[train]
+history_length = 10
+batch_size = 512
+negatives = 4
+epochs = 2
+patience = 2
+learning_rate = 5e-3
+
+[baselines.ease]
+l2 = [50.0, 500.0]
+
+[stages.teacher]
+model = "big"
+losses = [{ fn = "softmax_ce" }]
+
+[stages.intermediate]
+model = "small"
+losses = [{ fn = "listnet", source = "teacher", temperature = 2.0 }]
+
+[stages.student]
+model = "small"
+epochs = 1
+losses = [
+    { fn = "softmax_ce" },
+    { fn = "ranknet", source = "intermediate", weight = 0.5 },
+    { fn = "feature_mse", source = "teacher", weight = 0.1 },
+]
+
+[stages.student_scratch]
+model = "small"
+losses = [{ fn = "softmax_ce" }]
+
+[stages.student_direct]
+model = "small"
+losses = [{ fn = "margin_mse", source = "teacher" }]
+"""
+
 SMALL_WORLD = SyntheticSpec(users=400, items=500, mean_activity=25.0, seed=3)
 
 
@@ -35,7 +84,6 @@ def ml100k() -> Path:
 def tiny_run(synthetic_dir, tmp_path_factory):
     """A full `recdistill train` run with tiny models on the small synthetic world."""
     from recdistill.cli import main
-    from tests.test_pipeline import TINY
 
     directory = tmp_path_factory.mktemp("run")
     config = directory / "tiny.toml"

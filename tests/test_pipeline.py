@@ -5,54 +5,7 @@ import pytest
 
 from recdistill.cli import main
 from recdistill.pipeline import run, stages_from
-
-TINY = """
-[models.big]
-embedding_dim = 16
-tower = [32, 8]
-feature_dim = 4
-
-[models.small]
-embedding_dim = 4
-tower = [8]
-feature_dim = 2
-
-[train]
-history_length = 10
-batch_size = 512
-negatives = 4
-epochs = 2
-patience = 2
-learning_rate = 5e-3
-
-[baselines.ease]
-l2 = [50.0, 500.0]
-
-[stages.teacher]
-model = "big"
-losses = [{ fn = "softmax_ce" }]
-
-[stages.intermediate]
-model = "small"
-losses = [{ fn = "listnet", source = "teacher", temperature = 2.0 }]
-
-[stages.student]
-model = "small"
-epochs = 1
-losses = [
-    { fn = "softmax_ce" },
-    { fn = "ranknet", source = "intermediate", weight = 0.5 },
-    { fn = "feature_mse", source = "teacher", weight = 0.1 },
-]
-
-[stages.student_scratch]
-model = "small"
-losses = [{ fn = "softmax_ce" }]
-
-[stages.student_direct]
-model = "small"
-losses = [{ fn = "margin_mse", source = "teacher" }]
-"""
+from tests.conftest import TINY
 
 MODELS = [
     "teacher",
