@@ -84,22 +84,20 @@ def run(config_path: Path, data: Path, out: Path, *, resume: bool = False) -> di
     out = Path(out)
     if not resume and any(out.glob(f"*/{CHECKPOINT}")):
         raise ValueError(f"{out} already holds a run; pass --resume to continue it")
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(config_path, out / "config.toml")
-
-    train_table = section(config, "train")
-    store = FeatureStore(data, history_length=train_table.get(HISTORY_LENGTH, 50))
-    space = FeatureSpace(store.user_features, store.cardinalities())
     presets = {
         name: spec_from(TwoTowerSpec, table, f"[models.{name}]")
         for name, table in section(config, "models").items()
     }
     stages = stages_from(config)
+    _check_order(stages, presets)
+    meta = read_meta(data)
+    store = FeatureStore(data, history_length=section(config, "train").get(HISTORY_LENGTH, 50))
+    space = FeatureSpace(store.user_features, store.cardinalities())
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(config_path, out / "config.toml")
 
     models: dict[str, Any] = {}
-    meta = read_meta(data)
     summary: dict[str, Any] = {"data": str(data), "source": meta["source"], "models": {}}
-    _check_order(stages, presets)
     for stage in stages:
         torch.manual_seed(stage.seed)
         model = TwoTower(presets[stage.model], space)

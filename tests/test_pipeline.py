@@ -66,6 +66,15 @@ def test_a_finished_run_is_not_overwritten_without_resume(tiny_run, synthetic_di
     )
 
 
+def test_a_bad_data_directory_leaves_no_run_behind(tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_text(TINY)
+    command = ["train", "--config", str(config), "--data", str(tmp_path / "none")]
+    assert main([*command, "--out", str(tmp_path / "out")]) == 2
+    assert "not a recdistill data directory" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_stage_order_and_teachers_are_checked_before_training(synthetic_dir, tmp_path):
     with pytest.raises(ValueError, match="has no losses"):
         stages_from({"stages": {"a": {"model": "m"}}})
