@@ -18,8 +18,7 @@ class Popularity:
     """Scores an item by its number of train interactions."""
 
     def __init__(self, store: FeatureStore) -> None:
-        counts = np.bincount(store.train_items, minlength=len(store.items))
-        self.counts = torch.as_tensor(counts, dtype=torch.float32)
+        self.counts = torch.as_tensor(store.item_train_counts, dtype=torch.float32)
 
     def __call__(self, batch: RankingBatch) -> torch.Tensor:
         return self.counts[_slot_items(batch)]

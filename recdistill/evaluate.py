@@ -59,18 +59,16 @@ def evaluate(
     """
     if scored is None:
         scored = score_lists(ranker, store, split, batch_size=batch_size)
-    popularity = np.bincount(store.train_items, minlength=len(store.items))
     result = {"user_id": store.users.values[scored.users - 1]}
     result |= list_metrics(
         scored.scores,
-        popularity=popularity[scored.items],
+        popularity=store.item_train_counts[scored.items],
         n_users=len(store.users) - 1,
         reference=None if reference is None else reference.scores,
         k=k,
     )
     if full_ranking:
-        lists = CandidateLists(store, split, batch_size=batch_size)
-        full = single_positive_metrics(*_full_ranks(ranker, store, lists, split, batch_size), k=k)
+        full = single_positive_metrics(*_full_ranks(ranker, store, scored, split, batch_size), k=k)
         result |= {
             f"full_ndcg@{k}": full[f"ndcg@{k}"],
             f"full_recall@{k}": full[f"hr@{k}"],
@@ -103,7 +101,7 @@ def scoring_latency_ms(
 
 
 def _full_ranks(
-    ranker: Ranker, store: FeatureStore, lists: CandidateLists, split: str, batch_size: int
+    ranker: Ranker, store: FeatureStore, lists: ScoredLists, split: str, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     other = pq.read_table(store.directory / split_file(OTHER_HELD_OUT[split]))
     other_item = np.zeros(len(store.users), dtype=np.int64)

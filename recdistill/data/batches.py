@@ -133,6 +133,7 @@ class FeatureStore:
             train_items[recent_first],
         )
         self.train_seen = np.sort(pair_keys(train_users, train_items, len(self.items)))
+        self.item_train_counts = np.bincount(train_items, minlength=len(self.items))
 
     def cardinalities(self) -> dict[str, int]:
         """Embedding table sizes per KJT key (index 0 = unknown included)."""
