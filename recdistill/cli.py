@@ -13,6 +13,8 @@ EXAMPLES = """commands:
   recdistill data movielens --path ../shared/datasets/ml-100k --out data/ml100k
   recdistill train --config configs/ml100k.toml --data data/ml100k --out runs/ml100k [--resume]
   recdistill report --run runs/ml100k
+  recdistill export --run runs/ml100k --model student --out artifacts/student
+  recdistill serve --artifact artifacts/student [--artifact ... --ab configs/ab.toml]
 """
 
 
@@ -76,6 +78,40 @@ def _parser() -> argparse.ArgumentParser:
         "--retention-threshold", type=float, help="flag slices below this retention (0.95)"
     )
     report.set_defaults(handler=_report)
+
+    export = commands.add_parser(
+        "export", help="write a self-contained serving artifact of one model of a run"
+    )
+    export.add_argument("--run", type=Path, required=True, help="run directory of `train`")
+    export.add_argument(
+        "--model", required=True, help="teacher, intermediate, student, ... or popularity"
+    )
+    export.add_argument("--out", type=Path, required=True, help="artifact directory to write")
+    export.add_argument("--data", type=Path, help="data directory, if not the run's own")
+    export.set_defaults(handler=_export)
+
+    serve = commands.add_parser("serve", help="serve artifacts behind the HTTP ranking API")
+    serve.add_argument(
+        "--artifact", type=Path, action="append", required=True, help="artifact (repeatable)"
+    )
+    serve.add_argument("--ab", type=Path, help="TOML with an [ab] table routing users to arms")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (8000)")
+    serve.add_argument("--workers", type=int, default=1, help="server processes (1)")
+    serve.add_argument("--threads", type=int, default=1, help="torch threads per worker (1)")
+    serve.add_argument(
+        "--impressions", default="impressions.jsonl", help="impression log (JSONL) to append to"
+    )
+    serve.add_argument("--max-candidates", type=int, default=1000, help="per request (1000)")
+    serve.add_argument(
+        "--max-body-bytes", type=int, default=64 * 1024, help="request size limit (65536)"
+    )
+    serve.add_argument(
+        "--precompute-items",
+        action="store_true",
+        help="run the item tower once over the catalogue at load instead of per request",
+    )
+    serve.set_defaults(handler=_serve)
     return parser
 
 
@@ -138,6 +174,47 @@ def _report(args: argparse.Namespace) -> None:
         retention_threshold=args.retention_threshold,
     )
     print(f"wrote {build_report(args.run, spec)}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from recdistill.artifact import export_artifact
+
+    manifest = export_artifact(args.run, args.model, args.out, data=args.data)
+    print(
+        f"wrote {args.out}: {manifest['name']} ({manifest['kind']}), "
+        f"version {manifest['version']}, {manifest['params']:,} parameters"
+    )
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import os
+
+    import uvicorn
+
+    from recdistill.artifact import load_artifact
+    from serving.app import SETTINGS_ENV, ServerSettings, routing_for
+
+    settings = ServerSettings(
+        artifacts=tuple(str(path) for path in args.artifact),
+        ab_config=None if args.ab is None else str(args.ab),
+        impressions=args.impressions,
+        max_candidates=args.max_candidates,
+        max_body_bytes=args.max_body_bytes,
+        threads=args.threads,
+        precompute_items=args.precompute_items,
+    )
+    # Bad artifacts or arms fail here, with their message, rather than inside a worker.
+    routing_for(settings, {load_artifact(path).name for path in args.artifact})
+    os.environ[SETTINGS_ENV] = settings.to_json()
+    print(f"serving {len(args.artifact)} artifact(s) on http://{args.host}:{args.port}")
+    uvicorn.run(
+        "serving.app:app_from_environment",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        access_log=False,
+    )
 
 
 if __name__ == "__main__":

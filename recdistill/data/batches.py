@@ -144,9 +144,21 @@ class FeatureStore:
 
     def catalogue(self) -> KeyedJaggedTensor:
         """Item-side features of every item index (row ``i`` = index ``i``, 0 = unknown)."""
-        everything = np.arange(len(self.items))
-        genres, lengths = self.item_genres.gather(everything)
-        return _kjt(ITEM_KEYS, [everything, genres], [np.ones(len(everything)), lengths])
+        return self.item_kjt(np.arange(len(self.items)))
+
+    def item_kjt(self, items: np.ndarray) -> KeyedJaggedTensor:
+        """The item-side KJT of item indices ``items``, one row each."""
+        genres, lengths = self.item_genres.gather(items)
+        return _kjt(ITEM_KEYS, [items, genres], [np.ones(len(items)), lengths])
+
+    def user_kjt(
+        self, users: np.ndarray, history: np.ndarray, history_lengths: np.ndarray
+    ) -> KeyedJaggedTensor:
+        """The user-side KJT of user indices ``users`` with the given history bags."""
+        values = [users, history] + [self.user_codes[n][users] for n in self.user_features]
+        lengths = [np.ones(len(users)), history_lengths]
+        lengths += [np.ones(len(users))] * len(self.user_features)
+        return _kjt(("user_id", "history", *self.user_features), values, lengths)
 
     def batch(
         self,
@@ -170,18 +182,10 @@ class FeatureStore:
         first_of_row = np.repeat(np.cumsum(history_lengths) - history_lengths, history_lengths)
         keep &= (kept_before - kept_before[first_of_row]) < self.history_length
         history_lengths = np.bincount(owner[keep], minlength=lists)
-        user_values = [users, history[keep]] + [
-            self.user_codes[n][users] for n in self.user_features
-        ]
-        user_lengths = [np.ones(lists), history_lengths] + [np.ones(lists)] * len(
-            self.user_features
-        )
-
         distinct, slots = np.unique(items, return_inverse=True)
-        genres, genre_lengths = self.item_genres.gather(distinct)
         return RankingBatch(
-            users=_kjt(("user_id", "history", *self.user_features), user_values, user_lengths),
-            items=_kjt(ITEM_KEYS, [distinct, genres], [np.ones(len(distinct)), genre_lengths]),
+            users=self.user_kjt(users, history[keep], history_lengths),
+            items=self.item_kjt(distinct),
             candidates=torch.as_tensor(slots.reshape(items.shape)),
             labels=torch.as_tensor(labels, dtype=torch.float32),
             mask=torch.ones(labels.shape, dtype=torch.bool),

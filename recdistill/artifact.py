@@ -1,0 +1,280 @@
+"""Self-contained serving artifacts: export a trained model, load and validate it.
+
+An artifact directory holds
+
+- ``manifest.json``: format, name, kind (``two_tower`` or ``popularity``), parameter count,
+  the SHA-256 of every other file, and the version: a hash of those file hashes, so equal
+  contents always get the same version;
+- ``model.safetensors``: the weights (for ``popularity``: the item train counts);
+- ``spec.json``: the model spec, its feature space and the history length it was trained with;
+- ``vocabularies.json``: the external IDs and category values behind every embedding row;
+- ``features/``: the online feature snapshot in the canonical data layout (``users.parquet``
+  with demographics, ``items.parquet`` with genres, ``train.parquet``, the interactions the
+  user histories are built from, and ``meta.json``), read by the same ``FeatureStore`` code as
+  training, so a user's features at serving time are exactly those the model was evaluated on.
+
+Loading re-hashes every file and checks vocabularies, spec and weight shapes against each
+other; any mismatch is an :class:`ArtifactError` that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from safetensors import SafetensorError
+from safetensors.numpy import save_file
+from safetensors.torch import load_file
+
+from recdistill.config import load_config, section, spec_from
+from recdistill.data.batches import FeatureStore
+from recdistill.data.tables import (
+    ITEMS,
+    META,
+    USERS,
+    atomic_output_dir,
+    read_meta,
+    split_file,
+    write_json,
+)
+from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+SPEC = "spec.json"
+VOCABULARIES = "vocabularies.json"
+FEATURES = "features"
+TWO_TOWER = "two_tower"
+POPULARITY = "popularity"
+COUNTS = "item_train_counts"
+
+
+class ArtifactError(ValueError):
+    """An artifact that is missing, corrupt or inconsistent."""
+
+
+@dataclass
+class Artifact:
+    """A loaded, validated artifact: the model (or popularity counts) and its feature store."""
+
+    directory: Path
+    name: str
+    kind: str
+    version: str
+    params: int
+    store: FeatureStore
+    model: TwoTower | None
+    counts: torch.Tensor | None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "version": self.version,
+            "params": self.params,
+            "artifact": str(self.directory),
+        }
+
+
+def export_artifact(
+    run: Path, model_name: str, out: Path, *, data: Path | None = None
+) -> dict[str, Any]:
+    """Write the artifact of ``model_name`` from run directory ``run``; returns the manifest.
+
+    ``data`` overrides the data directory recorded in the run's ``summary.json``.
+    """
+    run = Path(run)
+    summary_path = run / "summary.json"
+    if not summary_path.exists():
+        raise FileNotFoundError(f"{summary_path} not found: is {run} a `recdistill train` run?")
+    summary = json.loads(summary_path.read_text())
+    config = load_config(run / "config.toml")
+    data = Path(data or summary["data"])
+    read_meta(data)
+    trained = [name for name, entry in summary["models"].items() if "preset" in entry]
+    if model_name not in trained + [POPULARITY]:
+        raise ValueError(
+            f"cannot export {model_name!r} from {run}; exportable: {trained + [POPULARITY]}"
+        )
+    history_length = section(config, "train").get("history_length", 50)
+    store = FeatureStore(data, history_length=history_length)
+
+    with atomic_output_dir(out) as scratch:
+        _write_features(data, scratch / FEATURES)
+        if model_name == POPULARITY:
+            kind, params = POPULARITY, 0
+            counts = store.item_train_counts.astype(np.float32)
+            save_file({COUNTS: counts}, str(scratch / WEIGHTS))
+            spec_json: dict[str, Any] = {"kind": kind, "history_length": history_length}
+        else:
+            kind = TWO_TOWER
+            preset = summary["models"][model_name]["preset"]
+            spec = spec_from(TwoTowerSpec, section(config, f"models.{preset}"), preset)
+            shutil.copyfile(run / model_name / WEIGHTS, scratch / WEIGHTS)
+            params = summary["models"][model_name]["params"]
+            spec_json = {
+                "kind": kind,
+                "model": dataclasses.asdict(spec),
+                "user_features": list(store.user_features),
+                "cardinalities": store.cardinalities(),
+                "history_length": history_length,
+            }
+        write_json(scratch / SPEC, spec_json)
+        write_json(scratch / VOCABULARIES, _vocabularies(store))
+        files = {
+            str(path.relative_to(scratch)): _sha256(path)
+            for path in sorted(scratch.rglob("*"))
+            if path.is_file()
+        }
+        manifest = {
+            "format": FORMAT,
+            "name": model_name,
+            "kind": kind,
+            "version": _version(files),
+            "params": params,
+            "files": files,
+            "exported_from": {"run": str(run), "data": str(data)},
+            "offline_metrics": summary["models"].get(model_name, {}).get("metrics", {}),
+        }
+        write_json(scratch / MANIFEST, manifest)
+    return manifest
+
+
+def load_artifact(directory: Path) -> Artifact:
+    directory = Path(directory)
+    manifest = _read_manifest(directory)
+    for name, expected in manifest["files"].items():
+        path = directory / name
+        if not path.is_file():
+            raise ArtifactError(f"artifact {directory} is incomplete: {name} is missing")
+        actual = _sha256(path)
+        if actual != expected:
+            raise ArtifactError(
+                f"artifact {directory} is corrupt: {name} has SHA-256 {actual[:12]}…, "
+                f"the manifest says {expected[:12]}…"
+            )
+    if _version(manifest["files"]) != manifest["version"]:
+        raise ArtifactError(f"artifact {directory}: version does not match the file hashes")
+
+    spec_json = json.loads((directory / SPEC).read_text())
+    store = FeatureStore(directory / FEATURES, history_length=spec_json["history_length"])
+    vocabularies = json.loads((directory / VOCABULARIES).read_text())
+    if vocabularies != _vocabularies(store):
+        raise ArtifactError(
+            f"artifact {directory}: vocabularies.json does not match the feature snapshot"
+        )
+    weights = _read_weights(directory / WEIGHTS)
+    model, counts = None, None
+    if manifest["kind"] == POPULARITY:
+        counts = weights.get(COUNTS)
+        if counts is None or counts.shape != (len(store.items),):
+            raise ArtifactError(
+                f"artifact {directory}: expected {COUNTS} of shape ({len(store.items)},)"
+            )
+    else:
+        if spec_json["cardinalities"] != store.cardinalities():
+            raise ArtifactError(
+                f"artifact {directory}: spec.json's table sizes {spec_json['cardinalities']} "
+                f"do not match the feature snapshot's {store.cardinalities()}"
+            )
+        spec = spec_from(TwoTowerSpec, spec_json["model"], f"{directory / SPEC}")
+        model = TwoTower(spec, FeatureSpace(store.user_features, store.cardinalities()))
+        _check_shapes(directory, model.state_dict(), weights)
+        model.load_state_dict(weights)
+        model.eval()
+    return Artifact(
+        directory=directory,
+        name=manifest["name"],
+        kind=manifest["kind"],
+        version=manifest["version"],
+        params=manifest["params"],
+        store=store,
+        model=model,
+        counts=counts,
+    )
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(
+            f"{directory} is not an artifact: {MANIFEST} is missing "
+            "(create one with `recdistill export`)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ArtifactError(f"{path} is not valid JSON: {error}") from error
+    missing = {"format", "name", "kind", "version", "params", "files"} - set(manifest)
+    if missing:
+        raise ArtifactError(f"{path} lacks {sorted(missing)}")
+    if manifest["format"] != FORMAT:
+        raise ArtifactError(f"{path}: format {manifest['format']}, this version reads {FORMAT}")
+    if manifest["kind"] not in (TWO_TOWER, POPULARITY):
+        raise ArtifactError(f"{path}: unknown kind {manifest['kind']!r}")
+    return manifest
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise ArtifactError(f"{path} is not a readable safetensors file: {error}") from error
+
+
+def _check_shapes(
+    directory: Path, expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]
+) -> None:
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise ArtifactError(
+            f"artifact {directory}: weights do not fit the spec "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    for key, tensor in expected.items():
+        if weights[key].shape != tensor.shape:
+            raise ArtifactError(
+                f"artifact {directory}: {key} has shape {tuple(weights[key].shape)}, "
+                f"the spec needs {tuple(tensor.shape)}"
+            )
+
+
+def _write_features(data: Path, out: Path) -> None:
+    """The columns the feature store reads, and nothing else."""
+    out.mkdir()
+    meta = read_meta(data)
+    write_json(out / META, {"source": meta["source"], "user_features": meta["user_features"]})
+    users = pq.read_table(data / USERS, columns=["user_id", *meta["user_features"]])
+    pq.write_table(users, out / USERS)
+    pq.write_table(pq.read_table(data / ITEMS, columns=["item_id", "genres"]), out / ITEMS)
+    train = pq.read_table(data / split_file("train"), columns=["user_id", "item_id", "timestamp"])
+    pq.write_table(train, out / split_file("train"))
+
+
+def _vocabularies(store: FeatureStore) -> dict[str, list]:
+    vocabularies = {"user_id": store.users.values.tolist(), "item_id": store.items.values.tolist()}
+    vocabularies["genres"] = store.genres.values.tolist()
+    vocabularies |= {name: v.values.tolist() for name, v in store.feature_vocabularies.items()}
+    return vocabularies
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _version(files: dict[str, str]) -> str:
+    listing = "\n".join(f"{name} {digest}" for name, digest in sorted(files.items()))
+    return hashlib.sha256(listing.encode()).hexdigest()[:16]

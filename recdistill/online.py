@@ -1,0 +1,138 @@
+"""Rank one request's candidates with a loaded artifact, as the server and simulator do.
+
+The two-tower path runs the user tower on the user's snapshot features (with any
+``recent_items`` of the request put in front of the history) and the item tower on the
+candidates, then sorts by score. With ``precompute_items`` the item tower runs once over
+the catalogue at load instead; both give the same scores.
+
+Fallbacks, decided once at load:
+
+- **Unknown user** (cold start): with ``recent_items``, the user tower runs on that history,
+  the unknown user-ID and demographic rows replaced by the mean of the known rows; without,
+  the user vector is the mean user vector over (up to 10,000) known users.
+- **Unknown candidate**: scored as the average known item, the mean item-tower output and
+  mean item bias. Popularity scores an unknown item as never seen (0 interactions).
+- Unknown ``recent_items`` are ignored: they have no embedding.
+
+Row 0 of every table (index "unknown") is never seen in training, so overwriting it with the
+mean changes no known user's or item's score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from recdistill.artifact import Artifact
+from recdistill.data.batches import UNKNOWN
+
+MEAN_USER_SAMPLE = 10_000
+LOAD_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Candidates sorted by score, descending; ``unknown`` lists candidate IDs not in the
+    model's vocabulary, ``cold_start`` says the user was not."""
+
+    items: np.ndarray
+    scores: np.ndarray
+    unknown: np.ndarray
+    cold_start: bool
+
+
+class OnlineRanker:
+    def __init__(self, artifact: Artifact, *, precompute_items: bool = False) -> None:
+        self.artifact = artifact
+        self.store = artifact.store
+        self.precompute_items = precompute_items
+        if artifact.model is not None:
+            artifact.model.requires_grad_(False)
+            self._prepare_fallbacks()
+
+    @property
+    def name(self) -> str:
+        return self.artifact.name
+
+    @property
+    def version(self) -> str:
+        return self.artifact.version
+
+    def rank(
+        self, user_id: int, candidates: np.ndarray, recent_items: np.ndarray | None = None
+    ) -> Ranking:
+        """Sort ``candidates`` (distinct external item IDs) for ``user_id``."""
+        store = self.store
+        candidates = np.asarray(candidates, dtype=np.int64)
+        items = store.items.index(candidates)
+        user = int(store.users.index(np.array([user_id]))[0])
+        scores = self.scores(user, items, recent_items)
+        order = torch.sort(scores, descending=True, stable=True).indices.numpy()
+        return Ranking(
+            items=candidates[order],
+            scores=scores.numpy()[order],
+            unknown=candidates[items == UNKNOWN],
+            cold_start=user == UNKNOWN,
+        )
+
+    def scores(
+        self, user: int, items: np.ndarray, recent_items: np.ndarray | None = None
+    ) -> torch.Tensor:
+        """Scores of item indices ``items`` for user index ``user`` (0: unknown)."""
+        if self.artifact.counts is not None:
+            return self.artifact.counts[torch.as_tensor(items)]
+        model, item_rows = self.artifact.model, torch.as_tensor(items)
+        recent = np.empty(0, dtype=np.int64)
+        if recent_items is not None and len(recent_items):
+            recent = self.store.items.index(np.asarray(recent_items, dtype=np.int64))
+            recent = recent[recent != UNKNOWN]
+        if user == UNKNOWN and not len(recent):
+            user_vector = self.mean_user
+        else:
+            user_vector = model.user_tower(self._user_features(user, recent))[0]
+        if self.precompute_items:
+            vectors, bias = self.item_vectors[item_rows], self.item_bias[item_rows]
+        else:
+            vectors = model.item_tower(self.store.item_kjt(items))
+            bias = model.item_bias(item_rows).squeeze(-1)
+            unknown = (item_rows == UNKNOWN)[:, None]
+            vectors = torch.where(unknown, self.item_vectors[UNKNOWN], vectors)
+            bias = torch.where(unknown[:, 0], self.item_bias[UNKNOWN], bias)
+        return vectors @ user_vector + bias
+
+    def _user_features(self, user: int, recent: np.ndarray):
+        store = self.store
+        history = store.history.values[
+            store.history.offsets[user] : store.history.offsets[user + 1]
+        ]
+        history = np.concatenate([recent, history])[: store.history_length]
+        return store.user_kjt(np.array([user]), history, np.array([len(history)]))
+
+    def _prepare_fallbacks(self) -> None:
+        model, store = self.artifact.model, self.store
+        for table in model.user_tower.embeddings.embedding_bags.values():
+            table.weight[UNKNOWN] = table.weight[1:].mean(0)
+
+        catalogue = np.arange(len(store.items))
+        vectors = torch.cat(
+            [
+                model.item_tower(store.item_kjt(catalogue[start : start + LOAD_BATCH]))
+                for start in range(0, len(catalogue), LOAD_BATCH)
+            ]
+        )
+        bias = model.item_bias.weight[:, 0].clone()
+        vectors[UNKNOWN], bias[UNKNOWN] = vectors[1:].mean(0), bias[1:].mean()
+        self.item_vectors, self.item_bias = vectors, bias
+
+        known = np.arange(1, len(store.users))
+        sample = known[
+            np.linspace(0, len(known) - 1, min(len(known), MEAN_USER_SAMPLE)).astype(int)
+        ]
+        user_vectors = []
+        for start in range(0, len(sample), LOAD_BATCH):
+            users = sample[start : start + LOAD_BATCH]
+            history, lengths = store.history.gather(users, limit=store.history_length)
+            user_vectors.append(model.user_tower(store.user_kjt(users, history, lengths)))
+        self.mean_user = torch.cat(user_vectors).mean(0)

@@ -1,0 +1,96 @@
+"""Start ``recdistill serve`` as a child process and wait until it is ready.
+
+Used by the load test, the online A/B simulation and the tests, which all need a real
+server on a free port rather than an in-process app.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx2
+
+READY_TIMEOUT_S = 120.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def running_server(
+    artifacts: Sequence[Path | str],
+    *,
+    ab_config: Path | str | None = None,
+    impressions: Path | str,
+    extra_args: Sequence[str] = (),
+    cpus: set[int] | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """Yield the base URL of a ready server; stop it on exit.
+
+    ``cpus`` pins the server process to those cores (Linux), so a load generator on the
+    other core does not compete with it. A server that exits or is not ready within
+    ``READY_TIMEOUT_S`` raises ``RuntimeError`` with the tail of its output.
+    """
+    port = free_port()
+    command = [sys.executable, "-m", "recdistill.cli", "serve", "--port", str(port)]
+    for artifact in artifacts:
+        command += ["--artifact", str(artifact)]
+    if ab_config is not None:
+        command += ["--ab", str(ab_config)]
+    command += ["--impressions", str(impressions), *extra_args]
+    log_path = Path(impressions).with_name(f"server-{port}.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+    if cpus:
+        # Set before the interpreter starts any thread, so all of them inherit it.
+        os.sched_setaffinity(process.pid, cpus)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, process, log_path)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _wait_ready(url: str, process: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"the server exited with code {process.returncode}:\n{_tail(log_path)}"
+            )
+        try:
+            if httpx2.get(f"{url}/readyz", timeout=1.0).status_code == 200:
+                return
+        except httpx2.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(
+        f"the server was not ready within {READY_TIMEOUT_S:.0f} s:\n{_tail(log_path)}"
+    )
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
