@@ -60,6 +60,7 @@ class OnlineRanker:
     def version(self) -> str:
         return self.artifact.version
 
+    @torch.inference_mode()
     def rank(
         self, user_id: int, candidates: np.ndarray, recent_items: np.ndarray | None = None
     ) -> Ranking:
@@ -101,6 +102,26 @@ class OnlineRanker:
             vectors = torch.where(unknown, self.item_vectors[UNKNOWN], vectors)
             bias = torch.where(unknown[:, 0], self.item_bias[UNKNOWN], bias)
         return vectors @ user_vector + bias
+
+    def score_lists(self, user_ids: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """Scores ``[lists, C]`` of candidate lists ``[lists, C]`` for ``user_ids`` ``[lists]``
+        (external IDs), as :meth:`rank` scores each list without ``recent_items``; batched
+        for simulations: the user tower runs once per distinct user, items come from the
+        catalogue's precomputed vectors."""
+        store = self.store
+        items = torch.as_tensor(store.items.index(candidates))
+        if self.artifact.counts is not None:
+            return self.artifact.counts[items].numpy()
+        users, row_of_list = np.unique(store.users.index(user_ids), return_inverse=True)
+        history, lengths = store.history.gather(users, limit=store.history_length)
+        user_vectors = self.artifact.model.user_tower(store.user_kjt(users, history, lengths))
+        user_vectors[torch.as_tensor(users == UNKNOWN)] = self.mean_user
+        scores = torch.empty(items.shape)
+        for start in range(0, len(items), LOAD_BATCH):
+            rows = slice(start, start + LOAD_BATCH)
+            vectors = user_vectors[torch.as_tensor(row_of_list[rows])]
+            scores[rows] = torch.einsum("lcd,ld->lc", self.item_vectors[items[rows]], vectors)
+        return (scores + self.item_bias[items]).numpy()
 
     def _user_features(self, user: int, recent: np.ndarray):
         store = self.store

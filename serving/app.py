@@ -253,10 +253,12 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @app.get("/model")
     async def model() -> dict[str, Any]:
-        """The served models (name, version, params) and the A/B arms routing to them."""
+        """The served models (name, version, params), the A/B arms routing to them and the
+        torch threads each request runs on."""
         routing = state.routing
         return {
             "models": [ranker.artifact.describe() for ranker in state.rankers.values()],
+            "torch_threads": torch.get_num_threads(),
             "routing": None if routing is None else {
                 "salt": routing.salt,
                 "arms": [asdict(arm) for arm in routing.arms],

@@ -92,3 +92,16 @@ def tiny_run(synthetic_dir, tmp_path_factory):
     command = ["train", "--config", str(config), "--data", str(synthetic_dir), "--out", str(out)]
     assert main(command) == 0
     return config, out
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_run, tmp_path_factory) -> dict[str, Path]:
+    """Serving artifacts of the tiny run's teacher, intermediate, student and popularity."""
+    from recdistill.artifact import export_artifact
+
+    _, run = tiny_run
+    directory = tmp_path_factory.mktemp("artifacts")
+    names = ("teacher", "intermediate", "student", "popularity")
+    for name in names:
+        export_artifact(run, name, directory / name)
+    return {name: directory / name for name in names}

@@ -1,0 +1,125 @@
+"""In-process serving latency per request: teacher vs intermediate vs student, side by side.
+
+Exports the run's models to a scratch directory, then times requests of 100, 500 and 1000
+candidates for real users of the test lists on one torch thread (as served by default):
+
+- ``ranker``: ``OnlineRanker.rank`` alone (ID mapping, both towers, sort);
+- ``server``: the whole FastAPI app in-process, driven through an ASGI client without
+  sockets, timed by the server itself from request received to response ready (validation,
+  routing, ranking, JSON), as its ``/metrics`` histogram and impression log record it.
+
+Both item-tower modes are measured: run per request (the server's default) and
+precomputed at load (``--precompute-items``). Ratios are teacher / model p99 in the same run.
+
+    .venv/bin/python benchmarks/serving_latency.py --run runs/ml100k
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import httpx2
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from recdistill.artifact import export_artifact, load_artifact
+from recdistill.data.tables import candidates_file
+from recdistill.online import OnlineRanker
+from serving.app import ServerSettings, create_app
+
+MODELS = ("teacher", "intermediate", "student")
+SIZES = (100, 500, 1000)
+
+
+def requests_for(data: Path, size: int, count: int, seed: int = 0) -> list[dict]:
+    """Test-list users with their candidates, padded with other catalogue items to ``size``."""
+    table = pq.read_table(data / candidates_file("test")).to_pydict()
+    catalogue = np.unique(np.concatenate([np.asarray(c) for c in table["candidates"]]))
+    rng = np.random.default_rng(seed)
+    bodies = []
+    for row in rng.integers(len(table["user_id"]), size=count):
+        own = np.asarray(table["candidates"][row])
+        others = rng.permutation(np.setdiff1d(catalogue, own))[: size - len(own)]
+        bodies.append({"user_id": table["user_id"][row], "candidates": [*own, *others][:size]})
+    return [{**b, "candidates": [int(c) for c in b["candidates"]]} for b in bodies]
+
+
+def percentiles(seconds: list[float]) -> tuple[float, float]:
+    p50, p99 = np.percentile(np.asarray(seconds) * 1000, [50, 99])
+    return float(p50), float(p99)
+
+
+def time_ranker(ranker: OnlineRanker, bodies: list[dict]) -> tuple[float, float]:
+    seconds = []
+    for body in bodies:
+        candidates = np.asarray(body["candidates"])
+        start = time.perf_counter()
+        ranker.rank(body["user_id"], candidates)
+        seconds.append(time.perf_counter() - start)
+    return percentiles(seconds)
+
+
+async def time_server(settings: ServerSettings, bodies: list[dict]) -> tuple[float, float]:
+    app = create_app(settings)
+    log = Path(settings.impressions)
+    async with app.router.lifespan_context(app):
+        transport = httpx2.ASGITransport(app=app)
+        async with httpx2.AsyncClient(transport=transport, base_url="http://bench") as client:
+            for body in bodies[:20]:
+                await client.post("/rank", json=body)
+            logged = log.read_text().count("\n")
+            for body in bodies:
+                (await client.post("/rank", json=body)).raise_for_status()
+    latencies = [json.loads(line)["latency_ms"] for line in log.read_text().splitlines()[logged:]]
+    return percentiles([ms / 1000 for ms in latencies])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, default=Path("runs/ml100k"))
+    parser.add_argument("--requests", type=int, default=300, help="timed requests per cell")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    scratch = Path(tempfile.mkdtemp(prefix="serving-latency-"))
+    artifacts = {name: scratch / name for name in MODELS}
+    for name, directory in artifacts.items():
+        export_artifact(args.run, name, directory)
+    run_data = Path(json.loads((args.run / "summary.json").read_text())["data"])
+    print(f"run {args.run}, {args.requests} requests per cell, 1 torch thread; times in ms")
+    header = f"{'items':<12}{'model':<14}{'cands':>6}{'ranker p50':>12}{'p99':>8}"
+    header += f"{'server p50':>12}{'p99':>8}{'teacher/model p50':>19}{'p99':>7}"
+    print(header)
+    for precompute in (False, True):
+        mode = "precomputed" if precompute else "per request"
+        for size in SIZES:
+            bodies = requests_for(run_data, size, args.requests)
+            results = {}
+            for name in MODELS:
+                ranker = OnlineRanker(load_artifact(artifacts[name]), precompute_items=precompute)
+                for body in bodies[:20]:
+                    ranker.rank(body["user_id"], np.asarray(body["candidates"]))
+                settings = ServerSettings(
+                    artifacts=(str(artifacts[name]),),
+                    impressions=str(scratch / "impressions.jsonl"),
+                    precompute_items=precompute,
+                )
+                results[name] = (
+                    time_ranker(ranker, bodies),
+                    asyncio.run(time_server(settings, bodies)),
+                )
+            teacher_p50, teacher_p99 = results["teacher"][1]
+            for name, ((r50, r99), (s50, s99)) in results.items():
+                print(
+                    f"{mode:<12}{name:<14}{size:>6}{r50:>12.3f}{r99:>8.3f}{s50:>12.3f}{s99:>8.3f}"
+                    f"{teacher_p50 / s50:>18.1f}×{teacher_p99 / s99:>6.1f}×"
+                )
+
+
+if __name__ == "__main__":
+    main()
