@@ -1,1 +1,8 @@
-"""Locust load tests that hold the ranking endpoint to its latency budget."""
+"""Locust load tests that hold the ranking endpoint to its latency budget.
+
+- ``workload``: the ``/rank`` requests (sampled from an artifact's vocabularies) and the
+  checks each answer must pass;
+- ``locustfile``: the Locust user sending them; ``client_stats``: what it measured;
+- ``server_metrics``: the server's latency histogram from ``/metrics``;
+- ``runner``: one headless run and its gate; ``python -m loadtest`` runs it from the shell.
+"""

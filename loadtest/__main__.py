@@ -1,0 +1,82 @@
+"""Headless load test of the ranking endpoint; exits 1 when the run fails its gate.
+
+    python -m loadtest --artifact artifacts/student --out runs/loadtest \\
+        [--host URL] [--users 8] [--spawn-rate R] [--run-time 20s] [--candidates 100] \\
+        [--p99-ms 50] [--precompute-items]
+
+Without ``--host`` it serves ``--artifact`` itself; with it, ``--artifact`` only supplies the
+users and items to sample requests from, and must be the artifact the host serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from loadtest.runner import LoadTestSettings, describe_outcome, format_table, run_load_test
+
+DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s?)?")
+
+
+def parse_duration(text: str) -> int:
+    """Whole seconds in ``20``, ``20s``, ``1m30s`` or ``1h``."""
+    match = DURATION.fullmatch(text.strip())
+    if not text.strip() or match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 20s, 1m30s or 1h")
+    hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """The load options shared with ``benchmarks/load_test.py``."""
+    parser.add_argument("--spawn-rate", type=float, help="users started per second (all at once)")
+    parser.add_argument(
+        "--run-time", type=parse_duration, default=20, help="duration, e.g. 20s or 1m (20s)"
+    )
+    parser.add_argument("--candidates", type=int, default=100, help="candidates per request (100)")
+    parser.add_argument("--p99-ms", type=float, default=50.0, help="p99 latency budget (50)")
+    parser.add_argument(
+        "--precompute-items",
+        action="store_true",
+        help="start the server with --precompute-items (item tower once, at load)",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest",
+        description=__doc__.splitlines()[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--artifact", type=Path, required=True, help="exported artifact")
+    parser.add_argument("--host", help="base URL of a running server (default: start one)")
+    parser.add_argument("--out", type=Path, required=True, help="directory for the reports")
+    parser.add_argument("--users", type=int, default=8, help="concurrent Locust users (8)")
+    add_load_arguments(parser)
+    args = parser.parse_args(argv)
+    settings = LoadTestSettings(
+        artifact=args.artifact,
+        out=args.out,
+        host=args.host,
+        users=args.users,
+        spawn_rate=args.spawn_rate,
+        run_time_s=args.run_time,
+        candidates=args.candidates,
+        p99_budget_ms=args.p99_ms,
+        precompute_items=args.precompute_items,
+    )
+    try:
+        result = run_load_test(settings)
+    except (RuntimeError, OSError, ValueError) as error:
+        print(f"loadtest: error: {error}", file=sys.stderr)
+        return 2
+    print(format_table([result]))
+    print(describe_outcome(result))
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

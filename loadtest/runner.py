@@ -1,0 +1,238 @@
+"""Run Locust headless against a ranking server and judge the run against the latency budget.
+
+:func:`run_load_test` starts ``recdistill serve`` from the artifact (or targets a given
+host), runs ``loadtest/locustfile.py`` in a Locust subprocess, reads the server's latency
+histogram before and after, and returns a :class:`LoadTestResult` whose ``problems`` say why
+the run fails its gate: a p99 over budget, any failed request, or a load generator so busy
+that its own queueing is in the latencies it reports.
+
+On two or more cores the server (one worker, one torch thread) gets the first core and
+Locust (one process) the second, so they do not compete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from loadtest.client_stats import ClientStats
+from loadtest.server_metrics import (
+    bucket_difference,
+    histogram_quantile,
+    observations,
+    scrape_rank_latency,
+)
+from loadtest.workload import Workload
+from serving.process import running_server
+
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+MAX_GENERATOR_CPU = 0.9
+LOCUST_EXIT_GRACE_S = 60
+REPORT_PREFIX = "locust"
+
+
+@dataclass(frozen=True)
+class LoadTestSettings:
+    artifact: Path
+    out: Path
+    host: str | None = None
+    users: int = 8
+    spawn_rate: float | None = None  # users started per second; None: all within a second
+    run_time_s: int = 20
+    candidates: int = 100
+    p99_budget_ms: float = 50.0
+    precompute_items: bool = False  # when starting the server: its --precompute-items
+
+
+@dataclass(frozen=True)
+class CorePlan:
+    """Which cores the server and the load generator run on (None: not pinned)."""
+
+    server: set[int] | None
+    load_generator: set[int] | None
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class LoadTestResult:
+    model: str
+    users: int
+    client: ClientStats
+    server_p99_ms: float | None
+    server_requests: int
+    p99_budget_ms: float
+    problems: tuple[str, ...]
+    notes: tuple[str, ...]
+    out: Path
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def plan_cores() -> CorePlan:
+    if not hasattr(os, "sched_setaffinity"):
+        return CorePlan(None, None, "cannot pin processes to cores on this platform")
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return CorePlan(
+            None, None, "one core: server and load generator share it, latencies are pessimistic"
+        )
+    return CorePlan({cores[0]}, {cores[1]})
+
+
+@contextmanager
+def serve_artifact(
+    artifact: Path, out: Path, cores: CorePlan, *, precompute_items: bool = False
+) -> Iterator[str]:
+    """A one-worker, one-thread server of ``artifact`` on the server's core; yields its URL."""
+    extra_args = ["--workers", "1", "--threads", "1"]
+    if precompute_items:
+        extra_args.append("--precompute-items")
+    with running_server(
+        [artifact], impressions=out / "impressions.jsonl", cpus=cores.server, extra_args=extra_args
+    ) as url:
+        yield url
+
+
+def run_load_test(settings: LoadTestSettings) -> LoadTestResult:
+    """Run the load test of ``settings``; raises ``RuntimeError`` if Locust or the server
+    could not run at all (a run that ran but failed its gate is a result with problems)."""
+    model = artifact_name(settings.artifact)
+    Workload.from_artifact(settings.artifact, settings.candidates)  # fail before serving
+    settings.out.mkdir(parents=True, exist_ok=True)
+    cores = plan_cores()
+    if settings.host is not None:
+        return _measure(settings, model, settings.host, cores)
+    with serve_artifact(
+        settings.artifact, settings.out, cores, precompute_items=settings.precompute_items
+    ) as url:
+        return _measure(settings, model, url, cores)
+
+
+def _measure(settings: LoadTestSettings, model: str, url: str, cores: CorePlan) -> LoadTestResult:
+    before = scrape_rank_latency(url)
+    client = _run_locust(settings, url, cores)
+    server = bucket_difference(scrape_rank_latency(url), before)
+    server_p99 = histogram_quantile(0.99, server)
+    problems = gate_problems(client, settings.p99_budget_ms)
+    notes = [cores.note] if cores.note else []
+    # Requests in flight when Locust stops are timed by the server but not by Locust.
+    if abs(observations(server) - client.requests) > settings.users:
+        notes.append(
+            f"the server timed {observations(server):.0f} /rank requests, Locust sent "
+            f"{client.requests} (other traffic, or requests that failed or were cut off at the end)"
+        )
+    return LoadTestResult(
+        model=model,
+        users=settings.users,
+        client=client,
+        server_p99_ms=None if server_p99 is None else server_p99 * 1000,
+        server_requests=int(observations(server)),
+        p99_budget_ms=settings.p99_budget_ms,
+        problems=tuple(problems),
+        notes=tuple(notes),
+        out=settings.out,
+    )
+
+
+def _run_locust(settings: LoadTestSettings, url: str, cores: CorePlan) -> ClientStats:
+    stats_path = settings.out / "client_stats.json"
+    stats_path.unlink(missing_ok=True)
+    log_path = settings.out / "locust.log"
+    command = [
+        sys.executable, "-m", "locust",
+        "-f", str(LOCUSTFILE),
+        "--headless", "--only-summary",
+        "--host", url,
+        "--users", str(settings.users),
+        "--spawn-rate", str(settings.spawn_rate or settings.users),
+        "--run-time", f"{settings.run_time_s}s",
+        "--csv", str(settings.out / REPORT_PREFIX),
+        "--html", str(settings.out / f"{REPORT_PREFIX}.html"),
+        "--artifact", str(settings.artifact),
+        "--candidates", str(settings.candidates),
+        "--client-stats", str(stats_path),
+    ]  # fmt: skip
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    if cores.load_generator:
+        os.sched_setaffinity(process.pid, cores.load_generator)
+    try:
+        process.wait(timeout=settings.run_time_s + LOCUST_EXIT_GRACE_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise RuntimeError(f"Locust did not stop; its log: {log_path}") from None
+    if not stats_path.exists():
+        raise RuntimeError(
+            f"Locust exited with code {process.returncode} before the test ended:\n"
+            + "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+        )
+    return ClientStats.read(stats_path)
+
+
+def gate_problems(client: ClientStats, p99_budget_ms: float) -> list[str]:
+    """Why a run whose client saw ``client`` fails the gate; empty when it passes."""
+    if client.requests == 0:
+        return ["no request completed"]
+    problems = []
+    if client.p99_ms > p99_budget_ms:
+        problems.append(f"p99 {client.p99_ms:.2f} ms is over the {p99_budget_ms:g} ms budget")
+    if client.failures:
+        problems.append(
+            f"{client.failures} of {client.requests} requests failed "
+            f"(see {REPORT_PREFIX}_failures.csv and {REPORT_PREFIX}.html)"
+        )
+    if client.cpu_share > MAX_GENERATOR_CPU:
+        problems.append(
+            f"the load generator used {client.cpu_share:.0%} of a core (limit "
+            f"{MAX_GENERATOR_CPU:.0%}): its latencies include its own queueing and cannot be "
+            "trusted; use fewer users"
+        )
+    return problems
+
+
+def artifact_name(artifact: Path) -> str:
+    manifest = Path(artifact) / "manifest.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest} not found: is {artifact} an exported artifact?")
+    return json.loads(manifest.read_text())["name"]
+
+
+def format_table(results: list[LoadTestResult]) -> str:
+    header = (
+        f"{'model':<14}{'users':>6}{'requests':>10}{'RPS':>9}{'p50 ms':>9}{'p95 ms':>9}"
+        f"{'p99 ms':>9}{'max ms':>9}{'failures':>10}{'server p99 ms':>15}{'locust CPU':>12}"
+    )
+    lines = [header, "-" * len(header)]
+    for result in results:
+        client = result.client
+        server_p99 = math.nan if result.server_p99_ms is None else result.server_p99_ms
+        lines.append(
+            f"{result.model:<14}{result.users:>6}{client.requests:>10}{client.rps:>9.1f}"
+            f"{client.p50_ms:>9.2f}{client.p95_ms:>9.2f}{client.p99_ms:>9.2f}"
+            f"{client.max_ms:>9.2f}{client.failures:>10}{server_p99:>15.2f}"
+            f"{client.cpu_share:>12.0%}"
+        )
+    return "\n".join(lines)
+
+
+def describe_outcome(result: LoadTestResult) -> str:
+    lines = [f"note: {note}" for note in result.notes]
+    if result.ok:
+        lines.append(
+            f"PASS: p99 {result.client.p99_ms:.2f} ms within the {result.p99_budget_ms:g} ms "
+            f"budget, no failures; reports in {result.out}"
+        )
+    else:
+        lines += [f"FAIL: {problem}" for problem in result.problems]
+        lines.append(f"reports in {result.out}")
+    return "\n".join(lines)
