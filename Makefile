@@ -17,8 +17,10 @@ TORCH_INDEX :=
 DEMO_CONFIG := configs/synthetic.toml
 DEMO_DATA := data/synthetic
 DEMO_RUN := runs/synthetic
+DEMO_ARTIFACTS := artifacts/synthetic
+SERVED := popularity teacher student
 
-.PHONY: demo test venv clean
+.PHONY: demo test loadtest venv clean
 
 venv: $(INSTALLED)
 
@@ -34,9 +36,20 @@ demo: $(INSTALLED)
 	rm -rf $(DEMO_RUN)
 	$(BIN)/recdistill train --config $(DEMO_CONFIG) --data $(DEMO_DATA) --out $(DEMO_RUN)
 	$(BIN)/recdistill report --run $(DEMO_RUN)
+	for model in $(SERVED); do \
+	    $(BIN)/recdistill export --run $(DEMO_RUN) --model $$model --out $(DEMO_ARTIFACTS)/$$model || exit 1; \
+	done
+	$(BIN)/recdistill abtest --config configs/ab.toml --out runs/ab
+	$(BIN)/python -m loadtest --artifact $(DEMO_ARTIFACTS)/student --run-time 20s --out runs/loadtest
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest
 
+# The demo's student under load (make demo first): 8 users for 20 s, p99 must stay < 50 ms.
+loadtest: $(INSTALLED)
+	@test -f $(DEMO_ARTIFACTS)/student/manifest.json || \
+	    { echo "no $(DEMO_ARTIFACTS)/student: run make demo first"; exit 2; }
+	$(BIN)/python -m loadtest --artifact $(DEMO_ARTIFACTS)/student --out runs/loadtest
+
 clean:
-	rm -rf $(VENV) data/synthetic runs
+	rm -rf $(VENV) data/synthetic runs artifacts

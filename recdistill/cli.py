@@ -15,6 +15,7 @@ EXAMPLES = """commands:
   recdistill report --run runs/ml100k
   recdistill export --run runs/ml100k --model student --out artifacts/student
   recdistill serve --artifact artifacts/student [--artifact ... --ab configs/ab.toml]
+  recdistill abtest --config configs/ab.toml --out runs/ab [--mode online]
 """
 
 
@@ -112,6 +113,17 @@ def _parser() -> argparse.ArgumentParser:
         help="run the item tower once over the catalogue at load instead of per request",
     )
     serve.set_defaults(handler=_serve)
+
+    abtest = commands.add_parser(
+        "abtest", help="simulated A/B test of served models (HTML/Markdown report, request log)"
+    )
+    abtest.add_argument("--config", type=Path, required=True, help="TOML with [ab], [artifacts]…")
+    abtest.add_argument("--out", type=Path, required=True, help="report directory to write")
+    abtest.add_argument(
+        "--mode", choices=("offline", "online"), help="rank in-process or through a real server"
+    )
+    abtest.add_argument("--seed", type=int, help="seed of the simulation")
+    abtest.set_defaults(handler=_abtest)
     return parser
 
 
@@ -215,6 +227,14 @@ def _serve(args: argparse.Namespace) -> None:
         workers=args.workers,
         access_log=False,
     )
+
+
+def _abtest(args: argparse.Namespace) -> None:
+    from recdistill.abtest.experiment import run_abtest
+
+    result = run_abtest(args.config, args.out, mode=args.mode, seed=args.seed)
+    print(result.summary())
+    print(f"\nwrote {result.report}")
 
 
 if __name__ == "__main__":

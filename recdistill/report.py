@@ -67,13 +67,13 @@ def build_report(run: Path, spec: SliceSpec | None = None) -> Path:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    environment.filters["num"] = _num
+    environment.filters["num"] = format_number
     (out / "index.html").write_text(environment.get_template("report.html.j2").render(context))
     (out / "report.md").write_text(environment.get_template("report.md.j2").render(context))
     return out / "index.html"
 
 
-def _num(value: Any, digits: int = 4) -> str:
+def format_number(value: Any, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "–"
     return f"{value:.{digits}f}"
@@ -123,7 +123,7 @@ def _findings(key: pd.DataFrame, spec: SliceSpec) -> list[str]:
     return lines
 
 
-def _png(figure: Figure) -> str:
+def figure_png(figure: Figure) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     return base64.b64encode(buffer.getvalue()).decode()
@@ -155,7 +155,7 @@ def _segment_bars(key: pd.DataFrame, spec: SliceSpec) -> str:
         axis.set_ylabel(spec.key_metric)
     axes[0, 0].legend(ncol=len(models), fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.15))
     figure.tight_layout()
-    return _png(figure)
+    return figure_png(figure)
 
 
 def _retention_heatmap(key: pd.DataFrame, spec: SliceSpec) -> str:
@@ -185,7 +185,7 @@ def _retention_heatmap(key: pd.DataFrame, spec: SliceSpec) -> str:
     figure.colorbar(image, ax=axis, label=f"{spec.key_metric} retention vs teacher")
     axis.set_title(f"retention per slice ('!' = below {spec.retention_threshold:.0%})")
     figure.tight_layout()
-    return _png(figure)
+    return figure_png(figure)
 
 
 def _quality_vs_cost(summary: dict[str, Any], key: pd.DataFrame, spec: SliceSpec) -> str:
@@ -217,7 +217,7 @@ def _quality_vs_cost(summary: dict[str, Any], key: pd.DataFrame, spec: SliceSpec
         axis.set_xlabel(label)
         axis.set_ylabel(spec.key_metric)
     figure.tight_layout()
-    return _png(figure)
+    return figure_png(figure)
 
 
 def _learning_curves(run: Path, summary: dict[str, Any]) -> dict[str, pd.DataFrame]:
@@ -242,4 +242,4 @@ def _curves_figure(curves: dict[str, pd.DataFrame]) -> str:
         axis.set_xlabel("epoch")
     metric_axis.legend(fontsize=8)
     figure.tight_layout()
-    return _png(figure)
+    return figure_png(figure)

@@ -1,0 +1,97 @@
+"""``recdistill abtest``: load the experiment, simulate it (offline or online), analyse, report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from recdistill.abtest.analysis import ALL, Analysis, analyse
+from recdistill.abtest.report import findings, write_report
+from recdistill.abtest.simulate import Server, simulate
+from recdistill.abtest.spec import ExperimentSpec, load_experiment
+from recdistill.abtest.world import World
+from recdistill.artifact import load_artifact
+from recdistill.data.tables import atomic_output_dir
+from recdistill.online import OnlineRanker
+from serving.process import running_server
+
+REQUESTS = "requests.parquet"
+IMPRESSIONS = "impressions.jsonl"
+SUMMARY_COLUMNS = {
+    "arm": "arm",
+    "model": "model",
+    "users": "users",
+    "requests": "requests",
+    "ctr": "CTR",
+    "clicks_per_request": "clicks/request",
+    "ndcg": "NDCG@k",
+    "latency_ms_p50": "latency p50 ms",
+    "latency_ms_p99": "p99 ms",
+}
+
+
+@dataclass(frozen=True)
+class AbTestResult:
+    experiment: ExperimentSpec
+    analysis: Analysis
+    log: pd.DataFrame
+    report: Path
+
+    def summary(self) -> str:
+        """The per-arm table, the lifts on the decision metric, the split check, the verdict."""
+        arms = self.analysis.arms
+        table = arms[arms["segment"] == ALL][list(SUMMARY_COLUMNS)].rename(columns=SUMMARY_COLUMNS)
+        decision = self.analysis.lifts
+        decision = decision[decision["metric"] == self.experiment.analysis.metric]
+        return "\n".join(
+            [
+                table.to_string(index=False, float_format=lambda value: f"{value:.4f}"),
+                "",
+                *findings(decision, self.experiment),
+                self.analysis.srm.describe(),
+                "",
+                self.analysis.verdict,
+            ]
+        )
+
+
+def run_abtest(config: Path, out: Path, **simulation_overrides: Any) -> AbTestResult:
+    """Run the experiment of ``config``; write the report and the request log to ``out``."""
+    experiment = load_experiment(config, **simulation_overrides)
+    world = World.load(experiment.simulation, experiment.clicks)
+    rankers = load_rankers(experiment)
+    columns = list(world.population.segments.columns)
+    segments = list(experiment.analysis.segments) or columns
+    if set(segments) - set(columns):
+        raise ValueError(f"[analysis]: segments {segments} are not all user segments {columns}")
+    with atomic_output_dir(out) as scratch:
+        if experiment.simulation.mode == "online":
+            server_artifacts = {experiment.artifacts[arm.model] for arm in experiment.routing.arms}
+            impressions = scratch / IMPRESSIONS
+            with running_server(
+                sorted(server_artifacts), ab_config=config, impressions=impressions
+            ) as url:
+                log = simulate(world, experiment, rankers, server=Server(url, impressions))
+        else:
+            log = simulate(world, experiment, rankers)
+        log.to_parquet(scratch / REQUESTS, index=False)
+        analysis = analyse(log, experiment, segments)
+        write_report(scratch, experiment, analysis, world.truth)
+    return AbTestResult(experiment, analysis, log, out / "index.html")
+
+
+def load_rankers(experiment: ExperimentSpec) -> dict[str, OnlineRanker]:
+    """The in-process ranker of every arm's model, checked against its [artifacts] name."""
+    rankers = {}
+    for model in dict.fromkeys(arm.model for arm in experiment.routing.arms):
+        ranker = OnlineRanker(load_artifact(experiment.artifacts[model]))
+        if ranker.name != model:
+            raise ValueError(
+                f"[artifacts] {model} = {str(experiment.artifacts[model])!r} holds the model "
+                f"{ranker.name!r}; the server would not find {model!r} in it"
+            )
+        rankers[model] = ranker
+    return rankers

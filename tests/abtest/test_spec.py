@@ -1,0 +1,88 @@
+from pathlib import Path
+
+import pytest
+
+from recdistill.abtest.experiment import load_rankers
+from recdistill.abtest.spec import load_experiment
+from recdistill.cli import main
+from recdistill.config import load_config
+from recdistill.routing import Routing
+from serving.app import ServerSettings, routing_for
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+CONFIG = """
+[ab]
+salt = "s"
+[ab.arms.control]
+model = "popularity"
+share = 0.5
+[ab.arms.student]
+model = "student"
+share = 0.5
+
+[artifacts]
+popularity = "{popularity}"
+student = "{student}"
+
+[analysis]
+ship = ["student", "control"]
+
+[simulation]
+data = "{data}"
+"""
+
+
+def write(tmp_path: Path, text: str, **paths) -> Path:
+    path = tmp_path / "ab.toml"
+    values = {"popularity": "a/popularity", "student": "a/student", "data": "d"} | paths
+    path.write_text(text.format(**{k: str(v) for k, v in values.items()}))
+    return path
+
+
+def test_the_default_config_parses_and_routes_the_server():
+    config = PROJECT / "configs" / "ab.toml"
+    experiment = load_experiment(config)
+    assert [arm.name for arm in experiment.routing.arms] == ["control", "teacher", "student"]
+    assert experiment.comparisons == [
+        ("teacher", "control"),
+        ("student", "control"),
+        ("student", "teacher"),
+    ]
+    settings = ServerSettings(artifacts=(), ab_config=str(config))
+    assert routing_for(settings, {"popularity", "teacher", "student"}) == experiment.routing
+    assert Routing.from_config(load_config(config)["ab"]) == experiment.routing
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t + "days_run = 3\n", "[simulation]: unknown key(s) ['days_run']"),
+        (
+            lambda t: t.replace("[analysis]", "[analysis]\nmargins = 0.1"),
+            "unknown key(s) ['margins']",
+        ),
+        (lambda t: t + "[clickz]\n", "unknown table(s) ['clickz']"),
+        (lambda t: t.replace("share = 0.5\n", "share = 0.6\n", 1), "shares add up to 1.1, not 1"),
+        (lambda t: t.replace('student = "{student}"\n', ""), "arm 'student' serves model"),
+        (lambda t: t.replace('data = "{data}"\n', ""), "[simulation] needs `data`"),
+        (lambda t: t + "mode = 'live'\n", "mode must be one of ['offline', 'online']"),
+        (lambda t: t.replace("[analysis]", "[analysis]\ncontrol = 'base'"), "control arm 'base'"),
+        (lambda t: t.replace('"control"]', '"teacher"]'), "ship arm 'teacher' is not an arm"),
+    ],
+)
+def test_config_errors_are_clear(tmp_path, capsys, edit, message):
+    path = write(tmp_path, edit(CONFIG))
+    with pytest.raises(ValueError) as error:
+        load_experiment(path)
+    assert message in str(error.value)
+    assert main(["abtest", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_artifact_must_hold_the_model_its_name_says(tmp_path, tiny_artifacts, synthetic_dir):
+    swapped = {"popularity": tiny_artifacts["popularity"], "student": tiny_artifacts["teacher"]}
+    experiment = load_experiment(write(tmp_path, CONFIG, data=synthetic_dir, **swapped))
+    with pytest.raises(ValueError, match="holds the model 'teacher'"):
+        load_rankers(experiment)
