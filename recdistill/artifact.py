@@ -3,18 +3,20 @@
 An artifact directory holds
 
 - ``manifest.json``: format, name, kind (``two_tower`` or ``popularity``), parameter count,
-  the SHA-256 of every other file, and the version: a hash of those file hashes, so equal
+  quantization (as in ``spec.json``), the SHA-256 of every other file, and the version: a hash of those file hashes, so equal
   contents always get the same version;
-- ``model.safetensors``: the weights (for ``popularity``: the item train counts);
-- ``spec.json``: the model spec, its feature space and the history length it was trained with;
+- ``model.safetensors``: the weights (int8 codes with their scales for a quantized model;
+  for ``popularity``: the item train counts);
+- ``spec.json``: the model spec, its feature space, the history length it was trained with
+  and its ``quantization`` (``null``, or which parts are int8: ``recdistill.quantize``);
 - ``vocabularies.json``: the external IDs and category values behind every embedding row;
 - ``features/``: the online feature snapshot in the canonical data layout (``users.parquet``
   with demographics, ``items.parquet`` with genres, ``train.parquet``, the interactions the
   user histories are built from, and ``meta.json``), read by the same ``FeatureStore`` code as
   training, so a user's features at serving time are exactly those the model was evaluated on.
 
-Loading re-hashes every file and checks vocabularies, spec and weight shapes against each
-other; any mismatch is an :class:`ArtifactError` that says what is wrong.
+Loading re-hashes every file and checks vocabularies, spec and weight shapes and dtypes
+against each other; any mismatch is an :class:`ArtifactError` that says what is wrong.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from recdistill.data.tables import (
     write_json,
 )
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
+from recdistill.quantize import QuantizationSpec, load_plain_state, plain_state, quantize
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -74,6 +77,7 @@ class Artifact:
     store: FeatureStore
     model: TwoTower | None
     counts: torch.Tensor | None
+    quantization: QuantizationSpec | None = None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -81,6 +85,7 @@ class Artifact:
             "kind": self.kind,
             "version": self.version,
             "params": self.params,
+            "quantization": None if self.quantization is None else self.quantization.describe(),
             "artifact": str(self.directory),
         }
 
@@ -90,7 +95,8 @@ def export_artifact(
 ) -> dict[str, Any]:
     """Write the artifact of ``model_name`` from run directory ``run``; returns the manifest.
 
-    ``data`` overrides the data directory recorded in the run's ``summary.json``.
+    ``data`` overrides the data directory recorded in the run's ``summary.json``. A model whose
+    summary entry has a ``quantization`` table is exported with its int8 weights as they are.
     """
     run = Path(run)
     summary_path = run / "summary.json"
@@ -107,6 +113,7 @@ def export_artifact(
         )
     history_length = section(config, "train").get("history_length", 50)
     store = FeatureStore(data, history_length=history_length)
+    quantization = summary["models"].get(model_name, {}).get("quantization")
 
     with atomic_output_dir(out) as scratch:
         _write_features(data, scratch / FEATURES)
@@ -127,6 +134,7 @@ def export_artifact(
                 "user_features": list(store.user_features),
                 "cardinalities": store.cardinalities(),
                 "history_length": history_length,
+                "quantization": quantization,
             }
         write_json(scratch / SPEC, spec_json)
         write_json(scratch / VOCABULARIES, _vocabularies(store))
@@ -141,6 +149,7 @@ def export_artifact(
             "kind": kind,
             "version": _version(files),
             "params": params,
+            "quantization": quantization,
             "files": files,
             "exported_from": {"run": str(run), "data": str(data)},
             "offline_metrics": summary["models"].get(model_name, {}).get("metrics", {}),
@@ -173,7 +182,7 @@ def load_artifact(directory: Path) -> Artifact:
             f"artifact {directory}: vocabularies.json does not match the feature snapshot"
         )
     weights = _read_weights(directory / WEIGHTS)
-    model, counts = None, None
+    model, counts, quantization = None, None, None
     if manifest["kind"] == POPULARITY:
         counts = weights.get(COUNTS)
         if counts is None or counts.shape != (len(store.items),):
@@ -188,8 +197,13 @@ def load_artifact(directory: Path) -> Artifact:
             )
         spec = spec_from(TwoTowerSpec, spec_json["model"], f"{directory / SPEC}")
         model = TwoTower(spec, FeatureSpace(store.user_features, store.cardinalities()))
-        _check_shapes(directory, model.state_dict(), weights)
-        model.load_state_dict(weights)
+        if spec_json.get("quantization") is not None:
+            quantization = spec_from(
+                QuantizationSpec, spec_json["quantization"], f"{directory / SPEC} quantization"
+            )
+            model = quantize(model, quantization)
+        _check_shapes(directory, plain_state(model), weights)
+        load_plain_state(model, weights)
         model.eval()
     return Artifact(
         directory=directory,
@@ -200,6 +214,7 @@ def load_artifact(directory: Path) -> Artifact:
         store=store,
         model=model,
         counts=counts,
+        quantization=quantization,
     )
 
 
@@ -245,6 +260,10 @@ def _check_shapes(
             raise ArtifactError(
                 f"artifact {directory}: {key} has shape {tuple(weights[key].shape)}, "
                 f"the spec needs {tuple(tensor.shape)}"
+            )
+        if weights[key].dtype != tensor.dtype:
+            raise ArtifactError(
+                f"artifact {directory}: {key} is {weights[key].dtype}, the spec needs {tensor.dtype}"
             )
 
 

@@ -12,6 +12,7 @@ EXAMPLES = """commands:
   recdistill data synthetic --out data/synthetic [--users N --items M --seed S]
   recdistill data movielens --path ../shared/datasets/ml-100k --out data/ml100k
   recdistill train --config configs/ml100k.toml --data data/ml100k --out runs/ml100k [--resume]
+  recdistill sweep --config configs/sweep_ml100k.toml --data data/ml100k --out runs/sweep --jobs 2
   recdistill report --run runs/ml100k
   recdistill export --run runs/ml100k --model student --out artifacts/student
   recdistill serve --artifact artifacts/student [--artifact ... --ab configs/ab.toml]
@@ -69,6 +70,16 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, required=True, help="run directory to write")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoints")
     train.set_defaults(handler=_train)
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="search student architectures × loss mixes, int8 copies, choose under a budget",
+    )
+    sweep.add_argument("--config", type=Path, required=True, help="TOML with [sweep], [mixes]…")
+    sweep.add_argument("--data", type=Path, required=True, help="data directory")
+    sweep.add_argument("--out", type=Path, required=True, help="sweep directory (resumable)")
+    sweep.add_argument("--jobs", type=int, default=1, help="candidates trained in parallel (1)")
+    sweep.set_defaults(handler=_sweep)
 
     report = commands.add_parser(
         "report", help="segment-level evaluation report (HTML, Markdown, segments.parquet)"
@@ -172,6 +183,14 @@ def _train(args: argparse.Namespace) -> None:
     summary = run(args.config, args.data, args.out, resume=args.resume)
     print(summary_table(summary))
     print(f"\nwrote {args.out / SUMMARY}")
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from recdistill.sweep import candidates_table, run_sweep
+
+    summary = run_sweep(args.config, args.data, args.out, jobs=args.jobs)
+    print(candidates_table(summary))
+    print(f"\nwrote {args.out / 'summary.json'} and {args.out / 'report' / 'index.html'}")
 
 
 def _report(args: argparse.Namespace) -> None:

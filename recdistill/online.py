@@ -27,6 +27,7 @@ import torch
 
 from recdistill.artifact import Artifact
 from recdistill.data.batches import UNKNOWN
+from recdistill.quantize import set_unknown_row_to_mean
 
 MEAN_USER_SAMPLE = 10_000
 LOAD_BATCH = 4096
@@ -134,7 +135,7 @@ class OnlineRanker:
     def _prepare_fallbacks(self) -> None:
         model, store = self.artifact.model, self.store
         for table in model.user_tower.embeddings.embedding_bags.values():
-            table.weight[UNKNOWN] = table.weight[1:].mean(0)
+            set_unknown_row_to_mean(table)
 
         catalogue = np.arange(len(store.items))
         vectors = torch.cat(

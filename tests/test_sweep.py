@@ -1,0 +1,308 @@
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from recdistill.artifact import MANIFEST, WEIGHTS, load_artifact
+from recdistill.cli import main
+from recdistill.online import OnlineRanker
+from recdistill.sweep import (
+    RESULT,
+    SelectionSpec,
+    finalize,
+    load_plan,
+    meets,
+    pareto_frontier,
+    search,
+    select,
+)
+from recdistill.train import LOG, Trainer
+
+TEST_FILES = ("test.parquet", "candidates_test.parquet")
+
+# Two tiny architectures × two loss mixes, taught by the tiny run's teacher and intermediate.
+TINY_SWEEP = """
+[sweep]
+base_run = "{base_run}"
+min_segment_users = 30
+latency_rounds = 2
+latency_requests = 10
+{search}
+
+[selection]  # never assert timings: a budget every candidate meets
+p99_ms = 1e9
+min_worst_segment_retention = 0.0
+
+[train]
+history_length = 10
+batch_size = 512
+negatives = 4
+epochs = {epochs}
+patience = 2
+learning_rate = 5e-3
+
+[models.narrow]
+embedding_dim = 4
+tower = [8]
+feature_dim = 2
+
+[models.wide]
+embedding_dim = 8
+tower = [16, 8]
+feature_dim = 2
+
+[mixes]
+listwise = [{{ fn = "softmax_ce" }}, {{ fn = "listnet", source = "intermediate", temperature = 2.0 }}]
+hybrid_feature = [
+    {{ fn = "softmax_ce" }},
+    {{ fn = "ranknet", source = "intermediate", weight = 0.5 }},
+    {{ fn = "feature_mse", source = "teacher", weight = 0.1 }},
+]
+"""
+NAMES = ("narrow-listwise", "narrow-hybrid_feature", "wide-listwise", "wide-hybrid_feature")
+
+
+def _config(directory: Path, run: Path, *, epochs: int = 1, samples: int | None = None) -> Path:
+    search = "" if samples is None else f'search = "random"\nsamples = {samples}'
+    path = directory / "sweep.toml"
+    path.write_text(TINY_SWEEP.format(base_run=run, search=search, epochs=epochs))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tiny_run, synthetic_dir, tmp_path_factory):
+    _, run = tiny_run
+    directory = tmp_path_factory.mktemp("sweep")
+    config, out = _config(directory, run), directory / "sweep"
+    command = ["sweep", "--config", str(config), "--data", str(synthetic_dir), "--out", str(out)]
+    assert main(command) == 0
+    return out
+
+
+def test_the_sweep_scores_every_candidate_on_validation(tiny_sweep):
+    summary = json.loads((tiny_sweep / "summary.json").read_text())
+    assert tuple(summary["candidates"]) == NAMES
+    for name, result in summary["candidates"].items():
+        assert json.loads((tiny_sweep / name / RESULT).read_text()) == result
+        assert 0 < result["valid"]["ndcg@10"] < 1
+        worst = result["valid"]["worst_segment"]
+        retentions = [s["retention"] for s in result["valid"]["segments"]]
+        assert worst["retention"] == min(retentions) and worst["users"] >= 30
+        assert result["artifact_bytes"] == (tiny_sweep / name / WEIGHTS).stat().st_size
+        assert result["int8"]["artifact_bytes"] < result["artifact_bytes"]
+        for measured in (result, result["int8"]):
+            for clock in ("wall", "cpu"):
+                assert (
+                    0 < measured["latency_ms"][clock]["p50"] <= measured["latency_ms"][clock]["p99"]
+                )
+    by_mix = {r["mix"] for r in summary["candidates"].values()}
+    assert by_mix == {"listwise", "hybrid_feature"}
+
+
+def test_the_chosen_student_is_the_best_within_budget_and_scored_on_test(tiny_sweep):
+    summary = json.loads((tiny_sweep / "summary.json").read_text())
+    candidates, selection = summary["candidates"], summary["selection"]
+    assert set(selection["within_budget"]) == set(NAMES)
+    chosen = max(candidates.values(), key=lambda r: r["valid"]["ndcg@10"])["name"]
+    assert selection["chosen"] == chosen and chosen in selection["frontier"]
+    for name in ("best", "best_int8"):
+        entry = summary["models"][name]
+        assert (
+            entry["candidate"] == chosen and entry["preset"] == candidates[chosen]["architecture"]
+        )
+        assert {"ndcg@10", "hr@10", "mrr", "full_ndcg@10", "full_recall@10"} <= set(
+            entry["metrics"]
+        )
+    assert summary["models"]["best_int8"]["quantization"] == {"embeddings": True, "linear": True}
+
+
+def test_best_and_its_int8_copy_export_and_serve(tiny_sweep, tmp_path):
+    summary = json.loads((tiny_sweep / "summary.json").read_text())
+    served = {}
+    for name in ("best", "best_int8"):
+        out = tmp_path / name
+        assert main(["export", "--run", str(tiny_sweep), "--model", name, "--out", str(out)]) == 0
+        manifest = json.loads((out / MANIFEST).read_text())
+        assert manifest["offline_metrics"] == summary["models"][name]["metrics"]
+        ranker = OnlineRanker(load_artifact(out))
+        items = ranker.store.items.values[:30]
+        served[name] = ranker.rank(int(ranker.store.users.values[0]), items)
+        assert sorted(served[name].items.tolist()) == sorted(items.tolist())
+    assert (tmp_path / "best_int8" / WEIGHTS).stat().st_size < (
+        tmp_path / "best" / WEIGHTS
+    ).stat().st_size
+
+
+def test_the_report_plots_the_frontier_and_lists_every_candidate(tiny_sweep):
+    html = (tiny_sweep / "report" / "index.html").read_text()
+    markdown = (tiny_sweep / "report" / "report.md").read_text()
+    assert html.count("data:image/png;base64,") == 1
+    for name in NAMES:
+        assert name in html and name in markdown
+    for text in (html, markdown):
+        assert "Which loss mix won per segment" in text and "Float against int8" in text
+
+
+def _result(name, ndcg, worst, p99, size):
+    latency = {"p50": p99 / 2, "p99": p99}
+    return {
+        "name": name,
+        "valid": {"ndcg@10": ndcg, "worst_segment": {"retention": worst}},
+        "latency_ms": {"wall": latency, "cpu": latency},
+        "artifact_bytes": size,
+    }
+
+
+def test_selection_takes_the_best_validation_ndcg_within_the_budget():
+    results = [
+        _result("slow", 0.50, 0.99, 3.0, 100),
+        _result("unfair", 0.45, 0.90, 1.0, 100),
+        _result("big", 0.44, 0.99, 1.0, 900),
+        _result("good", 0.40, 0.97, 1.0, 100),
+        _result("small", 0.30, 0.96, 0.5, 50),
+    ]
+    budget = SelectionSpec(p99_ms=2.0, min_worst_segment_retention=0.95, max_artifact_bytes=500)
+    assert [r["name"] for r in results if meets(r, budget)] == ["good", "small"]
+    assert select(results, budget).chosen == "good"
+    assert select(results, SelectionSpec(p99_ms=0.1)).chosen is None
+
+
+def test_the_budget_reads_the_configured_clock():
+    result = _result("x", 0.4, 1.0, 1.0, 10)
+    result["latency_ms"]["wall"] = {"p50": 1.0, "p99": 9.0}
+    assert not meets(result, SelectionSpec(p99_ms=2.0, latency_clock="wall"))
+    assert meets(result, SelectionSpec(p99_ms=2.0, latency_clock="cpu"))
+
+
+def test_the_frontier_keeps_exactly_the_undominated_candidates():
+    results = [
+        _result("best", 0.50, 1.0, 2.0, 200),
+        _result("fast", 0.40, 1.0, 1.0, 200),
+        _result("tiny", 0.30, 1.0, 2.0, 50),
+        _result("dominated", 0.30, 1.0, 2.0, 200),  # worse than "tiny" on size only
+        _result("twin", 0.40, 1.0, 1.0, 200),  # equal to "fast": neither beats the other
+    ]
+    assert pareto_frontier(results, SelectionSpec()) == ["best", "fast", "tiny", "twin"]
+
+
+def _without_test_split(data: Path, copy: Path) -> Path:
+    shutil.copytree(data, copy, ignore=shutil.ignore_patterns(*TEST_FILES))
+    return copy
+
+
+def test_search_and_selection_never_read_the_test_split(
+    tiny_run, synthetic_dir, tmp_path, monkeypatch
+):
+    _, run = tiny_run
+    data = _without_test_split(synthetic_dir, tmp_path / "data")
+    plan = load_plan(_config(tmp_path, run, samples=2), data, tmp_path / "sweep")
+    results = search(plan)  # trains, validates, quantizes, times: with no test split on disk
+    choice = select(results, plan.selection)
+    assert choice.chosen is not None
+
+    for name in TEST_FILES:
+        shutil.copyfile(synthetic_dir / name, data / name)
+    opened = []
+    read_table = pq.read_table
+
+    def spy(source, *args, **kwargs):
+        opened.append(Path(source).name)
+        return read_table(source, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "read_table", spy)
+    summary = finalize(plan, results, choice)
+    # The test lists are read once for the chosen student and once for its int8 copy.
+    assert opened.count("candidates_test.parquet") == 2
+    assert summary["models"]["best"]["candidate"] == choice.chosen
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_rerun_skips_finished_candidates_and_resumes_a_half_trained_one(
+    tiny_run, synthetic_dir, tmp_path, monkeypatch
+):
+    _, run = tiny_run
+    plan = load_plan(_config(tmp_path, run, epochs=2, samples=2), synthetic_dir, tmp_path / "s")
+    first, second = (c.name for c in plan.candidates)
+    checkpoint = Trainer._checkpoint
+
+    def stop_after_one_epoch(self, state):
+        checkpoint(self, state)
+        if self.spec.name == second:
+            raise Interrupted
+
+    monkeypatch.setattr(Trainer, "_checkpoint", stop_after_one_epoch)
+    with pytest.raises(Interrupted):
+        search(plan)
+    assert (plan.out / first / RESULT).exists() and not (plan.out / second / RESULT).exists()
+    finished = (plan.out / first / RESULT).read_text()
+
+    fitted = []
+    fit = Trainer.fit
+
+    def spy(self, **kwargs):
+        fitted.append(self.spec.name)
+        return fit(self, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_checkpoint", checkpoint)
+    monkeypatch.setattr(Trainer, "fit", spy)
+    results = search(plan)
+    assert fitted == [second]
+    epochs = [
+        json.loads(line)["epoch"] for line in (plan.out / second / LOG).read_text().splitlines()
+    ]
+    assert epochs == [0, 1]
+    assert json.loads(finished)["valid"] == results[0]["valid"]
+    assert all("latency_ms" in r for r in results)
+
+    longer = load_plan(_config(tmp_path, run, epochs=3, samples=2), synthetic_dir, plan.out)
+    with pytest.raises(ValueError, match="written for other settings"):
+        search(longer)
+
+
+def test_parallel_jobs_train_the_same_students(tiny_run, tiny_sweep, synthetic_dir, tmp_path):
+    _, run = tiny_run
+    plan = load_plan(_config(tmp_path, run, samples=2), synthetic_dir, tmp_path / "sweep")
+    results = search(plan, jobs=2)
+    serial = json.loads((tiny_sweep / "summary.json").read_text())["candidates"]
+    for result in results:
+        assert result["valid"] == serial[result["name"]]["valid"]
+
+
+def test_configs_the_teachers_cannot_serve_are_refused(tiny_run, synthetic_dir, tmp_path):
+    _, run = tiny_run
+    config = _config(tmp_path, run)
+    text = config.read_text()
+    config.write_text(text.replace("history_length = 10", "history_length = 20"))
+    with pytest.raises(ValueError, match="history_length = 20, but .* trained with 10"):
+        load_plan(config, synthetic_dir, tmp_path / "out")
+    config.write_text(text.replace('source = "intermediate"', 'source = "oracle"'))
+    with pytest.raises(ValueError, match=r"has no trained \['oracle'\]"):
+        load_plan(config, synthetic_dir, tmp_path / "out")
+    config.write_text(text.replace(f'base_run = "{run}"', ""))
+    with pytest.raises(ValueError, match="needs base_run"):
+        load_plan(config, synthetic_dir, tmp_path / "out")
+
+
+def test_random_search_trains_a_seeded_subset_of_the_grid(tiny_run, synthetic_dir, tmp_path):
+    _, run = tiny_run
+    names = [
+        [
+            c.name
+            for c in load_plan(
+                _config(tmp_path, run, samples=3), synthetic_dir, tmp_path
+            ).candidates
+        ]
+        for _ in range(2)
+    ]
+    assert names[0] == names[1] and len(set(names[0])) == 3 and set(names[0]) <= set(NAMES)
+
+
+def test_sweep_is_a_cli_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    assert "--jobs" in capsys.readouterr().out
