@@ -61,6 +61,14 @@ def build_report(run: Path, spec: SliceSpec | None = None) -> Path:
             "curves": _curves_figure(curves),
         },
     }
+    environment = template_environment()
+    (out / "index.html").write_text(environment.get_template("report.html.j2").render(context))
+    (out / "report.md").write_text(environment.get_template("report.md.j2").render(context))
+    return out / "index.html"
+
+
+def template_environment() -> Environment:
+    """The jinja environment every report renders with (``num`` formats numbers)."""
     environment = Environment(
         loader=PackageLoader("recdistill", "templates"),
         undefined=StrictUndefined,
@@ -68,9 +76,7 @@ def build_report(run: Path, spec: SliceSpec | None = None) -> Path:
         lstrip_blocks=True,
     )
     environment.filters["num"] = format_number
-    (out / "index.html").write_text(environment.get_template("report.html.j2").render(context))
-    (out / "report.md").write_text(environment.get_template("report.md.j2").render(context))
-    return out / "index.html"
+    return environment
 
 
 def format_number(value: Any, digits: int = 4) -> str:

@@ -46,7 +46,6 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import torch
-from jinja2 import Environment, PackageLoader, StrictUndefined
 from matplotlib.figure import Figure
 from safetensors.torch import load_file, save_file
 
@@ -59,9 +58,9 @@ from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
 from recdistill.online import OnlineRanker
 from recdistill.pipeline import HISTORY_LENGTH, SUMMARY, stages_from
 from recdistill.quantize import QuantizationSpec, load_plain_state, plain_state, quantize
-from recdistill.report import REPORT, figure_png, format_number
+from recdistill.report import REPORT, figure_png, template_environment
 from recdistill.segments import ALL, SliceSpec, slice_table, user_segments
-from recdistill.train import LossTerm, StageSpec, Trainer, _atomic
+from recdistill.train import LossTerm, StageSpec, Trainer, atomic_write
 
 RESULT = "result.json"
 INT8_WEIGHTS = "model_int8.safetensors"
@@ -301,7 +300,7 @@ def search_one(bench: Bench, candidate: Candidate) -> dict[str, Any]:
     model = TwoTower(candidate.model, bench.space)
     trained = Trainer(candidate.stage, model, teachers, bench.store, directory).fit(resume=True)
     int8 = quantize(model, bench.plan.quantization)
-    _atomic(directory / INT8_WEIGHTS, lambda path: save_file(plain_state(int8), str(path)))
+    atomic_write(directory / INT8_WEIGHTS, lambda path: save_file(plain_state(int8), str(path)))
     result = {
         "name": candidate.name,
         "architecture": candidate.architecture,
@@ -557,7 +556,7 @@ def _settings(plan: Plan, candidate: Candidate) -> dict[str, Any]:
 
 
 def _write_result(directory: Path, result: dict[str, Any]) -> None:
-    _atomic(directory / RESULT, lambda path: write_json(path, result))
+    atomic_write(directory / RESULT, lambda path: write_json(path, result))
 
 
 def _announce(result: dict[str, Any]) -> None:
@@ -595,13 +594,7 @@ def build_sweep_report(out: Path) -> Path:
             [r["latency_ms"]["load_average"] for r in summary["candidates"].values()]
         ),
     }
-    environment = Environment(
-        loader=PackageLoader("recdistill", "templates"),
-        undefined=StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    environment.filters["num"] = format_number
+    environment = template_environment()
     report = out / REPORT
     report.mkdir(exist_ok=True)
     (report / "index.html").write_text(environment.get_template("sweep.html.j2").render(context))

@@ -231,7 +231,7 @@ class Trainer:
 
     def _save_best(self) -> None:
         weights = {k: v.detach().clone().contiguous() for k, v in self.model.state_dict().items()}
-        _atomic(self.directory / BEST_WEIGHTS, lambda path: save_file(weights, str(path)))
+        atomic_write(self.directory / BEST_WEIGHTS, lambda path: save_file(weights, str(path)))
 
     def _checkpoint(self, state: dict[str, Any]) -> None:
         payload = {
@@ -242,7 +242,7 @@ class Trainer:
             "state": state,
             "spec": json.dumps(dataclasses.asdict(self.spec)),
         }
-        _atomic(self.directory / CHECKPOINT, lambda path: torch.save(payload, path))
+        atomic_write(self.directory / CHECKPOINT, lambda path: torch.save(payload, path))
 
     def _restore(self) -> dict[str, Any] | None:
         path = self.directory / CHECKPOINT
@@ -264,7 +264,7 @@ def _all_rows(values: torch.Tensor) -> torch.Tensor:
     return torch.ones(values.shape[0], dtype=torch.bool)
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     scratch = path.with_name(path.name + ".partial")
     write(scratch)
     os.replace(scratch, path)

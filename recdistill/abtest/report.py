@@ -10,12 +10,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from jinja2 import Environment, PackageLoader, StrictUndefined
 from matplotlib.figure import Figure
 
 from recdistill.abtest.analysis import ALL, Analysis
 from recdistill.abtest.spec import METRICS, ExperimentSpec
-from recdistill.report import figure_png, format_number
+from recdistill.report import figure_png, template_environment
 
 
 def write_report(out: Path, experiment: ExperimentSpec, analysis: Analysis, truth: str) -> None:
@@ -44,13 +43,7 @@ def write_report(out: Path, experiment: ExperimentSpec, analysis: Analysis, trut
             else None,
         },
     }
-    environment = Environment(
-        loader=PackageLoader("recdistill", "templates"),
-        undefined=StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    environment.filters["num"] = format_number
+    environment = template_environment()
     environment.filters["pct"] = _percent
     environment.filters["p"] = _p_value
     (out / "index.html").write_text(environment.get_template("abtest.html.j2").render(context))
