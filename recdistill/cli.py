@@ -178,11 +178,13 @@ def _data_movielens(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from recdistill.distributed import world
     from recdistill.pipeline import SUMMARY, run, summary_table
 
     summary = run(args.config, args.data, args.out, resume=args.resume)
-    print(summary_table(summary))
-    print(f"\nwrote {args.out / SUMMARY}")
+    if world().is_main:
+        print(summary_table(summary))
+        print(f"\nwrote {args.out / SUMMARY}")
 
 
 def _sweep(args: argparse.Namespace) -> None:

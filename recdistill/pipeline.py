@@ -3,6 +3,9 @@
 Stages run in config order; a stage may learn from any earlier stage. After training, every
 model and the reference baselines are scored on the same test candidate lists and on full
 ranking, and the run's claims (retention, distillation gain) are tested over users.
+
+Under ``torchrun`` every rank trains every stage together; rank 0 alone scores, writes the
+run's files and hands the summary to the others.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 from safetensors.numpy import save_file
 from scipy import stats
 
+from recdistill import distributed
 from recdistill.baselines import Ease, Popularity
 from recdistill.config import load_config, section, spec_from
 from recdistill.data.batches import FeatureStore
@@ -81,6 +85,7 @@ def stages_from(config: dict[str, Any]) -> list[StageSpec]:
 
 def run(config_path: Path, data: Path, out: Path, *, resume: bool = False) -> dict[str, Any]:
     config = load_config(config_path)
+    world = distributed.world()
     out = Path(out)
     if not resume and any(out.glob(f"*/{CHECKPOINT}")):
         raise ValueError(f"{out} already holds a run; pass --resume to continue it")
@@ -94,7 +99,8 @@ def run(config_path: Path, data: Path, out: Path, *, resume: bool = False) -> di
     store = FeatureStore(data, history_length=section(config, "train").get(HISTORY_LENGTH, 50))
     space = FeatureSpace(store.user_features, store.cardinalities())
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(config_path, out / "config.toml")
+    if world.is_main:
+        shutil.copyfile(config_path, out / "config.toml")
 
     models: dict[str, Any] = {}
     summary: dict[str, Any] = {"data": str(data), "source": meta["source"], "models": {}}
@@ -119,6 +125,19 @@ def run(config_path: Path, data: Path, out: Path, *, resume: bool = False) -> di
             },
         }
 
+    if world.is_main:
+        _score_and_write(summary, models, store, config, out)
+    return distributed.broadcast_json(summary, world)
+
+
+def _score_and_write(
+    summary: dict[str, Any],
+    models: dict[str, Any],
+    store: FeatureStore,
+    config: dict[str, Any],
+    out: Path,
+) -> None:
+    """Add the baselines, score every model on the test lists and write the run's files."""
     models["popularity"] = Popularity(store)
     summary["models"]["popularity"] = {"params": 0}
     ease_l2 = _tune_ease(store, section(config, "baselines.ease").get("l2", [100, 300, 1000]))
@@ -141,7 +160,6 @@ def run(config_path: Path, data: Path, out: Path, *, resume: bool = False) -> di
     _write_per_user(per_user, out / PER_USER)
     _write_scores(scored, store, out / SCORES)
     write_json(out / SUMMARY, summary)
-    return summary
 
 
 def _check_order(stages: list[StageSpec], presets: dict[str, TwoTowerSpec]) -> None:

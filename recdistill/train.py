@@ -1,14 +1,22 @@
 """One training stage: a model learns from labels and/or frozen teachers.
 
-Read top to bottom: the stage's spec, then :class:`Trainer`, whose :meth:`Trainer.fit` runs
-epochs of (score lists → weighted loss → step), evaluates validation NDCG@10 after each
-epoch, checkpoints, and stops early. ``fit`` resumes from the checkpoint when asked and then
+Read top to bottom: the stage's spec, the stage's loss as one module
+(:class:`StageObjective`), then :class:`Trainer`, whose :meth:`Trainer.fit` runs epochs of
+(score lists → weighted loss → step), evaluates validation NDCG@10 after each epoch,
+checkpoints, and stops early. ``fit`` resumes from the checkpoint when asked and then
 continues to the same result as an uninterrupted run.
+
+Under ``torchrun`` the same code trains on every rank: the objective is wrapped by torchrec's
+DistributedModelParallel (tables sharded, the rest data-parallel), each rank takes its own
+share of every epoch's batches, rank 0 alone evaluates and writes, and checkpoints hold whole
+tensors, so a run resumes at any world size. Frozen teachers stay whole on every rank.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -18,11 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
+from recdistill import distributed
 from recdistill.data.batches import FeatureStore, RankingBatch, TrainLists
 from recdistill.evaluate import evaluate
 from recdistill.losses import LOSSES
@@ -33,6 +44,11 @@ SELECTION_METRIC = "ndcg@10"
 CHECKPOINT = "checkpoint.pt"
 BEST_WEIGHTS = "model.safetensors"
 LOG = "log.jsonl"
+# Checkpoints of other formats (or none) are refused rather than resumed differently.
+CHECKPOINT_FORMAT = 2
+
+TeacherOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""A frozen teacher's user vectors, item vectors and scores for a batch."""
 
 
 @dataclass(frozen=True)
@@ -82,59 +98,35 @@ class StageResult:
     examples_per_second: float
 
 
-class Trainer:
-    def __init__(
-        self,
-        spec: StageSpec,
-        model: TwoTower,
-        teachers: dict[str, TwoTower],
-        store: FeatureStore,
-        directory: Path,
-    ) -> None:
-        self.spec = spec
-        self.model = model
-        self.teachers = teachers
-        self.store = store
-        self.directory = Path(directory)
-        for teacher in teachers.values():
-            teacher.eval()
-            teacher.requires_grad_(False)
-        # A frozen teacher's item vectors never change: compute them once for the catalogue.
-        with torch.no_grad():
-            catalogue = store.catalogue()
-            self.teacher_items = {
-                name: teacher.item_tower(catalogue) for name, teacher in teachers.items()
-            }
-        # Feature distillation maps the student's tower outputs into each teacher's space;
-        # the adapters are trained with the stage and are not part of the model.
-        self.adapters = nn.ModuleDict(
-            {
-                term.source: nn.Linear(model.output_dim, teachers[term.source].output_dim)
-                for term in spec.losses
-                if term.fn == "feature_mse"
-            }
-        )
-        self.optimizer = torch.optim.Adam(
-            [*model.parameters(), *self.adapters.parameters()],
-            lr=spec.learning_rate,
-            weight_decay=spec.weight_decay,
-        )
-        self.lists = TrainLists(
-            store, batch_size=spec.batch_size, negatives=spec.negatives, seed=spec.seed
-        )
+@dataclass
+class EpochStats:
+    """One epoch's training, summed over every rank."""
 
-    def loss(self, batch: RankingBatch) -> torch.Tensor:
+    examples: int
+    loss_sum: float
+    seconds: float
+
+
+class StageObjective(nn.Module):
+    """The stage's weighted loss on a batch, as one module holding the student and the
+    feature-distillation adapters: under ``torchrun`` DistributedModelParallel wraps it whole,
+    so its forward is where the data-parallel gradients are synchronised."""
+
+    def __init__(
+        self, model: TwoTower, adapters: nn.ModuleDict, losses: tuple[LossTerm, ...]
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.adapters = adapters
+        self.losses = losses
+
+    def forward(
+        self, batch: RankingBatch, teacher_outputs: dict[str, TeacherOutputs]
+    ) -> torch.Tensor:
         users, items = self.model.towers(batch)
         scores = self.model.score(users, items, batch)
-        teacher_outputs = {}
-        with torch.no_grad():
-            item_ids = batch.items["item_id"].values()
-            for name, teacher in self.teachers.items():
-                t_users = teacher.user_tower(batch.users)
-                t_items = self.teacher_items[name][item_ids]
-                teacher_outputs[name] = (t_users, t_items, teacher.score(t_users, t_items, batch))
         total = scores.new_zeros(())
-        for term in self.spec.losses:
+        for term in self.losses:
             fn = LOSSES[term.fn]
             if term.fn == "feature_mse":
                 t_users, t_items, _ = teacher_outputs[term.source]
@@ -149,8 +141,115 @@ class Trainer:
             total = total + term.weight * value
         return total
 
+
+class Trainer:
+    def __init__(
+        self,
+        spec: StageSpec,
+        model: TwoTower,
+        teachers: dict[str, TwoTower],
+        store: FeatureStore,
+        directory: Path,
+    ) -> None:
+        self.spec = spec
+        self.model = model
+        self.store = store
+        self.directory = Path(directory)
+        self.world = distributed.world()
+        device = self.world.device
+        for teacher in teachers.values():
+            teacher.eval()
+            teacher.requires_grad_(False)
+        self.teachers = {
+            name: teacher if device.type == "cpu" else copy.deepcopy(teacher).to(device)
+            for name, teacher in teachers.items()
+        }
+        # A frozen teacher's item vectors never change: compute them once for the catalogue.
+        with torch.no_grad():
+            catalogue = store.catalogue().to(device)
+            self.teacher_items = {
+                name: teacher.item_tower(catalogue) for name, teacher in self.teachers.items()
+            }
+        # Feature distillation maps the student's tower outputs into each teacher's space;
+        # the adapters are trained with the stage and are not part of the model.
+        self.adapters = nn.ModuleDict(
+            {
+                term.source: nn.Linear(model.output_dim, teachers[term.source].output_dim)
+                for term in spec.losses
+                if term.fn == "feature_mse"
+            }
+        )
+        self.objective = StageObjective(model, self.adapters, spec.losses)
+        if self.world.distributed:
+            # Sharding rebuilds modules in place: shard a copy and keep ``model`` whole, for
+            # evaluation on rank 0 and as a teacher of later stages.
+            self.trained: nn.Module = distributed.shard(
+                copy.deepcopy(self.objective),
+                self.world,
+                learning_rate=spec.learning_rate,
+                weight_decay=spec.weight_decay,
+            )
+        else:
+            self.trained = self.objective
+        # Sharded tables are updated by their fused kernel in the backward pass; Adam
+        # updates everything else.
+        self.adam_parameters = dict(in_backward_optimizer_filter(self.trained.named_parameters()))
+        self.optimizer = torch.optim.Adam(
+            self.adam_parameters.values(), lr=spec.learning_rate, weight_decay=spec.weight_decay
+        )
+        self.lists = TrainLists(
+            store,
+            batch_size=spec.batch_size,
+            negatives=spec.negatives,
+            seed=spec.seed,
+            rank=self.world.rank,
+            world_size=self.world.size,
+        )
+
+    def loss(self, batch: RankingBatch) -> torch.Tensor:
+        batch = batch.to(self.world.device)
+        return self.trained(batch, self.teacher_outputs(batch))
+
+    @torch.no_grad()
+    def teacher_outputs(self, batch: RankingBatch) -> dict[str, TeacherOutputs]:
+        item_ids = batch.items["item_id"].values()
+        outputs = {}
+        for name, teacher in self.teachers.items():
+            users = teacher.user_tower(batch.users)
+            items = self.teacher_items[name][item_ids]
+            outputs[name] = (users, items, teacher.score(users, items, batch))
+        return outputs
+
+    def train_epoch(self, epoch: int, *, max_batches: int | None = None) -> EpochStats:
+        """Train on epoch ``epoch``'s batches (only the first ``max_batches``, if given)."""
+        # Dropout draws from a generator seeded by epoch and rank, so that resuming at an
+        # epoch boundary replays it without the previous process's generator state.
+        torch.manual_seed(_seed_of(self.spec.seed, epoch, self.world.rank))
+        self.trained.train()
+        started = time.perf_counter()
+        batches = len(self.lists) if max_batches is None else min(max_batches, len(self.lists))
+        progress = tqdm(
+            itertools.islice(self.lists.epoch(epoch), batches),
+            total=batches,
+            desc=f"{self.spec.name} epoch {epoch}",
+            unit="batch",
+            leave=False,
+            disable=None if self.world.is_main else True,
+        )
+        examples, loss_sum = 0, 0.0
+        for batch in progress:
+            loss = self.loss(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            examples += len(batch.labels)
+            loss_sum += loss.item() * len(batch.labels)
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+        examples, loss_sum = distributed.all_sum([examples, loss_sum], self.world)
+        return EpochStats(int(examples), loss_sum, time.perf_counter() - started)
+
     def fit(self, *, resume: bool = False) -> StageResult:
-        spec = self.spec
+        spec, main = self.spec, self.world.is_main
         self.directory.mkdir(parents=True, exist_ok=True)
         state = self._restore() if resume else None
         if state is None:
@@ -162,63 +261,31 @@ class Trainer:
                 "seconds": 0.0,
                 "examples": 0,
             }
-            (self.directory / LOG).write_text("")
+            if main:
+                (self.directory / LOG).write_text("")
         epoch = state["epoch"] + 1
         while epoch < spec.epochs and state["stale"] < spec.patience:
-            started = time.perf_counter()
-            self.model.train()
-            examples, loss_sum = 0, 0.0
-            progress = tqdm(
-                self.lists.epoch(epoch),
-                total=len(self.lists),
-                desc=f"{spec.name} epoch {epoch}",
-                unit="batch",
-                leave=False,
-                disable=None,
-            )
-            for batch in progress:
-                loss = self.loss(batch)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                examples += len(batch.labels)
-                loss_sum += loss.item() * len(batch.labels)
-                progress.set_postfix(loss=f"{loss.item():.4f}")
-            train_seconds = time.perf_counter() - started
-
-            self.model.eval()
-            valid = evaluate(self.model, self.store, "valid", full_ranking=False)
-            valid_metric = float(valid[SELECTION_METRIC].mean())
+            stats = self.train_epoch(epoch)
+            self.gather_weights()
+            valid_metric = self._validate()
             improved = valid_metric > state["best_valid"]
             if improved:
                 state.update(best_valid=valid_metric, best_epoch=epoch, stale=0)
-                self._save_best()
+                if main:
+                    self._save_best()
             else:
                 state["stale"] += 1
             state.update(
                 epoch=epoch,
-                seconds=state["seconds"] + train_seconds,
-                examples=state["examples"] + examples,
+                seconds=state["seconds"] + stats.seconds,
+                examples=state["examples"] + stats.examples,
             )
-            record = {
-                "stage": spec.name,
-                "epoch": epoch,
-                "train_loss": loss_sum / examples,
-                f"valid_{SELECTION_METRIC}": valid_metric,
-                "best": improved,
-                "seconds": train_seconds,
-                "examples_per_second": examples / train_seconds,
-            }
-            with (self.directory / LOG).open("a") as log:
-                log.write(json.dumps(record) + "\n")
-            tqdm.write(
-                f"{spec.name} epoch {epoch}: loss {record['train_loss']:.4f}  "
-                f"valid {SELECTION_METRIC} {valid_metric:.4f}{'  *' if improved else ''}",
-                file=sys.stderr,
-            )
+            if main:
+                self._log(epoch, stats, valid_metric, improved)
             self._checkpoint(state)
             epoch += 1
 
+        distributed.barrier(self.world)
         self.model.load_state_dict(load_file(str(self.directory / BEST_WEIGHTS)))
         self.model.eval()
         return StageResult(
@@ -229,35 +296,116 @@ class Trainer:
             examples_per_second=state["examples"] / max(state["seconds"], 1e-9),
         )
 
+    def gather_weights(self) -> None:
+        """Bring the whole, current weights into ``model`` and the adapters on every rank."""
+        if self.world.distributed:
+            self.objective.load_state_dict(
+                distributed.gather_state(self.trained.state_dict(), self.world)
+            )
+
+    def _validate(self) -> float:
+        metric = None
+        if self.world.is_main:
+            self.model.eval()
+            valid = evaluate(self.model, self.store, "valid", full_ranking=False)
+            metric = float(valid[SELECTION_METRIC].mean())
+        return distributed.broadcast_json(metric, self.world)
+
+    def _log(self, epoch: int, stats: EpochStats, valid_metric: float, improved: bool) -> None:
+        record = {
+            "stage": self.spec.name,
+            "epoch": epoch,
+            "train_loss": stats.loss_sum / stats.examples,
+            f"valid_{SELECTION_METRIC}": valid_metric,
+            "best": improved,
+            "seconds": stats.seconds,
+            "examples_per_second": stats.examples / stats.seconds,
+        }
+        with (self.directory / LOG).open("a") as log:
+            log.write(json.dumps(record) + "\n")
+        tqdm.write(
+            f"{self.spec.name} epoch {epoch}: loss {record['train_loss']:.4f}  "
+            f"valid {SELECTION_METRIC} {valid_metric:.4f}{'  *' if improved else ''}",
+            file=sys.stderr,
+        )
+
     def _save_best(self) -> None:
         weights = {k: v.detach().clone().contiguous() for k, v in self.model.state_dict().items()}
         atomic_write(self.directory / BEST_WEIGHTS, lambda path: save_file(weights, str(path)))
 
     def _checkpoint(self, state: dict[str, Any]) -> None:
+        """Whole tensors only, keyed by name, so that any world size can resume from it.
+
+        ``optimizer`` holds Adam's state per parameter name; ``embedding_optimizer`` the
+        fused kernel's state of sharded tables (empty in a single process, where Adam
+        updates the tables too).
+        """
+        embedding_optimizer = {}
+        if self.world.distributed:
+            embedding_optimizer = distributed.gather_state(
+                distributed.fused_optimizer_state(self.trained), self.world
+            )
+        if not self.world.is_main:
+            return
+        adam = self.optimizer.state_dict()["state"]
         payload = {
+            "format": CHECKPOINT_FORMAT,
             "model": self.model.state_dict(),
             "adapters": self.adapters.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state(),
+            "optimizer": {
+                name: adam[i] for i, name in enumerate(self.adam_parameters) if i in adam
+            },
+            "embedding_optimizer": embedding_optimizer,
             "state": state,
             "spec": json.dumps(dataclasses.asdict(self.spec)),
         }
         atomic_write(self.directory / CHECKPOINT, lambda path: torch.save(payload, path))
 
     def _restore(self) -> dict[str, Any] | None:
+        """Load the checkpoint, if any, into this process's share of the model.
+
+        Optimizer state is matched by parameter name: state that this world size's
+        optimizers do not hold (the tables' Adam state when resuming a single-process run
+        under torchrun, or the fused kernel's state the other way round) starts afresh.
+        """
         path = self.directory / CHECKPOINT
         if not path.exists():
             return None
-        payload = torch.load(path, weights_only=True)
+        payload = torch.load(path, weights_only=True, map_location="cpu")
+        if payload.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(
+                f"{path} was written by another version of recdistill; start a fresh run directory"
+            )
         if payload["spec"] != json.dumps(dataclasses.asdict(self.spec)):
             raise ValueError(
                 f"{path} was written for a different stage spec; start a fresh run directory"
             )
         self.model.load_state_dict(payload["model"])
         self.adapters.load_state_dict(payload["adapters"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        torch.set_rng_state(payload["torch_rng"])
-        return payload["state"]
+        if self.world.distributed:
+            distributed.load_state(self.trained.state_dict(), self.objective.state_dict())
+            saved = payload["embedding_optimizer"]
+            fused = distributed.fused_optimizer_state(self.trained)
+            distributed.load_state({k: v for k, v in fused.items() if k in saved}, saved)
+        adam = self.optimizer.state_dict()
+        adam["state"] = {
+            i: payload["optimizer"][name]
+            for i, name in enumerate(self.adam_parameters)
+            if name in payload["optimizer"]
+        }
+        self.optimizer.load_state_dict(adam)
+        state = payload["state"]
+        if self.world.is_main:
+            # A run killed after logging an epoch but before checkpointing it logs it again.
+            log = self.directory / LOG
+            records = [json.loads(line) for line in log.read_text().splitlines()]
+            kept = [r for r in records if r["epoch"] <= state["epoch"]]
+            log.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        return state
+
+
+def _seed_of(*numbers: int) -> int:
+    return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
 
 
 def _all_rows(values: torch.Tensor) -> torch.Tensor:

@@ -134,3 +134,22 @@ def test_same_seed_same_weights_with_several_threads(store, tmp_path):
         torch.set_num_threads(threads)
     for key, value in runs[0].items():
         assert torch.equal(value, runs[1][key]), key
+
+
+def test_resume_drops_log_lines_of_epochs_the_checkpoint_does_not_hold(store, tmp_path):
+    Trainer(stage(epochs=2), fresh_model(store), {}, store, tmp_path).fit()
+    # As if killed after logging epoch 1 but before checkpointing it.
+    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    payload["state"]["epoch"] = 0
+    torch.save(payload, tmp_path / "checkpoint.pt")
+    Trainer(stage(epochs=2), fresh_model(store), {}, store, tmp_path).fit(resume=True)
+    assert [r["epoch"] for r in log_of(tmp_path)] == [0, 1]
+
+
+def test_checkpoints_of_another_format_are_refused(store, tmp_path):
+    Trainer(stage(epochs=1), fresh_model(store), {}, store, tmp_path).fit()
+    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del payload["format"]
+    torch.save(payload, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="another version"):
+        Trainer(stage(epochs=1), fresh_model(store), {}, store, tmp_path).fit(resume=True)

@@ -10,17 +10,24 @@ key per demographic feature. The item side has one row per candidate: ``item_id`
 ``genres`` bag, one row per distinct item of the batch (so a tower runs once per item),
 with ``candidates`` pointing each list slot at its row. IDs are mapped to contiguous indices
 with 0 reserved for "unknown".
+
+The train split is never held whole: :class:`FeatureStore` streams it once to keep each
+user's history and the sorted (user, item) keys that negative sampling avoids, and
+:class:`TrainLists` streams it again every epoch, shuffled window by window.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -30,6 +37,8 @@ from recdistill.data.tables import ITEMS, USERS, candidates_file, read_meta, spl
 
 UNKNOWN = 0
 ITEM_KEYS = ("item_id", "genres")
+# Training rows are shuffled within windows of at most this many rows (16 bytes each).
+SHUFFLE_ROWS = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,11 @@ class RankingBatch:
     def list_size(self) -> int:
         return self.labels.shape[1]
 
+    def to(self, device: torch.device) -> RankingBatch:
+        return RankingBatch(
+            **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)}
+        )
+
 
 class FeatureStore:
     """Everything needed to turn (user, candidate items) into KJTs, built from a data dir."""
@@ -100,7 +114,6 @@ class FeatureStore:
         # Sorted by ID, row r of each table is vocabulary index r + 1.
         users = pq.read_table(directory / USERS).sort_by("user_id")
         items = pq.read_table(directory / ITEMS).sort_by("item_id")
-        train = pq.read_table(directory / split_file("train"))
         self.directory = directory
         self.history_length = history_length
         self.user_features: tuple[str, ...] = tuple(meta["user_features"])
@@ -123,17 +136,56 @@ class FeatureStore:
             np.concatenate([[0, 0], np.cumsum(genre_counts)]), self.genres.index(genre_names)
         )
 
-        train_users = self.users.index(train.column("user_id").to_numpy())
-        train_items = self.items.index(train.column("item_id").to_numpy())
-        recent_first = np.lexsort((-train.column("timestamp").to_numpy(), train_users))
-        self.train_users = train_users
-        self.train_items = train_items
-        self.history = Jagged(
-            np.concatenate([[0], np.cumsum(np.bincount(train_users, minlength=len(self.users)))]),
-            train_items[recent_first],
-        )
-        self.train_seen = np.sort(pair_keys(train_users, train_items, len(self.items)))
+        train_users, train_items = self._read_train()
+        counts = np.bincount(train_users, minlength=len(self.users))
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        # Rows come oldest first within a user; each user's history lists them newest first.
+        newest_first = offsets[train_users] + offsets[train_users + 1] - 1 - np.arange(counts.sum())
+        history = np.empty_like(train_items)
+        history[newest_first] = train_items
+        del newest_first
+        self.history = Jagged(offsets, history)
+        self.train_seen = pair_keys(train_users, train_items, len(self.items))
+        self.train_seen.sort()
         self.item_train_counts = np.bincount(train_items, minlength=len(self.items))
+
+    @property
+    def train_users(self) -> np.ndarray:
+        """The user index of every train interaction, grouped by user like ``train_items``."""
+        return np.repeat(np.arange(len(self.users)), np.diff(self.history.offsets))
+
+    @property
+    def train_items(self) -> np.ndarray:
+        """The item index of every train interaction (each user's newest first)."""
+        return self.history.values
+
+    def _read_train(self) -> tuple[np.ndarray, np.ndarray]:
+        """User and item indices (int32) of the train split, streamed in record batches.
+
+        ``prepare`` writes the split sorted by user, then time; that order is checked here
+        rather than re-sorted, so no more than the two index columns is ever held.
+        """
+        users, items = [], []
+        last = (-1, np.iinfo(np.int64).min)
+        for record in ds.dataset(self.directory / split_file("train"), format="parquet").to_batches(
+            columns=["user_id", "item_id", "timestamp"]
+        ):
+            user = self.users.index(record.column("user_id").to_numpy()).astype(np.int32)
+            timestamp = record.column("timestamp").to_numpy()
+            if len(user) == 0:
+                continue
+            if not _ordered(
+                np.concatenate([[last[0]], user]), np.concatenate([[last[1]], timestamp])
+            ):
+                raise ValueError(
+                    f"{self.directory / split_file('train')} is not sorted by user, then time; "
+                    "rebuild the data directory with `recdistill data ...`"
+                )
+            last = (user[-1], timestamp[-1])
+            users.append(user)
+            items.append(self.items.index(record.column("item_id").to_numpy()).astype(np.int32))
+        empty = np.empty(0, dtype=np.int32)
+        return np.concatenate([empty, *users]), np.concatenate([empty, *items])
 
     def cardinalities(self) -> dict[str, int]:
         """Embedding table sizes per KJT key (index 0 = unknown included)."""
@@ -193,6 +245,14 @@ class FeatureStore:
         )
 
 
+def _ordered(users: np.ndarray, timestamps: np.ndarray) -> bool:
+    """Whether rows are sorted by user, then timestamp."""
+    same_user = users[1:] == users[:-1]
+    return bool(
+        np.all((users[1:] > users[:-1]) | (same_user & (timestamps[1:] >= timestamps[:-1])))
+    )
+
+
 def _kjt(keys, values: list[np.ndarray], lengths: list[np.ndarray]) -> KeyedJaggedTensor:
     return KeyedJaggedTensor.from_lengths_sync(
         keys=list(keys),
@@ -202,37 +262,104 @@ def _kjt(keys, values: list[np.ndarray], lengths: list[np.ndarray]) -> KeyedJagg
 
 
 class TrainLists:
-    """Training lists (positive first, ``negatives`` fresh negatives) for one epoch at a time."""
+    """Training lists (positive first, ``negatives`` fresh negatives) for one epoch at a time.
+
+    Each epoch shuffles the train split's Parquet row groups, reads them into windows of at
+    most ``shuffle_rows`` rows and shuffles the rows within each window (a split that fits in
+    one window gets a full permutation). Global batch ``k`` of the epoch draws its negatives
+    from its own generator, seeded by (seed, epoch, k), so the stream of batches is the same
+    however many processes share it: rank ``r`` of ``world_size`` takes batches
+    ``r, r + world_size, ...``, and every rank runs the same number of batches (collectives
+    would hang otherwise), leaving out up to ``world_size - 1`` trailing batches of an epoch.
+    """
 
     def __init__(
-        self, store: FeatureStore, *, batch_size: int, negatives: int, seed: int = 0
+        self,
+        store: FeatureStore,
+        *,
+        batch_size: int,
+        negatives: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_rows: int = SHUFFLE_ROWS,
     ) -> None:
         self.store = store
         self.batch_size = batch_size
         self.negatives = negatives
         self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle_rows = shuffle_rows
+        train = ds.dataset(store.directory / split_file("train"), format="parquet")
+        self.chunks = [
+            row_group
+            for fragment in train.get_fragments()
+            for row_group in fragment.split_by_row_group()
+        ]
 
     def __len__(self) -> int:
-        return math.ceil(len(self.store.train_users) / self.batch_size)
+        return math.ceil(len(self.store.train_items) / self.batch_size) // self.world_size
 
     def epoch(self, epoch: int) -> Iterator[RankingBatch]:
         store = self.store
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(store.train_users))
         labels = np.zeros((1, self.negatives + 1), dtype=np.float32)
         labels[0, 0] = 1.0
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start : start + self.batch_size]
-            users, positives = store.train_users[rows], store.train_items[rows]
+        batches = len(self) * self.world_size
+        for k, (users, positives) in enumerate(self._shuffled_rows(rng)):
+            if k == batches:
+                return
+            if k % self.world_size != self.rank:
+                continue
             negatives = sample_unseen(
-                users, self.negatives, store.train_seen, len(store.items), rng, first_item=1
+                users,
+                self.negatives,
+                store.train_seen,
+                len(store.items),
+                np.random.default_rng([self.seed, epoch, k]),
+                first_item=1,
             )
             yield store.batch(
                 users,
                 np.concatenate([positives[:, None], negatives], axis=1),
-                np.repeat(labels, len(rows), axis=0),
+                np.repeat(labels, len(users), axis=0),
                 exclude_from_history=positives,
             )
+
+    def _shuffled_rows(self, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The epoch's (user, item) index rows, shuffled, ``batch_size`` rows at a time."""
+        users = items = np.empty(0, dtype=np.int64)
+        for window in self._windows(rng):
+            table = pa.concat_tables(
+                chunk.to_table(columns=["user_id", "item_id"]) for chunk in window
+            )
+            order = rng.permutation(len(table))
+            users = np.concatenate(
+                [users, self.store.users.index(table["user_id"].to_numpy())[order]]
+            )
+            items = np.concatenate(
+                [items, self.store.items.index(table["item_id"].to_numpy())[order]]
+            )
+            whole = len(users) - len(users) % self.batch_size
+            for start in range(0, whole, self.batch_size):
+                yield users[start : start + self.batch_size], items[start : start + self.batch_size]
+            users, items = users[whole:], items[whole:]
+        if len(users):
+            yield users, items
+
+    def _windows(self, rng: np.random.Generator) -> Iterator[list[ds.ParquetFileFragment]]:
+        window, rows = [], 0
+        for index in rng.permutation(len(self.chunks)):
+            chunk = self.chunks[index]
+            chunk_rows = chunk.row_groups[0].num_rows
+            if window and rows + chunk_rows > self.shuffle_rows:
+                yield window
+                window, rows = [], 0
+            window.append(chunk)
+            rows += chunk_rows
+        if window:
+            yield window
 
 
 class CandidateLists:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from recdistill.data.sampling import pair_keys, sample_unseen
@@ -29,6 +34,12 @@ ACTIVITY_TIERS = ("cold", "light", "medium", "heavy")
 POPULARITY_TIERS = ("head", "torso", "tail")
 # A user needs one train, one validation and one test interaction to be evaluated.
 MIN_INTERACTIONS = 3
+# Interactions are sorted and split in memory this many rows at a time (~100 bytes a row).
+PARTITION_ROWS = 4_000_000
+# Record batches read while scattering interactions to partitions.
+SCAN_ROWS = 1 << 20
+# Row groups of the split files: the chunks TrainLists shuffles between.
+ROW_GROUP_ROWS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -55,68 +66,71 @@ class SplitSpec:
 
 
 def prepare(directory: Path, spec: SplitSpec) -> dict:
-    """Split ``directory``'s interactions and add candidates and segments; returns the meta."""
+    """Split ``directory``'s interactions and add candidates and segments; returns the meta.
+
+    Out of core: interactions are scattered by user into partitions of about
+    ``PARTITION_ROWS`` rows, contiguous user ranges so that the outputs stay sorted by user,
+    and each partition is sorted, de-duplicated and split in memory on its own. Across
+    partitions only per-user and per-item counts, the held-out rows and the sorted
+    (user, item) keys that candidate sampling avoids (8 bytes per interaction) are kept.
+    """
     directory = Path(directory)
     meta = read_meta(directory)
-    table = pq.read_table(directory / INTERACTIONS)
     users_table = pq.read_table(directory / USERS)
     items_table = pq.read_table(directory / ITEMS)
     user_ids = users_table.column("user_id").to_numpy()
     item_ids = items_table.column("item_id").to_numpy()
 
-    user = table.column("user_id").to_numpy()
-    item = table.column("item_id").to_numpy()
-    timestamp = table.column("timestamp").to_numpy()
-    rating = table.column("rating").to_numpy()
-    del table
-    n_total = len(user)
-
-    order = np.lexsort((item, timestamp, user))
-    user, item, timestamp, rating = user[order], item[order], timestamp[order], rating[order]
-    del order
-    last_of_pair = _last_of_each_pair(user, item)
-    user, item, timestamp, rating = (
-        user[last_of_pair],
-        item[last_of_pair],
-        timestamp[last_of_pair],
-        rating[last_of_pair],
-    )
-    duplicates = n_total - len(user)
-
-    user_row = rows_of_ids(user_ids, user, USERS)
-    item_row = rows_of_ids(item_ids, item, ITEMS)
-    counts = np.bincount(user_row, minlength=len(user_ids))
-    from_end = np.cumsum(counts)[user_row] - 1 - np.arange(len(user))
-    evaluated = counts[user_row] >= MIN_INTERACTIONS
-    split_of = np.where(evaluated & (from_end == 0), 2, np.where(evaluated & (from_end == 1), 1, 0))
-
-    def rows(split: int) -> dict[str, np.ndarray]:
-        keep = split_of == split
-        return {
-            "user_id": user[keep],
-            "item_id": item[keep],
-            "timestamp": timestamp[keep],
-            "rating": rating[keep],
+    n_total, duplicates = 0, 0
+    sizes = dict.fromkeys(SPLITS, 0)
+    counts = np.zeros(len(user_ids), dtype=np.int64)
+    user_train = np.zeros(len(user_ids), dtype=np.int64)
+    item_train = np.zeros(len(item_ids), dtype=np.int64)
+    seen_parts: list[np.ndarray] = []
+    held_out: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"valid": [], "test": []}
+    with tempfile.TemporaryDirectory(dir=directory) as scratch, ExitStack() as files:
+        writers = {
+            name: files.enter_context(
+                pq.ParquetWriter(directory / split_file(name), INTERACTIONS_SCHEMA)
+            )
+            for name in SPLITS
         }
+        for table in _user_partitions(directory, user_ids, Path(scratch)):
+            part = _split_partition(table, user_ids, item_ids)
+            n_total += len(table)
+            duplicates += len(table) - len(part.user_row)
+            counts += part.counts
+            for split, name in enumerate(SPLITS):
+                keep = part.split_of == split
+                sizes[name] += int(keep.sum())
+                writers[name].write_table(
+                    pa.table({k: v[keep] for k, v in part.columns.items()}, INTERACTIONS_SCHEMA),
+                    row_group_size=ROW_GROUP_ROWS,
+                )
+                if name in held_out:
+                    held_out[name].append((part.user_row[keep], part.item_row[keep]))
+            train = part.split_of == 0
+            user_train += np.bincount(part.user_row[train], minlength=len(user_ids))
+            item_train += np.bincount(part.item_row[train], minlength=len(item_ids))
+            # Pairs are unique by now; partitions hold increasing user ranges, so the
+            # concatenated keys stay sorted.
+            seen_parts.append(np.sort(pair_keys(part.user_row, part.item_row, len(item_ids))))
+            del table, part
 
-    sizes = {}
-    for split, name in enumerate(SPLITS):
-        part = rows(split)
-        sizes[name] = len(part["user_id"])
-        pq.write_table(pa.table(part, schema=INTERACTIONS_SCHEMA), directory / split_file(name))
-
-    seen = np.sort(pair_keys(user_row, item_row, len(item_ids)))  # pairs are unique by now
+    seen = np.concatenate(seen_parts)
+    del seen_parts
     rng = np.random.default_rng(spec.seed)
-    for split, name in ((1, "valid"), (2, "test")):
-        held_out = split_of == split
-        negatives = sample_unseen(user_row[held_out], spec.negatives, seen, len(item_ids), rng)
-        candidates = np.concatenate([item_row[held_out, None], negatives], axis=1)
+    for name, rows in held_out.items():
+        user_row = np.concatenate([users for users, _ in rows])
+        item_row = np.concatenate([items for _, items in rows])
+        negatives = sample_unseen(user_row, spec.negatives, seen, len(item_ids), rng)
+        candidates = np.concatenate([item_row[:, None], negatives], axis=1)
         list_size = candidates.shape[1]
         pq.write_table(
             pa.table(
                 {
-                    "user_id": user[held_out],
-                    "item_id": item[held_out],
+                    "user_id": user_ids[user_row],
+                    "item_id": item_ids[item_row],
                     "candidates": pa.ListArray.from_arrays(
                         np.arange(0, candidates.size + 1, list_size),
                         item_ids[candidates.ravel()],
@@ -125,10 +139,8 @@ def prepare(directory: Path, spec: SplitSpec) -> dict:
             ),
             directory / candidates_file(name),
         )
+    del seen
 
-    train = split_of == 0
-    user_train = np.bincount(user_row[train], minlength=len(user_ids))
-    item_train = np.bincount(item_row[train], minlength=len(item_ids))
     activity_thresholds = np.quantile(
         user_train[counts >= MIN_INTERACTIONS], spec.activity_quantiles
     )
@@ -175,6 +187,82 @@ def prepare(directory: Path, spec: SplitSpec) -> dict:
     )
     write_json(directory / META, meta)
     return meta
+
+
+@dataclass
+class _Partition:
+    """One user range's interactions after de-duplication, sorted by user, time and item."""
+
+    columns: dict[str, np.ndarray]
+    user_row: np.ndarray
+    item_row: np.ndarray
+    split_of: np.ndarray
+    counts: np.ndarray
+
+
+def _user_partitions(directory: Path, user_ids: np.ndarray, scratch: Path) -> Iterator[pa.Table]:
+    """The interactions in contiguous ranges of users, each range whole and in file order.
+
+    With more than ``PARTITION_ROWS`` rows, record batches are scattered to one Parquet file
+    per range in ``scratch`` first; each file is read back, handed out and deleted in turn.
+    """
+    interactions = ds.dataset(directory / INTERACTIONS, format="parquet")
+    parts = max(1, math.ceil(interactions.count_rows() / PARTITION_ROWS))
+    if parts == 1:
+        yield interactions.to_table()
+        return
+    # The first user ID of partitions 1, 2, ...: ranges hold about as many users each.
+    firsts = user_ids[np.linspace(0, len(user_ids), parts + 1).astype(np.int64)[1:-1]]
+    paths = [scratch / f"partition-{p}.parquet" for p in range(parts)]
+    with ExitStack() as files:
+        writers = [
+            files.enter_context(pq.ParquetWriter(path, interactions.schema)) for path in paths
+        ]
+        for record in interactions.to_batches(batch_size=SCAN_ROWS):
+            part = np.searchsorted(firsts, record.column("user_id").to_numpy(), side="right")
+            order = np.argsort(part, kind="stable")
+            bounds = np.searchsorted(part[order], np.arange(parts + 1))
+            ordered = pa.Table.from_batches([record]).take(order)
+            for p, writer in enumerate(writers):
+                if bounds[p + 1] > bounds[p]:
+                    writer.write_table(ordered.slice(bounds[p], bounds[p + 1] - bounds[p]))
+    for path in paths:
+        yield pq.read_table(path)
+        path.unlink()
+
+
+def _split_partition(table: pa.Table, user_ids: np.ndarray, item_ids: np.ndarray) -> _Partition:
+    """Sort by user, time and item, keep each pair's latest row, and assign the splits
+    (0 train, 1 validation, 2 test) by position from each user's end."""
+    user = table.column("user_id").to_numpy()
+    item = table.column("item_id").to_numpy()
+    timestamp = table.column("timestamp").to_numpy()
+    rating = table.column("rating").to_numpy()
+
+    order = np.lexsort((item, timestamp, user))
+    user, item, timestamp, rating = user[order], item[order], timestamp[order], rating[order]
+    del order
+    last_of_pair = _last_of_each_pair(user, item)
+    user, item, timestamp, rating = (
+        user[last_of_pair],
+        item[last_of_pair],
+        timestamp[last_of_pair],
+        rating[last_of_pair],
+    )
+
+    user_row = rows_of_ids(user_ids, user, USERS)
+    item_row = rows_of_ids(item_ids, item, ITEMS)
+    counts = np.bincount(user_row, minlength=len(user_ids))
+    from_end = np.cumsum(counts)[user_row] - 1 - np.arange(len(user))
+    evaluated = counts[user_row] >= MIN_INTERACTIONS
+    split_of = np.where(evaluated & (from_end == 0), 2, np.where(evaluated & (from_end == 1), 1, 0))
+    return _Partition(
+        columns={"user_id": user, "item_id": item, "timestamp": timestamp, "rating": rating},
+        user_row=user_row,
+        item_row=item_row,
+        split_of=split_of,
+        counts=counts,
+    )
 
 
 def _last_of_each_pair(user: np.ndarray, item: np.ndarray) -> np.ndarray:

@@ -148,3 +148,24 @@ def test_failed_write_leaves_the_previous_output_untouched(tmp_path):
         (scratch / "new.txt").write_text("new")
     assert [p.name for p in out.iterdir()] == ["new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_partitioned_prepare_writes_the_same_tables_as_one_partition(tmp_path, monkeypatch):
+    import recdistill.data.prepare as module
+    from recdistill.data.synthetic import SyntheticSpec, generate
+
+    spec = SyntheticSpec(users=300, items=400, mean_activity=20.0, seed=5)
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    for directory in (whole, parts):
+        directory.mkdir()
+        generate(spec, directory)
+    prepare(whole, SplitSpec(negatives=9))
+    monkeypatch.setattr(module, "PARTITION_ROWS", 1500)
+    monkeypatch.setattr(module, "SCAN_ROWS", 700)
+    prepare(parts, SplitSpec(negatives=9))
+    assert read_meta(whole) == read_meta(parts)
+    for name in ("train", "valid", "test", "candidates_valid", "candidates_test", "users", "items"):
+        assert pq.read_table(whole / f"{name}.parquet").equals(
+            pq.read_table(parts / f"{name}.parquet")
+        )
+    assert sorted(p.name for p in parts.iterdir()) == sorted(p.name for p in whole.iterdir())

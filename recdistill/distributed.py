@@ -1,0 +1,254 @@
+"""Training across processes under ``torchrun``, on torchrec's DistributedModelParallel.
+
+:func:`world` tells a process its rank and device, starting the process group (nccl on GPUs,
+gloo on CPU) when ``torchrun`` launched more than one process. :func:`shard` wraps a module
+so that its embedding tables are sharded table-wise by torchrec's planner and everything
+else is data-parallel. :func:`gather_state` and :func:`load_state` turn sharded state into
+whole tensors and back, so a checkpoint written by one world size loads into any other.
+
+Without ``torchrun`` (or with one process) nothing here starts a process group and every
+collective helper is a no-op.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed._shard.sharding_spec import ShardMetadata
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ShardingEnv, ShardingType
+
+# Rank 0 evaluates after every epoch while the other ranks wait in a collective.
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
+# fbgemm's fused embedding kernel needs table widths that are a multiple of this.
+FUSED_WIDTH_MULTIPLE = 4
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job: rank ``rank`` of ``size``, computing on ``device``."""
+
+    rank: int = 0
+    size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world() -> World:
+    """The job this process belongs to, joining its process group on first use."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return World()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT
+        )
+        atexit.register(_leave)
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), device=device)
+
+
+def _leave() -> None:
+    # Free what still holds the group (sharded modules, DDP's reducer, their last work) and
+    # destroy it while the interpreter is whole: left to interpreter shutdown, gloo's
+    # teardown aborts the process now and then.
+    gc.collect()
+    dist.destroy_process_group()
+
+
+def shard(
+    module: nn.Module, world: World, *, learning_rate: float, weight_decay: float
+) -> DistributedModelParallel:
+    """``module`` with its embedding tables sharded table-wise and the rest data-parallel.
+
+    Sharded tables run fbgemm's fused kernel, which applies the optimizer to the rows a
+    batch touched inside the backward pass: Adam on GPUs; fbgemm's CPU kernel has no Adam,
+    so on CPU the rows learn with exact row-wise Adagrad at the same learning rate. A table
+    whose width is not a multiple of 4 (the kernel's limit) stays replicated and learns
+    with the dense parameters. Sharding happens in place: pass a copy to keep ``module``.
+    """
+    weights = {name: value.detach().clone() for name, value in module.state_dict().items()}
+    tables = [
+        config
+        for collection in module.modules()
+        if isinstance(collection, EmbeddingBagCollection)
+        for config in collection.embedding_bag_configs()
+    ]
+    sharder = EmbeddingBagCollectionSharder(
+        fused_params={
+            "optimizer": EmbOptimType.ADAM
+            if world.device.type == "cuda"
+            else EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+            "learning_rate": learning_rate,
+            "weight_decay": weight_decay,
+        }
+    )
+    topology = Topology(
+        world_size=world.size,
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world.size)),
+        compute_device=world.device.type,
+    )
+    planner = EmbeddingShardingPlanner(
+        topology=topology, constraints={table.name: _placement(table) for table in tables}
+    )
+    group = dist.GroupMember.WORLD
+    sharded = DistributedModelParallel(
+        module,
+        env=ShardingEnv.from_process_group(group),
+        device=world.device,
+        sharders=[sharder],
+        plan=planner.collective_plan(module, [sharder], group),
+    )
+    # The sharded tables start from fresh random rows: give them the module's own.
+    load_state(sharded.state_dict(), weights)
+    return sharded
+
+
+def _placement(table: EmbeddingBagConfig) -> ParameterConstraints:
+    if table.embedding_dim % FUSED_WIDTH_MULTIPLE == 0:
+        return ParameterConstraints(
+            sharding_types=[ShardingType.TABLE_WISE.value],
+            compute_kernels=[EmbeddingComputeKernel.FUSED.value],
+        )
+    return ParameterConstraints(
+        sharding_types=[ShardingType.DATA_PARALLEL.value],
+        compute_kernels=[EmbeddingComputeKernel.DENSE.value],
+    )
+
+
+def fused_optimizer_state(sharded: DistributedModelParallel) -> dict[str, torch.Tensor]:
+    """The fused kernel's optimizer state (e.g. Adagrad's or Adam's moments) of this rank's
+    tables, flat: ``"<parameter>.<state>"``, sharded tensors viewing the live state."""
+    return {
+        f"{parameter}.{key}": value
+        for parameter, entries in sharded.fused_optimizer.state_dict()["state"].items()
+        for key, value in entries.items()
+        if isinstance(value, torch.Tensor)
+    }
+
+
+def gather_state(local: Mapping[str, Any], world: World) -> dict[str, torch.Tensor]:
+    """Every tensor of a state dict, whole and on CPU, on every rank.
+
+    Keys may differ between ranks (a fused optimizer lists only its own rank's tables). A
+    sharded tensor is rebuilt by summing each rank's zero-padded shards (shards never
+    overlap); any other tensor is taken from the lowest rank that holds it.
+    """
+    local = {key: value for key, value in local.items() if isinstance(value, torch.Tensor)}
+    if not world.distributed:
+        return {key: value.detach().cpu() for key, value in local.items()}
+    described = {
+        key: [
+            list(value.size()),
+            str(value.dtype).removeprefix("torch."),
+            isinstance(value, ShardedTensor),
+        ]
+        for key, value in local.items()
+    }
+    everyone = all_gather_json(described, world)
+    whole = {}
+    for key in sorted(set().union(*everyone)):
+        holders = [rank for rank, keys in enumerate(everyone) if key in keys]
+        shape, dtype, sharded = everyone[holders[0]][key]
+        tensor = torch.zeros(shape, dtype=getattr(torch, dtype), device=world.device)
+        value = local.get(key)
+        if sharded:
+            for shard_ in [] if value is None else value.local_shards():
+                tensor[_region(shard_.metadata)] = shard_.tensor.detach()
+            dist.all_reduce(tensor)
+        else:
+            if world.rank == holders[0]:
+                tensor.copy_(value.detach())
+            dist.broadcast(tensor, src=holders[0])
+        whole[key] = tensor.cpu()
+    return whole
+
+
+def load_state(local: Mapping[str, Any], whole: Mapping[str, torch.Tensor]) -> None:
+    """Copy whole tensors into a state dict's tensors in place; each rank fills its shards."""
+    with torch.no_grad():
+        for key, value in local.items():
+            if isinstance(value, ShardedTensor):
+                for shard_ in value.local_shards():
+                    shard_.tensor.copy_(whole[key][_region(shard_.metadata)])
+            elif isinstance(value, torch.Tensor):
+                value.copy_(whole[key])
+
+
+def _region(metadata: ShardMetadata) -> tuple[slice, ...]:
+    return tuple(
+        slice(offset, offset + size)
+        for offset, size in zip(metadata.shard_offsets, metadata.shard_sizes)
+    )
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def all_sum(values: list[float], world: World) -> list[float]:
+    """Element-wise sums of ``values`` over ranks."""
+    if not world.distributed:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=world.device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def broadcast_json(value: Any, world: World) -> Any:
+    """Rank 0's ``value`` (anything JSON can hold) on every rank."""
+    if not world.distributed:
+        return value
+    payload = json.dumps(value).encode() if world.is_main else b""
+    size = torch.tensor([len(payload)], device=world.device)
+    dist.broadcast(size, src=0)
+    buffer = _bytes_tensor(payload, int(size), world)
+    dist.broadcast(buffer, src=0)
+    return json.loads(bytes(buffer.cpu().tolist()))
+
+
+def all_gather_json(value: Any, world: World) -> list[Any]:
+    """Every rank's ``value`` (anything JSON can hold), in rank order."""
+    payload = json.dumps(value).encode()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=world.device) for _ in range(world.size)]
+    dist.all_gather(sizes, torch.tensor([len(payload)], device=world.device))
+    longest = int(max(sizes))
+    buffers = [_bytes_tensor(b"", longest, world) for _ in range(world.size)]
+    dist.all_gather(buffers, _bytes_tensor(payload, longest, world))
+    return [
+        json.loads(bytes(buffer[: int(size)].cpu().tolist()))
+        for buffer, size in zip(buffers, sizes)
+    ]
+
+
+def _bytes_tensor(payload: bytes, length: int, world: World) -> torch.Tensor:
+    tensor = torch.zeros(length, dtype=torch.uint8)
+    tensor[: len(payload)] = torch.tensor(list(payload), dtype=torch.uint8)
+    return tensor.to(world.device)
