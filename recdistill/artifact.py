@@ -50,7 +50,9 @@ from recdistill.data.tables import (
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
 from recdistill.quantize import QuantizationSpec, load_plain_state, plain_state, quantize
 
-FORMAT = 1
+# 2: towers read pooled features by key, so int8 weights of format 1 (whose first layer
+# was permuted to torchrec's int8 feature order) no longer fit.
+FORMAT = 2
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 SPEC = "spec.json"

@@ -15,7 +15,10 @@ from __future__ import annotations
 import atexit
 import gc
 import json
+import logging
 import os
+import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -31,13 +34,30 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ShardingEnv, ShardingType
 
 # Rank 0 evaluates after every epoch while the other ranks wait in a collective.
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
 # fbgemm's fused embedding kernel needs table widths that are a multiple of this.
 FUSED_WIDTH_MULTIPLE = 4
+# Share of each device's memory the planner keeps for everything but the sharded tables.
+STORAGE_RESERVATION = 0.15
+
+# Warnings torchrec and fbgemm print for this set-up that ask nothing of the user: the
+# replicated narrow tables have no sharding spec and no cache; fbgemm's dense look-up
+# backpropagates through its own autograd function (its gradients equal
+# nn.EmbeddingBag's); DistributedModelParallel still hands out ShardedTensor state and
+# sets DDP's broadcast_buffers itself.
+_NOISE = (
+    "Sharding spec not found for ",
+    "Sharding Type is data_parallel, caching params will be ignored",
+    "fbgemm::dense_embedding_codegen_lookup_function: an autograd kernel was not registered",
+    "Please use DTensor instead and we are deprecating ShardedTensor",
+    "`broadcast_buffers` is deprecated",
+)
 
 
 @dataclass(frozen=True)
@@ -61,6 +81,7 @@ def world() -> World:
     """The job this process belongs to, joining its process group on first use."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return World()
+    _quiet_known_noise()
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -74,6 +95,20 @@ def world() -> World:
     return World(rank=dist.get_rank(), size=dist.get_world_size(), device=device)
 
 
+def _quiet_known_noise() -> None:
+    for message in _NOISE:
+        warnings.filterwarnings("ignore", message=re.escape(message))
+    noise = _DropMessages()
+    for logger in (logging.getLogger(), logging.getLogger("torchrec.distributed.utils")):
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(noise)
+
+
+class _DropMessages(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_NOISE)
+
+
 def _leave() -> None:
     # Free what still holds the group (sharded modules, DDP's reducer, their last work) and
     # destroy it while the interpreter is whole: left to interpreter shutdown, gloo's
@@ -83,15 +118,21 @@ def _leave() -> None:
 
 
 def shard(
-    module: nn.Module, world: World, *, learning_rate: float, weight_decay: float
+    module: nn.Module,
+    world: World,
+    *,
+    learning_rate: float,
+    adagrad_learning_rate: float,
+    weight_decay: float,
 ) -> DistributedModelParallel:
     """``module`` with its embedding tables sharded table-wise and the rest data-parallel.
 
     Sharded tables run fbgemm's fused kernel, which applies the optimizer to the rows a
-    batch touched inside the backward pass: Adam on GPUs; fbgemm's CPU kernel has no Adam,
-    so on CPU the rows learn with exact row-wise Adagrad at the same learning rate. A table
-    whose width is not a multiple of 4 (the kernel's limit) stays replicated and learns
-    with the dense parameters. Sharding happens in place: pass a copy to keep ``module``.
+    batch touched inside the backward pass: Adam at ``learning_rate`` on GPUs; fbgemm's CPU
+    kernel has no Adam, so on CPU the rows learn with exact row-wise Adagrad at
+    ``adagrad_learning_rate``. A table whose width is not a multiple of 4 (the kernel's
+    limit) stays replicated and learns with the dense parameters. Sharding happens in
+    place: pass a copy to keep ``module``.
     """
     weights = {name: value.detach().clone() for name, value in module.state_dict().items()}
     tables = [
@@ -102,20 +143,28 @@ def shard(
     ]
     sharder = EmbeddingBagCollectionSharder(
         fused_params={
-            "optimizer": EmbOptimType.ADAM
-            if world.device.type == "cuda"
-            else EmbOptimType.EXACT_ROWWISE_ADAGRAD,
-            "learning_rate": learning_rate,
+            **(
+                {"optimizer": EmbOptimType.ADAM, "learning_rate": learning_rate}
+                if world.device.type == "cuda"
+                else {
+                    "optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+                    "learning_rate": adagrad_learning_rate,
+                }
+            ),
             "weight_decay": weight_decay,
         }
     )
-    topology = Topology(
-        world_size=world.size,
-        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world.size)),
-        compute_device=world.device.type,
+    topology = TopologyFactory.create_topology(
+        TrainerConfig(
+            world_size=world.size,
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world.size)),
+        ),
+        kernel_config=KernelConfig(compute_device=world.device.type),
     )
     planner = EmbeddingShardingPlanner(
-        topology=topology, constraints={table.name: _placement(table) for table in tables}
+        topology=topology,
+        constraints={table.name: _placement(table) for table in tables},
+        storage_reservation=FixedPercentageStorageReservation(STORAGE_RESERVATION),
     )
     group = dist.GroupMember.WORLD
     sharded = DistributedModelParallel(

@@ -75,7 +75,10 @@ class Tower(nn.Module):
         self.output_dim = width
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        return self.mlp(self.embeddings(features).values())
+        pooled = self.embeddings(features)
+        # By key, not position: a sharded collection returns its features grouped by
+        # shard placement, not in the order of its tables.
+        return self.mlp(torch.cat([pooled[key] for key in self.keys], dim=1))
 
     def multiply_adds(self) -> int:
         return sum(layer.in_features * layer.out_features for layer in self.linear_layers())

@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
@@ -34,10 +33,9 @@ from torchrec.quant.embedding_modules import (
     quant_prep_customize_row_alignment,
     quant_prep_enable_quant_state_dict_split_scale_bias,
 )
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recdistill.data.batches import UNKNOWN
-from recdistill.models import Tower, TwoTower
+from recdistill.models import TwoTower
 
 INT8_BITS = 8
 # fbgemm pads int8 rows to 16 bytes by default, for GPU loads; on CPU unpadded rows work and
@@ -65,11 +63,9 @@ def quantize(model: TwoTower, spec: QuantizationSpec) -> TwoTower:
     with _quiet():
         for tower in (model.user_tower, model.item_tower):
             if spec.embeddings:
-                float_layout = _output_layout(tower.embeddings)
                 quant_prep_enable_quant_state_dict_split_scale_bias(tower.embeddings)
                 quant_prep_customize_row_alignment(tower, [EmbeddingBagCollection], ROW_ALIGNMENT)
                 quantize_embeddings(tower, dtype=torch.qint8, inplace=True)
-                _reorder_inputs(tower, float_layout, _output_layout(tower.embeddings))
             if spec.linear:
                 qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
                 torch.ao.quantization.quantize_dynamic(
@@ -135,35 +131,6 @@ def set_unknown_row_to_mean(table: nn.Module) -> None:
     table.weight[UNKNOWN] = fused[0, :-4]
     table.weight_qscale[UNKNOWN] = scale
     table.weight_qbias[UNKNOWN] = offset
-
-
-def _output_layout(embeddings: nn.Module) -> list[tuple[str, int]]:
-    """The (feature, width) blocks an embedding collection concatenates, in its order."""
-    keys = [key for config in embeddings.embedding_bag_configs() for key in config.feature_names]
-    no_ids = KeyedJaggedTensor.from_lengths_sync(
-        keys, torch.empty(0, dtype=torch.int64), torch.zeros(len(keys), dtype=torch.int32)
-    )
-    pooled = embeddings(no_ids)
-    return list(zip(pooled.keys(), pooled.length_per_key()))
-
-
-def _reorder_inputs(
-    tower: Tower, before: list[tuple[str, int]], after: list[tuple[str, int]]
-) -> None:
-    """Permute the first layer's input columns from the ``before`` to the ``after`` layout.
-
-    torchrec's int8 collection groups its tables by pooling type, so it concatenates the
-    features in another order than the float collection did.
-    """
-    if before == after:
-        return
-    layers = tower.linear_layers()
-    if not layers:
-        raise ValueError("int8 embeddings reorder the features: they need a tower with an MLP")
-    starts = dict(zip((key for key, _ in before), np.cumsum([0] + [w for _, w in before])))
-    order = np.concatenate([np.arange(starts[key], starts[key] + width) for key, width in after])
-    with torch.no_grad():
-        layers[0].weight.copy_(layers[0].weight[:, torch.as_tensor(order)])
 
 
 def _dynamic_linears(model: nn.Module) -> Iterator[tuple[str, DynamicInt8Linear]]:

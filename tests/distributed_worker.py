@@ -1,7 +1,7 @@
 """Run under ``torchrun`` by tests/test_distributed.py: a few sharded training steps, then
 the sharded student's scores on fixed candidate lists.
 
-    torchrun --nproc_per_node=2 tests/distributed_worker.py DATA_DIR OUT_DIR
+    torchrun --nproc_per_node=2 tests/distributed_worker.py DATA_DIR OUT_DIR FEATURE_DIM
 
 Every rank scores the same lists (the sharded embedding look-ups are collectives); rank 0
 writes the whole weights after training (``weights.safetensors``), the scores of the
@@ -22,8 +22,12 @@ from recdistill.data.batches import CandidateLists, FeatureStore
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
 from recdistill.train import LossTerm, StageSpec, Trainer
 
-# Tables 8 wide are sharded table-wise; the 2-wide feature tables stay replicated.
-SPEC = TwoTowerSpec(embedding_dim=8, tower=(16, 8), feature_dim=2)
+
+def spec(feature_dim: int) -> TwoTowerSpec:
+    """Tables 8 wide are sharded table-wise; feature tables 2 wide stay replicated."""
+    return TwoTowerSpec(embedding_dim=8, tower=(16, 8), feature_dim=feature_dim)
+
+
 STAGE = StageSpec(
     name="sharded",
     model="small",
@@ -36,11 +40,11 @@ STEPS = 4
 SCORED_BATCHES = 2
 
 
-def main(data: Path, out: Path) -> None:
+def main(data: Path, out: Path, feature_dim: int) -> None:
     world = distributed.world()
     store = FeatureStore(data, history_length=10)
     torch.manual_seed(0)
-    model = TwoTower(SPEC, FeatureSpace(store.user_features, store.cardinalities()))
+    model = TwoTower(spec(feature_dim), FeatureSpace(store.user_features, store.cardinalities()))
     trainer = Trainer(STAGE, model, {}, store, out / "stage")
     stats = trainer.train_epoch(0, max_batches=STEPS)
     trainer.gather_weights()
@@ -59,4 +63,4 @@ def main(data: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))

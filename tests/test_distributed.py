@@ -19,7 +19,7 @@ import recdistill.data.prepare
 from recdistill.data.batches import CandidateLists, FeatureStore, TrainLists
 from recdistill.models import FeatureSpace, TwoTower
 from tests.conftest import PROJECT, build_synthetic
-from tests.distributed_worker import SCORED_BATCHES, SPEC, STAGE, STEPS
+from tests.distributed_worker import SCORED_BATCHES, STAGE, STEPS, spec
 
 BIN = Path(sys.executable).parent
 TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2"]
@@ -175,13 +175,19 @@ def test_ranks_take_equal_disjoint_shares_of_the_same_batches(chunked_store):
         assert rows_of(mine, chunked_store) == rows_of(whole[rank::3][: len(share)], chunked_store)
 
 
-def test_sharded_scores_equal_a_single_process_model_with_the_same_weights(synthetic_dir, tmp_path):
+# 2: feature tables replicated, the others sharded; 8: every table sharded, so that the
+# sharded collections return their features in another order than their tables.
+@pytest.mark.parametrize("feature_dim", [2, 8])
+def test_sharded_scores_equal_a_single_process_model_with_the_same_weights(
+    synthetic_dir, tmp_path, feature_dim
+):
     run(
         [
             *TORCHRUN,
             str(PROJECT / "tests" / "distributed_worker.py"),
             str(synthetic_dir),
             str(tmp_path),
+            str(feature_dim),
         ]
     )
     stats = json.loads((tmp_path / "stats.json").read_text())
@@ -189,7 +195,7 @@ def test_sharded_scores_equal_a_single_process_model_with_the_same_weights(synth
     assert stats["examples"] == 2 * STEPS * STAGE.batch_size  # each rank ran its own batches
     store = FeatureStore(synthetic_dir, history_length=10)
     torch.manual_seed(0)
-    model = TwoTower(SPEC, FeatureSpace(store.user_features, store.cardinalities()))
+    model = TwoTower(spec(feature_dim), FeatureSpace(store.user_features, store.cardinalities()))
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     weights = load_file(str(tmp_path / "weights.safetensors"))
     trained_tables = [k for k in weights if "embedding_bags" in k]

@@ -55,7 +55,7 @@ def test_int8_scores_stay_close_to_the_float_scores(student, store, name):
 
 def test_int8_embeddings_feed_the_tower_its_features_in_its_order(student, store):
     # torchrec's int8 collection concatenates sum-pooled tables before mean-pooled ones; the
-    # user tower mixes both, so without reordering its first layer this would be far off.
+    # user tower mixes both, so unless it reads the features by key this would be far off.
     int8 = quantize(student, SPECS["embeddings"])
     users = np.arange(1, 50)
     history, lengths = store.history.gather(users, limit=store.history_length)
