@@ -76,8 +76,10 @@ class Tower(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         pooled = self.embeddings(features)
-        # By key, not position: a sharded collection returns its features grouped by
-        # shard placement, not in the order of its tables.
+        if tuple(pooled.keys()) == self.keys:
+            return self.mlp(pooled.values())
+        # A sharded collection groups its features by shard placement, an int8 one by
+        # pooling type: put them back in the order the first layer was built for.
         return self.mlp(torch.cat([pooled[key] for key in self.keys], dim=1))
 
     def multiply_adds(self) -> int:

@@ -153,3 +153,8 @@ def test_checkpoints_of_another_format_are_refused(store, tmp_path):
     torch.save(payload, tmp_path / "checkpoint.pt")
     with pytest.raises(ValueError, match="another version"):
         Trainer(stage(epochs=1), fresh_model(store), {}, store, tmp_path).fit(resume=True)
+
+
+def test_sharded_tables_adagrad_rate_defaults_to_a_multiple_of_the_adam_rate():
+    assert stage(learning_rate=2e-3).table_adagrad_learning_rate == pytest.approx(0.02)
+    assert stage(learning_rate=2e-3, adagrad_learning_rate=0.5).table_adagrad_learning_rate == 0.5
