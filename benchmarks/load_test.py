@@ -17,7 +17,7 @@ from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
-from loadtest.__main__ import add_load_arguments
+from loadtest.__main__ import add_load_arguments, load_settings
 from loadtest.runner import (
     LoadTestResult,
     LoadTestSettings,
@@ -112,15 +112,7 @@ def main() -> None:
     artifacts = {artifact_name(artifact): artifact for artifact in args.artifacts}
     if len(artifacts) != len(args.artifacts):
         parser.error("the artifacts must have distinct model names")
-    template = LoadTestSettings(
-        artifact=args.artifacts[0],
-        out=args.out,
-        spawn_rate=args.spawn_rate,
-        run_time_s=args.run_time,
-        candidates=args.candidates,
-        p99_budget_ms=args.p99_ms,
-        precompute_items=args.precompute_items,
-    )
+    template = load_settings(args, artifact=args.artifacts[0], out=args.out)
     results = sweep(artifacts, args.users, template)
     models = list(artifacts)
     items = ", item vectors precomputed" if args.precompute_items else ""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -23,29 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from synthetic_scale import ITEMS, MEAN_ACTIVITY, measure_one, peak_gib
+
 PROJECT = Path(__file__).resolve().parents[1]
 CONFIG = PROJECT / "configs" / "synthetic.toml"
-ITEMS = 20_000
-MEAN_ACTIVITY = 55.0
 STAGE = "teacher"
-
-
-def peak_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def generate(users: int, out: Path) -> dict:
-    from recdistill.cli import main
-    from recdistill.data.tables import read_meta
-
-    started = time.perf_counter()
-    command = ["data", "synthetic", "--out", str(out), "--users", str(users)]
-    main([*command, "--items", str(ITEMS), "--mean-activity", str(MEAN_ACTIVITY)])
-    return {
-        "interactions": read_meta(out)["n_interactions"],
-        "seconds": time.perf_counter() - started,
-        "peak_gib": peak_gib(),
-    }
 
 
 def train(data: Path, steps: int) -> dict | None:
@@ -94,7 +75,7 @@ def main() -> None:
     parser.add_argument("--train", type=Path, metavar="DATA", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.generate:
-        print(json.dumps(generate(int(args.generate[0]), Path(args.generate[1]))))
+        print(json.dumps(measure_one(int(args.generate[0]), Path(args.generate[1]))))
         return
     if args.train:
         result = train(args.train, args.steps)

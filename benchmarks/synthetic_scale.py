@@ -21,36 +21,37 @@ ITEMS = 20_000
 MEAN_ACTIVITY = 55.0
 
 
-def measure_one(users: int) -> dict:
+def measure_one(users: int, out: Path) -> dict:
+    """Run `recdistill data synthetic` into ``out`` in this process and measure it."""
     from recdistill.cli import main
     from recdistill.data.tables import read_meta
 
-    with tempfile.TemporaryDirectory() as scratch:
-        out = Path(scratch) / "world"
-        started = time.perf_counter()
-        main(
-            [
-                "data",
-                "synthetic",
-                "--out",
-                str(out),
-                "--users",
-                str(users),
-                "--items",
-                str(ITEMS),
-                "--mean-activity",
-                str(MEAN_ACTIVITY),
-            ]
-        )
-        seconds = time.perf_counter() - started
-        interactions = read_meta(out)["n_interactions"]
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    main(
+        [
+            "data",
+            "synthetic",
+            "--out",
+            str(out),
+            "--users",
+            str(users),
+            "--items",
+            str(ITEMS),
+            "--mean-activity",
+            str(MEAN_ACTIVITY),
+        ]
+    )
     return {
         "users": users,
-        "interactions": interactions,
-        "seconds": seconds,
-        "peak_gib": peak_kib / 2**20,
+        "interactions": read_meta(out)["n_interactions"],
+        "seconds": time.perf_counter() - started,
+        "peak_gib": peak_gib(),
     }
+
+
+def peak_gib() -> float:
+    """This process's peak resident memory so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def main() -> None:
@@ -59,7 +60,8 @@ def main() -> None:
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure_one(args.one)))
+        with tempfile.TemporaryDirectory() as scratch:
+            print(json.dumps(measure_one(args.one, Path(scratch) / "world")))
         return
     rows = []
     for users in args.users:

@@ -44,6 +44,18 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def load_settings(args: argparse.Namespace, **fields) -> LoadTestSettings:
+    """Settings from the options of :func:`add_load_arguments`, plus ``fields``."""
+    return LoadTestSettings(
+        spawn_rate=args.spawn_rate,
+        run_time_s=args.run_time,
+        candidates=args.candidates,
+        p99_budget_ms=args.p99_ms,
+        precompute_items=args.precompute_items,
+        **fields,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest",
@@ -57,16 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=8, help="concurrent Locust users (8)")
     add_load_arguments(parser)
     args = parser.parse_args(argv)
-    settings = LoadTestSettings(
-        artifact=args.artifact,
-        out=args.out,
-        host=args.host,
-        users=args.users,
-        spawn_rate=args.spawn_rate,
-        run_time_s=args.run_time,
-        candidates=args.candidates,
-        p99_budget_ms=args.p99_ms,
-        precompute_items=args.precompute_items,
+    settings = load_settings(
+        args, artifact=args.artifact, out=args.out, host=args.host, users=args.users
     )
     try:
         result = run_load_test(settings)

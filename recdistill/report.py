@@ -135,28 +135,36 @@ def figure_png(figure: Figure) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def bars_with_ci(axis, values: list, series: dict[str, pd.DataFrame], center: str) -> None:
+    """One group of bars per entry of ``values``, one bar per series, each with its CI.
+
+    Each series is indexed by value, with columns ``center``, ``ci_low`` and ``ci_high``.
+    """
+    width = 0.8 / max(len(series), 1)
+    for offset, (label, rows) in enumerate(series.items()):
+        rows = rows.reindex(values)
+        x = np.arange(len(values)) + offset * width
+        axis.bar(x, rows[center], width, label=label)
+        axis.errorbar(
+            x,
+            rows[center],
+            yerr=[rows[center] - rows["ci_low"], rows["ci_high"] - rows[center]],
+            fmt="none",
+            ecolor="black",
+            linewidth=0.8,
+        )
+    axis.set_xticks(np.arange(len(values)) + 0.4 - width / 2, values, fontsize=8)
+
+
 def _segment_bars(key: pd.DataFrame, spec: SliceSpec) -> str:
     segments = list(key["segment"].unique())
     models = list(key["model"].unique())
     figure = Figure(figsize=(11, 2.6 * len(segments)))
     axes = figure.subplots(len(segments), 1, squeeze=False)
-    width = 0.8 / len(models)
     for axis, segment in zip(axes[:, 0], segments):
         part = key[key["segment"] == segment]
-        values = list(dict.fromkeys(part["value"]))
-        for offset, model in enumerate(models):
-            rows = part[part["model"] == model].set_index("value").reindex(values)
-            x = np.arange(len(values)) + offset * width
-            axis.bar(x, rows["mean"], width, label=model)
-            axis.errorbar(
-                x,
-                rows["mean"],
-                yerr=[rows["mean"] - rows["ci_low"], rows["ci_high"] - rows["mean"]],
-                fmt="none",
-                ecolor="black",
-                linewidth=0.8,
-            )
-        axis.set_xticks(np.arange(len(values)) + 0.4 - width / 2, values, fontsize=8)
+        series = {model: part[part["model"] == model].set_index("value") for model in models}
+        bars_with_ci(axis, list(dict.fromkeys(part["value"])), series, "mean")
         axis.set_title(segment, fontsize=10, loc="left")
         axis.set_ylabel(spec.key_metric)
     axes[0, 0].legend(ncol=len(models), fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.15))

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from recdistill.abtest.analysis import ALL, Analysis
 from recdistill.abtest.spec import METRICS, ExperimentSpec
-from recdistill.report import figure_png, template_environment
+from recdistill.report import bars_with_ci, figure_png, template_environment
 
 
 def write_report(out: Path, experiment: ExperimentSpec, analysis: Analysis, truth: str) -> None:
@@ -129,25 +129,16 @@ def _segment_figure(segments: pd.DataFrame, experiment: ExperimentSpec) -> str:
     comparisons = list(dict.fromkeys(zip(segments["treatment"], segments["baseline"])))
     figure = Figure(figsize=(10, 2.6 * max(len(names), 1)))
     axes = figure.subplots(max(len(names), 1), 1, squeeze=False)[:, 0]
-    width = 0.8 / max(len(comparisons), 1)
     for axis, name in zip(axes, names):
         part = segments[segments["segment"] == name]
-        values = list(dict.fromkeys(part["value"]))
-        for offset, (treatment, baseline) in enumerate(comparisons):
-            rows = part[(part["treatment"] == treatment) & (part["baseline"] == baseline)]
-            rows = rows.set_index("value").reindex(values)
-            x = np.arange(len(values)) + offset * width
-            axis.bar(x, rows["lift"], width, label=f"{treatment} vs {baseline}")
-            axis.errorbar(
-                x,
-                rows["lift"],
-                yerr=[rows["lift"] - rows["ci_low"], rows["ci_high"] - rows["lift"]],
-                fmt="none",
-                ecolor="black",
-                linewidth=0.8,
-            )
+        series = {
+            f"{treatment} vs {baseline}": part[
+                (part["treatment"] == treatment) & (part["baseline"] == baseline)
+            ].set_index("value")
+            for treatment, baseline in comparisons
+        }
+        bars_with_ci(axis, list(dict.fromkeys(part["value"])), series, "lift")
         axis.axhline(0.0, color="black", linewidth=0.8)
-        axis.set_xticks(np.arange(len(values)) + 0.4 - width / 2, values, fontsize=8)
         axis.yaxis.set_major_formatter(lambda value, _: f"{value:+.0%}")
         axis.set_title(name, fontsize=10, loc="left")
         axis.set_ylabel(f"{METRICS[experiment.analysis.metric]} lift")
