@@ -96,7 +96,7 @@ def prepare(directory: Path, spec: SplitSpec) -> dict:
             for name in SPLITS
         }
         for table in _user_partitions(directory, user_ids, Path(scratch)):
-            part = _split_partition(table, user_ids, item_ids)
+            part = _split_partition(table, user_ids, item_ids, spec.seed)
             n_total += len(table)
             duplicates += len(table) - len(part.user_row)
             counts += part.counts
@@ -231,15 +231,17 @@ def _user_partitions(directory: Path, user_ids: np.ndarray, scratch: Path) -> It
         path.unlink()
 
 
-def _split_partition(table: pa.Table, user_ids: np.ndarray, item_ids: np.ndarray) -> _Partition:
-    """Sort by user, time and item, keep each pair's latest row, and assign the splits
-    (0 train, 1 validation, 2 test) by position from each user's end."""
+def _split_partition(
+    table: pa.Table, user_ids: np.ndarray, item_ids: np.ndarray, seed: int
+) -> _Partition:
+    """Sort by user, time and a seeded random tie-break, keep each pair's latest row, and
+    assign the splits (0 train, 1 validation, 2 test) by position from each user's end."""
     user = table.column("user_id").to_numpy()
     item = table.column("item_id").to_numpy()
     timestamp = table.column("timestamp").to_numpy()
     rating = table.column("rating").to_numpy()
 
-    order = np.lexsort((item, timestamp, user))
+    order = np.lexsort((tie_break_key(user, item, seed), timestamp, user))
     user, item, timestamp, rating = user[order], item[order], timestamp[order], rating[order]
     del order
     last_of_pair = _last_of_each_pair(user, item)
@@ -263,6 +265,28 @@ def _split_partition(table: pa.Table, user_ids: np.ndarray, item_ids: np.ndarray
         split_of=split_of,
         counts=counts,
     )
+
+
+def tie_break_key(user: np.ndarray, item: np.ndarray, seed: int) -> np.ndarray:
+    """A pseudo-random order of (user, item) pairs, fixed by ``seed``.
+
+    Interactions in the same second have no order. Breaking such ties by item ID would make
+    the held-out item "the highest ID of the last second" (on ml-100k, 44 % of users' last
+    two ratings share a second), which a sequence model could learn instead of taste. The
+    key is a hash of the external IDs, so it does not depend on how rows are partitioned.
+    """
+    key = np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        for value in (user, item):
+            key = _mix64(key ^ value.astype(np.uint64))
+    return key
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: every input bit changes about half of the output bits."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 def _last_of_each_pair(user: np.ndarray, item: np.ndarray) -> np.ndarray:

@@ -43,12 +43,12 @@ def frame(directory, name):
     return pq.read_table(directory / f"{name}.parquet").to_pandas()
 
 
-def test_leave_one_out_by_time_with_ties_broken_by_item(tmp_path):
+def test_leave_one_out_by_time(tmp_path):
     rows = [
         (7, 30, 100),
         (7, 10, 300),
         (7, 20, 200),
-        (7, 40, 300),  # items 10 and 40 tie
+        (7, 40, 400),
         (9, 5, 50),
         (9, 6, 40),
     ]  # too short to hold out
@@ -56,15 +56,34 @@ def test_leave_one_out_by_time_with_ties_broken_by_item(tmp_path):
     test, valid, train = frame(tmp_path, "test"), frame(tmp_path, "valid"), frame(tmp_path, "train")
     assert test[["user_id", "item_id"]].values.tolist() == [[7, 40]]
     assert valid[["user_id", "item_id"]].values.tolist() == [[7, 10]]
-    assert sorted(train[["user_id", "item_id"]].values.tolist()) == [
-        [7, 20],
-        [7, 30],
-        [9, 5],
-        [9, 6],
-    ]
+    assert train[["user_id", "item_id"]].values.tolist() == [[7, 30], [7, 20], [9, 6], [9, 5]]
     meta = read_meta(tmp_path)
     assert meta["users_evaluated"] == 1
     assert meta["splits"] == {"train": 4, "valid": 1, "test": 1}
+
+
+def held_out_of_tied_users(directory, seed):
+    """Which of two same-second items is held out, for 200 users whose last three tie."""
+    rows = []
+    for user in range(200):
+        rows += [(user, 1, 10), (user, 2 + user, 20), (user, 299 - user, 20), (user, 300, 5)]
+    directory.mkdir()
+    prepare(write_tiny(directory, rows), SplitSpec(negatives=5, seed=seed))
+    test = frame(directory, "test").set_index("user_id")["item_id"]
+    valid = frame(directory, "valid").set_index("user_id")["item_id"]
+    return test, valid
+
+
+def test_ties_in_time_are_broken_by_a_seeded_random_key_not_by_item_id(tmp_path):
+    test, valid = held_out_of_tied_users(tmp_path / "a", seed=0)
+    # Both tied items are held out; which one is the test item is a coin flip per user.
+    assert all({test[u], valid[u]} == {2 + u, 299 - u} for u in range(200))
+    higher_id_held_out = np.mean([test[u] == max(2 + u, 299 - u) for u in range(200)])
+    assert 0.35 < higher_id_held_out < 0.65
+    same, _ = held_out_of_tied_users(tmp_path / "b", seed=0)
+    other, _ = held_out_of_tied_users(tmp_path / "c", seed=1)
+    assert same.equals(test)
+    assert not other.equals(test)
 
 
 def test_repeated_pairs_keep_only_the_latest(tmp_path):
