@@ -7,13 +7,17 @@ An artifact directory holds
   contents always get the same version;
 - ``model.safetensors``: the weights (int8 codes with their scales for a quantized model;
   for ``popularity``: the item train counts);
-- ``spec.json``: the model spec, its feature space, the history length it was trained with
-  and its ``quantization`` (``null``, or which parts are int8: ``recdistill.quantize``);
+- ``spec.json``: the model spec (every field of ``TwoTowerSpec``: a sequence user encoder's
+  ``user_encoder``, ``max_length``, ``layers``, ``heads`` and ``readout`` among them), its
+  feature space, the history length it was trained with and its ``quantization`` (``null``,
+  or which parts are int8: ``recdistill.quantize``);
 - ``vocabularies.json``: the external IDs and category values behind every embedding row;
 - ``features/``: the online feature snapshot in the canonical data layout (``users.parquet``
-  with demographics, ``items.parquet`` with genres, ``train.parquet``, the interactions the
-  user histories are built from, and ``meta.json``), read by the same ``FeatureStore`` code as
-  training, so a user's features at serving time are exactly those the model was evaluated on.
+  with demographics, ``items.parquet`` with genres, ``train.parquet`` and ``valid.parquet``,
+  the interactions the user histories are built from, and ``meta.json``), read by the same
+  ``FeatureStore`` code as training and seen as it stands at the test interactions
+  (``FeatureStore.known_at("test")``), so a user's features at serving time are exactly those
+  the model was tested on.
 
 Loading re-hashes every file and checks vocabularies, spec and weight shapes and dtypes
 against each other; any mismatch is an :class:`ArtifactError` that says what is wrong.
@@ -52,7 +56,8 @@ from recdistill.quantize import QuantizationSpec, load_plain_state, plain_state,
 
 # 2: towers read pooled features by key, so int8 weights of format 1 (whose first layer
 # was permuted to torchrec's int8 feature order) no longer fit.
-FORMAT = 2
+# 3: the feature snapshot holds the validation split, the newest item of served histories.
+FORMAT = 3
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 SPEC = "spec.json"
@@ -88,6 +93,7 @@ class Artifact:
             "version": self.version,
             "params": self.params,
             "quantization": None if self.quantization is None else self.quantization.describe(),
+            "user_encoder": None if self.model is None else self.model.spec.user_encoder,
             "artifact": str(self.directory),
         }
 
@@ -197,7 +203,10 @@ def load_artifact(directory: Path) -> Artifact:
                 f"artifact {directory}: spec.json's table sizes {spec_json['cardinalities']} "
                 f"do not match the feature snapshot's {store.cardinalities()}"
             )
-        spec = spec_from(TwoTowerSpec, spec_json["model"], f"{directory / SPEC}")
+        try:
+            spec = spec_from(TwoTowerSpec, spec_json["model"], f"{SPEC} model")
+        except (TypeError, ValueError) as error:
+            raise ArtifactError(f"artifact {directory}: {error}") from error
         model = TwoTower(spec, FeatureSpace(store.user_features, store.cardinalities()))
         if spec_json.get("quantization") is not None:
             quantization = spec_from(
@@ -213,7 +222,7 @@ def load_artifact(directory: Path) -> Artifact:
         kind=manifest["kind"],
         version=manifest["version"],
         params=manifest["params"],
-        store=store,
+        store=store.known_at("test"),
         model=model,
         counts=counts,
         quantization=quantization,
@@ -277,8 +286,9 @@ def _write_features(data: Path, out: Path) -> None:
     users = pq.read_table(data / USERS, columns=["user_id", *meta["user_features"]])
     pq.write_table(users, out / USERS)
     pq.write_table(pq.read_table(data / ITEMS, columns=["item_id", "genres"]), out / ITEMS)
-    train = pq.read_table(data / split_file("train"), columns=["user_id", "item_id", "timestamp"])
-    pq.write_table(train, out / split_file("train"))
+    for split in ("train", "valid"):
+        table = pq.read_table(data / split_file(split), columns=["user_id", "item_id", "timestamp"])
+        pq.write_table(table, out / split_file(split))
 
 
 def _vocabularies(store: FeatureStore) -> dict[str, list]:

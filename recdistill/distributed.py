@@ -30,7 +30,13 @@ from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed._shard.sharding_spec import ShardMetadata
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec import (
+    EmbeddingBagCollection,
+    EmbeddingBagConfig,
+    EmbeddingCollection,
+    EmbeddingConfig,
+)
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -127,33 +133,31 @@ def shard(
 ) -> DistributedModelParallel:
     """``module`` with its embedding tables sharded table-wise and the rest data-parallel.
 
-    Sharded tables run fbgemm's fused kernel, which applies the optimizer to the rows a
-    batch touched inside the backward pass: Adam at ``learning_rate`` on GPUs; fbgemm's CPU
-    kernel has no Adam, so on CPU the rows learn with exact row-wise Adagrad at
-    ``adagrad_learning_rate``. A table whose width is not a multiple of 4 (the kernel's
-    limit) stays replicated and learns with the dense parameters. Sharding happens in
-    place: pass a copy to keep ``module``.
+    Both kinds of torchrec collection are sharded: pooled bags (``EmbeddingBagCollection``)
+    and unpooled sequences (``EmbeddingCollection``). Sharded tables run fbgemm's fused
+    kernel, which applies the optimizer to the rows a batch touched inside the backward
+    pass: Adam at ``learning_rate`` on GPUs; fbgemm's CPU kernel has no Adam, so on CPU the
+    rows learn with exact row-wise Adagrad at ``adagrad_learning_rate``. A table whose width
+    is not a multiple of 4 (the kernel's limit) stays replicated and learns with the dense
+    parameters (a sequence collection holding one stays an ordinary module). Sharding
+    happens in place: pass a copy to keep ``module``.
     """
     weights = {name: value.detach().clone() for name, value in module.state_dict().items()}
-    tables = [
-        config
-        for collection in module.modules()
-        if isinstance(collection, EmbeddingBagCollection)
-        for config in collection.embedding_bag_configs()
+    fused_params = {
+        **(
+            {"optimizer": EmbOptimType.ADAM, "learning_rate": learning_rate}
+            if world.device.type == "cuda"
+            else {
+                "optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+                "learning_rate": adagrad_learning_rate,
+            }
+        ),
+        "weight_decay": weight_decay,
+    }
+    sharders = [
+        EmbeddingBagCollectionSharder(fused_params=fused_params),
+        EmbeddingCollectionSharder(fused_params=fused_params),
     ]
-    sharder = EmbeddingBagCollectionSharder(
-        fused_params={
-            **(
-                {"optimizer": EmbOptimType.ADAM, "learning_rate": learning_rate}
-                if world.device.type == "cuda"
-                else {
-                    "optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
-                    "learning_rate": adagrad_learning_rate,
-                }
-            ),
-            "weight_decay": weight_decay,
-        }
-    )
     topology = TopologyFactory.create_topology(
         TrainerConfig(
             world_size=world.size,
@@ -163,24 +167,56 @@ def shard(
     )
     planner = EmbeddingShardingPlanner(
         topology=topology,
-        constraints={table.name: _placement(table) for table in tables},
+        constraints=_constraints(module),
         storage_reservation=FixedPercentageStorageReservation(STORAGE_RESERVATION),
     )
     group = dist.GroupMember.WORLD
+    plan = planner.collective_plan(module, sharders, group)
+    # torchrec looks up a replicated sequence table with fbgemm's dense kernel, which on CPU
+    # returns it pooled ([batch, width], not a row per item): a sequence collection the
+    # fused kernel cannot take is left out of the plan, an ordinary module that DDP
+    # replicates like the MLPs.
+    for path, collection in module.named_modules():
+        if isinstance(collection, EmbeddingCollection) and not all(
+            _fused(table) for table in collection.embedding_configs()
+        ):
+            plan.plan.pop(path, None)
     sharded = DistributedModelParallel(
         module,
         env=ShardingEnv.from_process_group(group),
         device=world.device,
-        sharders=[sharder],
-        plan=planner.collective_plan(module, [sharder], group),
+        sharders=sharders,
+        plan=plan,
     )
     # The sharded tables start from fresh random rows: give them the module's own.
     load_state(sharded.state_dict(), weights)
     return sharded
 
 
-def _placement(table: EmbeddingBagConfig) -> ParameterConstraints:
-    if table.embedding_dim % FUSED_WIDTH_MULTIPLE == 0:
+def _constraints(module: nn.Module) -> dict[str, ParameterConstraints]:
+    """Each table's placement, keyed by table name as torchrec's planner looks them up."""
+    constraints: dict[str, ParameterConstraints] = {}
+    for collection in module.modules():
+        if isinstance(collection, EmbeddingBagCollection):
+            tables = collection.embedding_bag_configs()
+        elif isinstance(collection, EmbeddingCollection):
+            tables = collection.embedding_configs()
+        else:
+            continue
+        for table in tables:
+            placement = _placement(table)
+            if constraints.setdefault(table.name, placement) != placement:
+                # The planner matches constraints by table name alone.
+                raise ValueError(f"two tables named {table.name!r} need different placements")
+    return constraints
+
+
+def _fused(table: EmbeddingBagConfig | EmbeddingConfig) -> bool:
+    return table.embedding_dim % FUSED_WIDTH_MULTIPLE == 0
+
+
+def _placement(table: EmbeddingBagConfig | EmbeddingConfig) -> ParameterConstraints:
+    if _fused(table):
         return ParameterConstraints(
             sharding_types=[ShardingType.TABLE_WISE.value],
             compute_kernels=[EmbeddingComputeKernel.FUSED.value],

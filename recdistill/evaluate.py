@@ -103,6 +103,7 @@ def scoring_latency_ms(
 def _full_ranks(
     ranker: Ranker, store: FeatureStore, lists: ScoredLists, split: str, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
+    store = store.known_at(split)
     other = pq.read_table(store.directory / split_file(OTHER_HELD_OUT[split]))
     other_item = np.zeros(len(store.users), dtype=np.int64)
     other_item[store.users.index(other.column("user_id").to_numpy())] = store.items.index(

@@ -1,9 +1,20 @@
-"""Two-tower ranking models on torchrec embedding bags, built from one typed spec.
+"""Two-tower ranking models on torchrec embeddings, built from one typed spec.
 
-The user tower embeds ``user_id``, the ``history`` bag (mean-pooled) and each demographic
-feature; the item tower embeds ``item_id`` and the ``genres`` bag (mean-pooled). Each tower
-is an MLP over its concatenated embeddings; a candidate's score is the dot product of the
-two tower outputs plus a learned per-item bias.
+The user tower embeds ``user_id``, the user's ``history`` and each demographic feature; the
+item tower embeds ``item_id`` and the ``genres`` bag (mean-pooled). Each tower is an MLP over
+its concatenated embeddings; a candidate's score is the dot product of the two tower outputs
+plus a learned per-item bias.
+
+The history is read by one of two user encoders, chosen per preset:
+
+- ``"bag"`` (the default): a mean-pooled embedding bag (torchrec ``EmbeddingBagCollection``).
+- ``"sequence"``: the ``max_length`` most recent items, unpooled (torchrec
+  ``EmbeddingCollection``), plus learned position embeddings (0 = the oldest read), through
+  causal self-attention layers: position ``j`` attends to itself and older items only, so
+  its output summarises the history as it was before the item at ``j - 1`` arrived. That
+  makes every position a next-item prediction (:meth:`TwoTower.next_item_scores`); the
+  user vector reads the most recent position (``readout = "last"``) or pools every position
+  with a learned attention query (``readout = "attention"``).
 """
 
 from __future__ import annotations
@@ -12,12 +23,21 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
+from torchrec import (
+    EmbeddingBagCollection,
+    EmbeddingBagConfig,
+    EmbeddingCollection,
+    EmbeddingConfig,
+    PoolingType,
+)
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recdistill.data.batches import ITEM_KEYS, RankingBatch
+from recdistill.data.batches import ITEM_KEYS, RankingBatch, SequenceBatch
 
 BAG_FEATURES = ("history", "genres")
+HISTORY = "history"
+USER_ENCODERS = ("bag", "sequence")
+READOUTS = ("last", "attention")
 
 
 @dataclass(frozen=True)
@@ -27,12 +47,49 @@ class TwoTowerSpec:
     ``tower`` lists the MLP widths of both towers, the last being the output dimension
     (empty: the concatenated embeddings are the output, so both sides must match in width);
     ``feature_dim`` is the embedding width of the small demographic tables.
+
+    ``user_encoder`` reads the history as a ``"bag"`` or a ``"sequence"``; a sequence
+    encoder looks at the ``max_length`` most recent items through ``layers`` self-attention
+    layers of ``heads`` heads each (``heads`` must divide ``embedding_dim``) and reads them out
+    as ``readout`` says.
     """
 
     embedding_dim: int = 16
     tower: tuple[int, ...] = (16,)
     feature_dim: int = 4
     dropout: float = 0.0
+    user_encoder: str = "bag"
+    max_length: int = 50
+    layers: int = 2
+    heads: int = 2
+    readout: str = "last"
+
+    def __post_init__(self) -> None:
+        if self.user_encoder not in USER_ENCODERS:
+            raise ValueError(
+                f"unknown user_encoder {self.user_encoder!r}; choose one of {list(USER_ENCODERS)}"
+            )
+        if self.user_encoder != "sequence":
+            return
+        if self.max_length <= 0:
+            raise ValueError(f"max_length must be at least 1, not {self.max_length}")
+        if self.layers <= 0:
+            raise ValueError(f"layers must be at least 1, not {self.layers}")
+        if self.heads <= 0 or self.embedding_dim < self.heads:
+            raise ValueError(
+                f"a sequence encoder of embedding_dim {self.embedding_dim} cannot have "
+                f"{self.heads} heads: each head needs at least one dimension"
+            )
+        if self.embedding_dim % self.heads:
+            raise ValueError(
+                f"heads ({self.heads}) must divide embedding_dim ({self.embedding_dim})"
+            )
+        if self.readout not in READOUTS:
+            raise ValueError(f"unknown readout {self.readout!r}; choose one of {list(READOUTS)}")
+
+    @property
+    def is_sequence(self) -> bool:
+        return self.user_encoder == "sequence"
 
 
 @dataclass(frozen=True)
@@ -43,11 +100,99 @@ class FeatureSpace:
     cardinalities: dict[str, int]
 
 
+class SequenceEncoder(nn.Module):
+    """Causal self-attention over the most recent ``max_length`` items of ``history``.
+
+    :meth:`positions` gives every position's output ``[B, max_length, dim]`` and the mask
+    of real (non-padding) positions; :meth:`forward` reads them out to ``[B, dim]``. An empty
+    history reads a zero embedding at position 0, so no row is all padding.
+    """
+
+    def __init__(self, items: int, spec: TwoTowerSpec) -> None:
+        super().__init__()
+        dim = spec.embedding_dim
+        self.max_length = spec.max_length
+        self.readout = spec.readout
+        self.embeddings = EmbeddingCollection(
+            tables=[
+                EmbeddingConfig(
+                    name=f"table_{HISTORY}_sequence",
+                    num_embeddings=items,
+                    embedding_dim=dim,
+                    feature_names=[HISTORY],
+                )
+            ],
+            device=torch.device("cpu"),
+        )
+        self.position = nn.Embedding(spec.max_length, dim)
+        self.dropout = nn.Dropout(spec.dropout)
+        layer = nn.TransformerEncoderLayer(
+            dim, spec.heads, 2 * dim, spec.dropout, batch_first=True, norm_first=True
+        )
+        self.attention = nn.TransformerEncoder(layer, spec.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.heads = spec.heads
+        # Position j may attend to itself and to older real items (k > j).
+        self.register_buffer(
+            "older",
+            torch.ones(spec.max_length, spec.max_length, dtype=torch.bool).triu(1),
+            persistent=False,
+        )
+        if spec.readout == "attention":
+            self.query = nn.Parameter(torch.zeros(dim))
+
+    @property
+    def output_dim(self) -> int:
+        return self.position.embedding_dim
+
+    def multiply_adds(self) -> int:
+        """Per user at full length: each layer's four projections, its attention scores
+        and weighted sum, and its two feed-forward layers (width 2 × dim)."""
+        dim, length = self.output_dim, self.max_length
+        per_layer = 4 * dim * dim * length + 2 * length * length * dim + 4 * dim * dim * length
+        return len(self.attention.layers) * per_layer
+
+    def positions(self, features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        history = self.embeddings(features)[HISTORY]
+        lengths = history.lengths().clamp(max=self.max_length, min=1)
+        embedded = torch.ops.fbgemm.jagged_to_padded_dense(
+            history.values(), [history.offsets()], [self.max_length], 0.0
+        )
+        slots = torch.arange(self.max_length, device=lengths.device)
+        real = slots < lengths[:, None]
+        # Positions count from the oldest item read, so that position j's output is exactly
+        # the user vector of the history as it stood before item j - 1 arrived.
+        age_order = (lengths[:, None] - 1 - slots).clamp(min=0)
+        x = self.dropout(embedded + self.position(age_order)) * real[..., None]
+        # A padding position attends to itself alone: no row of the mask is all blocked,
+        # which would make its softmax (and every gradient through it) NaN.
+        allowed = (self.older & real[:, None, :]) | torch.eye(
+            self.max_length, dtype=torch.bool, device=lengths.device
+        )
+        blocked = (~allowed).repeat_interleave(self.heads, dim=0)
+        return self.norm(self.attention(x, mask=blocked)), real
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        outputs, real = self.positions(features)
+        if self.readout == "last":
+            return outputs[:, 0]
+        weights = (outputs @ self.query).masked_fill(~real, -torch.inf).softmax(dim=1)
+        return (weights[..., None] * outputs).sum(dim=1)
+
+
 class Tower(nn.Module):
-    """Embedding bags over one KJT, then an MLP (ReLU between layers, none after the last)."""
+    """Embeddings over one KJT, then an MLP (ReLU between layers, none after the last).
+
+    ``features`` maps KJT keys to (table size, width) for the embedding bags; ``sequence``,
+    when given, reads the ``history`` key instead of a bag.
+    """
 
     def __init__(
-        self, features: dict[str, tuple[int, int]], widths: tuple[int, ...], dropout: float
+        self,
+        features: dict[str, tuple[int, int]],
+        widths: tuple[int, ...],
+        dropout: float,
+        sequence: SequenceEncoder | None = None,
     ) -> None:
         super().__init__()
         self.keys = tuple(features)
@@ -64,8 +209,11 @@ class Tower(nn.Module):
             ],
             device=torch.device("cpu"),
         )
+        self.sequence = sequence
         layers: list[nn.Module] = []
         width = sum(dim for _, dim in features.values())
+        if sequence is not None:
+            width += sequence.output_dim
         for depth, out in enumerate(widths):
             layers.append(nn.Linear(width, out))
             if depth < len(widths) - 1:
@@ -74,16 +222,34 @@ class Tower(nn.Module):
         self.mlp = nn.Sequential(*layers)
         self.output_dim = width
 
-    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+    def pooled(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """The embedding bags' outputs ``[B, width]``, in the order the MLP was built for."""
         pooled = self.embeddings(features)
         if tuple(pooled.keys()) == self.keys:
-            return self.mlp(pooled.values())
+            return pooled.values()
         # A sharded collection groups its features by shard placement, an int8 one by
         # pooling type: put them back in the order the first layer was built for.
-        return self.mlp(torch.cat([pooled[key] for key in self.keys], dim=1))
+        return torch.cat([pooled[key] for key in self.keys], dim=1)
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        pooled = self.pooled(features)
+        if self.sequence is not None:
+            pooled = torch.cat([pooled, self.sequence(features)], dim=1)
+        return self.mlp(pooled)
+
+    def positions(self, features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sequence tower's output at every history position ``[B, L, out]``, and the mask
+        of real positions: position ``j``'s output is the user vector for predicting the
+        item that came after history item ``j``."""
+        if self.sequence is None:
+            raise ValueError("only a sequence user encoder has an output per position")
+        outputs, real = self.sequence.positions(features)
+        pooled = self.pooled(features)[:, None].expand(-1, outputs.shape[1], -1)
+        return self.mlp(torch.cat([pooled, outputs], dim=2)), real
 
     def multiply_adds(self) -> int:
-        return sum(layer.in_features * layer.out_features for layer in self.linear_layers())
+        mlp = sum(layer.in_features * layer.out_features for layer in self.linear_layers())
+        return mlp + (0 if self.sequence is None else self.sequence.multiply_adds())
 
     def linear_layers(self) -> list[nn.Linear]:
         return [layer for layer in self.mlp if isinstance(layer, nn.Linear)]
@@ -96,10 +262,15 @@ class TwoTower(nn.Module):
         self.space = space
         sizes = space.cardinalities
         wide = spec.embedding_dim
-        user = {"user_id": (sizes["user_id"], wide), "history": (sizes["history"], wide)}
+        user = {"user_id": (sizes["user_id"], wide)}
+        sequence = None
+        if spec.is_sequence:
+            sequence = SequenceEncoder(sizes[HISTORY], spec)
+        else:
+            user[HISTORY] = (sizes[HISTORY], wide)
         user |= {name: (sizes[name], spec.feature_dim) for name in space.user_features}
         item = {key: (sizes[key], wide) for key in ITEM_KEYS}
-        self.user_tower = Tower(user, spec.tower, spec.dropout)
+        self.user_tower = Tower(user, spec.tower, spec.dropout, sequence)
         self.item_tower = Tower(item, spec.tower, spec.dropout)
         if self.user_tower.output_dim != self.item_tower.output_dim:
             raise ValueError(
@@ -130,6 +301,22 @@ class TwoTower(nn.Module):
     def forward(self, batch: RankingBatch) -> torch.Tensor:
         users, items = self.towers(batch)
         return self.score(users, items, batch)
+
+    def next_item_scores(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores ``[targets, 1 + negatives]`` (the target first) at every real position of
+        the batch's sequences, and the matching labels, for next-item training (SASRec)."""
+        users, real = self.user_tower.positions(batch.users)
+        items = self.item_tower(batch.items)
+        item_bias = self.item_bias(batch.items["item_id"].values()).squeeze(-1)
+        scores = items @ users.reshape(-1, users.shape[-1]).T  # [items, sequences * L]
+        scores = (scores + item_bias[:, None]).T.reshape(*users.shape[:2], -1)
+        target = scores.gather(2, batch.targets[..., None])
+        negatives = scores.gather(2, batch.negatives[:, None, :].expand(-1, users.shape[1], -1))
+        kept = real & batch.has_target
+        lists = torch.cat([target, negatives], dim=2)[kept]
+        labels = torch.zeros_like(lists)
+        labels[:, 0] = 1.0
+        return lists, labels
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())

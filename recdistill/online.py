@@ -5,6 +5,12 @@ The two-tower path runs the user tower on the user's snapshot features (with any
 candidates, then sorts by score. With ``precompute_items`` the item tower runs once over
 the catalogue at load instead; both give the same scores.
 
+The history is the request's ``recent_items`` (most recent first) followed by the user's
+snapshot history (train and validation items, newest first: what the test lists were scored
+from), cut to the artifact's history length, exactly the order the offline batches use. A bag encoder pools it; a sequence encoder reads its first
+``max_length`` items, so the request's most recent item is position 0, the one its user
+vector reads out.
+
 Fallbacks, decided once at load:
 
 - **Unknown user** (cold start): with ``recent_items``, the user tower runs on that history,
@@ -12,10 +18,13 @@ Fallbacks, decided once at load:
   the user vector is the mean user vector over (up to 10,000) known users.
 - **Unknown candidate**: scored as the average known item, the mean item-tower output and
   mean item bias. Popularity scores an unknown item as never seen (0 interactions).
-- Unknown ``recent_items`` are ignored: they have no embedding.
+- Unknown ``recent_items`` are ignored: they have no embedding. A known user left with an
+  empty history is scored as offline (a sequence encoder attends over no empty row, so no
+  NaN); an unknown one gets the mean user vector.
 
-Row 0 of every table (index "unknown") is never seen in training, so overwriting it with the
-mean changes no known user's or item's score.
+Row 0 of every user-tower bag table (index "unknown") is never seen in training, so
+overwriting it with the mean changes no known user's or item's score. A sequence encoder's
+history table is left as it is: a history never holds an unknown item.
 """
 
 from __future__ import annotations
@@ -114,8 +123,7 @@ class OnlineRanker:
         if self.artifact.counts is not None:
             return self.artifact.counts[items].numpy()
         users, row_of_list = np.unique(store.users.index(user_ids), return_inverse=True)
-        history, lengths = store.history.gather(users, limit=store.history_length)
-        user_vectors = self.artifact.model.user_tower(store.user_kjt(users, history, lengths))
+        user_vectors = self.artifact.model.user_tower(store.history_kjt(users))
         user_vectors[torch.as_tensor(users == UNKNOWN)] = self.mean_user
         scores = torch.empty(items.shape)
         for start in range(0, len(items), LOAD_BATCH):
@@ -134,6 +142,9 @@ class OnlineRanker:
 
     def _prepare_fallbacks(self) -> None:
         model, store = self.artifact.model, self.store
+        # The bags a cold user reads row 0 of: user_id and the demographics (and, for a bag
+        # encoder, the history, never read at row 0). A sequence encoder's history table is
+        # not among them (model.user_tower.sequence).
         for table in model.user_tower.embeddings.embedding_bags.values():
             set_unknown_row_to_mean(table)
 
@@ -155,6 +166,5 @@ class OnlineRanker:
         user_vectors = []
         for start in range(0, len(sample), LOAD_BATCH):
             users = sample[start : start + LOAD_BATCH]
-            history, lengths = store.history.gather(users, limit=store.history_length)
-            user_vectors.append(model.user_tower(store.user_kjt(users, history, lengths)))
+            user_vectors.append(model.user_tower(store.history_kjt(users)))
         self.mean_user = torch.cat(user_vectors).mean(0)

@@ -11,8 +11,9 @@ run's files and hands the summary to the others.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +44,9 @@ SCORES = "scores_test.safetensors"
 STAGE_KEYS = {f.name for f in StageSpec.__dataclass_fields__.values()} - {"name", "losses"}
 # The [train] key that shapes the features rather than a stage.
 HISTORY_LENGTH = "history_length"
+# Grids searched on validation NDCG@10 when the config's [baselines.*] tables give none.
+EASE_L2 = [100.0, 300.0, 1000.0]
+EASE_HALF_LIVES = [1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0]  # in items of the user's history
 # (model, reference) pairs whose per-user NDCG@10 is compared in summary.json.
 COMPARISONS = (
     ("student", "teacher"),
@@ -50,8 +54,23 @@ COMPARISONS = (
     ("student", "student_direct"),
     ("intermediate", "teacher"),
     ("teacher", "ease"),
+    ("teacher", "ease_recency"),
+    ("student", "ease_recency"),
     ("teacher", "popularity"),
 )
+Tuned = TypeVar("Tuned")
+
+
+def model_presets(config: dict[str, Any]) -> dict[str, TwoTowerSpec]:
+    """The config's ``[models.*]`` specs; a bad one is an error that names its table."""
+    presets = {}
+    for name, table in section(config, "models").items():
+        try:
+            presets[name] = spec_from(TwoTowerSpec, table, f"[models.{name}]")
+        except ValueError as error:
+            where = f"[models.{name}]"
+            raise ValueError(str(error) if str(error).startswith(where) else f"{where}: {error}")
+    return presets
 
 
 def stages_from(config: dict[str, Any]) -> list[StageSpec]:
@@ -89,14 +108,12 @@ def run(config_path: Path, data: Path, out: Path, *, resume: bool = False) -> di
     out = Path(out)
     if not resume and any(out.glob(f"*/{CHECKPOINT}")):
         raise ValueError(f"{out} already holds a run; pass --resume to continue it")
-    presets = {
-        name: spec_from(TwoTowerSpec, table, f"[models.{name}]")
-        for name, table in section(config, "models").items()
-    }
+    presets = model_presets(config)
     stages = stages_from(config)
-    _check_order(stages, presets)
+    history_length = section(config, "train").get(HISTORY_LENGTH, 50)
+    _check_stages(stages, presets, history_length)
     meta = read_meta(data)
-    store = FeatureStore(data, history_length=section(config, "train").get(HISTORY_LENGTH, 50))
+    store = FeatureStore(data, history_length=history_length)
     space = FeatureSpace(store.user_features, store.cardinalities())
     out.mkdir(parents=True, exist_ok=True)
     if world.is_main:
@@ -140,9 +157,26 @@ def _score_and_write(
     """Add the baselines, score every model on the test lists and write the run's files."""
     models["popularity"] = Popularity(store)
     summary["models"]["popularity"] = {"params": 0}
-    ease_l2 = _tune_ease(store, section(config, "baselines.ease").get("l2", [100, 300, 1000]))
-    models["ease"] = Ease(store, ease_l2)
-    summary["models"]["ease"] = {"params": len(store.items) ** 2, "l2": ease_l2}
+    ease = _best_on_valid(
+        store,
+        section(config, "baselines.ease").get("l2", EASE_L2),
+        lambda l2: Ease.fit(store, float(l2)),
+    )
+    recency = _best_on_valid(
+        store,
+        section(config, "baselines.ease_recency").get("half_life", EASE_HALF_LIVES),
+        lambda half_life: ease.scoring(store, float(half_life)),
+    )
+    # Tuned on validation histories; the test lists are scored from the test-time ones.
+    tested = store.known_at("test")
+    models["ease"] = ease.scoring(tested)
+    summary["models"]["ease"] = {"params": len(store.items) ** 2, "l2": ease.l2}
+    models["ease_recency"] = recency.scoring(tested)
+    summary["models"]["ease_recency"] = {
+        "params": len(store.items) ** 2,
+        "l2": recency.l2,
+        "half_life": recency.half_life,
+    }
 
     scored = {name: score_lists(model, store, "test") for name, model in models.items()}
     teacher = scored.get("teacher")
@@ -162,25 +196,51 @@ def _score_and_write(
     write_json(out / SUMMARY, summary)
 
 
-def _check_order(stages: list[StageSpec], presets: dict[str, TwoTowerSpec]) -> None:
-    """Fail before any training if a stage names an unknown preset or a later teacher."""
+def _check_stages(
+    stages: list[StageSpec], presets: dict[str, TwoTowerSpec], history_length: int
+) -> None:
+    """Fail before any training if a stage names an unknown preset or a later teacher, or
+    asks of its model what the model cannot do."""
+    for name, preset in presets.items():
+        if preset.is_sequence and preset.max_length > history_length:
+            raise ValueError(
+                f"[models.{name}] reads max_length = {preset.max_length} items, more than "
+                f"[train] history_length = {history_length} keeps"
+            )
     trained: set[str] = set()
     for stage in stages:
         if stage.model not in presets:
             raise ValueError(f"[stages.{stage.name}] uses unknown model preset {stage.model!r}")
+        preset = presets[stage.model]
+        if stage.objective == "next_item" and not (preset.is_sequence and preset.readout == "last"):
+            raise ValueError(
+                f"[stages.{stage.name}]: the next_item objective needs a sequence model read "
+                f"out at its last position; [models.{stage.model}] is not one"
+            )
         missing = [t for t in stage.teachers if t not in trained]
         if missing:
             raise ValueError(f"[stages.{stage.name}] learns from {missing}, not trained before it")
         trained.add(stage.name)
 
 
-def _tune_ease(store: FeatureStore, grid: list[float]) -> float:
-    """The EASE regularisation with the best validation NDCG@10 (never looks at test)."""
-    scores = {
-        l2: float(evaluate(Ease(store, l2), store, "valid", full_ranking=False)["ndcg@10"].mean())
-        for l2 in grid
-    }
-    return max(scores, key=scores.get)
+def _best_on_valid(
+    store: FeatureStore, grid: list[float], build: Callable[[float], Tuned]
+) -> Tuned:
+    """The ranker of ``grid`` with the best validation NDCG@10 (never looks at test); the
+    first of equals wins.
+
+    Only the best ranker so far is kept beside the one being scored.
+    """
+    if not grid:
+        raise ValueError("a baseline's grid is empty")
+    best, best_score = None, -np.inf
+    for value in grid:
+        ranker = build(value)
+        score = float(evaluate(ranker, store, "valid", full_ranking=False)["ndcg@10"].mean())
+        if best is None or score > best_score:
+            best, best_score = ranker, score
+        del ranker
+    return best
 
 
 def _comparisons(per_user: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:

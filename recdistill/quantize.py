@@ -5,10 +5,14 @@ Two independent steps, chosen by :class:`QuantizationSpec`:
 - ``embeddings``: every embedding-bag table becomes row-wise int8, torchrec's quantized
   ``EmbeddingBagCollection`` on fbgemm's int8 kernels. Each row keeps 8-bit codes and an
   fp16 scale and offset of its own: ``value = code * scale + offset``.
-- ``linear``: the towers' ``nn.Linear`` layers become dynamically quantized int8 layers
+- ``linear``: the towers' MLP ``nn.Linear`` layers become dynamically quantized int8 layers
   (weights int8 per output channel, activations quantized on the fly).
 
-The per-item bias stays float: one number per item, and it adds straight to the score.
+The per-item bias stays float: one number per item, and it adds straight to the score. So
+does a sequence user encoder (``model.user_tower.sequence``: its ``EmbeddingCollection``,
+position embeddings and attention layers): its history table is not an embedding bag and
+its attention is not part of the tower's MLP, so an int8 sequence model has int8 user-ID and
+demographic bags, item tower and MLPs, and a float sequence encoder.
 
 A quantized model's state is stored as plain tensors (:func:`plain_state`), so artifacts
 stay pickle-free safetensors. A loader builds the float model from its spec, quantizes it the

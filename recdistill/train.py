@@ -34,12 +34,21 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from recdistill import distributed
-from recdistill.data.batches import FeatureStore, RankingBatch, TrainLists
+from recdistill.data.batches import (
+    FeatureStore,
+    RankingBatch,
+    SequenceBatch,
+    TrainLists,
+    TrainSequences,
+)
 from recdistill.evaluate import evaluate
 from recdistill.losses import LOSSES
 from recdistill.models import TwoTower
 
 LABELS = "labels"
+# What a stage trains on: ranking lists (a train interaction and sampled negatives), or
+# every position of history windows predicting the item that came next (sequence models).
+OBJECTIVES = ("lists", "next_item")
 SELECTION_METRIC = "ndcg@10"
 CHECKPOINT = "checkpoint.pt"
 BEST_WEIGHTS = "model.safetensors"
@@ -47,6 +56,8 @@ LOG = "log.jsonl"
 # Row-wise Adagrad needs about this many times Adam's learning rate to learn as fast: at
 # this ratio torchrun's sharded stages of configs/synthetic.toml match one process's quality.
 ADAGRAD_STEP_RATIO = 10.0
+# Users whose teacher vectors are computed at once.
+TEACHER_USERS = 4096
 # Checkpoints of other formats (or none) are refused rather than resumed differently.
 CHECKPOINT_FORMAT = 2
 
@@ -90,6 +101,19 @@ class StageSpec:
     adagrad_learning_rate: float | None = None
     weight_decay: float = 0.0
     seed: int = 0
+    objective: str = "lists"
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(
+                f"[stages.{self.name}]: unknown objective {self.objective!r}; "
+                f"choose one of {list(OBJECTIVES)}"
+            )
+        if self.objective == "next_item" and self.teachers:
+            raise ValueError(
+                f"[stages.{self.name}]: the next_item objective learns from labels only; "
+                f"it cannot distil from {list(self.teachers)}"
+            )
 
     @property
     def table_adagrad_learning_rate(self) -> float:
@@ -134,8 +158,15 @@ class StageObjective(nn.Module):
         self.losses = losses
 
     def forward(
-        self, batch: RankingBatch, teacher_outputs: dict[str, TeacherOutputs]
+        self, batch: RankingBatch | SequenceBatch, teacher_outputs: dict[str, TeacherOutputs]
     ) -> torch.Tensor:
+        if isinstance(batch, SequenceBatch):
+            scores, labels = self.model.next_item_scores(batch)
+            mask = torch.ones_like(labels, dtype=torch.bool)
+            return sum(
+                term.weight * LOSSES[term.fn](scores, labels, mask=mask, **term.options)
+                for term in self.losses
+            )
         users, items = self.model.towers(batch)
         scores = self.model.score(users, items, batch)
         total = scores.new_zeros(())
@@ -178,10 +209,23 @@ class Trainer:
             for name, teacher in teachers.items()
         }
         # A frozen teacher's item vectors never change: compute them once for the catalogue.
+        # A frozen teacher's vectors never change: compute them once, for the catalogue and
+        # for every user from the user's whole train history, as the teacher would serve
+        # them. A sequence teacher would otherwise run its attention layers on every list.
         with torch.no_grad():
             catalogue = store.catalogue().to(device)
             self.teacher_items = {
                 name: teacher.item_tower(catalogue) for name, teacher in self.teachers.items()
+            }
+            users = np.arange(len(store.users))
+            self.teacher_users = {
+                name: torch.cat(
+                    [
+                        teacher.user_tower(store.history_kjt(chunk).to(device))
+                        for chunk in np.array_split(users, math.ceil(len(users) / TEACHER_USERS))
+                    ]
+                )
+                for name, teacher in self.teachers.items()
             }
         # Feature distillation maps the student's tower outputs into each teacher's space;
         # the adapters are trained with the stage and are not part of the model.
@@ -211,25 +255,33 @@ class Trainer:
         self.optimizer = torch.optim.Adam(
             self.adam_parameters.values(), lr=spec.learning_rate, weight_decay=spec.weight_decay
         )
-        self.lists = TrainLists(
-            store,
-            batch_size=spec.batch_size,
-            negatives=spec.negatives,
-            seed=spec.seed,
-            rank=self.world.rank,
-            world_size=self.world.size,
-        )
+        sharing = {
+            "batch_size": spec.batch_size,
+            "negatives": spec.negatives,
+            "seed": spec.seed,
+            "rank": self.world.rank,
+            "world_size": self.world.size,
+        }
+        if spec.objective == "next_item":
+            if not model.spec.is_sequence:
+                raise ValueError(f"[stages.{spec.name}]: next_item needs a sequence user encoder")
+            self.lists = TrainSequences(store, max_length=model.spec.max_length, **sharing)
+        else:
+            self.lists = TrainLists(store, **sharing)
 
-    def loss(self, batch: RankingBatch) -> torch.Tensor:
+    def loss(self, batch: RankingBatch | SequenceBatch) -> torch.Tensor:
         batch = batch.to(self.world.device)
         return self.trained(batch, self.teacher_outputs(batch))
 
     @torch.no_grad()
-    def teacher_outputs(self, batch: RankingBatch) -> dict[str, TeacherOutputs]:
+    def teacher_outputs(self, batch: RankingBatch | SequenceBatch) -> dict[str, TeacherOutputs]:
+        if not self.teachers:
+            return {}
         item_ids = batch.items["item_id"].values()
+        user_ids = batch.users["user_id"].values()
         outputs = {}
         for name, teacher in self.teachers.items():
-            users = teacher.user_tower(batch.users)
+            users = self.teacher_users[name][user_ids]
             items = self.teacher_items[name][item_ids]
             outputs[name] = (users, items, teacher.score(users, items, batch))
         return outputs
@@ -256,8 +308,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            examples += len(batch.labels)
-            loss_sum += loss.item() * len(batch.labels)
+            examples += batch.examples
+            loss_sum += loss.item() * batch.examples
             progress.set_postfix(loss=f"{loss.item():.4f}")
         examples, loss_sum = distributed.all_sum([examples, loss_sum], self.world)
         return EpochStats(int(examples), loss_sum, time.perf_counter() - started)

@@ -14,6 +14,10 @@ TINY = """
 embedding_dim = 16
 tower = [32, 8]
 feature_dim = 4
+user_encoder = "sequence"
+max_length = 8
+layers = 1
+heads = 2
 
 [models.small]
 embedding_dim = 4
@@ -31,8 +35,14 @@ learning_rate = 5e-3
 [baselines.ease]
 l2 = [50.0, 500.0]
 
+[baselines.ease_recency]
+half_life = [2.0, 20.0]
+
 [stages.teacher]
 model = "big"
+objective = "next_item"
+batch_size = 64
+negatives = 16
 losses = [{ fn = "softmax_ce" }]
 
 [stages.intermediate]

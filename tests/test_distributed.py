@@ -2,6 +2,7 @@
 are killed with SIGKILL and resumed from their checkpoints."""
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -16,10 +17,24 @@ import torch
 from safetensors.torch import load_file
 
 import recdistill.data.prepare
-from recdistill.data.batches import CandidateLists, FeatureStore, TrainLists
+from recdistill.data.batches import (
+    ITEM_KEYS,
+    CandidateLists,
+    FeatureStore,
+    TrainLists,
+    TrainSequences,
+)
 from recdistill.models import FeatureSpace, TwoTower
 from tests.conftest import PROJECT, build_synthetic
-from tests.distributed_worker import SCORED_BATCHES, STAGE, STEPS, spec
+from tests.distributed_worker import (
+    SCORED_BATCHES,
+    SEQUENCE,
+    SEQUENCE_STAGE,
+    STAGE,
+    STEPS,
+    sequence_batch,
+    spec,
+)
 
 BIN = Path(sys.executable).parent
 TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2"]
@@ -43,6 +58,37 @@ l2 = [50.0]
 
 [stages.teacher]
 model = "big"
+losses = [{ fn = "softmax_ce" }]
+"""
+# The same run with a sequence teacher: its history table is an EmbeddingCollection, sharded
+# beside the bags, and it learns to predict each next item of history windows.
+SEQUENCE_TEACHER = """
+[models.big]
+embedding_dim = 16
+tower = [32, 8]
+feature_dim = 4
+user_encoder = "sequence"
+max_length = 5
+layers = 1
+heads = 2
+
+[train]
+history_length = 10
+batch_size = 256
+negatives = 4
+epochs = 3
+patience = 3
+learning_rate = 5e-3
+
+[baselines.ease]
+l2 = [50.0]
+
+[baselines.ease_recency]
+half_life = [10.0]
+
+[stages.teacher]
+model = "big"
+objective = "next_item"
 losses = [{ fn = "softmax_ce" }]
 """
 
@@ -176,10 +222,16 @@ def test_ranks_take_equal_disjoint_shares_of_the_same_batches(chunked_store):
 
 
 # 2: feature tables replicated, the others sharded; 8: every table sharded, so that the
-# sharded collections return their features in another order than their tables.
-@pytest.mark.parametrize("feature_dim", [2, 8])
+# sharded collections return their features in another order than their tables. A
+# sequence model trains on next-item windows, its history table sharded as a sequence, or,
+# 6 wide (too narrow for the fused kernel), left whole and replicated.
+@pytest.mark.parametrize(
+    ("feature_dim", "encoder", "embedding_dim"),
+    [(2, "bag", 8), (8, "bag", 8), (2, SEQUENCE, 8), (2, SEQUENCE, 6)],
+    ids=["2", "8", SEQUENCE, f"{SEQUENCE}-replicated"],
+)
 def test_sharded_scores_equal_a_single_process_model_with_the_same_weights(
-    synthetic_dir, tmp_path, feature_dim
+    synthetic_dir, tmp_path, feature_dim, encoder, embedding_dim
 ):
     run(
         [
@@ -188,17 +240,46 @@ def test_sharded_scores_equal_a_single_process_model_with_the_same_weights(
             str(synthetic_dir),
             str(tmp_path),
             str(feature_dim),
+            encoder,
+            str(embedding_dim),
         ]
     )
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["world_size"] == 2
-    assert stats["examples"] == 2 * STEPS * STAGE.batch_size  # each rank ran its own batches
     store = FeatureStore(synthetic_dir, history_length=10)
+    # Each rank ran its own batches.
+    if encoder == SEQUENCE:
+        shares = [
+            TrainSequences(
+                store,
+                max_length=spec(feature_dim, encoder, embedding_dim).max_length,
+                batch_size=SEQUENCE_STAGE.batch_size,
+                negatives=SEQUENCE_STAGE.negatives,
+                seed=SEQUENCE_STAGE.seed,
+                rank=rank,
+                world_size=2,
+            )
+            for rank in range(2)
+        ]
+        firsts = [batch for share in shares for batch in itertools.islice(share.epoch(0), STEPS)]
+        assert stats["examples"] == sum(batch.examples for batch in firsts)
+        sequence_plan = stats["plan"].get("model.user_tower.sequence.embeddings")
+        if embedding_dim % 4 == 0:
+            assert sequence_plan == {"table_history_sequence": "table_wise"}
+        else:
+            assert sequence_plan is None
+    else:
+        assert stats["examples"] == 2 * STEPS * STAGE.batch_size
     torch.manual_seed(0)
-    model = TwoTower(spec(feature_dim), FeatureSpace(store.user_features, store.cardinalities()))
+    model = TwoTower(
+        spec(feature_dim, encoder, embedding_dim),
+        FeatureSpace(store.user_features, store.cardinalities()),
+    )
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     weights = load_file(str(tmp_path / "weights.safetensors"))
-    trained_tables = [k for k in weights if "embedding_bags" in k]
+    trained_tables = [k for k in weights if "embedding_bags." in k or "embeddings.embeddings." in k]
+    # user_id, history, the user features and the item keys: bags, or the history a sequence.
+    assert len(trained_tables) == 2 + len(store.user_features) + len(ITEM_KEYS)
     assert all(not torch.equal(weights[k], initial[k]) for k in trained_tables)
     model.load_state_dict(weights)
     model.eval()
@@ -208,11 +289,15 @@ def test_sharded_scores_equal_a_single_process_model_with_the_same_weights(
         for index, batch in enumerate(batches):
             # Equal up to float32 rounding: fbgemm's kernels pool in their own order.
             torch.testing.assert_close(sharded[f"batch_{index}"], model(batch), rtol=0, atol=1e-5)
+        if encoder == SEQUENCE:
+            next_item, _ = model.next_item_scores(sequence_batch(store))
+            torch.testing.assert_close(sharded["next_item"], next_item, rtol=0, atol=1e-5)
 
 
-def test_killed_sharded_run_resumes_to_the_same_result(synthetic_dir, tmp_path):
+@pytest.mark.parametrize("teacher", [TEACHER_ONLY, SEQUENCE_TEACHER], ids=["bag", SEQUENCE])
+def test_killed_sharded_run_resumes_to_the_same_result(synthetic_dir, tmp_path, teacher):
     config = tmp_path / "teacher.toml"
-    config.write_text(TEACHER_ONLY)
+    config.write_text(teacher)
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     run(train_command(config, synthetic_dir, straight, launcher=TORCHRUN))
 
@@ -245,7 +330,7 @@ def test_a_sharded_checkpoint_resumes_in_a_single_process(synthetic_dir, tmp_pat
     epochs = without_timing(log)
     assert epochs[: len(sharded_epochs)] == sharded_epochs
     assert [e["epoch"] for e in epochs] == [0, 1, 2]
-    assert set(metrics_of(out)) == {"teacher", "popularity", "ease"}
+    assert set(metrics_of(out)) == {"teacher", "popularity", "ease", "ease_recency"}
 
 
 def test_killed_single_process_run_resumes_to_the_same_result(tiny_run, synthetic_dir, tmp_path):

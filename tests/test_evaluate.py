@@ -55,7 +55,7 @@ def test_a_constant_ranker_gets_no_credit_for_ties(store):
 
 
 def test_ease_matches_its_closed_form_and_popularity_counts(store):
-    ease = Ease(store, l2=10.0)
+    ease = Ease.fit(store, l2=10.0)
     x = np.zeros((len(store.users), len(store.items)))
     x[store.train_users, store.train_items] = 1
     inverse = np.linalg.inv(x.T @ x + 10.0 * np.eye(len(store.items)))

@@ -1,8 +1,9 @@
+import numpy as np
 import pytest
 import torch
 
 from recdistill.config import load_config, section, spec_from
-from recdistill.data.batches import FeatureStore, TrainLists
+from recdistill.data.batches import FeatureStore, TrainLists, TrainSequences
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
 from tests.conftest import PROJECT
 
@@ -67,3 +68,119 @@ def test_student_preset_is_tiny_next_to_the_teacher(ml100k, tmp_path):
     teacher, student = models["teacher"], models["student"]
     assert teacher.parameter_count() >= 20 * student.parameter_count()
     assert teacher.multiply_adds()["per_candidate"] >= 50 * student.multiply_adds()["per_candidate"]
+
+
+def sequence_spec(**overrides):
+    values = {
+        "embedding_dim": 8,
+        "tower": (8,),
+        "feature_dim": 2,
+        "user_encoder": "sequence",
+        "max_length": 6,
+        "layers": 2,
+        "heads": 2,
+    }
+    return TwoTowerSpec(**(values | overrides))
+
+
+def user_vectors(model, store, users, histories):
+    history = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories])
+    lengths = np.array([len(h) for h in histories])
+    return model.user_tower(store.user_kjt(np.asarray(users), history, lengths))
+
+
+@pytest.mark.parametrize("readout", ["last", "attention"])
+def test_sequence_encoder_reads_the_most_recent_max_length_items_in_order(store, readout):
+    torch.manual_seed(0)
+    model = TwoTower(sequence_spec(readout=readout), space_of(store)).eval()
+    if readout == "attention":
+        torch.nn.init.normal_(model.user_tower.sequence.query)
+    history = [5, 9, 2, 7, 3, 8]
+    same = user_vectors(model, store, [1, 1], [history, history + [11, 12]])
+    # Items beyond max_length are not read; the order of the rest matters.
+    torch.testing.assert_close(same[0], same[1])
+    swapped = user_vectors(model, store, [1], [[9, 5, 2, 7, 3, 8]])
+    assert not torch.allclose(same[0], swapped[0])
+
+
+def test_sequence_positions_see_only_themselves_and_older_items(store):
+    torch.manual_seed(0)
+    model = TwoTower(sequence_spec(), space_of(store)).eval()
+    kjt = lambda h: store.user_kjt(np.array([1]), np.array(h), np.array([len(h)]))
+    outputs, real = model.user_tower.positions(kjt([5, 9, 2, 7]))
+    changed, _ = model.user_tower.positions(kjt([6, 9, 2, 7]))  # a newer item 0 changed
+    assert real[0].tolist() == [True] * 4 + [False] * 2
+    torch.testing.assert_close(outputs[0, 1:4], changed[0, 1:4])
+    assert not torch.allclose(outputs[0, 0], changed[0, 0])
+    # Position 0 of the whole history is the user vector the "last" readout serves.
+    torch.testing.assert_close(outputs[0, 0], model.user_tower(kjt([5, 9, 2, 7]))[0])
+    # Position 1 is the user vector the history had before item 5 arrived.
+    torch.testing.assert_close(outputs[0, 1], model.user_tower(kjt([9, 2, 7]))[0])
+
+
+def test_an_empty_history_gives_finite_vectors_and_gradients(store):
+    torch.manual_seed(0)
+    model = TwoTower(sequence_spec(dropout=0.1), space_of(store))
+    vectors = user_vectors(model, store, [1, 2], [[], [4]])
+    vectors.sum().backward()
+    assert torch.isfinite(vectors).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_next_item_scores_put_each_window_positions_target_first(store):
+    torch.manual_seed(0)
+    model = TwoTower(sequence_spec(), space_of(store)).eval()
+    torch.nn.init.normal_(model.item_bias.weight)
+    batch = next(TrainSequences(store, max_length=6, batch_size=8, negatives=3).epoch(0))
+    scores, labels = model.next_item_scores(batch)
+    assert scores.shape == (batch.examples, 4)
+    assert (labels[:, 0] == 1).all() and (labels[:, 1:] == 0).all()
+    users, real = model.user_tower.positions(batch.users)
+    items = model.item_tower(batch.items)
+    item_ids = batch.items["item_id"].values()
+    window, position = torch.nonzero(real & batch.has_target)[0]
+    target = batch.targets[window, position]
+    expected = users[window, position] @ items[target] + model.item_bias.weight[item_ids[target], 0]
+    assert scores[0, 0].item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_train_sequences_predict_each_train_item_from_the_items_before_it(store):
+    sequences = TrainSequences(store, max_length=4, batch_size=32, negatives=3)
+    seen = []
+    for batch in sequences.epoch(0):
+        users = batch.users["user_id"].values().numpy()
+        history = batch.users["history"]
+        item_ids = batch.items["item_id"].values().numpy()
+        for row, (values, user) in enumerate(zip(history.to_dense(), users)):
+            full = store.history.values[
+                store.history.offsets[user] : store.history.offsets[user + 1]
+            ]
+            targets = item_ids[batch.targets[row][batch.has_target[row]].numpy()]
+            end = int(np.flatnonzero(full == targets[0])[0])
+            # Window e reads h[e + 1 : e + 5]; its position j is followed by h[e + j].
+            assert values.tolist() == full[end + 1 : end + 5].tolist()
+            assert targets.tolist() == full[end : end + len(targets)].tolist()
+            negatives = item_ids[batch.negatives[row].numpy()]
+            assert not set(negatives) & set(full)
+            seen += [(user, t) for t in targets]
+    expected = [
+        (u, i)
+        for u in range(1, len(store.users))
+        for i in store.history.values[store.history.offsets[u] : store.history.offsets[u + 1] - 1]
+    ]
+    assert sorted(seen) == sorted(expected)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"heads": 3}, "heads \\(3\\) must divide embedding_dim \\(8\\)"),
+        ({"max_length": 0}, "max_length must be at least 1"),
+        ({"user_encoder": "lstm"}, "unknown user_encoder 'lstm'"),
+        ({"embedding_dim": 2, "tower": (2,), "heads": 4}, "cannot have 4 heads"),
+        ({"readout": "mean"}, "unknown readout 'mean'"),
+    ],
+)
+def test_bad_sequence_specs_are_refused_with_a_message(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        sequence_spec(**overrides)

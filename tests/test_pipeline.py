@@ -1,4 +1,5 @@
 import json
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -15,6 +16,7 @@ MODELS = [
     "student_direct",
     "popularity",
     "ease",
+    "ease_recency",
 ]
 
 
@@ -30,6 +32,10 @@ def test_summary_holds_every_model_with_the_contracted_fields(tiny_run):
     assert student["training"]["teachers"] == ["intermediate", "teacher"]
     assert student["training"]["epochs_run"] == 1
     assert summary["models"]["ease"]["l2"] in (50.0, 500.0)
+    recency = summary["models"]["ease_recency"]
+    assert recency["l2"] == summary["models"]["ease"]["l2"] and recency["half_life"] in (2.0, 20.0)
+    assert recency["params"] == summary["models"]["ease"]["params"]
+    assert {"teacher_vs_ease_recency", "student_vs_ease_recency"} <= set(summary["comparisons"])
     assert "student_vs_student_scratch" in summary["comparisons"]
     per_user = pq.read_table(out / "per_user.parquet").to_pandas()
     assert sorted(per_user["model"].unique()) == sorted(MODELS)
@@ -91,3 +97,26 @@ def test_stage_order_and_teachers_are_checked_before_training(synthetic_dir, tmp
         with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
             run(config, synthetic_dir, tmp_path / "out")
         assert not list((tmp_path / "out").glob("*/log.jsonl"))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (("heads = 2", "heads = 3"), "[models.big]: heads (3) must divide embedding_dim (16)"),
+        (("max_length = 8", "max_length = 0"), "[models.big]: max_length must be at least 1"),
+        (("max_length = 8", "max_length = 11"), "more than [train] history_length = 10"),
+        (('user_encoder = "sequence"', 'user_encoder = "rnn"'), "unknown user_encoder 'rnn'"),
+        (
+            ("embedding_dim = 4", 'embedding_dim = 4\nuser_encoder = "sequence"\nheads = 8'),
+            "[models.small]: a sequence encoder of embedding_dim 4 cannot have 8 heads",
+        ),
+        (('objective = "next_item"', 'objective = "pairs"'), "unknown objective 'pairs'"),
+        (('model = "big"', 'model = "small"'), "next_item objective needs a sequence model"),
+    ],
+)
+def test_bad_sequence_configs_stop_before_training(synthetic_dir, tmp_path, change, message):
+    config = tmp_path / "c.toml"
+    config.write_text(TINY.replace(*change, 1))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run(config, synthetic_dir, tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*/log.jsonl"))

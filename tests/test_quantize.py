@@ -170,7 +170,7 @@ def test_an_int8_artifact_serves_the_scores_of_the_int8_model(
 ):
     int8_artifact, spec = int8_artifact
     ranker = OnlineRanker(load_artifact(int8_artifact), precompute_items=precompute)
-    offline = score_lists(quantize(student, spec), store, "valid")
+    offline = score_lists(quantize(student, spec), store, "test")  # served histories: test's
     # Dynamic int8 layers quantize their inputs with the range of the batch at hand, so with
     # them a score moves a little with the other items scored alongside it.
     tolerance = 0.02 * np.abs(offline.scores).max() if spec.linear else 1e-5

@@ -18,6 +18,7 @@ user's history and the sorted (user, item) keys that negative sampling avoids, a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Iterator
@@ -99,10 +100,43 @@ class RankingBatch:
     def list_size(self) -> int:
         return self.labels.shape[1]
 
+    @property
+    def examples(self) -> int:
+        return self.labels.shape[0]
+
     def to(self, device: torch.device) -> RankingBatch:
-        return RankingBatch(
-            **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)}
-        )
+        return _to(self, device)
+
+
+@dataclass
+class SequenceBatch:
+    """Windows of users' histories for next-item training (as SASRec trains).
+
+    ``users`` has one row per window: the history it reads, newest first. Position ``j`` of
+    that history is followed in time by ``targets[:, j]``, a row of ``items``, where
+    ``has_target``; every window shares ``negatives`` (rows of ``items``, never items of the
+    user's train history) among its positions.
+    """
+
+    users: KeyedJaggedTensor
+    items: KeyedJaggedTensor
+    targets: torch.Tensor
+    has_target: torch.Tensor
+    negatives: torch.Tensor
+    user_ids: torch.Tensor
+
+    @property
+    def examples(self) -> int:
+        return int(self.has_target.sum())
+
+    def to(self, device: torch.device) -> SequenceBatch:
+        return _to(self, device)
+
+
+def _to(batch, device: torch.device):
+    return type(batch)(
+        **{f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)}
+    )
 
 
 class FeatureStore:
@@ -145,18 +179,46 @@ class FeatureStore:
         history[newest_first] = train_items
         del newest_first
         self.history = Jagged(offsets, history)
+        valid = pq.read_table(directory / split_file("valid"), columns=["user_id", "item_id"])
+        self.valid_items = np.zeros(len(self.users), dtype=np.int64)
+        self.valid_items[self.users.index(valid.column("user_id").to_numpy())] = self.items.index(
+            valid.column("item_id").to_numpy()
+        )
         self.train_seen = pair_keys(train_users, train_items, len(self.items))
         self.train_seen.sort()
         self.item_train_counts = np.bincount(train_items, minlength=len(self.items))
 
+    def known_at(self, split: str) -> FeatureStore:
+        """The store as it stands when ``split``'s held-out interactions happen.
+
+        Validation items come after every train item and before the test item, so for
+        ``"test"`` each user's history also holds the user's validation item, as the newest;
+        for ``"valid"`` it is the train history alone. Negative sampling, item counts and
+        everything else stay train-only.
+        """
+        if split == "valid":
+            return self
+        if split != "test":
+            raise ValueError(f"no held-out split {split!r}; choose valid or test")
+        has = (self.valid_items > 0).astype(np.int64)
+        lengths = np.diff(self.history.offsets)
+        offsets = np.concatenate([[0], np.cumsum(lengths + has)])
+        values = np.empty(offsets[-1], dtype=self.history.values.dtype)
+        values[offsets[:-1][has == 1]] = self.valid_items[has == 1]
+        shift = np.repeat(np.cumsum(has), lengths)
+        values[np.arange(len(self.history.values)) + shift] = self.history.values
+        view = copy.copy(self)
+        view.history = Jagged(offsets, values)
+        return view
+
     @property
     def train_users(self) -> np.ndarray:
-        """The user index of every train interaction, grouped by user like ``train_items``."""
+        """The user index of every history interaction, grouped by user like ``train_items``."""
         return np.repeat(np.arange(len(self.users)), np.diff(self.history.offsets))
 
     @property
     def train_items(self) -> np.ndarray:
-        """The item index of every train interaction (each user's newest first)."""
+        """The item index of every history interaction (each user's newest first)."""
         return self.history.values
 
     def _read_train(self) -> tuple[np.ndarray, np.ndarray]:
@@ -211,6 +273,11 @@ class FeatureStore:
         lengths = [np.ones(len(users)), history_lengths]
         lengths += [np.ones(len(users))] * len(self.user_features)
         return _kjt(("user_id", "history", *self.user_features), values, lengths)
+
+    def history_kjt(self, users: np.ndarray) -> KeyedJaggedTensor:
+        """The user-side KJT of user indices ``users`` with their train histories (capped)."""
+        history, lengths = self.history.gather(users, limit=self.history_length)
+        return self.user_kjt(users, history, lengths)
 
     def batch(
         self,
@@ -362,11 +429,88 @@ class TrainLists:
             yield window
 
 
+class TrainSequences:
+    """Next-item training windows over every user's train history, for one epoch at a time.
+
+    A user's history ``h`` (newest first) is cut into windows ``e = 0, L, 2L, ...``: window
+    ``e`` reads ``h[e + 1 : e + 1 + L]`` and its position ``j`` is followed by ``h[e + j]``, so
+    each train interaction but a user's oldest is a target once an epoch, predicted from the
+    items before it alone. Windows are shuffled each epoch; global batch ``k`` draws its
+    ``negatives`` per window from its own generator, seeded by (seed, epoch, k), and goes
+    to rank ``k mod world_size``, as :class:`TrainLists` does.
+    """
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        *,
+        max_length: int,
+        batch_size: int,
+        negatives: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.store = store
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.negatives = negatives
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        counts = np.diff(store.history.offsets)
+        per_user = np.maximum(counts - 1 + max_length - 1, 0) // max_length
+        self.window_users = np.repeat(np.arange(len(counts)), per_user)
+        first = np.repeat(np.cumsum(per_user) - per_user, per_user)
+        self.window_ends = (np.arange(len(self.window_users)) - first) * max_length
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.window_users) / self.batch_size) // self.world_size
+
+    def epoch(self, epoch: int) -> Iterator[SequenceBatch]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.window_users))
+        for k in range(self.rank, len(self) * self.world_size, self.world_size):
+            windows = order[k * self.batch_size : (k + 1) * self.batch_size]
+            rng = np.random.default_rng([self.seed, epoch, k])
+            yield self._batch(self.window_users[windows], self.window_ends[windows], rng)
+
+    def _batch(
+        self, users: np.ndarray, ends: np.ndarray, rng: np.random.Generator
+    ) -> SequenceBatch:
+        store, length = self.store, self.max_length
+        starts = store.history.offsets[users] + ends
+        available = store.history.offsets[users + 1] - starts - 1
+        lengths = np.minimum(available, length)
+        within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        history = store.history.values[np.repeat(starts + 1, lengths) + within]
+        slots = np.arange(length)
+        has_target = slots < lengths[:, None]
+        targets = np.where(
+            has_target, store.history.values[starts[:, None] + slots * has_target], 0
+        )
+        negatives = sample_unseen(
+            users, self.negatives, store.train_seen, len(store.items), rng, first_item=1
+        )
+        distinct, rows = np.unique(
+            np.concatenate([targets.ravel(), negatives.ravel()]), return_inverse=True
+        )
+        return SequenceBatch(
+            users=store.user_kjt(users, history, lengths),
+            items=store.item_kjt(distinct),
+            targets=torch.as_tensor(rows[: targets.size].reshape(targets.shape)),
+            has_target=torch.as_tensor(has_target),
+            negatives=torch.as_tensor(rows[targets.size :].reshape(negatives.shape)),
+            user_ids=torch.as_tensor(store.users.values[users - 1]),
+        )
+
+
 class CandidateLists:
-    """The saved validation or test candidate lists (held-out item first), in batches."""
+    """The saved validation or test candidate lists (held-out item first), in batches, each
+    user's history as it stood at the held-out interaction (:meth:`FeatureStore.known_at`)."""
 
     def __init__(self, store: FeatureStore, split: str, *, batch_size: int = 256) -> None:
         table = pq.read_table(store.directory / candidates_file(split))
+        store = store.known_at(split)
         self.store = store
         self.batch_size = batch_size
         self.users = store.users.index(table.column("user_id").to_numpy())

@@ -275,8 +275,8 @@ def tie_break_key(user: np.ndarray, item: np.ndarray, seed: int) -> np.ndarray:
     two ratings share a second), which a sequence model could learn instead of taste. The
     key is a hash of the external IDs, so it does not depend on how rows are partitioned.
     """
-    key = np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
     with np.errstate(over="ignore"):
+        key = np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
         for value in (user, item):
             key = _mix64(key ^ value.astype(np.uint64))
     return key

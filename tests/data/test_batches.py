@@ -101,9 +101,9 @@ def test_negatives_are_resampled_each_epoch_and_reproducible(store):
 
 
 def test_candidate_lists_follow_the_saved_lists(store, synthetic_dir):
-    candidates = frame(synthetic_dir, "candidates_test")
+    candidates = frame(synthetic_dir, "candidates_valid")
     train = frame(synthetic_dir, "train")
-    lists = CandidateLists(store, "test", batch_size=100)
+    lists = CandidateLists(store, "valid", batch_size=100)
     batches = list(lists)
     assert len(batches) == len(lists)
     assert sum(b.labels.shape[0] for b in batches) == len(candidates)
@@ -112,10 +112,10 @@ def test_candidate_lists_follow_the_saved_lists(store, synthetic_dir):
     items = slot_item_ids(store, batch)
     assert items.tolist() == [list(c) for c in candidates["candidates"][:100]]
     assert batch.user_ids.tolist() == candidates["user_id"][:100].tolist()
-    # Evaluation histories are the full train history, capped: no target to exclude.
-    last = train.sort_values(["timestamp", "item_id"], ascending=False).groupby("user_id")
+    # Validation histories are the whole train history, capped: no target to exclude. The
+    # train split is in time order, ties in time in their seeded random order.
     user = candidates["user_id"][0]
-    expected = last.get_group(user)["item_id"].tolist()[:HISTORY]
+    expected = train[train["user_id"] == user]["item_id"].tolist()[::-1][:HISTORY]
     history = rows_of(batch.users, "history")[0]
     assert store.items.values[np.array(history, int) - 1].tolist() == expected
 
@@ -129,3 +129,27 @@ def test_catalogue_rows_are_item_indices(store, synthetic_dir):
     for index in (1, 7, len(store.items) - 1):
         names = store.genres.values[np.array(rows[index], int) - 1].tolist()
         assert names == list(genres_of[store.items.values[index - 1]])
+
+
+def test_test_time_histories_add_the_validation_item_as_the_newest(synthetic_dir):
+    store = FeatureStore(synthetic_dir, history_length=5)
+    tested = store.known_at("test")
+    assert store.known_at("valid") is store
+    valid = pq.read_table(
+        synthetic_dir / "valid.parquet", columns=["user_id", "item_id"]
+    ).to_pandas()
+    for user_id, item_id in valid.itertuples(index=False):
+        user = store.users.index(np.array([user_id]))[0]
+        before = store.history.values[store.history.offsets[user] : store.history.offsets[user + 1]]
+        after = tested.history.values[
+            tested.history.offsets[user] : tested.history.offsets[user + 1]
+        ]
+        assert after.tolist() == [store.items.index(np.array([item_id]))[0], *before]
+    # Training and negative sampling stay train-only.
+    assert tested.train_seen is store.train_seen
+    assert np.array_equal(tested.item_train_counts, store.item_train_counts)
+    lists = CandidateLists(store, "test", batch_size=4)
+    batch = next(iter(lists))
+    first = lists.users[0]
+    newest = batch.users["history"].to_dense()[0][0].item()
+    assert newest == store.valid_items[first]
