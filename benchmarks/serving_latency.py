@@ -9,9 +9,16 @@ candidates for real users of the test lists on one torch thread (as served by de
   routing, ranking, JSON), as its ``/metrics`` histogram and impression log record it.
 
 Both item-tower modes are measured: run per request (the server's default) and
-precomputed at load (``--precompute-items``). Ratios are teacher / model p99 in the same run.
+precomputed at load (``--precompute-items``). Ratios are teacher / model p50 and p99 in the
+same run (the first model measured when ``--models`` leaves the teacher out).
+
+Each model is labelled with its user encoder: ``teacher[seq]`` reads the history through a
+sequence encoder (self-attention over its ``max_length`` most recent items; the request's
+``recent_items`` would enter at its front, at the same cost), ``[bag]`` mean-pools it. A
+legend above the table gives every model's encoder, spec and parameter count.
 
     .venv/bin/python benchmarks/serving_latency.py --run runs/ml100k
+    .venv/bin/python benchmarks/serving_latency.py --run runs/ml100k --models teacher student
 """
 
 from __future__ import annotations
@@ -28,13 +35,40 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from recdistill.artifact import export_artifact, load_artifact
+from recdistill.artifact import Artifact, export_artifact, load_artifact
 from recdistill.data.tables import candidates_file
 from recdistill.online import OnlineRanker
 from serving.app import ServerSettings, create_app
 
 MODELS = ("teacher", "intermediate", "student")
 SIZES = (100, 500, 1000)
+REFERENCE = "teacher"
+ENCODER_TAGS = {"sequence": "seq", "bag": "bag"}
+
+
+def label(artifact: Artifact) -> str:
+    """The model's name tagged with its user encoder, e.g. ``teacher[seq]``."""
+    if artifact.model is None:
+        return artifact.name
+    return f"{artifact.name}[{ENCODER_TAGS[artifact.model.spec.user_encoder]}]"
+
+
+def legend(artifact: Artifact) -> str:
+    """One line on what a measured model is: its encoder, spec and parameter count."""
+    if artifact.model is None:
+        return f"{artifact.name}: {artifact.kind}"
+    spec = artifact.model.spec
+    encoder = "mean-pooled history bag"
+    if spec.is_sequence:
+        encoder = (
+            f"sequence encoder over the {spec.max_length} most recent items, "
+            f"{spec.layers} layer(s) x {spec.heads} heads, readout {spec.readout}"
+        )
+    tower = "x".join(str(width) for width in spec.tower) or "none"
+    return (
+        f"{label(artifact)}: {encoder}; embedding_dim {spec.embedding_dim}, tower {tower}; "
+        f"{artifact.params:,} params"
+    )
 
 
 def requests_for(data: Path, size: int, count: int, seed: int = 0) -> list[dict]:
@@ -84,23 +118,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, default=Path("runs/ml100k"))
     parser.add_argument("--requests", type=int, default=300, help="timed requests per cell")
+    parser.add_argument(
+        "--models", nargs="+", default=list(MODELS), help="the run's models to measure"
+    )
+    parser.add_argument(
+        "--sizes", nargs="+", type=int, default=list(SIZES), help="candidates per request"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     scratch = Path(tempfile.mkdtemp(prefix="serving-latency-"))
-    artifacts = {name: scratch / name for name in MODELS}
+    artifacts = {name: scratch / name for name in args.models}
     for name, directory in artifacts.items():
         export_artifact(args.run, name, directory)
+    labels = {}
     run_data = Path(json.loads((args.run / "summary.json").read_text())["data"])
     print(f"run {args.run}, {args.requests} requests per cell, 1 torch thread; times in ms")
-    header = f"{'items':<12}{'model':<14}{'cands':>6}{'ranker p50':>12}{'p99':>8}"
-    header += f"{'server p50':>12}{'p99':>8}{'teacher/model p50':>19}{'p99':>7}"
+    for name, directory in artifacts.items():
+        artifact = load_artifact(directory)
+        labels[name] = label(artifact)
+        print(f"  {legend(artifact)}")
+    reference = REFERENCE if REFERENCE in artifacts else args.models[0]
+    ratio = f"{reference}/model p50"
+    header = f"{'items':<12}{'model':<20}{'cands':>6}{'ranker p50':>12}{'p99':>8}"
+    header += f"{'server p50':>12}{'p99':>8}{ratio:>19}{'p99':>7}"
     print(header)
     for precompute in (False, True):
         mode = "precomputed" if precompute else "per request"
-        for size in SIZES:
+        for size in args.sizes:
             bodies = requests_for(run_data, size, args.requests)
             results = {}
-            for name in MODELS:
+            for name in args.models:
                 ranker = OnlineRanker(load_artifact(artifacts[name]), precompute_items=precompute)
                 for body in bodies[:20]:
                     ranker.rank(body["user_id"], np.asarray(body["candidates"]))
@@ -113,11 +160,13 @@ def main() -> None:
                     time_ranker(ranker, bodies),
                     asyncio.run(time_server(settings, bodies)),
                 )
-            teacher_p50, teacher_p99 = results["teacher"][1]
+            reference_p50, reference_p99 = results[reference][1]
+            shown = len(bodies[0]["candidates"])  # fewer than size in a smaller catalogue
             for name, ((r50, r99), (s50, s99)) in results.items():
                 print(
-                    f"{mode:<12}{name:<14}{size:>6}{r50:>12.3f}{r99:>8.3f}{s50:>12.3f}{s99:>8.3f}"
-                    f"{teacher_p50 / s50:>18.1f}×{teacher_p99 / s99:>6.1f}×"
+                    f"{mode:<12}{labels[name]:<20}{shown:>6}{r50:>12.3f}{r99:>8.3f}"
+                    f"{s50:>12.3f}{s99:>8.3f}"
+                    f"{reference_p50 / s50:>18.1f}×{reference_p99 / s99:>6.1f}×"
                 )
 
 

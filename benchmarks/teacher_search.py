@@ -1,0 +1,94 @@
+"""Validation-only comparison of variants of one training stage, side by side.
+
+Each ``--variant`` is a TOML snippet with dotted keys merged over the config (for example
+``'models.teacher.dropout = 0.3'`` or ``'stages.teacher.objective = "lists"'``; an empty one
+is the config as it is, the default when none is given). Every variant trains the stage alone (a stage that learns
+from teachers is refused) from the same seed and reports its best validation NDCG@10, the
+epoch it came at and the time taken. Nothing here reads the test split: this is how the
+presets in configs/ are chosen.
+
+    .venv/bin/python benchmarks/teacher_search.py --config configs/ml100k.toml \\
+        --data data/ml100k --stage teacher \\
+        --variant 'models.teacher.readout = "attention"
+                   stages.teacher.objective = "lists"' --epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recdistill.config import load_config, section
+from recdistill.data.batches import FeatureStore
+from recdistill.models import FeatureSpace, TwoTower
+from recdistill.pipeline import HISTORY_LENGTH, model_presets, stages_from
+from recdistill.train import Trainer
+
+
+def merged(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    result = copy.deepcopy(base)
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merged(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
+def train_variant(
+    config: dict[str, Any], data: Path, stage_name: str, epochs: int | None
+) -> dict[str, Any]:
+    presets = model_presets(config)
+    stage = next(s for s in stages_from(config) if s.name == stage_name)
+    if stage.teachers:
+        raise ValueError(f"[stages.{stage_name}] learns from {list(stage.teachers)}: not alone")
+    if epochs is not None:
+        stage = dataclasses.replace(stage, epochs=epochs)
+    store = FeatureStore(data, history_length=section(config, "train").get(HISTORY_LENGTH, 50))
+    torch.manual_seed(stage.seed)
+    model = TwoTower(presets[stage.model], FeatureSpace(store.user_features, store.cardinalities()))
+    with tempfile.TemporaryDirectory() as scratch:
+        result = Trainer(stage, model, {}, store, Path(scratch)).fit()
+    return {
+        "params": model.parameter_count(),
+        "valid": result.best_valid,
+        "best_epoch": result.best_epoch,
+        "epochs": result.epochs_run,
+        "seconds": result.seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--stage", default="teacher")
+    parser.add_argument("--variant", action="append", default=[], help="TOML, dotted keys")
+    parser.add_argument("--epochs", type=int, help="cap every variant's epochs")
+    args = parser.parse_args()
+    base = load_config(args.config)
+    rows = []
+    for snippet in args.variant or [""]:
+        change = tomllib.loads(snippet)
+        row = train_variant(merged(base, change), args.data, args.stage, args.epochs)
+        rows.append((" ".join(snippet.split()) or "(config as is)", row))
+        print(f"{rows[-1][0]}: valid ndcg@10 {row['valid']:.4f}", flush=True)
+    print(f"\n{args.config}, stage {args.stage}, {args.data}")
+    print("| variant | params | valid NDCG@10 | best epoch | epochs run | train s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, row in rows:
+        print(
+            f"| `{name}` | {row['params']:,} | {row['valid']:.4f} | {row['best_epoch']} "
+            f"| {row['epochs']} | {row['seconds']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
