@@ -4,7 +4,7 @@
 
 For each size, three fresh processes: `recdistill data synthetic` (20,000 items, ~50
 interactions per user), then the teacher of configs/synthetic.toml trained for ``--steps``
-batches of its 1,024 lists (1 positive + 19 negatives) in one process, then the same under
+of its batches (64 next-item windows of 30 history items) in one process, then the same under
 `torchrun --standalone --nproc_per_node=2` (gloo on CPU, embedding tables sharded; each rank
 takes ``--steps`` batches, so twice the examples). Each process reports its own peak
 resident memory; "load" is building the FeatureStore (vocabularies, histories, seen-pair
@@ -101,9 +101,20 @@ def main() -> None:
     print(report(rows, args.steps))
 
 
+def batch_description() -> str:
+    """What one step of the teacher's stage trains on, from the config."""
+    from recdistill.config import load_config
+    from recdistill.pipeline import stages_from
+
+    stage = next(s for s in stages_from(load_config(CONFIG)) if s.name == STAGE)
+    unit = "next-item windows" if stage.objective == "next_item" else "lists"
+    return f"{stage.batch_size:,} {unit}"
+
+
 def report(rows: list[dict], steps: int) -> str:
     title = (
-        f"teacher of {CONFIG.name}, {steps} steps of 1,024 lists per process; "
+        f"teacher of {CONFIG.name}, {steps} steps of {batch_description()} per process "
+        "(examples: their targets); "
         f"synthetic data, {ITEMS:,} items, mean activity {MEAN_ACTIVITY:g}"
     )
     header = (

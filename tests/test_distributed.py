@@ -62,35 +62,14 @@ losses = [{ fn = "softmax_ce" }]
 """
 # The same run with a sequence teacher: its history table is an EmbeddingCollection, sharded
 # beside the bags, and it learns to predict each next item of history windows.
-SEQUENCE_TEACHER = """
-[models.big]
-embedding_dim = 16
-tower = [32, 8]
-feature_dim = 4
-user_encoder = "sequence"
-max_length = 5
-layers = 1
-heads = 2
-
-[train]
-history_length = 10
-batch_size = 256
-negatives = 4
-epochs = 3
-patience = 3
-learning_rate = 5e-3
-
-[baselines.ease]
-l2 = [50.0]
-
-[baselines.ease_recency]
-half_life = [10.0]
-
-[stages.teacher]
-model = "big"
-objective = "next_item"
-losses = [{ fn = "softmax_ce" }]
-"""
+SEQUENCE_TEACHER = (
+    TEACHER_ONLY.replace(
+        "feature_dim = 4\n",
+        'feature_dim = 4\nuser_encoder = "sequence"\nmax_length = 5\nlayers = 1\nheads = 2\n',
+    )
+    .replace('model = "big"\n', 'model = "big"\nobjective = "next_item"\n')
+    .replace("[stages", "[baselines.ease_recency]\nhalf_life = [10.0]\n\n[stages")
+)
 
 
 def train_command(config, data, out, *, launcher=(), resume=False):
