@@ -180,6 +180,7 @@ class FeatureStore:
         del newest_first
         self.history = Jagged(offsets, history)
         valid = pq.read_table(directory / split_file("valid"), columns=["user_id", "item_id"])
+        self._test_view: FeatureStore | None = None
         self.valid_items = np.zeros(len(self.users), dtype=np.int64)
         self.valid_items[self.users.index(valid.column("user_id").to_numpy())] = self.items.index(
             valid.column("item_id").to_numpy()
@@ -200,6 +201,11 @@ class FeatureStore:
             return self
         if split != "test":
             raise ValueError(f"no held-out split {split!r}; choose valid or test")
+        if self._test_view is None:
+            self._test_view = self._with_validation_items()
+        return self._test_view
+
+    def _with_validation_items(self) -> FeatureStore:
         has = (self.valid_items > 0).astype(np.int64)
         lengths = np.diff(self.history.offsets)
         offsets = np.concatenate([[0], np.cumsum(lengths + has)])
@@ -209,6 +215,7 @@ class FeatureStore:
         values[np.arange(len(self.history.values)) + shift] = self.history.values
         view = copy.copy(self)
         view.history = Jagged(offsets, values)
+        view._test_view = view  # already as at the test interactions
         return view
 
     @property

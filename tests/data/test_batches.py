@@ -153,3 +153,10 @@ def test_test_time_histories_add_the_validation_item_as_the_newest(synthetic_dir
     first = lists.users[0]
     newest = batch.users["history"].to_dense()[0][0].item()
     assert newest == store.valid_items[first]
+
+
+def test_the_test_time_view_is_built_once_and_is_its_own_test_view(synthetic_dir):
+    store = FeatureStore(synthetic_dir, history_length=5)
+    tested = store.known_at("test")
+    assert store.known_at("test") is tested
+    assert tested.known_at("test") is tested
