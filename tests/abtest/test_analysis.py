@@ -109,6 +109,8 @@ def test_models_of_known_quality_beat_the_control(
     spec = experiment(
         synthetic_dir,
         {"control": ("popularity", 0.34), "teacher": ("truth", 0.33), "student": ("noisy", 0.33)},
+        # ~130 users an arm: slices of 30 (not the default 50) so that every world's tiers show.
+        analysis={"min_users": 30},
         days=7,
         requests_per_day=1.0,
         **DEFAULT_RETRIEVAL,
