@@ -8,6 +8,9 @@ plus a learned per-item bias.
 The history is read by one of two user encoders, chosen per preset:
 
 - ``"bag"`` (the default): a mean-pooled embedding bag (torchrec ``EmbeddingBagCollection``).
+  With ``recent_length`` > 0 a second bag pools the ``recent_length`` newest items alone,
+  looked up in the same table (a cheap view of what the user did last, without a table of
+  its own).
 - ``"sequence"``: the ``max_length`` most recent items, unpooled (torchrec
   ``EmbeddingCollection``), plus learned position embeddings (0 = the oldest read), through
   causal self-attention layers: position ``j`` attends to itself and older items only, so
@@ -34,8 +37,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recdistill.data.batches import ITEM_KEYS, RankingBatch, SequenceBatch
 
-BAG_FEATURES = ("history", "genres")
 HISTORY = "history"
+RECENT = "recent"
+BAG_FEATURES = (HISTORY, RECENT, "genres")
 USER_ENCODERS = ("bag", "sequence")
 READOUTS = ("last", "attention")
 
@@ -51,7 +55,10 @@ class TwoTowerSpec:
     ``user_encoder`` reads the history as a ``"bag"`` or a ``"sequence"``; a sequence
     encoder looks at the ``max_length`` most recent items through ``layers`` self-attention
     layers of ``heads`` heads each (``heads`` must divide ``embedding_dim``) and reads them out
-    as ``readout`` says.
+    as ``readout`` says. A bag encoder with ``recent_length`` > 0 also pools the
+    ``recent_length`` newest items of the history on their own. ``user_table = False`` leaves
+    out the ``user_id`` table: users are known by their history and features alone (the table
+    is most of a small model's parameters, and grows with the users).
     """
 
     embedding_dim: int = 16
@@ -63,14 +70,23 @@ class TwoTowerSpec:
     layers: int = 2
     heads: int = 2
     readout: str = "last"
+    recent_length: int = 0
+    user_table: bool = True
 
     def __post_init__(self) -> None:
         if self.user_encoder not in USER_ENCODERS:
             raise ValueError(
                 f"unknown user_encoder {self.user_encoder!r}; choose one of {list(USER_ENCODERS)}"
             )
+        if self.recent_length < 0:
+            raise ValueError(f"recent_length must be 0 (none) or more, not {self.recent_length}")
         if self.user_encoder != "sequence":
             return
+        if self.recent_length:
+            raise ValueError(
+                "recent_length is a second bag of the bag encoder; a sequence encoder "
+                "already reads the order of the history"
+            )
         if self.max_length <= 0:
             raise ValueError(f"max_length must be at least 1, not {self.max_length}")
         if self.layers <= 0:
@@ -184,7 +200,8 @@ class Tower(nn.Module):
     """Embeddings over one KJT, then an MLP (ReLU between layers, none after the last).
 
     ``features`` maps KJT keys to (table size, width) for the embedding bags; ``sequence``,
-    when given, reads the ``history`` key instead of a bag.
+    when given, reads the ``history`` key instead of a bag. ``recent_length`` > 0 adds the
+    ``recent`` bag: the newest ``recent_length`` items of ``history``, in the history's table.
     """
 
     def __init__(
@@ -193,16 +210,19 @@ class Tower(nn.Module):
         widths: tuple[int, ...],
         dropout: float,
         sequence: SequenceEncoder | None = None,
+        recent_length: int = 0,
     ) -> None:
         super().__init__()
-        self.keys = tuple(features)
+        self.recent_length = recent_length
+        shared = {HISTORY: [HISTORY, RECENT]} if recent_length else {}
+        self.keys = tuple(name for key in features for name in shared.get(key, [key]))
         self.embeddings = EmbeddingBagCollection(
             tables=[
                 EmbeddingBagConfig(
                     name=f"table_{key}",
                     num_embeddings=size,
                     embedding_dim=dim,
-                    feature_names=[key],
+                    feature_names=shared.get(key, [key]),
                     pooling=PoolingType.MEAN if key in BAG_FEATURES else PoolingType.SUM,
                 )
                 for key, (size, dim) in features.items()
@@ -211,7 +231,9 @@ class Tower(nn.Module):
         )
         self.sequence = sequence
         layers: list[nn.Module] = []
-        width = sum(dim for _, dim in features.values())
+        width = sum(dim for _, dim in features.values()) + (
+            features[HISTORY][1] if recent_length else 0
+        )
         if sequence is not None:
             width += sequence.output_dim
         for depth, out in enumerate(widths):
@@ -224,6 +246,8 @@ class Tower(nn.Module):
 
     def pooled(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """The embedding bags' outputs ``[B, width]``, in the order the MLP was built for."""
+        if self.recent_length:
+            features = with_recent(features, self.recent_length)
         pooled = self.embeddings(features)
         if tuple(pooled.keys()) == self.keys:
             return pooled.values()
@@ -255,6 +279,21 @@ class Tower(nn.Module):
         return [layer for layer in self.mlp if isinstance(layer, nn.Linear)]
 
 
+def with_recent(features: KeyedJaggedTensor, length: int) -> KeyedJaggedTensor:
+    """``features`` plus the ``recent`` key: each row's first ``length`` history items (the
+    history lists the newest first)."""
+    history = features[HISTORY]
+    lengths = history.lengths().clamp(max=length)
+    row_starts = torch.repeat_interleave(history.offsets()[:-1], lengths)
+    within_row = torch.arange(int(lengths.sum()), device=lengths.device) - torch.repeat_interleave(
+        lengths.cumsum(0) - lengths, lengths
+    )
+    recent = KeyedJaggedTensor.from_lengths_sync(
+        keys=[RECENT], values=history.values()[row_starts + within_row], lengths=lengths
+    )
+    return KeyedJaggedTensor.concat([features, recent])
+
+
 class TwoTower(nn.Module):
     def __init__(self, spec: TwoTowerSpec, space: FeatureSpace) -> None:
         super().__init__()
@@ -262,7 +301,7 @@ class TwoTower(nn.Module):
         self.space = space
         sizes = space.cardinalities
         wide = spec.embedding_dim
-        user = {"user_id": (sizes["user_id"], wide)}
+        user = {"user_id": (sizes["user_id"], wide)} if spec.user_table else {}
         sequence = None
         if spec.is_sequence:
             sequence = SequenceEncoder(sizes[HISTORY], spec)
@@ -270,7 +309,7 @@ class TwoTower(nn.Module):
             user[HISTORY] = (sizes[HISTORY], wide)
         user |= {name: (sizes[name], spec.feature_dim) for name in space.user_features}
         item = {key: (sizes[key], wide) for key in ITEM_KEYS}
-        self.user_tower = Tower(user, spec.tower, spec.dropout, sequence)
+        self.user_tower = Tower(user, spec.tower, spec.dropout, sequence, spec.recent_length)
         self.item_tower = Tower(item, spec.tower, spec.dropout)
         if self.user_tower.output_dim != self.item_tower.output_dim:
             raise ValueError(

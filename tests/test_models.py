@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -179,8 +181,34 @@ def test_train_sequences_predict_each_train_item_from_the_items_before_it(store)
         ({"user_encoder": "lstm"}, "unknown user_encoder 'lstm'"),
         ({"embedding_dim": 2, "tower": (2,), "heads": 4}, "cannot have 4 heads"),
         ({"readout": "mean"}, "unknown readout 'mean'"),
+        ({"recent_length": 3}, "a sequence encoder already reads the order"),
     ],
 )
 def test_bad_sequence_specs_are_refused_with_a_message(overrides, message):
     with pytest.raises(ValueError, match=message):
         sequence_spec(**overrides)
+
+
+def test_recent_bag_pools_the_newest_items_in_the_history_table(store):
+    torch.manual_seed(0)
+    spec = TwoTowerSpec(
+        embedding_dim=4, tower=(4,), feature_dim=2, recent_length=2, user_table=False
+    )
+    model = TwoTower(spec, FeatureSpace(store.user_features, store.cardinalities())).eval()
+    kjt = store.user_kjt(np.array([1, 2, 3]), np.array([5, 9, 2, 7, 3]), np.array([3, 0, 2]))
+    pooled = model.user_tower.pooled(kjt)
+    table = model.user_tower.embeddings.embedding_bags["table_history"].weight
+    # keys: history, recent, then the demographic features; an empty history pools zeros
+    torch.testing.assert_close(pooled[0, :4], table[[5, 9, 2]].mean(0))
+    torch.testing.assert_close(pooled[0, 4:8], table[[5, 9]].mean(0))
+    torch.testing.assert_close(pooled[1, :8], torch.zeros(8))
+    torch.testing.assert_close(pooled[2, 4:8], table[[7, 3]].mean(0))
+    assert "table_user_id" not in model.user_tower.embeddings.embedding_bags
+    with_table = TwoTower(replace(spec, user_table=True), space_of(store))
+    # the table, and the first layer's weights for its 4 more inputs
+    assert with_table.parameter_count() - model.parameter_count() == 4 * len(store.users) + 4 * 4
+
+
+def test_recent_length_must_not_be_negative():
+    with pytest.raises(ValueError, match="recent_length must be 0"):
+        TwoTowerSpec(recent_length=-1)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from recdistill.artifact import MANIFEST, WEIGHTS, ArtifactError, export_artifact, load_artifact
 from recdistill.data.batches import UNKNOWN, FeatureStore
 from recdistill.evaluate import evaluate, score_lists
-from recdistill.models import TwoTower
+from recdistill.models import TwoTower, with_recent
 from recdistill.online import OnlineRanker
 from recdistill.quantize import (
     QuantizationSpec,
@@ -117,7 +117,8 @@ def test_the_unknown_row_of_an_int8_table_becomes_the_mean_row(student, store):
         assert (rows()[UNKNOWN] - expected).abs().max() <= float(table.weight_qscale[UNKNOWN])
         # The int8 kernel reads the rewritten row: the unknown user ID embeds to it.
         unknown = store.user_kjt(np.array([UNKNOWN]), np.empty(0, dtype=np.int64), np.array([0]))
-        embedded = int8.user_tower.embeddings(unknown).to_dict()["user_id"][0]
+        features = with_recent(unknown, int8.user_tower.recent_length)
+        embedded = int8.user_tower.embeddings(features).to_dict()["user_id"][0]
     torch.testing.assert_close(embedded, rows()[UNKNOWN], rtol=0, atol=1e-3)
 
 
