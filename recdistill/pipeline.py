@@ -10,6 +10,7 @@ run's files and hands the summary to the others.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +52,7 @@ EASE_HALF_LIVES = [1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0]  # in items of the user
 COMPARISONS = (
     ("student", "teacher"),
     ("student", "student_scratch"),
+    ("teacher", "student_scratch"),
     ("student", "student_direct"),
     ("intermediate", "teacher"),
     ("teacher", "ease"),
@@ -134,6 +136,7 @@ def run(config_path: Path, data: Path, out: Path, *, resume: bool = False) -> di
             "training": {
                 "teachers": list(stage.teachers),
                 "losses": [f"{t.weight:g}·{t.fn}({t.source})" for t in stage.losses],
+                "lists": None if stage.lists is None else dataclasses.asdict(stage.lists),
                 "best_epoch": result.best_epoch,
                 "epochs_run": result.epochs_run,
                 "valid_ndcg@10": result.best_valid,

@@ -34,6 +34,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from recdistill import distributed
+from recdistill.config import spec_from
 from recdistill.data.batches import (
     FeatureStore,
     RankingBatch,
@@ -44,6 +45,7 @@ from recdistill.data.batches import (
 from recdistill.evaluate import evaluate
 from recdistill.losses import LOSSES
 from recdistill.models import TwoTower
+from recdistill.ranked_lists import ListSpec, RankedLists, fingerprint, top_unseen
 
 LABELS = "labels"
 # What a stage trains on: ranking lists (a train interaction and sampled negatives), or
@@ -84,6 +86,11 @@ class LossTerm:
         if self.fn == "feature_mse" and self.source == LABELS:
             raise ValueError("feature_mse needs a teacher stage as its source, not labels")
 
+    @property
+    def scored(self) -> bool:
+        """Whether the term compares scores of lists (every loss but ``feature_mse``)."""
+        return self.fn != "feature_mse"
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -102,8 +109,20 @@ class StageSpec:
     weight_decay: float = 0.0
     seed: int = 0
     objective: str = "lists"
+    # Teacher-ranked distillation lists (recdistill/ranked_lists.py) for the terms that
+    # learn from a teacher's scores; unset, they use the training lists too.
+    lists: ListSpec | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.lists, dict):
+            object.__setattr__(
+                self, "lists", spec_from(ListSpec, self.lists, f"[stages.{self.name}] lists")
+            )
+        if self.lists is not None and not self.ranked_sources:
+            raise ValueError(
+                f"[stages.{self.name}]: lists are ranked by a teacher, but no loss of this "
+                "stage learns from a teacher's scores"
+            )
         if self.objective not in OBJECTIVES:
             raise ValueError(
                 f"[stages.{self.name}]: unknown objective {self.objective!r}; "
@@ -124,6 +143,13 @@ class StageSpec:
     @property
     def teachers(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(t.source for t in self.losses if t.source != LABELS))
+
+    @property
+    def ranked_sources(self) -> tuple[str, ...]:
+        """The teachers whose score losses read teacher-ranked lists (when ``lists`` is set)."""
+        return tuple(
+            dict.fromkeys(t.source for t in self.losses if t.source != LABELS and t.scored)
+        )
 
 
 @dataclass
@@ -158,8 +184,13 @@ class StageObjective(nn.Module):
         self.losses = losses
 
     def forward(
-        self, batch: RankingBatch | SequenceBatch, teacher_outputs: dict[str, TeacherOutputs]
+        self,
+        batch: RankingBatch | SequenceBatch,
+        teacher_outputs: dict[str, TeacherOutputs],
+        ranked: dict[str, tuple[RankingBatch, TeacherOutputs]],
     ) -> torch.Tensor:
+        """The weighted loss of ``batch``; a score term whose teacher has a teacher-ranked
+        batch in ``ranked`` (with that teacher's outputs on it) is computed on that batch."""
         if isinstance(batch, SequenceBatch):
             scores, labels = self.model.next_item_scores(batch)
             mask = torch.ones_like(labels, dtype=torch.bool)
@@ -169,6 +200,7 @@ class StageObjective(nn.Module):
             )
         users, items = self.model.towers(batch)
         scores = self.model.score(users, items, batch)
+        ranked_scores = {name: self.model(lists) for name, (lists, _) in ranked.items()}
         total = scores.new_zeros(())
         for term in self.losses:
             fn = LOSSES[term.fn]
@@ -179,6 +211,9 @@ class StageObjective(nn.Module):
                     fn(adapter(users), t_users, mask=_all_rows(users), **term.options)
                     + fn(adapter(items), t_items, mask=_all_rows(items), **term.options)
                 )
+            elif term.source in ranked:
+                lists, (_, _, target) = ranked[term.source]
+                value = fn(ranked_scores[term.source], target, mask=lists.mask, **term.options)
             else:
                 target = batch.labels if term.source == LABELS else teacher_outputs[term.source][2]
                 value = fn(scores, target, mask=batch.mask, **term.options)
@@ -208,7 +243,6 @@ class Trainer:
             name: teacher if device.type == "cpu" else copy.deepcopy(teacher).to(device)
             for name, teacher in teachers.items()
         }
-        # A frozen teacher's item vectors never change: compute them once for the catalogue.
         # A frozen teacher's vectors never change: compute them once, for the catalogue and
         # for every user from the user's whole train history, as the teacher would serve
         # them. A sequence teacher would otherwise run its attention layers on every list.
@@ -268,19 +302,66 @@ class Trainer:
             self.lists = TrainSequences(store, max_length=model.spec.max_length, **sharing)
         else:
             self.lists = TrainLists(store, **sharing)
+        self.ranked = None
+        if spec.lists is not None:
+            top = {name: self._teacher_top(name) for name in spec.ranked_sources}
+            self.ranked = RankedLists(store, top, spec.lists.sampled)
 
-    def loss(self, batch: RankingBatch | SequenceBatch) -> torch.Tensor:
-        batch = batch.to(self.world.device)
-        return self.trained(batch, self.teacher_outputs(batch))
+    def _teacher_top(self, name: str) -> np.ndarray:
+        """Teacher ``name``'s top unseen items per user, computed once by rank 0 and cached in
+        the stage's directory under a name that fingerprints the teacher's vectors."""
+        vectors = (
+            self.teacher_users[name].cpu(),
+            self.teacher_items[name].cpu(),
+            self.teachers[name].item_bias.weight.squeeze(-1).cpu(),
+        )
+        k = self.spec.lists.teacher_top
+        path = None
+        if self.world.is_main:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            path = self.directory / f"teacher_top_{name}_{k}_{fingerprint(*vectors)}.npy"
+            if not path.exists():
+                top_unseen(*vectors, self.store, k, path)
+        path = distributed.broadcast_json(None if path is None else str(path), self.world)
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+
+    def ranked_batches(
+        self, batch: RankingBatch | SequenceBatch, epoch: int, k: int
+    ) -> dict[str, RankingBatch]:
+        """The teacher-ranked lists of the users of ``batch``, global batch ``k`` of
+        ``epoch``: seeded by both, so a resumed or sharded run draws the same ones."""
+        if self.ranked is None or isinstance(batch, SequenceBatch):
+            return {}
+        users = batch.users["user_id"].values().numpy()
+        rng = np.random.default_rng([self.spec.seed, epoch, k, 1])
+        return {name: self.ranked.batch(name, users, rng) for name in self.spec.ranked_sources}
+
+    def loss(
+        self,
+        batch: RankingBatch | SequenceBatch,
+        ranked: dict[str, RankingBatch] | None = None,
+    ) -> torch.Tensor:
+        device = self.world.device
+        batch = batch.to(device)
+        ranked_outputs = {}
+        for name, lists in (ranked or {}).items():
+            lists = lists.to(device)
+            ranked_outputs[name] = (lists, self.teacher_outputs(lists, (name,))[name])
+        return self.trained(batch, self.teacher_outputs(batch), ranked_outputs)
 
     @torch.no_grad()
-    def teacher_outputs(self, batch: RankingBatch | SequenceBatch) -> dict[str, TeacherOutputs]:
+    def teacher_outputs(
+        self, batch: RankingBatch | SequenceBatch, names: tuple[str, ...] | None = None
+    ) -> dict[str, TeacherOutputs]:
+        """Each teacher's (or those in ``names``) user vectors, item vectors and scores."""
         if not self.teachers:
             return {}
         item_ids = batch.items["item_id"].values()
         user_ids = batch.users["user_id"].values()
         outputs = {}
         for name, teacher in self.teachers.items():
+            if names is not None and name not in names:
+                continue
             users = self.teacher_users[name][user_ids]
             items = self.teacher_items[name][item_ids]
             outputs[name] = (users, items, teacher.score(users, items, batch))
@@ -303,8 +384,9 @@ class Trainer:
             disable=None if self.world.is_main else True,
         )
         examples, loss_sum = 0, 0.0
-        for batch in progress:
-            loss = self.loss(batch)
+        for index, batch in enumerate(progress):
+            global_index = index * self.world.size + self.world.rank
+            loss = self.loss(batch, self.ranked_batches(batch, epoch, global_index))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

@@ -23,6 +23,7 @@ heads = 2
 embedding_dim = 4
 tower = [8]
 feature_dim = 2
+recent_length = 3
 
 [train]
 history_length = 10
@@ -52,6 +53,7 @@ losses = [{ fn = "listnet", source = "teacher", temperature = 2.0 }]
 [stages.student]
 model = "small"
 epochs = 1
+lists = { teacher_top = 10, sampled = 10 }
 losses = [
     { fn = "softmax_ce" },
     { fn = "ranknet", source = "intermediate", weight = 0.5 },

@@ -71,6 +71,20 @@ SEQUENCE_TEACHER = (
     .replace("[stages", "[baselines.ease_recency]\nhalf_life = [10.0]\n\n[stages")
 )
 
+# The bag teacher, then a student distilled on its teacher-ranked lists (rank 0 writes them).
+RANKED_LISTS_STUDENT = (
+    TEACHER_ONLY.replace(
+        "[train]",
+        "[models.small]\nembedding_dim = 4\ntower = [8]\nfeature_dim = 2\nrecent_length = 3\n\n[train]",
+    )
+    + """
+[stages.student]
+model = "small"
+lists = { teacher_top = 10, sampled = 10 }
+losses = [{ fn = "softmax_ce" }, { fn = "listnet", source = "teacher", temperature = 2.0 }]
+"""
+)
+
 
 def train_command(config, data, out, *, launcher=(), resume=False):
     command = [*launcher, str(BIN / "recdistill"), "train", "--config", str(config)]
@@ -295,6 +309,23 @@ def test_killed_sharded_run_resumes_to_the_same_result(synthetic_dir, tmp_path, 
     best = load_file(str(straight / "teacher" / "model.safetensors"))
     resumed = load_file(str(cut / "teacher" / "model.safetensors"))
     assert all(torch.equal(best[k], resumed[k]) for k in best)
+
+
+def test_killed_sharded_distillation_on_ranked_lists_resumes_to_the_same_result(
+    synthetic_dir, tmp_path
+):
+    config = tmp_path / "student.toml"
+    config.write_text(RANKED_LISTS_STUDENT)
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    run(train_command(config, synthetic_dir, straight, launcher=TORCHRUN))
+    assert len(list((straight / "student").glob("teacher_top_teacher_10_*.npy"))) == 1
+
+    run_and_kill(train_command(config, synthetic_dir, cut, launcher=TORCHRUN), cut / "student", 1)
+    run(train_command(config, synthetic_dir, cut, launcher=TORCHRUN, resume=True))
+    assert metrics_of(cut) == metrics_of(straight)
+    assert without_timing(cut / "student" / "log.jsonl") == without_timing(
+        straight / "student" / "log.jsonl"
+    )
 
 
 def test_a_sharded_checkpoint_resumes_in_a_single_process(synthetic_dir, tmp_path):

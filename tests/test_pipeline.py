@@ -107,7 +107,7 @@ def test_stage_order_and_teachers_are_checked_before_training(synthetic_dir, tmp
         (("max_length = 8", "max_length = 11"), "more than [train] history_length = 10"),
         (('user_encoder = "sequence"', 'user_encoder = "rnn"'), "unknown user_encoder 'rnn'"),
         (
-            ("embedding_dim = 4", 'embedding_dim = 4\nuser_encoder = "sequence"\nheads = 8'),
+            ("recent_length = 3", 'recent_length = 0\nuser_encoder = "sequence"\nheads = 8'),
             "[models.small]: a sequence encoder of embedding_dim 4 cannot have 8 heads",
         ),
         (('objective = "next_item"', 'objective = "pairs"'), "unknown objective 'pairs'"),
