@@ -123,7 +123,8 @@ def _against_references(
             values, other, permutations=spec.permutations, seed=spec.seed
         )
         if reference == "teacher":
-            result["retention"] = float(values.mean() / other.mean())
+            # Undefined (not infinite) where the teacher scores nothing in the slice.
+            result["retention"] = float(values.mean() / other.mean()) if other.mean() else np.nan
             low, high = bootstrap_ratio_ci(
                 values, other, level=spec.level, replicates=spec.replicates, seed=spec.seed
             )
