@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,8 +67,7 @@ def top_unseen(
             f"user index {user} has seen {seen_counts[user]} of the {items - 1} items: "
             f"fewer than teacher_top = {k} are left to rank"
         )
-    scratch = path.with_name(path.name + ".partial")
-    top = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.int32, shape=(users, k))
+    top = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(users, k))
     chunk = max(1, CELLS // items)
     with torch.no_grad():
         for start in tqdm(
@@ -85,7 +83,6 @@ def top_unseen(
             top[start:stop] = scores.topk(k, dim=1).indices.numpy()
     top.flush()
     del top
-    os.replace(scratch, path)
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 

@@ -321,7 +321,7 @@ class Trainer:
             self.directory.mkdir(parents=True, exist_ok=True)
             path = self.directory / f"teacher_top_{name}_{k}_{fingerprint(*vectors)}.npy"
             if not path.exists():
-                top_unseen(*vectors, self.store, k, path)
+                atomic_write(path, lambda scratch: top_unseen(*vectors, self.store, k, scratch))
         path = distributed.broadcast_json(None if path is None else str(path), self.world)
         return np.load(path, mmap_mode="r", allow_pickle=False)
 
