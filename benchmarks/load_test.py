@@ -44,7 +44,7 @@ def sweep(
                     cores,
                     precompute_items=template.precompute_items,
                 )
-            )
+            ).url
             for name, artifact in artifacts.items()
         }
         for users in user_levels:

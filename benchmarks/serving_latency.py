@@ -39,6 +39,7 @@ from recdistill.artifact import Artifact, export_artifact, load_artifact
 from recdistill.data.tables import candidates_file
 from recdistill.online import OnlineRanker
 from serving.app import ServerSettings, create_app
+from serving.impressions import read_impressions
 
 MODELS = ("teacher", "intermediate", "student")
 SIZES = (100, 500, 1000)
@@ -107,10 +108,10 @@ async def time_server(settings: ServerSettings, bodies: list[dict]) -> tuple[flo
         async with httpx2.AsyncClient(transport=transport, base_url="http://bench") as client:
             for body in bodies[:20]:
                 await client.post("/rank", json=body)
-            logged = log.read_text().count("\n")
+            logged = len(read_impressions(log))
             for body in bodies:
                 (await client.post("/rank", json=body)).raise_for_status()
-    latencies = [json.loads(line)["latency_ms"] for line in log.read_text().splitlines()[logged:]]
+    latencies = [impression["latency_ms"] for impression in read_impressions(log)[logged:]]
     return percentiles([ms / 1000 for ms in latencies])
 
 

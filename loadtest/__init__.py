@@ -5,4 +5,7 @@
 - ``locustfile``: the Locust user sending them; ``client_stats``: what it measured;
 - ``server_metrics``: the server's latency histogram from ``/metrics``;
 - ``runner``: one headless run and its gate; ``python -m loadtest`` runs it from the shell.
+- ``capacity``: the highest request rate that holds the p99 budget;
+- ``reloads``, ``soak``, ``soak_stats``: minutes of load at a fixed rate while the model is
+  hot-reloaded, judged per minute (``benchmarks/soak.py``).
 """

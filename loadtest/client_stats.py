@@ -3,7 +3,8 @@
 The Locust process records every request event here and writes a :class:`ClientStats` JSON
 file when the test stops; the runner reads it back. Locust's own statistics round response
 times to whole milliseconds below 100 ms, too coarse to compare a sub-millisecond student
-with a teacher, so the percentiles are computed from the unrounded times.
+with a teacher, so the percentiles are computed from the unrounded times. For statistics per
+interval of a long run, :class:`TimelineRecorder` also keeps when each request finished.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from array import array
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import psutil
 
 
@@ -91,3 +93,42 @@ def percentile(ordered: list[float], q: float) -> float:
     if not ordered:
         return math.nan
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """When each request finished (s since the epoch), its latency (ms) and whether it failed."""
+
+    finished_at: np.ndarray
+    ms: np.ndarray
+    failed: np.ndarray  # bool
+
+    def write(self, path: Path) -> None:
+        rows = np.column_stack([self.finished_at, self.ms, self.failed]).astype(np.float64)
+        np.save(path, rows, allow_pickle=False)
+
+    @classmethod
+    def read(cls, path: Path) -> Timeline:
+        return cls.from_rows(np.load(path, allow_pickle=False))
+
+    @classmethod
+    def from_rows(cls, rows: np.ndarray) -> Timeline:
+        """From ``(finished_at, ms, failed)`` rows, flattened or not."""
+        rows = rows.reshape(-1, 3)
+        return cls(finished_at=rows[:, 0], ms=rows[:, 1], failed=rows[:, 2] > 0)
+
+
+class TimelineRecorder:
+    """Records the :class:`Timeline` of the requests between :meth:`start` and :meth:`stop`."""
+
+    def __init__(self) -> None:
+        self._rows = array("d")
+
+    def start(self) -> None:
+        self._rows = array("d")
+
+    def add(self, response_time_ms: float, *, failed: bool) -> None:
+        self._rows.extend((time.time(), response_time_ms, float(failed)))
+
+    def stop(self) -> Timeline:
+        return Timeline.from_rows(np.frombuffer(self._rows, dtype=np.float64))

@@ -1,10 +1,12 @@
 """Locust users that send realistic ``POST /rank`` traffic and check every answer.
 
     locust -f loadtest/locustfile.py --host http://127.0.0.1:8000 \\
-        --artifact artifacts/student [--candidates 100] [--client-stats stats.json]
+        --artifact artifacts/student [--candidates 100] [--client-stats stats.json] \\
+        [--user-rps R] [--timeline timeline.npy]
 
 Each option can also come from the environment (``LOADTEST_ARTIFACT``, ...). Users send
-requests back to back (no think time). A response that is not a 200 with the right number
+requests back to back (no think time), or with ``--user-rps`` each at that steady rate, so
+that ``--users`` sets the offered load. A response that is not a 200 with the right number
 of distinct candidates sorted by score counts as a Locust failure.
 """
 
@@ -12,12 +14,14 @@ from __future__ import annotations
 
 import random
 import sys
+import time
 from pathlib import Path
 
+import gevent
 import orjson
 from locust import FastHttpUser, events, task
 
-from loadtest.client_stats import ClientRecorder
+from loadtest.client_stats import ClientRecorder, TimelineRecorder
 from loadtest.workload import Workload, check_ranking
 
 JSON_HEADERS = {"content-type": "application/json"}
@@ -44,6 +48,19 @@ def _add_arguments(parser) -> None:
         default="",
         help="JSON file to write unrounded latency percentiles and CPU use to",
     )
+    parser.add_argument(
+        "--user-rps",
+        type=float,
+        env_var="LOADTEST_USER_RPS",
+        default=0.0,
+        help="requests per second of each user (0: back to back)",
+    )
+    parser.add_argument(
+        "--timeline",
+        env_var="LOADTEST_TIMELINE",
+        default="",
+        help=".npy file to write every request's finish time, latency and failure flag to",
+    )
 
 
 @events.init.add_listener
@@ -55,12 +72,15 @@ def _set_up(environment, **_) -> None:
         RankUser.workload = Workload.from_artifact(Path(options.artifact), options.candidates)
     except (OSError, ValueError, KeyError) as error:
         sys.exit(f"locustfile: {error}")
+    if options.user_rps > 0:
+        RankUser.period_s = 1 / options.user_rps
     if options.client_stats:
-        _record_client_stats(environment, Path(options.client_stats))
+        _record(environment, ClientRecorder(), Path(options.client_stats))
+    if options.timeline:
+        _record(environment, TimelineRecorder(), Path(options.timeline))
 
 
-def _record_client_stats(environment, path: Path) -> None:
-    recorder = ClientRecorder()
+def _record(environment, recorder: ClientRecorder | TimelineRecorder, path: Path) -> None:
     environment.events.test_start.add_listener(lambda **_: recorder.start())
     environment.events.request.add_listener(
         lambda response_time, exception, **_: recorder.add(
@@ -72,9 +92,20 @@ def _record_client_stats(environment, path: Path) -> None:
 
 class RankUser(FastHttpUser):
     workload: Workload
+    period_s = 0.0  # between the starts of a user's requests; 0: back to back
 
     def on_start(self) -> None:
         self.rng = random.Random()
+        # Users start 1 / spawn-rate apart, which can line their schedules up into bursts of
+        # simultaneous requests; a random phase spreads them over the period instead.
+        gevent.sleep(self.rng.random() * self.period_s)
+        self.due = time.monotonic()
+
+    def wait_time(self) -> float:
+        """Until the next request is due, a period after the last one was (now, if late)."""
+        now = time.monotonic()
+        self.due = max(self.due + self.period_s, now)
+        return self.due - now
 
     @task
     def rank(self) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from loadtest.client_stats import ClientStats
 from loadtest.server_metrics import (
@@ -30,7 +31,7 @@ from loadtest.server_metrics import (
     scrape_rank_latency,
 )
 from loadtest.workload import Workload
-from serving.process import running_server
+from serving.process import ServerProcess, running_server
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 MAX_GENERATOR_CPU = 0.9
@@ -45,10 +46,12 @@ class LoadTestSettings:
     host: str | None = None
     users: int = 8
     spawn_rate: float | None = None  # users started per second; None: all within a second
+    user_rps: float | None = None  # each user's steady request rate; None: back to back
     run_time_s: int = 20
     candidates: int = 100
     p99_budget_ms: float = 50.0
     precompute_items: bool = False  # when starting the server: its --precompute-items
+    timeline: Path | None = None  # where Locust writes every request's time, latency, outcome
 
 
 @dataclass(frozen=True)
@@ -90,16 +93,28 @@ def plan_cores() -> CorePlan:
 
 @contextmanager
 def serve_artifact(
-    artifact: Path, out: Path, cores: CorePlan, *, precompute_items: bool = False
-) -> Iterator[str]:
-    """A one-worker, one-thread server of ``artifact`` on the server's core; yields its URL."""
+    artifact: Path,
+    out: Path,
+    cores: CorePlan,
+    *,
+    precompute_items: bool = False,
+    artifact_root: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[ServerProcess]:
+    """A one-worker, one-thread server of ``artifact`` on the server's core."""
     extra_args = ["--workers", "1", "--threads", "1"]
     if precompute_items:
         extra_args.append("--precompute-items")
+    if artifact_root is not None:
+        extra_args += ["--artifact-root", str(artifact_root)]
     with running_server(
-        [artifact], impressions=out / "impressions.jsonl", cpus=cores.server, extra_args=extra_args
-    ) as url:
-        yield url
+        [artifact],
+        impressions=out / "impressions.jsonl",
+        cpus=cores.server,
+        extra_args=extra_args,
+        env=env,
+    ) as server:
+        yield server
 
 
 def run_load_test(settings: LoadTestSettings) -> LoadTestResult:
@@ -113,8 +128,8 @@ def run_load_test(settings: LoadTestSettings) -> LoadTestResult:
         return _measure(settings, model, settings.host, cores)
     with serve_artifact(
         settings.artifact, settings.out, cores, precompute_items=settings.precompute_items
-    ) as url:
-        return _measure(settings, model, url, cores)
+    ) as server:
+        return _measure(settings, model, server.url, cores)
 
 
 def _measure(settings: LoadTestSettings, model: str, url: str, cores: CorePlan) -> LoadTestResult:
@@ -161,6 +176,10 @@ def _run_locust(settings: LoadTestSettings, url: str, cores: CorePlan) -> Client
         "--candidates", str(settings.candidates),
         "--client-stats", str(stats_path),
     ]  # fmt: skip
+    if settings.user_rps is not None:
+        command += ["--user-rps", str(settings.user_rps)]
+    if settings.timeline is not None:
+        command += ["--timeline", str(settings.timeline)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     if cores.load_generator:
@@ -201,10 +220,15 @@ def gate_problems(client: ClientStats, p99_budget_ms: float) -> list[str]:
 
 
 def artifact_name(artifact: Path) -> str:
+    return read_manifest(artifact)["name"]
+
+
+def read_manifest(artifact: Path) -> dict[str, Any]:
+    """The artifact's ``manifest.json`` (name, version, ...), read without loading the model."""
     manifest = Path(artifact) / "manifest.json"
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest} not found: is {artifact} an exported artifact?")
-    return json.loads(manifest.read_text())["name"]
+    return json.loads(manifest.read_text())
 
 
 def format_table(results: list[LoadTestResult]) -> str:

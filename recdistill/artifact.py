@@ -20,7 +20,8 @@ An artifact directory holds
   the model was tested on.
 
 Loading re-hashes every file and checks vocabularies, spec and weight shapes and dtypes
-against each other; any mismatch is an :class:`ArtifactError` that says what is wrong.
+against each other; any mismatch is an :class:`ArtifactError` that says what is wrong. A
+weight that is NaN or infinite is refused on export and on load, named.
 """
 
 from __future__ import annotations
@@ -134,7 +135,9 @@ def export_artifact(
             kind = TWO_TOWER
             preset = summary["models"][model_name]["preset"]
             spec = spec_from(TwoTowerSpec, section(config, f"models.{preset}"), preset)
-            shutil.copyfile(run / model_name / WEIGHTS, scratch / WEIGHTS)
+            weights = run / model_name / WEIGHTS
+            _check_finite(_read_weights(weights), f"cannot export {model_name!r} from {weights}")
+            shutil.copyfile(weights, scratch / WEIGHTS)
             params = summary["models"][model_name]["params"]
             spec_json = {
                 "kind": kind,
@@ -190,6 +193,7 @@ def load_artifact(directory: Path) -> Artifact:
             f"artifact {directory}: vocabularies.json does not match the feature snapshot"
         )
     weights = _read_weights(directory / WEIGHTS)
+    _check_finite(weights, f"artifact {directory}")
     model, counts, quantization = None, None, None
     if manifest["kind"] == POPULARITY:
         counts = weights.get(COUNTS)
@@ -255,6 +259,13 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError) as error:
         raise ArtifactError(f"{path} is not a readable safetensors file: {error}") from error
+
+
+def _check_finite(weights: dict[str, torch.Tensor], where: str) -> None:
+    for key, tensor in weights.items():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise ArtifactError(f"{where}: tensor {key!r} has {bad} non-finite values")
 
 
 def _check_shapes(

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from recdistill.config import load_config, section, spec_from
+from recdistill.errors import TrainingDiverged
 
 EXAMPLES = """commands:
   recdistill data synthetic --out data/synthetic [--users N --items M --seed S]
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.handler(args)
-    except (ValueError, KeyError, FileNotFoundError) as error:
+    except (ValueError, KeyError, FileNotFoundError, TrainingDiverged) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"recdistill: error: {message}", file=sys.stderr)
         return 2
@@ -117,6 +118,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-candidates", type=int, default=1000, help="per request (1000)")
     serve.add_argument(
         "--max-body-bytes", type=int, default=64 * 1024, help="request size limit (65536)"
+    )
+    serve.add_argument(
+        "--artifact-root",
+        type=Path,
+        help="directory /admin/reload may load artifacts from "
+        "(default: the common parent directory of the --artifact directories)",
     )
     serve.add_argument(
         "--precompute-items",
@@ -226,6 +233,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     from recdistill.artifact import load_artifact
     from serving.app import SETTINGS_ENV, ServerSettings, routing_for
+    from serving.process import GRACEFUL_SHUTDOWN_S
 
     settings = ServerSettings(
         artifacts=tuple(str(path) for path in args.artifact),
@@ -235,6 +243,7 @@ def _serve(args: argparse.Namespace) -> None:
         max_body_bytes=args.max_body_bytes,
         threads=args.threads,
         precompute_items=args.precompute_items,
+        artifact_root=None if args.artifact_root is None else str(args.artifact_root),
     )
     # Bad artifacts or arms fail here, with their message, rather than inside a worker.
     routing_for(settings, {load_artifact(path).name for path in args.artifact})
@@ -247,6 +256,7 @@ def _serve(args: argparse.Namespace) -> None:
         port=args.port,
         workers=args.workers,
         access_log=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
 
 

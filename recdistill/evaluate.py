@@ -49,16 +49,19 @@ def evaluate(
     reference: ScoredLists | None = None,
     scored: ScoredLists | None = None,
     batch_size: int = 256,
+    name: str = "ranker",
 ) -> dict[str, np.ndarray]:
     """Per-user metrics on ``split``'s candidate lists (and on full ranking), plus ``user_id``.
 
     ``reference`` (the teacher's scores on the same lists) adds teacher-fidelity metrics;
     ``scored`` reuses this ranker's scores when they are at hand. Full ranking ranks the
     held-out item against every catalogue item except the user's train items and other
-    held-out item.
+    held-out item. A ranker that gives any user a non-finite score is refused, by ``name``:
+    its metrics would be meaningless.
     """
     if scored is None:
         scored = score_lists(ranker, store, split, batch_size=batch_size)
+    _refuse_non_finite(name, ~np.isfinite(scored.scores).all(axis=1), "")
     result = {"user_id": store.users.values[scored.users - 1]}
     result |= list_metrics(
         scored.scores,
@@ -68,7 +71,9 @@ def evaluate(
         k=k,
     )
     if full_ranking:
-        full = single_positive_metrics(*_full_ranks(ranker, store, scored, split, batch_size), k=k)
+        full = single_positive_metrics(
+            *_full_ranks(ranker, store, scored, split, batch_size, name), k=k
+        )
         result |= {
             f"full_ndcg@{k}": full[f"ndcg@{k}"],
             f"full_recall@{k}": full[f"hr@{k}"],
@@ -101,7 +106,12 @@ def scoring_latency_ms(
 
 
 def _full_ranks(
-    ranker: Ranker, store: FeatureStore, lists: ScoredLists, split: str, batch_size: int
+    ranker: Ranker,
+    store: FeatureStore,
+    lists: ScoredLists,
+    split: str,
+    batch_size: int,
+    name: str,
 ) -> tuple[np.ndarray, np.ndarray]:
     store = store.known_at(split)
     other = pq.read_table(store.directory / split_file(OTHER_HELD_OUT[split]))
@@ -110,7 +120,7 @@ def _full_ranks(
         other.column("item_id").to_numpy()
     )
     catalogue = np.arange(1, len(store.items))
-    greater, ties = [], []
+    greater, ties, non_finite = [], [], []
     for start in range(0, len(lists.users), batch_size):
         users = lists.users[start : start + batch_size]
         targets = lists.items[start : start + batch_size, 0]
@@ -121,6 +131,9 @@ def _full_ranks(
             np.zeros((rows, len(catalogue)), dtype=np.float32),
         )
         scores = ranker(batch).numpy().astype(np.float64)
+        non_finite.append(~np.isfinite(scores).all(axis=1))
+        if non_finite[-1].any():
+            continue  # counted for the error below; ranking these scores would be meaningless
         seen, lengths = store.history.gather(users)
         owner = np.repeat(np.arange(rows), lengths)
         scores[owner, seen - 1] = -np.inf
@@ -129,7 +142,17 @@ def _full_ranks(
         g, t = held_out_ranks(scores, targets - 1)
         greater.append(g)
         ties.append(t)
+    _refuse_non_finite(name, np.concatenate(non_finite), " on full ranking")
     return np.concatenate(greater), np.concatenate(ties)
+
+
+def _refuse_non_finite(name: str, users: np.ndarray, where: str) -> None:
+    """Raise when any of ``users`` (a mask over the evaluated users) got a non-finite score."""
+    if users.any():
+        raise ValueError(
+            f"model {name!r} gave non-finite scores{where} for {int(users.sum())} of "
+            f"{len(users)} users; refusing to evaluate"
+        )
 
 
 def mean_metrics(per_user: dict[str, np.ndarray]) -> dict[str, float]:

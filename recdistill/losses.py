@@ -8,8 +8,10 @@ A loss is computed per list and averaged over the lists that have something to c
 
 Padded values are replaced before any arithmetic touches them, softmaxes are log-sum-exps
 with a finite fill, and log-sigmoids are softplus, so scores of ±1e4 (or NaN in a padded
-slot) give finite losses and gradients. Sorting by the teacher is stable: ties keep their
-original order. ``LOSSES`` maps config names to the functions.
+slot) give finite losses and gradients. A target (teacher score or label) that is NaN or
+±inf in a valid entry is a ValueError: a diverged teacher must not silently drop or reorder
+lists. Sorting by the teacher is stable: ties keep their original order. ``LOSSES`` maps
+config names to the functions.
 """
 
 from __future__ import annotations
@@ -32,6 +34,16 @@ class LossFn(Protocol):
 def _positive(name: str, value: float) -> None:
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value}")
+
+
+def _check_target(loss: str, target: Tensor, mask: Tensor) -> None:
+    """Refuse a target that is not finite in a valid entry (``mask`` selects entries or rows)."""
+    valid = mask if mask.dim() == target.dim() else mask[..., None]
+    bad = int((valid & ~torch.isfinite(target)).sum())
+    if bad:
+        raise ValueError(
+            f"{loss} loss: {bad} of its target values (teacher scores or labels) are not finite"
+        )
 
 
 def _list_mean(per_list: Tensor, contributes: Tensor) -> Tensor:
@@ -68,6 +80,7 @@ def bce_loss(student: Tensor, labels: Tensor, *, mask: Tensor) -> Tensor:
     Per list: mean over valid entries of ``-y log σ(s) - (1 - y) log(1 - σ(s))``; lists with a
     valid entry contribute.
     """
+    _check_target("bce", labels, mask)
     s = student.masked_fill(~mask, 0.0)
     y = labels.masked_fill(~mask, 0.0)
     bce = F.binary_cross_entropy_with_logits(s, y, reduction="none")
@@ -80,6 +93,7 @@ def softmax_cross_entropy_loss(student: Tensor, labels: Tensor, *, mask: Tensor)
     Per list: ``-Σ_i p_i log softmax(s)_i`` with ``p = y / Σ y``, both over valid entries.
     Lists with a positive label and at least two valid entries contribute.
     """
+    _check_target("softmax_ce", labels, mask)
     y = labels.masked_fill(~mask, 0.0)
     total = y.sum(-1, keepdim=True)
     target = y / torch.where(total > 0, total, 1.0)
@@ -97,6 +111,7 @@ def soft_bce_loss(
     contribute.
     """
     _positive("temperature", temperature)
+    _check_target("soft_bce", teacher, mask)
     s = student.masked_fill(~mask, 0.0) / temperature
     p = torch.sigmoid(teacher.masked_fill(~mask, 0.0) / temperature)
     bce = F.binary_cross_entropy_with_logits(s, p, reduction="none")
@@ -113,6 +128,7 @@ def listnet_loss(
     two valid entries contribute.
     """
     _positive("temperature", temperature)
+    _check_target("listnet", teacher, mask)
     log_p = _log_softmax(teacher / temperature, mask)
     log_q = _log_softmax(student / temperature, mask)
     kl = torch.where(mask, log_p.exp() * (log_p - log_q), 0.0).sum(-1)
@@ -131,6 +147,7 @@ def listmle_loss(
     """
     if top_k is not None:
         _positive("top_k", top_k)
+    _check_target("listmle", teacher, mask)
     order, valid, rank = _teacher_order(teacher, mask)
     s = student.gather(-1, order).masked_fill(~valid, torch.finfo(student.dtype).min)
     remaining = s.flip(-1).logcumsumexp(-1).flip(-1)
@@ -154,6 +171,7 @@ def rank_weighted_topk_loss(
     """
     _positive("top_k", top_k)
     _positive("decay", decay)
+    _check_target("rank_weighted", teacher, mask)
     order, valid, rank = _teacher_order(teacher, mask)
     s = student.gather(-1, order).masked_fill(~valid, 0.0)
     top = valid & (rank < top_k)
@@ -174,6 +192,7 @@ def ranknet_loss(
     with ``w_ij = t_i - t_j`` when ``margin_weighted``, else 1. Lists with such a pair
     contribute.
     """
+    _check_target("ranknet", teacher, mask)
     s = student.masked_fill(~mask, 0.0)
     t = teacher.masked_fill(~mask, 0.0)
     margin = t[:, :, None] - t[:, None, :]
@@ -192,6 +211,7 @@ def margin_mse_loss(student: Tensor, teacher: Tensor, *, mask: Tensor) -> Tensor
     as ``2n/(n-1) · Var(d) = 2/(n-1) · Σ_i (d_i - mean(d))²`` (population variance). Lists
     with at least two valid entries contribute.
     """
+    _check_target("margin_mse", teacher, mask)
     d = (student - teacher).masked_fill(~mask, 0.0)
     n = mask.sum(-1, keepdim=True)
     centred = torch.where(mask, d - d.sum(-1, keepdim=True) / n.clamp(min=1), 0.0)
@@ -206,6 +226,7 @@ def feature_mse_loss(student: Tensor, teacher: Tensor, *, mask: Tensor) -> Tenso
     ``student`` and ``teacher`` are ``[rows, dim]`` (the student's projected tower outputs and
     the teacher's); ``mask`` is ``[rows]`` bool and selects the rows.
     """
+    _check_target("feature_mse", teacher, mask)
     diff = (student - teacher).masked_fill(~mask[..., None], 0.0)
     return _list_mean(diff.square().mean(-1), mask)
 

@@ -7,7 +7,8 @@ positions, which matches scikit-learn's tie handling in ``ndcg_score`` and ``roc
 Beyond accuracy, the module measures what a model recommends (popularity, novelty, catalogue
 coverage of its top-k) and how faithfully a student reproduces a reference (teacher) ranking
 (Kendall's tau-b, top-k overlap). Everything is vectorised over users: ``scores`` is
-``[users, L]``, one row per user's candidate list.
+``[users, L]``, one row per user's candidate list. A score may be ``-inf`` (an item excluded
+from ranking, below everything); NaN or ``+inf`` is a ValueError, not a silently wrong number.
 """
 
 from __future__ import annotations
@@ -18,12 +19,23 @@ _PAIRWISE_CHUNK = 50_000_000
 """Largest ``[users, L, L]`` pairwise block built at once by ``kendall_tau``."""
 
 
+def _check_scores(scores: np.ndarray) -> None:
+    """Refuse ``[users, L]`` scores holding NaN or ``+inf`` (``-inf`` marks an excluded item)."""
+    bad = (np.isnan(scores) | np.isposinf(scores)).any(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"the scores of {int(bad.sum())} of {len(scores)} users hold NaN or +inf; "
+            "only finite scores (or -inf for an excluded item) can be ranked"
+        )
+
+
 def held_out_ranks(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each row, how many items score above the positive and how many tie with it.
 
     ``scores`` is ``[users, items]`` (``-inf`` for items excluded from ranking), ``positive``
     the column of each row's held-out item.
     """
+    _check_scores(scores)
     rows = np.arange(len(scores))
     target = scores[rows, positive][:, None]
     greater = (scores > target).sum(axis=1)
@@ -92,6 +104,7 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
 
     Ties go to the lower column index.
     """
+    _check_scores(scores)
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
 
@@ -130,8 +143,10 @@ def kendall_tau(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
     With ``sx = sign(x_i - x_j)`` and ``sy = sign(y_i - y_j)`` over all pairs ``(i, j)``,
     tau_b = sum(sx * sy) / sqrt(sum(sx**2) * sum(sy**2)), i.e. (concordant - discordant) /
     sqrt((pairs - ties in x) * (pairs - ties in y)): ``scipy.stats.kendalltau``'s default.
-    A constant row, or one holding NaN, gives NaN.
+    A constant row gives NaN.
     """
+    _check_scores(scores)
+    _check_scores(reference)
     users, length = scores.shape
     chunk = max(1, _PAIRWISE_CHUNK // max(1, length * length))
     tau = np.empty(users)
@@ -143,7 +158,6 @@ def kendall_tau(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
         untied_y = np.abs(y).sum(axis=(1, 2), dtype=np.int64)
         with np.errstate(invalid="ignore"):  # constant rows: 0 / 0
             tau[start : start + chunk] = agreement / np.sqrt(untied_x.astype(float) * untied_y)
-    tau[np.isnan(scores).any(axis=1) | np.isnan(reference).any(axis=1)] = np.nan
     return tau
 
 

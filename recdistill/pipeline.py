@@ -186,7 +186,9 @@ def _score_and_write(
     per_user = {}
     for name, model in models.items():
         reference = None if name == "teacher" else teacher
-        per_user[name] = evaluate(model, store, "test", scored=scored[name], reference=reference)
+        per_user[name] = evaluate(
+            model, store, "test", scored=scored[name], reference=reference, name=name
+        )
         entry = summary["models"][name]
         entry["metrics"] = mean_metrics(per_user[name])
         entry["metrics"]["coverage@10"] = coverage_at(

@@ -4,7 +4,10 @@ Read top to bottom: the stage's spec, the stage's loss as one module
 (:class:`StageObjective`), then :class:`Trainer`, whose :meth:`Trainer.fit` runs epochs of
 (score lists → weighted loss → step), evaluates validation NDCG@10 after each epoch,
 checkpoints, and stops early. ``fit`` resumes from the checkpoint when asked and then
-continues to the same result as an uninterrupted run.
+continues to the same result as an uninterrupted run. A non-finite loss or gradient stops
+the stage before its step (:class:`TrainingDiverged`), leaving the last epoch's checkpoint
+as it was: resumed with a lower learning rate (the one change a resume accepts), the stage
+continues from there.
 
 Under ``torchrun`` the same code trains on every rank: the objective is wrapped by torchrec's
 DistributedModelParallel (tables sharded, the rest data-parallel), each rank takes its own
@@ -42,6 +45,7 @@ from recdistill.data.batches import (
     TrainLists,
     TrainSequences,
 )
+from recdistill.errors import TrainingDiverged
 from recdistill.evaluate import evaluate
 from recdistill.losses import LOSSES
 from recdistill.models import TwoTower
@@ -62,6 +66,9 @@ ADAGRAD_STEP_RATIO = 10.0
 TEACHER_USERS = 4096
 # Checkpoints of other formats (or none) are refused rather than resumed differently.
 CHECKPOINT_FORMAT = 2
+# The stage spec's fields a resume may change: a diverged stage continues from its last good
+# checkpoint at a lower rate. Any other change makes the checkpoint another stage's.
+RESUMABLE_CHANGES = ("learning_rate", "adagrad_learning_rate")
 
 TeacherOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """A frozen teacher's user vectors, item vectors and scores for a batch."""
@@ -389,12 +396,43 @@ class Trainer:
             loss = self.loss(batch, self.ranked_batches(batch, epoch, global_index))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            self._stop_if_diverged(loss, epoch, index)
             self.optimizer.step()
             examples += batch.examples
             loss_sum += loss.item() * batch.examples
             progress.set_postfix(loss=f"{loss.item():.4f}")
         examples, loss_sum = distributed.all_sum([examples, loss_sum], self.world)
         return EpochStats(int(examples), loss_sum, time.perf_counter() - started)
+
+    def _stop_if_diverged(self, loss: torch.Tensor, epoch: int, batch: int) -> None:
+        """Raise :class:`TrainingDiverged` on every rank, before the step, when any rank's loss
+        or gradients are not finite (the sum over ranks keeps the ranks in step).
+
+        ``fit`` checkpoints every finished epoch, so epoch ``epoch - 1``'s checkpoint is the
+        last good one. Sharded tables have already been updated inside the backward pass
+        (their gradients never reach ``optimizer``), but nothing is written from them.
+        """
+        gradients = [p.grad for p in self.adam_parameters.values() if p.grad is not None]
+        largest = torch.nn.utils.get_total_norm(gradients, norm_type=math.inf)
+        bad_loss, bad_gradients = not torch.isfinite(loss), not torch.isfinite(largest)
+        anywhere = distributed.all_sum([float(bad_loss), float(bad_gradients)], self.world)
+        if not any(anywhere):
+            return
+        if bad_loss:
+            problem = f"loss is {loss.item()}"
+        elif bad_gradients:
+            problem = f"gradients are not finite (loss {loss.item():.4g})"
+        else:
+            problem = "the loss or gradients of another rank are not finite"
+        kept = (
+            f"the last good checkpoint (epoch {epoch - 1}) is kept"
+            if epoch > 0
+            else "no epoch had finished, so there is no checkpoint"
+        )
+        raise TrainingDiverged(
+            f"stage {self.spec.name!r} diverged at epoch {epoch}, batch {batch}: {problem}; "
+            f"{kept}: lower the learning rate and rerun with --resume"
+        )
 
     def fit(self, *, resume: bool = False) -> StageResult:
         spec, main = self.spec, self.world.is_main
@@ -455,7 +493,9 @@ class Trainer:
         metric = None
         if self.world.is_main:
             self.model.eval()
-            valid = evaluate(self.model, self.store, "valid", full_ranking=False)
+            valid = evaluate(
+                self.model, self.store, "valid", full_ranking=False, name=self.spec.name
+            )
             metric = float(valid[SELECTION_METRIC].mean())
         return distributed.broadcast_json(metric, self.world)
 
@@ -524,9 +564,18 @@ class Trainer:
             raise ValueError(
                 f"{path} was written by another version of recdistill; start a fresh run directory"
             )
-        if payload["spec"] != json.dumps(dataclasses.asdict(self.spec)):
+        saved, current = json.loads(payload["spec"]), dataclasses.asdict(self.spec)
+        if _fixed_on_resume(saved) != _fixed_on_resume(current):
             raise ValueError(
-                f"{path} was written for a different stage spec; start a fresh run directory"
+                f"{path} was written for a different stage spec (a resume may change only "
+                f"{', '.join(RESUMABLE_CHANGES)}); start a fresh run directory"
+            )
+        changed = [key for key in RESUMABLE_CHANGES if saved[key] != current[key]]
+        if changed and self.world.is_main:
+            tqdm.write(
+                f"{self.spec.name}: resuming after epoch {payload['state']['epoch']} with "
+                + ", ".join(f"{key} {current[key]} (was {saved[key]})" for key in changed),
+                file=sys.stderr,
             )
         self.model.load_state_dict(payload["model"])
         self.adapters.load_state_dict(payload["adapters"])
@@ -550,6 +599,11 @@ class Trainer:
             kept = [r for r in records if r["epoch"] <= state["epoch"]]
             log.write_text("".join(json.dumps(r) + "\n" for r in kept))
         return state
+
+
+def _fixed_on_resume(spec: dict[str, Any]) -> str:
+    """The spec's fields a resume must keep, as JSON (tuples and lists compare equal)."""
+    return json.dumps({k: v for k, v in spec.items() if k not in RESUMABLE_CHANGES})
 
 
 def _seed_of(*numbers: int) -> int:

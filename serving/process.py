@@ -13,11 +13,22 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2
 
 READY_TIMEOUT_S = 120.0
+# On SIGTERM, how long the requests in flight may take to finish before they are dropped.
+GRACEFUL_SHUTDOWN_S = 30
+
+
+@dataclass(frozen=True)
+class ServerProcess:
+    """A ready ``recdistill serve`` child process and its base URL."""
+
+    url: str
+    process: subprocess.Popen
 
 
 def free_port() -> int:
@@ -35,8 +46,8 @@ def running_server(
     extra_args: Sequence[str] = (),
     cpus: set[int] | None = None,
     env: dict[str, str] | None = None,
-) -> Iterator[str]:
-    """Yield the base URL of a ready server; stop it on exit.
+) -> Iterator[ServerProcess]:
+    """Yield a ready server; stop it on exit (SIGTERM, then SIGKILL if it hangs).
 
     ``cpus`` pins the server process to those cores (Linux), so a load generator on the
     other core does not compete with it. A server that exits or is not ready within
@@ -64,11 +75,11 @@ def running_server(
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, process, log_path)
-        yield url
+        yield ServerProcess(url, process)
     finally:
         process.terminate()
         try:
-            process.wait(timeout=15)
+            process.wait(timeout=GRACEFUL_SHUTDOWN_S + 5)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()

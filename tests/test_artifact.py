@@ -170,3 +170,35 @@ def test_export_of_a_directory_that_is_not_a_run_fails_clearly(tmp_path, capsys)
     command = ["export", "--run", str(tmp_path), "--model", "student", "--out", str(tmp_path / "x")]
     assert main(command) == 2
     assert "summary.json not found" in capsys.readouterr().err
+
+
+def _spoil(weights_path):
+    """Three non-finite values in the first floating-point tensor; returns its name."""
+    weights = load_file(weights_path)
+    key = next(k for k, v in weights.items() if v.is_floating_point() and v.numel() >= 3)
+    flat = weights[key].view(-1)
+    flat[0], flat[1], flat[2] = float("nan"), float("inf"), float("-inf")
+    save_file(weights, weights_path)
+    return key
+
+
+def test_non_finite_weights_are_refused_on_load_by_name(student_copy):
+    key = _spoil(student_copy / WEIGHTS)
+    _refresh_hashes(student_copy)
+    with pytest.raises(ArtifactError) as refused:
+        load_artifact(student_copy)
+    assert str(refused.value) == f"artifact {student_copy}: tensor {key!r} has 3 non-finite values"
+
+
+def test_non_finite_weights_are_refused_on_export_by_name(tiny_run, tmp_path):
+    _, run = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    weights = copy / "student" / WEIGHTS
+    key = _spoil(weights)
+    with pytest.raises(ArtifactError) as refused:
+        export_artifact(copy, "student", tmp_path / "student")
+    assert str(refused.value) == (
+        f"cannot export 'student' from {weights}: tensor {key!r} has 3 non-finite values"
+    )
+    assert not (tmp_path / "student").exists()

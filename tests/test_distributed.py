@@ -349,3 +349,26 @@ def test_killed_single_process_run_resumes_to_the_same_result(tiny_run, syntheti
     run_and_kill(train_command(config, synthetic_dir, out), out / "teacher", 1)
     run(train_command(config, synthetic_dir, out, resume=True))
     assert metrics_of(out) == metrics_of(straight)
+
+
+def test_a_loss_that_turns_nan_on_one_rank_stops_every_rank_at_the_same_batch(
+    synthetic_dir, tmp_path
+):
+    run(
+        [
+            *TORCHRUN,
+            str(PROJECT / "tests" / "diverging_worker.py"),
+            str(synthetic_dir),
+            str(tmp_path),
+        ],
+        timeout=600,
+    )
+    advice = "; the last good checkpoint (epoch 0) is kept: lower the learning rate and rerun "
+    where = "stage 'sharded' diverged at epoch 1, batch 2: "
+    assert (tmp_path / "rank1.txt").read_text() == f"{where}loss is nan{advice}with --resume"
+    assert (tmp_path / "rank0.txt").read_text() == (
+        f"{where}the loss or gradients of another rank are not finite{advice}with --resume"
+    )
+    checkpoint = torch.load(tmp_path / "stage" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["state"]["epoch"] == 0
+    assert all(torch.isfinite(value).all() for value in checkpoint["model"].values())

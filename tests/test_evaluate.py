@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from recdistill.baselines import Ease, Popularity
-from recdistill.data.batches import FeatureStore
+from recdistill.data.batches import CandidateLists, FeatureStore
 from recdistill.evaluate import evaluate
 
 
@@ -66,4 +66,44 @@ def test_ease_matches_its_closed_form_and_popularity_counts(store):
     assert (
         evaluate(ease, store, "valid")["ndcg@10"].mean()
         > evaluate(Popularity(store), store, "valid")["ndcg@10"].mean()
+    )
+
+
+def spoiled(store, users, value, *, full_ranking_only=False):
+    """A ``Fixed`` ranker whose scores are ``value`` for the given (internal) user indices."""
+    fixed = Fixed(store)
+
+    def ranker(batch):
+        scores = fixed(batch)
+        if full_ranking_only and batch.candidates.shape[1] <= 100:
+            return scores
+        rows = np.isin(batch.users["user_id"].values().numpy(), users)
+        scores[torch.as_tensor(rows)] = value
+        return scores
+
+    return ranker
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_candidate_scores_are_refused_naming_the_model(store, value):
+    evaluated = CandidateLists(store, "test").users
+    users = evaluated[::7]
+    with pytest.raises(ValueError) as refused:
+        evaluate(spoiled(store, users, value), store, "test", name="student")
+    assert str(refused.value) == (
+        f"model 'student' gave non-finite scores for {len(users)} of {len(evaluated)} users; "
+        "refusing to evaluate"
+    )
+
+
+def test_non_finite_full_ranking_scores_are_refused_naming_the_model(store):
+    evaluated = CandidateLists(store, "test").users
+    users = evaluated[:3]
+    ranker = spoiled(store, users, np.nan, full_ranking_only=True)
+    assert np.isfinite(evaluate(ranker, store, "test", full_ranking=False)["ndcg@10"]).all()
+    with pytest.raises(ValueError) as refused:
+        evaluate(ranker, store, "test", name="teacher")
+    assert str(refused.value) == (
+        f"model 'teacher' gave non-finite scores on full ranking for 3 of {len(evaluated)} "
+        "users; refusing to evaluate"
     )

@@ -159,10 +159,10 @@ def test_a_short_run_against_the_student_passes(tiny_artifacts, tmp_path):
 
 def test_an_impossible_budget_fails_the_run_and_says_why(tiny_artifacts, tmp_path, capsys):
     student = tiny_artifacts["student"]
-    with running_server([student], impressions=tmp_path / "impressions.jsonl") as url:
+    with running_server([student], impressions=tmp_path / "impressions.jsonl") as server:
         code = main(
             [
-                "--artifact", str(student), "--host", url, "--out", str(tmp_path / "out"),
+                "--artifact", str(student), "--host", server.url, "--out", str(tmp_path / "out"),
                 "--users", "2", "--run-time", "3s", "--p99-ms", "0.1",
             ]
         )  # fmt: skip

@@ -507,3 +507,21 @@ def test_invalid_options_are_rejected(name, options):
     scores = torch.zeros(1, 3)
     with pytest.raises(ValueError, match=next(iter(options))):
         loss_of(name, options, scores, scores, torch.ones(1, 3, dtype=torch.bool))
+
+
+# --- non-finite targets ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "options"), [*VARIANTS, ("feature_mse", {})], ids=variant_id)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_target_in_a_valid_entry_is_refused(name, options, bad):
+    generator = torch.Generator().manual_seed(10)
+    lists = [random_list(name, n, generator) for n in (5, 3)]
+    student, mask = pad_wild([s for s, _ in lists], 6)  # padding holds NaN and ±inf
+    target, _ = pad_wild([t for _, t in lists], 6)
+    if name == "feature_mse":  # rows of representations: a whole one and a masked-out one
+        student, target, mask = student[:, :5], target[:, :5], torch.tensor([True, False])
+    loss_of(name, options, student, target, mask)  # non-finite padding is fine
+    target[0, 1] = target[0, 4] = bad
+    with pytest.raises(ValueError, match=rf"^{name} loss: 2 of its target values \(teacher"):
+        loss_of(name, options, student, target, mask)

@@ -179,3 +179,25 @@ def test_list_metrics_keys_and_values():
     shifted = list_metrics(scores, positive=positive, k=5)
     greater, ties = held_out_ranks(scores, positive)
     assert shifted["map@5"] == pytest.approx(average_precision_at(greater, ties, 5))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_positive_infinite_scores_are_refused(bad):
+    scores = np.array([[0.5, 0.9, 0.7], [0.5, 0.9, 0.7], [0.2, 0.1, -np.inf]])
+    candidate, held_out = scores.copy(), scores.copy()
+    candidate[1, 1] = bad  # a NaN candidate used to count as below the held-out item
+    held_out[0, 0] = held_out[1, 0] = bad  # a NaN held-out item used to give an AUC above 1
+    positive = np.zeros(3, dtype=int)
+    computations = (
+        lambda spoiled: held_out_ranks(spoiled, positive),
+        lambda spoiled: auc(spoiled, positive),
+        lambda spoiled: top_k(spoiled, 2),
+        lambda spoiled: kendall_tau(spoiled, scores),
+        lambda spoiled: kendall_tau(scores, spoiled),
+        list_metrics,
+    )
+    for spoiled, users in ((candidate, 1), (held_out, 2)):
+        for compute in computations:
+            with pytest.raises(ValueError, match=rf"^the scores of {users} of 3 users hold NaN"):
+                compute(spoiled)
+    assert hit_at(*held_out_ranks(scores, positive), 2).tolist() == [0.0, 0.0, 1.0]

@@ -1,12 +1,40 @@
 import json
+import math
 import re
 
 import pyarrow.parquet as pq
 import pytest
 
 from recdistill.cli import main
+from recdistill.losses import LOSSES
 from recdistill.pipeline import run, stages_from
+from recdistill.train import Trainer
 from tests.conftest import TINY
+
+# One tiny stage, for runs whose training is the point.
+ONE_STAGE = """
+[models.small]
+embedding_dim = 4
+tower = [8]
+feature_dim = 2
+
+[train]
+history_length = 10
+batch_size = 512
+negatives = 4
+epochs = 2
+learning_rate = 5e-3
+
+[baselines.ease]
+l2 = [50.0]
+
+[baselines.ease_recency]
+half_life = [2.0]
+
+[stages.teacher]
+model = "small"
+losses = [{ fn = "softmax_ce" }]
+"""
 
 MODELS = [
     "teacher",
@@ -120,3 +148,41 @@ def test_bad_sequence_configs_stop_before_training(synthetic_dir, tmp_path, chan
     with pytest.raises(ValueError, match=re.escape(message)):
         run(config, synthetic_dir, tmp_path / "out")
     assert not list((tmp_path / "out").glob("*/log.jsonl"))
+
+
+def test_a_diverged_stage_is_a_clear_error_and_resumes_at_a_lower_learning_rate(
+    synthetic_dir, tmp_path, monkeypatch, capsys
+):
+    config = tmp_path / "c.toml"
+    config.write_text(ONE_STAGE)
+    out = tmp_path / "run"
+    command = ["train", "--config", str(config), "--data", str(synthetic_dir), "--out", str(out)]
+    # Once epoch 0 is checkpointed, the loss turns NaN.
+    checkpointed, checkpoint, softmax_ce = False, Trainer._checkpoint, LOSSES["softmax_ce"]
+
+    def checkpoint_and_remember(self, state):
+        nonlocal checkpointed
+        checkpoint(self, state)
+        checkpointed = True
+
+    def poisoned(student, target, *, mask):
+        value = softmax_ce(student, target, mask=mask)
+        return value * math.nan if checkpointed else value
+
+    monkeypatch.setattr(Trainer, "_checkpoint", checkpoint_and_remember)
+    monkeypatch.setitem(LOSSES, "softmax_ce", poisoned)
+    assert main(command) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "recdistill: error: stage 'teacher' diverged at epoch 1, batch 0: loss is nan; the last "
+        "good checkpoint (epoch 0) is kept: lower the learning rate and rerun with --resume"
+    )
+    assert not (out / "summary.json").exists()
+    monkeypatch.undo()
+
+    config.write_text(ONE_STAGE.replace("learning_rate = 5e-3", "learning_rate = 1e-3"))
+    assert main([*command, "--resume"]) == 0
+    assert "teacher: resuming after epoch 0 with learning_rate 0.001" in capsys.readouterr().err
+    log = [json.loads(line) for line in (out / "teacher" / "log.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in log] == [0, 1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["models"]["teacher"]["training"]["epochs_run"] == 2

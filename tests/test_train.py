@@ -1,10 +1,13 @@
 import json
+import math
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from recdistill.data.batches import FeatureStore
+from recdistill.errors import TrainingDiverged
+from recdistill.losses import LOSSES
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
 from recdistill.train import LossTerm, StageSpec, Trainer
 
@@ -108,9 +111,89 @@ def test_early_stopping_and_frozen_teacher(store, tmp_path):
 def test_resuming_with_another_spec_is_refused(store, tmp_path):
     Trainer(stage(epochs=1), fresh_model(store), {}, store, tmp_path).fit()
     with pytest.raises(ValueError, match="different stage spec"):
-        Trainer(stage(epochs=2, learning_rate=1e-2), fresh_model(store), {}, store, tmp_path).fit(
+        Trainer(stage(epochs=1, negatives=5), fresh_model(store), {}, store, tmp_path).fit(
             resume=True
         )
+
+
+def poison_loss(monkeypatch, name, at_call, poison):
+    """Make loss ``name`` return ``poison(value, student)`` at its ``at_call``-th call (0-based)."""
+    original, calls = LOSSES[name], 0
+
+    def poisoned(student, target, *, mask, **options):
+        nonlocal calls
+        value = original(student, target, mask=mask, **options)
+        calls += 1
+        return poison(value, student) if calls - 1 == at_call else value
+
+    monkeypatch.setitem(LOSSES, name, poisoned)
+
+
+def test_a_nan_loss_stops_the_stage_and_a_lower_learning_rate_resumes_the_last_good_epoch(
+    store, tmp_path, monkeypatch, capsys
+):
+    one_epoch = fresh_model(store)
+    Trainer(stage(epochs=1), one_epoch, {}, store, tmp_path / "one").fit()
+
+    trainer = Trainer(stage(), fresh_model(store), {}, store, tmp_path / "cut")
+    batches = len(trainer.lists)
+    poison_loss(monkeypatch, "softmax_ce", batches + 2, lambda value, _: value * math.nan)
+    with pytest.raises(TrainingDiverged) as diverged:
+        trainer.fit()
+    assert str(diverged.value) == (
+        "stage 's' diverged at epoch 1, batch 2: loss is nan; the last good checkpoint "
+        "(epoch 0) is kept: lower the learning rate and rerun with --resume"
+    )
+    monkeypatch.undo()
+    checkpoint = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["state"]["epoch"] == 0
+    for key, value in one_epoch.state_dict().items():
+        assert torch.equal(checkpoint["model"][key], value), key
+    assert [r["epoch"] for r in log_of(tmp_path / "cut")] == [0]
+
+    resumed = Trainer(stage(learning_rate=1e-3), fresh_model(store), {}, store, tmp_path / "cut")
+    result = resumed.fit(resume=True)
+    assert (
+        "s: resuming after epoch 0 with learning_rate 0.001 (was 0.005)" in capsys.readouterr().err
+    )
+    assert resumed.optimizer.param_groups[0]["lr"] == 1e-3
+    assert result.epochs_run == 3
+    assert [r["epoch"] for r in log_of(tmp_path / "cut")] == [0, 1, 2]
+    assert all(math.isfinite(r["train_loss"]) for r in log_of(tmp_path / "cut"))
+
+
+def test_non_finite_gradients_stop_the_stage_before_its_step(store, tmp_path, monkeypatch):
+    # sqrt at 0 has an infinite slope: the loss stays finite, its gradients are NaN
+    poison_loss(
+        monkeypatch, "softmax_ce", 0, lambda value, student: value + (0 * student.sum()).sqrt()
+    )
+    model = fresh_model(store)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = Trainer(stage(), model, {}, store, tmp_path)
+    with pytest.raises(
+        TrainingDiverged, match=r"^stage 's' diverged at epoch 0, batch 0: "
+    ) as diverged:
+        trainer.fit()
+    assert "gradients are not finite (loss " in str(diverged.value)
+    assert str(diverged.value).endswith(
+        "no epoch had finished, so there is no checkpoint: lower the learning rate and rerun "
+        "with --resume"
+    )
+    assert trainer.optimizer.state_dict()["state"] == {}  # no step was taken
+    assert all(torch.equal(initial[k], v) for k, v in model.state_dict().items())
+    assert not (tmp_path / "checkpoint.pt").exists()
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_a_huge_learning_rate_diverges_and_writes_nothing(store, tmp_path):
+    with pytest.raises(TrainingDiverged) as diverged:
+        Trainer(stage(learning_rate=1e30), fresh_model(store), {}, store, tmp_path).fit()
+    assert str(diverged.value) == (
+        "stage 's' diverged at epoch 0, batch 1: loss is nan; no epoch had finished, so there "
+        "is no checkpoint: lower the learning rate and rerun with --resume"
+    )
+    assert not (tmp_path / "checkpoint.pt").exists()
+    assert not (tmp_path / "model.safetensors").exists()
 
 
 def test_loss_terms_are_checked():

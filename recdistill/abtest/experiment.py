@@ -73,8 +73,8 @@ def run_abtest(config: Path, out: Path, **simulation_overrides: Any) -> AbTestRe
             impressions = scratch / IMPRESSIONS
             with running_server(
                 sorted(server_artifacts), ab_config=config, impressions=impressions
-            ) as url:
-                log = simulate(world, experiment, rankers, server=Server(url, impressions))
+            ) as server:
+                log = simulate(world, experiment, rankers, server=Server(server.url, impressions))
         else:
             log = simulate(world, experiment, rankers)
         log.to_parquet(scratch / REQUESTS, index=False)

@@ -17,7 +17,6 @@ The result is the per-request log: one row per request with the shown items and 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import pandas as pd
 
 from recdistill.abtest.spec import ExperimentSpec
 from recdistill.abtest.world import World
+from serving.impressions import read_impressions
 
 EXPERIMENT, PRE = "experiment", "pre"
 
@@ -239,8 +239,11 @@ def _rank_online(
             request_id = response.json()["request_id"]
             row_of_request[request_id] = row
 
-    impressions = [json.loads(line) for line in server.impressions.read_text().splitlines()]
-    logged = pd.DataFrame(impressions).set_index("request_id").loc[list(row_of_request)]
+    logged = (
+        pd.DataFrame(read_impressions(server.impressions))
+        .set_index("request_id")
+        .loc[list(row_of_request)]
+    )
     logged_rows = np.fromiter(row_of_request.values(), dtype=np.int64)
     mismatched = logged["arm"].to_numpy() != slates.arms[logged_rows]
     if mismatched.any():

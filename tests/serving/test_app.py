@@ -8,7 +8,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.numpy import load_file
 
 from recdistill.routing import Routing
-from serving.app import ADMIN_TOKEN_ENV, ServerSettings, create_app
+from serving.app import ServerSettings, create_app
+from serving.middleware import ADMIN_TOKEN_ENV
 
 AB = """
 [ab]
@@ -127,6 +128,55 @@ def test_bad_requests_get_a_4xx_with_a_message(single, name):
     response = client.post("/rank", json=BAD_BODIES[name])
     assert response.status_code == 422, response.text
     assert response.json()["detail"]
+
+
+NON_FINITE = ("NaN", "Infinity", "-Infinity", "1e999")
+RANK_FIELDS = {
+    # body with {} where the non-finite number goes: the field the error must name
+    '{"user_id": {}, "candidates": [1]}': "user_id",
+    '{"user_id": 1, "candidates": [{}]}': "candidates[0]",
+    '{"user_id": 1, "candidates": [1, 2, {}]}': "candidates[2]",
+    '{"user_id": 1, "candidates": [1], "k": {}}': "k",
+    '{"user_id": 1, "candidates": [1], "recent_items": [3, {}]}': "recent_items[1]",
+    '{"user_id": 1, "candidates": [[1, [{}]]]}': "candidates[0][1][0]",
+    '{"user_id": 1, "candidates": [1], "extra": {"deep": [{"deeper": {}}]}}':
+        "extra.deep[0].deeper",
+    '{"user_id": {"id": {}}, "candidates": [1]}': "user_id.id",
+    "{}": "the body",
+    "[1, {}]": "body[1]",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("number", NON_FINITE)
+@pytest.mark.parametrize("template", RANK_FIELDS)
+def test_non_finite_numbers_anywhere_are_a_422_naming_the_field(single, template, number):
+    client, _ = single
+    content = template.replace("{}", number)
+    response = client.post("/rank", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    first = response.json()["detail"][0]
+    spelled = "Infinity" if number == "1e999" else number
+    assert first["msg"] == f"{RANK_FIELDS[template]} is {spelled}: JSON numbers must be finite"
+    assert first["type"] == "finite_number"
+
+
+@pytest.mark.parametrize("number", NON_FINITE)
+@pytest.mark.parametrize(
+    ("template", "field"),
+    [
+        ('{"artifact": {}}', "artifact"),
+        ('{"artifact": "a", "model": {}}', "model"),
+        ('{"artifact": ["a", {"b": {}}]}', "artifact[1].b"),
+    ],
+)
+def test_non_finite_numbers_in_a_reload_are_a_422_naming_the_field(
+    reloadable, template, field, number
+):
+    content = template.replace("{}", number)
+    headers = AUTH | {"content-type": "application/json"}
+    response = reloadable.post("/admin/reload", content=content, headers=headers)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["msg"].startswith(f"{field} is ")
 
 
 @pytest.mark.parametrize(
@@ -263,10 +313,19 @@ def test_ab_config_must_cover_its_models(tiny_artifacts, tmp_path):
 
 
 @pytest.fixture
-def reloadable(tiny_artifacts, tmp_path, monkeypatch):
+def served(tiny_artifacts, tmp_path):
+    """Copies of the tiny artifacts in one directory, the default root of reloads."""
+    directory = tmp_path / "served"
+    for name in ("student", "intermediate", "teacher"):
+        shutil.copytree(tiny_artifacts[name], directory / name)
+    return directory
+
+
+@pytest.fixture
+def reloadable(served, tmp_path, monkeypatch):
     monkeypatch.setenv(ADMIN_TOKEN_ENV, "s3cret")
     settings = ServerSettings(
-        artifacts=(str(tiny_artifacts["student"]),), impressions=str(tmp_path / "log.jsonl")
+        artifacts=(str(served / "student"),), impressions=str(tmp_path / "log.jsonl")
     )
     with TestClient(create_app(settings)) as client:
         yield client
@@ -275,8 +334,8 @@ def reloadable(tiny_artifacts, tmp_path, monkeypatch):
 AUTH = {"authorization": "Bearer s3cret"}
 
 
-def test_reload_needs_the_token(reloadable, tiny_artifacts, monkeypatch):
-    body = {"artifact": str(tiny_artifacts["student"])}
+def test_reload_needs_the_token(reloadable, served, monkeypatch):
+    body = {"artifact": str(served / "student")}
     assert reloadable.post("/admin/reload", json=body).status_code == 401
     wrong = reloadable.post("/admin/reload", json=body, headers={"authorization": "Bearer no"})
     assert wrong.status_code == 401
@@ -285,12 +344,12 @@ def test_reload_needs_the_token(reloadable, tiny_artifacts, monkeypatch):
     assert disabled.status_code == 401 and ADMIN_TOKEN_ENV in disabled.json()["detail"]
 
 
-def test_reload_swaps_the_model(reloadable, tiny_artifacts, lists):
+def test_reload_swaps_the_model(reloadable, served, lists):
     old = reloadable.get("/model").json()["models"][0]["version"]
-    body = {"artifact": str(tiny_artifacts["intermediate"]), "model": "student"}
+    body = {"artifact": str(served / "intermediate"), "model": "student"}
     response = reloadable.post("/admin/reload", json=body, headers=AUTH)
     assert response.status_code == 200, response.text
-    new = json.loads((tiny_artifacts["intermediate"] / "manifest.json").read_text())["version"]
+    new = json.loads((served / "intermediate" / "manifest.json").read_text())["version"]
     assert response.json() == {"model": "student", "version": new, "previous_version": old}
     ranked = reloadable.post("/rank", json=_request(lists)).json()
     assert ranked["version"] == new and ranked["arm"] == "student"
@@ -300,14 +359,14 @@ def test_reload_swaps_the_model(reloadable, tiny_artifacts, lists):
     )
 
 
-def test_a_failed_reload_keeps_the_old_model_serving(reloadable, tiny_artifacts, tmp_path, lists):
+def test_a_failed_reload_keeps_the_old_model_serving(reloadable, served, lists):
     old = reloadable.post("/rank", json=_request(lists)).json()
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_artifacts["student"], broken)
+    broken = served / "broken"
+    shutil.copytree(served / "student", broken)
     (broken / "model.safetensors").write_bytes(b"garbage")
     for body in (
         {"artifact": str(broken)},
-        {"artifact": str(tmp_path / "missing")},
+        {"artifact": str(served / "missing")},
     ):
         response = reloadable.post("/admin/reload", json=body, headers=AUTH)
         assert response.status_code == 422
@@ -323,10 +382,65 @@ def test_a_failed_reload_keeps_the_old_model_serving(reloadable, tiny_artifacts,
     assert after["version"] == old["version"] and after["items"] == old["items"]
 
 
-def test_reload_into_an_unserved_name_is_refused(reloadable, tiny_artifacts):
-    body = {"artifact": str(tiny_artifacts["teacher"])}
+def test_reload_into_an_unserved_name_is_refused(reloadable, served):
+    body = {"artifact": str(served / "teacher")}
     response = reloadable.post("/admin/reload", json=body, headers=AUTH)
     assert response.status_code == 409 and "no served model is named 'teacher'" in response.text
+
+
+UNPARSED_BODIES = {
+    "malformed JSON": b"{not json",
+    "wrong schema": b'{"artefact": 3}',
+    "non-finite": b'{"artifact": NaN}',
+    "over the size limit": b"1" * 70_000,
+}
+
+
+@pytest.mark.parametrize("name", UNPARSED_BODIES)
+@pytest.mark.parametrize("token", [None, "Bearer wrong"])
+def test_admin_requests_are_authenticated_before_the_body_is_read(reloadable, name, token):
+    headers = {"content-type": "application/json"} | ({"authorization": token} if token else {})
+    response = reloadable.post("/admin/reload", content=UNPARSED_BODIES[name], headers=headers)
+    assert response.status_code == 401, response.text
+    assert "admin token" in response.json()["detail"]
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_reloads_outside_the_artifact_root_are_403_and_change_nothing(
+    reloadable, served, tiny_artifacts, tmp_path, lists
+):
+    before = reloadable.post("/rank", json=_request(lists)).json()
+    (served / "link").symlink_to(tiny_artifacts["intermediate"])
+    shutil.copytree(served / "intermediate", tmp_path / "outside")
+    for artifact in (
+        str(tmp_path / "outside"),
+        str(served / ".." / "outside"),
+        str(served / "link"),
+        "/",
+        "nul\x00byte",
+    ):
+        body = {"artifact": artifact, "model": "student"}
+        response = reloadable.post("/admin/reload", json=body, headers=AUTH)
+        assert response.status_code == 403, (artifact, response.text)
+        assert f"outside the artifact root {served}" in response.json()["detail"]
+    after = reloadable.post("/rank", json=_request(lists)).json()
+    assert after["version"] == before["version"] and after["items"] == before["items"]
+    refused = 'recdistill_reloads_total{model="student",outcome="refused"} 5.0'
+    assert refused in reloadable.get("/metrics").text
+
+
+def test_the_artifact_root_can_be_set(served, tiny_artifacts, tmp_path, monkeypatch):
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, "s3cret")
+    settings = ServerSettings(
+        artifacts=(str(served / "student"),),
+        impressions=str(tmp_path / "log.jsonl"),
+        artifact_root=str(tiny_artifacts["intermediate"].parent),
+    )
+    with TestClient(create_app(settings)) as client:
+        body = {"artifact": str(tiny_artifacts["intermediate"]), "model": "student"}
+        assert client.post("/admin/reload", json=body, headers=AUTH).status_code == 200
+        body = {"artifact": str(served / "intermediate"), "model": "student"}
+        assert client.post("/admin/reload", json=body, headers=AUTH).status_code == 403
 
 
 def test_requests_run_on_the_configured_torch_threads(tiny_artifacts, tmp_path):

@@ -32,7 +32,8 @@ losses = [{ fn = "softmax_ce" }]
 
 def test_a_real_server_ranks_over_http(tiny_artifacts, tiny_run, synthetic_dir, tmp_path):
     _, run = tiny_run
-    with running_server([tiny_artifacts["student"]], impressions=tmp_path / "i.jsonl") as url:
+    with running_server([tiny_artifacts["student"]], impressions=tmp_path / "i.jsonl") as server:
+        url = server.url
         ranked = httpx2.post(f"{url}/rank", json={"user_id": 1, "candidates": [1, 2, 3], "k": 2})
         assert ranked.status_code == 200
         assert [item["item_id"] for item in ranked.json()["items"]] != []
@@ -52,8 +53,8 @@ def test_the_served_ml100k_student_matches_its_offline_quality(ml100k, tmp_path)
     assert main(["data", "movielens", "--path", str(ml100k), "--out", str(data)]) == 0
     assert main(["train", "--config", str(config), "--data", str(data), "--out", str(run)]) == 0
     assert main(["export", "--run", str(run), "--model", "student", "--out", str(artifact)]) == 0
-    with running_server([artifact], impressions=tmp_path / "i.jsonl") as url:
-        served = served_metrics(url, data)
+    with running_server([artifact], impressions=tmp_path / "i.jsonl") as server:
+        served = served_metrics(server.url, data)
     offline = json.loads((run / "summary.json").read_text())["models"]["student"]["metrics"]
     assert served == pytest.approx({name: offline[name] for name in REPORTED}, abs=1e-9)
     assert served["ndcg@10"] > 0.1  # a trained model, not a constant
