@@ -22,13 +22,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from recdistill.config import load_config, section
+from recdistill.config import history_length, load_config
 from recdistill.data.batches import FeatureStore
 from recdistill.evaluate import evaluate
+from recdistill.layout import RunLayout
 from recdistill.models import FeatureSpace, TwoTower
-from recdistill.pipeline import HISTORY_LENGTH, model_presets, stages_from
+from recdistill.pipeline import model_presets, stages_from
 from recdistill.ranked_lists import ListSpec
-from recdistill.train import BEST_WEIGHTS, LossTerm, StageSpec, Trainer
+from recdistill.stage import LossTerm, StageSpec
+from recdistill.train import Trainer
 
 # (row label, loss name, options): the distillation term of each family.
 FAMILIES = (
@@ -69,10 +71,10 @@ def main() -> None:
     stages = {stage.name: stage for stage in stages_from(config)}
     student = stages["student"]
     lists = student.lists or ListSpec()
-    store = FeatureStore(args.data, history_length=section(config, "train").get(HISTORY_LENGTH, 50))
+    store = FeatureStore(args.data, history_length=history_length(config))
     space = FeatureSpace(store.user_features, store.cardinalities())
     teacher = TwoTower(presets[stages["teacher"].model], space)
-    teacher.load_state_dict(load_file(str(args.run / "teacher" / BEST_WEIGHTS)))
+    teacher.load_state_dict(load_file(str(RunLayout(args.run).stage("teacher").weights)))
     teacher.eval()
 
     def scored(label: str, model: TwoTower, valid: float, seconds: float) -> dict:

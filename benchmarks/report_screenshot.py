@@ -14,6 +14,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from recdistill.layout import RunLayout
+
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -26,13 +28,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--height", type=int, default=4000)
     args = parser.parse_args()
-    page = (args.run / "report" / "index.html").resolve()
+    report = RunLayout(args.run).report
+    page = report.index.resolve()
     if not page.exists():
         raise SystemExit(f"{page} not found: run `recdistill report --run {args.run}` first")
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         raise SystemExit("chromium not found: apt-get install chromium")
-    out = (args.out or args.run / "report" / "screenshot.png").resolve()
+    out = (args.out or report.root / "screenshot.png").resolve()
     with tempfile.TemporaryDirectory() as profile:
         subprocess.run(
             [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",

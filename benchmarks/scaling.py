@@ -32,10 +32,10 @@ STAGE = "teacher"
 def train(data: Path, steps: int) -> dict | None:
     """Train the teacher for ``steps`` batches per rank; rank 0 returns the measurements."""
     from recdistill import distributed
-    from recdistill.config import load_config, section, spec_from
+    from recdistill.config import history_length, load_config, section, spec_from
     from recdistill.data.batches import FeatureStore
     from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
-    from recdistill.pipeline import HISTORY_LENGTH, stages_from
+    from recdistill.pipeline import stages_from
     from recdistill.train import Trainer
 
     world = distributed.world()
@@ -43,7 +43,7 @@ def train(data: Path, steps: int) -> dict | None:
     stage = next(s for s in stages_from(config) if s.name == STAGE)
     preset = spec_from(TwoTowerSpec, section(config, "models")[stage.model], stage.model)
     started = time.perf_counter()
-    store = FeatureStore(data, history_length=section(config, "train")[HISTORY_LENGTH])
+    store = FeatureStore(data, history_length=history_length(config))
     load_seconds = time.perf_counter() - started
     model = TwoTower(preset, FeatureSpace(store.user_features, store.cardinalities()))
     with tempfile.TemporaryDirectory() as scratch:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -36,10 +35,12 @@ import pyarrow.parquet as pq
 import torch
 
 from recdistill.artifact import Artifact, export_artifact, load_artifact
-from recdistill.data.tables import candidates_file
+from recdistill.layout import IMPRESSIONS, DataLayout, RunLayout
 from recdistill.online import OnlineRanker
-from serving.app import ServerSettings, create_app
+from recdistill.summary import read_summary
+from serving.app import create_app
 from serving.impressions import read_impressions
+from serving.settings import ServerSettings
 
 MODELS = ("teacher", "intermediate", "student")
 SIZES = (100, 500, 1000)
@@ -74,7 +75,7 @@ def legend(artifact: Artifact) -> str:
 
 def requests_for(data: Path, size: int, count: int, seed: int = 0) -> list[dict]:
     """Test-list users with their candidates, padded with other catalogue items to ``size``."""
-    table = pq.read_table(data / candidates_file("test")).to_pydict()
+    table = pq.read_table(DataLayout(data).candidates("test")).to_pydict()
     catalogue = np.unique(np.concatenate([np.asarray(c) for c in table["candidates"]]))
     rng = np.random.default_rng(seed)
     bodies = []
@@ -132,7 +133,7 @@ def main() -> None:
     for name, directory in artifacts.items():
         export_artifact(args.run, name, directory)
     labels = {}
-    run_data = Path(json.loads((args.run / "summary.json").read_text())["data"])
+    run_data = Path(read_summary(RunLayout(args.run).summary).data)
     print(f"run {args.run}, {args.requests} requests per cell, 1 torch thread; times in ms")
     for name, directory in artifacts.items():
         artifact = load_artifact(directory)
@@ -154,7 +155,7 @@ def main() -> None:
                     ranker.rank(body["user_id"], np.asarray(body["candidates"]))
                 settings = ServerSettings(
                     artifacts=(str(artifacts[name]),),
-                    impressions=str(scratch / "impressions.jsonl"),
+                    impressions=str(scratch / IMPRESSIONS),
                     precompute_items=precompute,
                 )
                 results[name] = (

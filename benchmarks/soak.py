@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import MISSING, fields
 from functools import partial
 from pathlib import Path
 
 from loadtest.soak import SoakSettings, describe, run_soak, write_result
+from recdistill.layout import SoakLayout
 
 
 def main() -> int:
@@ -34,34 +36,32 @@ def main() -> int:
         required=True,
         help="twice: the artifact served first (A), then the one alternated with it (B)",
     )
-    parser.add_argument("--minutes", type=float, default=10.0, help="soak duration (10)")
-    parser.add_argument("--p99-ms", type=float, default=50.0, help="p99 latency budget (50)")
+    # Options named as SoakSettings' fields, which give their defaults.
+    parser.add_argument("--minutes", type=float, help="soak duration (%(default)s)")
     parser.add_argument(
-        "--load-share", type=float, default=0.8, help="share of the capacity to offer (0.8)"
+        "--p99-ms", dest="p99_budget_ms", type=float, help="p99 latency budget (%(default)s)"
     )
+    parser.add_argument("--load-share", type=float, help="share of capacity to offer (%(default)s)")
     parser.add_argument("--rps", type=float, help="offer this rate instead of measuring capacity")
     parser.add_argument(
-        "--reload-every", type=float, default=5.0, help="seconds between good reloads (5)"
+        "--reload-every",
+        dest="reload_every_s",
+        type=float,
+        help="seconds between good reloads (%(default)s)",
     )
     parser.add_argument(
-        "--bad-every", type=int, default=3, help="try the bad reloads every N good ones (3)"
+        "--bad-every", type=int, metavar="N", help="bad reloads every N good (%(default)s)"
     )
-    parser.add_argument("--candidates", type=int, default=100, help="candidates per request (100)")
-    parser.add_argument("--out", type=Path, default=Path("runs/soak"))
-    args = parser.parse_args()
-    if len(args.artifact) != 2:
+    parser.add_argument("--candidates", type=int, help="candidates per request (%(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("runs/soak"), help="results (%(default)s)")
+    parser.set_defaults(
+        **{f.name: f.default for f in fields(SoakSettings) if f.default is not MISSING}
+    )
+    options = vars(parser.parse_args())
+    artifacts = options.pop("artifact")
+    if len(artifacts) != 2:
         parser.error("pass --artifact exactly twice: A, then B")
-    settings = SoakSettings(
-        artifacts=(args.artifact[0], args.artifact[1]),
-        out=args.out,
-        minutes=args.minutes,
-        p99_budget_ms=args.p99_ms,
-        load_share=args.load_share,
-        rps=args.rps,
-        reload_every_s=args.reload_every,
-        bad_every=args.bad_every,
-        candidates=args.candidates,
-    )
+    settings = SoakSettings(artifacts=tuple(artifacts), **options)
     try:
         result = run_soak(settings, progress=partial(print, flush=True))
     except (RuntimeError, OSError, ValueError) as error:
@@ -69,8 +69,9 @@ def main() -> int:
         return 1
     print()
     print(describe(result))
-    write_result(result, args.out / "soak.json")
-    print(f"results in {args.out / 'soak.json'}")
+    path = SoakLayout(settings.out).result
+    write_result(result, path)
+    print(f"results in {path}")
     return 0 if result.ok else 1
 
 

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from recdistill.config import load_config, section
+from recdistill.config import history_length, load_config
 from recdistill.data.batches import FeatureStore
 from recdistill.models import FeatureSpace, TwoTower
-from recdistill.pipeline import HISTORY_LENGTH, model_presets, stages_from
+from recdistill.pipeline import model_presets, stages_from
 from recdistill.train import Trainer
 
 
@@ -51,7 +51,7 @@ def train_variant(
         raise ValueError(f"[stages.{stage_name}] learns from {list(stage.teachers)}: not alone")
     if epochs is not None:
         stage = dataclasses.replace(stage, epochs=epochs)
-    store = FeatureStore(data, history_length=section(config, "train").get(HISTORY_LENGTH, 50))
+    store = FeatureStore(data, history_length=history_length(config))
     torch.manual_seed(stage.seed)
     model = TwoTower(presets[stage.model], FeatureSpace(store.user_features, store.cardinalities()))
     with tempfile.TemporaryDirectory() as scratch:

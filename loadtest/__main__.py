@@ -21,7 +21,12 @@ DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s?)?")
 
 
 def parse_duration(text: str) -> int:
-    """Whole seconds in ``20``, ``20s``, ``1m30s`` or ``1h``."""
+    """Whole seconds in ``20``, ``20s``, ``1m30s`` or ``1h``, as Locust's ``--run-time``.
+
+    Not ``locust.util.timespan.parse_timespan``: importing anything of ``locust`` runs gevent's
+    ``monkey.patch_all()`` on the importing process, which here only starts Locust as a
+    subprocess (and, under pytest, shares its process with the server tests).
+    """
     match = DURATION.fullmatch(text.strip())
     if not text.strip() or match is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 20s, 1m30s or 1h")
@@ -33,14 +38,19 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     """The load options shared with ``benchmarks/load_test.py``."""
     parser.add_argument("--spawn-rate", type=float, help="users started per second (all at once)")
     parser.add_argument(
-        "--run-time", type=parse_duration, default=20, help="duration, e.g. 20s or 1m (20s)"
+        "--run-time", type=parse_duration, help="duration: 20, 20s, 1m30s or 1h (%(default)s s)"
     )
-    parser.add_argument("--candidates", type=int, default=100, help="candidates per request (100)")
-    parser.add_argument("--p99-ms", type=float, default=50.0, help="p99 latency budget (50)")
+    parser.add_argument("--candidates", type=int, help="candidates per request (%(default)s)")
+    parser.add_argument("--p99-ms", type=float, help="p99 latency budget (%(default)s)")
     parser.add_argument(
         "--precompute-items",
         action="store_true",
         help="start the server with --precompute-items (item tower once, at load)",
+    )
+    parser.set_defaults(
+        run_time=LoadTestSettings.run_time_s,
+        candidates=LoadTestSettings.candidates,
+        p99_ms=LoadTestSettings.p99_budget_ms,
     )
 
 
@@ -66,7 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifact", type=Path, required=True, help="exported artifact")
     parser.add_argument("--host", help="base URL of a running server (default: start one)")
     parser.add_argument("--out", type=Path, required=True, help="directory for the reports")
-    parser.add_argument("--users", type=int, default=8, help="concurrent Locust users (8)")
+    parser.add_argument(
+        "--users",
+        type=int,
+        default=LoadTestSettings.users,
+        help="concurrent Locust users (%(default)s)",
+    )
     add_load_arguments(parser)
     args = parser.parse_args(argv)
     settings = load_settings(

@@ -40,7 +40,7 @@ def _add_arguments(parser) -> None:
         type=int,
         env_var="LOADTEST_CANDIDATES",
         default=100,
-        help="candidates per request (100)",
+        help="candidates per request (%(default)s)",
     )
     parser.add_argument(
         "--client-stats",

@@ -31,12 +31,12 @@ from loadtest.server_metrics import (
     scrape_rank_latency,
 )
 from loadtest.workload import Workload
+from recdistill.layout import ArtifactLayout, LoadTestLayout
 from serving.process import ServerProcess, running_server
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 MAX_GENERATOR_CPU = 0.9
 LOCUST_EXIT_GRACE_S = 60
-REPORT_PREFIX = "locust"
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def serve_artifact(
         extra_args += ["--artifact-root", str(artifact_root)]
     with running_server(
         [artifact],
-        impressions=out / "impressions.jsonl",
+        impressions=LoadTestLayout(out).impressions,
         cpus=cores.server,
         extra_args=extra_args,
         env=env,
@@ -159,9 +159,10 @@ def _measure(settings: LoadTestSettings, model: str, url: str, cores: CorePlan) 
 
 
 def _run_locust(settings: LoadTestSettings, url: str, cores: CorePlan) -> ClientStats:
-    stats_path = settings.out / "client_stats.json"
+    layout = LoadTestLayout(settings.out)
+    stats_path = layout.client_stats
     stats_path.unlink(missing_ok=True)
-    log_path = settings.out / "locust.log"
+    log_path = layout.locust_log
     command = [
         sys.executable, "-m", "locust",
         "-f", str(LOCUSTFILE),
@@ -170,8 +171,8 @@ def _run_locust(settings: LoadTestSettings, url: str, cores: CorePlan) -> Client
         "--users", str(settings.users),
         "--spawn-rate", str(settings.spawn_rate or settings.users),
         "--run-time", f"{settings.run_time_s}s",
-        "--csv", str(settings.out / REPORT_PREFIX),
-        "--html", str(settings.out / f"{REPORT_PREFIX}.html"),
+        "--csv", str(layout.locust_csv_prefix),
+        "--html", str(layout.locust_html),
         "--artifact", str(settings.artifact),
         "--candidates", str(settings.candidates),
         "--client-stats", str(stats_path),
@@ -208,7 +209,7 @@ def gate_problems(client: ClientStats, p99_budget_ms: float) -> list[str]:
     if client.failures:
         problems.append(
             f"{client.failures} of {client.requests} requests failed "
-            f"(see {REPORT_PREFIX}_failures.csv and {REPORT_PREFIX}.html)"
+            "(see Locust's failures CSV and HTML report in the output directory)"
         )
     if client.cpu_share > MAX_GENERATOR_CPU:
         problems.append(
@@ -225,7 +226,7 @@ def artifact_name(artifact: Path) -> str:
 
 def read_manifest(artifact: Path) -> dict[str, Any]:
     """The artifact's ``manifest.json`` (name, version, ...), read without loading the model."""
-    manifest = Path(artifact) / "manifest.json"
+    manifest = ArtifactLayout(Path(artifact)).manifest
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest} not found: is {artifact} an exported artifact?")
     return json.loads(manifest.read_text())

@@ -49,7 +49,7 @@ from loadtest.soak_stats import (
     minute_rows,
     reload_counts,
 )
-from recdistill.artifact import WEIGHTS
+from recdistill.layout import ArtifactLayout, SoakLayout
 from serving.middleware import ADMIN_TOKEN_ENV
 
 MEMORY_SAMPLE_S = 2.0
@@ -105,9 +105,10 @@ def run_soak(settings: SoakSettings, progress: Callable[[str], None]) -> SoakRes
     """Run the soak of ``settings``, reporting progress (a line per phase step and per
     minute) to ``progress``; raises ``RuntimeError`` if the server or Locust could not run,
     or no rate held the budget."""
-    root = prepare_root(settings.artifacts, settings.out / "root")
+    layout = SoakLayout(settings.out)
+    root = prepare_root(settings.artifacts, layout.artifacts)
     # The server's log and impression log (a line per request) of this run only.
-    server_out = settings.out / "server"
+    server_out = layout.server.root
     shutil.rmtree(server_out, ignore_errors=True)
     token = secrets.token_urlsafe(16)
     with serve_artifact(
@@ -127,7 +128,7 @@ def run_soak(settings: SoakSettings, progress: Callable[[str], None]) -> SoakRes
         capacity, rps = None, settings.rps
         if rps is None:
             capacity = find_capacity(
-                lambda load: _run(template, load, settings.out / "capacity").client,
+                lambda load: _run(template, load, layout.capacity).client,
                 settings.p99_budget_ms,
                 progress,
             )
@@ -160,7 +161,7 @@ def prepare_root(artifacts: tuple[Path, Path], directory: Path) -> ScratchRoot:
     shutil.copytree(artifacts[0], root.a)
     shutil.copytree(artifacts[1], root.b)
     shutil.copytree(artifacts[0], root.corrupt)
-    (root.corrupt / WEIGHTS).write_bytes(b"not a safetensors file")
+    ArtifactLayout(root.corrupt).weights.write_bytes(b"not a safetensors file")
     return root
 
 
@@ -188,8 +189,8 @@ def _soak(
 ) -> SoakResult:
     load = fixed_rate(rps, max(1, round(settings.minutes * MINUTE_S)))
     minutes = math.ceil(load.seconds / MINUTE_S)
-    out = settings.out / "soak"
-    timeline = out / "timeline.npy"
+    layout = SoakLayout(settings.out)
+    timeline = layout.timeline
     timeline.unlink(missing_ok=True)
     progress(
         f"soak: {rps:.0f} RPS from {load.users} users for {load.seconds} s, reloading every "
@@ -216,7 +217,7 @@ def _soak(
         result = run_load_test(
             replace(
                 template,
-                out=out,
+                out=layout.soak,
                 users=load.users,
                 user_rps=load.user_rps,
                 run_time_s=load.seconds,

@@ -16,7 +16,8 @@ from typing import Any
 
 import orjson
 
-VOCABULARIES = "vocabularies.json"
+from recdistill.layout import ArtifactLayout
+
 COLD_START_SHARE = 0.2
 SESSION_SHARE = 0.3
 FULL_RANKING_SHARE = 0.2
@@ -49,7 +50,7 @@ class Workload:
 
     @classmethod
     def from_artifact(cls, artifact: Path, candidates: int) -> Workload:
-        path = Path(artifact) / VOCABULARIES
+        path = ArtifactLayout(Path(artifact)).vocabularies
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: is {artifact} an exported artifact?")
         vocabularies = orjson.loads(path.read_bytes())

@@ -41,29 +41,18 @@ from safetensors import SafetensorError
 from safetensors.numpy import save_file
 from safetensors.torch import load_file
 
-from recdistill.config import load_config, section, spec_from
-from recdistill.data.batches import FeatureStore
-from recdistill.data.tables import (
-    ITEMS,
-    META,
-    USERS,
-    atomic_output_dir,
-    read_meta,
-    split_file,
-    write_json,
-)
+from recdistill.config import history_length, load_config, section, spec_from
+from recdistill.data.feature_store import FeatureStore
+from recdistill.data.tables import atomic_output_dir, read_meta, write_json
+from recdistill.layout import ArtifactLayout, DataLayout, RunLayout
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
 from recdistill.quantize import QuantizationSpec, load_plain_state, plain_state, quantize
+from recdistill.summary import BaselineModel, ChosenModel, read_summary
 
 # 2: towers read pooled features by key, so int8 weights of format 1 (whose first layer
 # was permuted to torchrec's int8 feature order) no longer fit.
 # 3: the feature snapshot holds the validation split, the newest item of served histories.
 FORMAT = 3
-MANIFEST = "manifest.json"
-WEIGHTS = "model.safetensors"
-SPEC = "spec.json"
-VOCABULARIES = "vocabularies.json"
-FEATURES = "features"
 TWO_TOWER = "two_tower"
 POPULARITY = "popularity"
 COUNTS = "item_train_counts"
@@ -107,48 +96,50 @@ def export_artifact(
     ``data`` overrides the data directory recorded in the run's ``summary.json``. A model whose
     summary entry has a ``quantization`` table is exported with its int8 weights as they are.
     """
-    run = Path(run)
-    summary_path = run / "summary.json"
-    if not summary_path.exists():
-        raise FileNotFoundError(f"{summary_path} not found: is {run} a `recdistill train` run?")
-    summary = json.loads(summary_path.read_text())
-    config = load_config(run / "config.toml")
-    data = Path(data or summary["data"])
+    layout = RunLayout(Path(run))
+    summary = read_summary(layout.summary)
+    config = load_config(layout.config)
+    data = Path(data or summary.data)
     read_meta(data)
-    trained = [name for name, entry in summary["models"].items() if "preset" in entry]
+    trained = [
+        name for name, entry in summary.models.items() if not isinstance(entry, BaselineModel)
+    ]
     if model_name not in trained + [POPULARITY]:
         raise ValueError(
-            f"cannot export {model_name!r} from {run}; exportable: {trained + [POPULARITY]}"
+            f"cannot export {model_name!r} from {layout.root}; exportable: {trained + [POPULARITY]}"
         )
-    history_length = section(config, "train").get("history_length", 50)
-    store = FeatureStore(data, history_length=history_length)
-    quantization = summary["models"].get(model_name, {}).get("quantization")
+    length = history_length(config)
+    store = FeatureStore(data, history_length=length)
+    entry = summary.models.get(model_name)
+    quantization = None
+    if isinstance(entry, ChosenModel) and entry.quantization is not None:
+        quantization = dataclasses.asdict(entry.quantization)
 
     with atomic_output_dir(out) as scratch:
-        _write_features(data, scratch / FEATURES)
+        artifact = ArtifactLayout(scratch)
+        _write_features(DataLayout(data), artifact.features)
         if model_name == POPULARITY:
             kind, params = POPULARITY, 0
             counts = store.item_train_counts.astype(np.float32)
-            save_file({COUNTS: counts}, str(scratch / WEIGHTS))
-            spec_json: dict[str, Any] = {"kind": kind, "history_length": history_length}
+            save_file({COUNTS: counts}, str(artifact.weights))
+            spec_json: dict[str, Any] = {"kind": kind, "history_length": length}
         else:
             kind = TWO_TOWER
-            preset = summary["models"][model_name]["preset"]
-            spec = spec_from(TwoTowerSpec, section(config, f"models.{preset}"), preset)
-            weights = run / model_name / WEIGHTS
+            spec = spec_from(TwoTowerSpec, section(config, f"models.{entry.preset}"), entry.preset)
+            weights = layout.stage(model_name).weights
             _check_finite(_read_weights(weights), f"cannot export {model_name!r} from {weights}")
-            shutil.copyfile(weights, scratch / WEIGHTS)
-            params = summary["models"][model_name]["params"]
+            shutil.copyfile(weights, artifact.weights)
+            params = entry.params
             spec_json = {
                 "kind": kind,
                 "model": dataclasses.asdict(spec),
                 "user_features": list(store.user_features),
                 "cardinalities": store.cardinalities(),
-                "history_length": history_length,
+                "history_length": length,
                 "quantization": quantization,
             }
-        write_json(scratch / SPEC, spec_json)
-        write_json(scratch / VOCABULARIES, _vocabularies(store))
+        write_json(artifact.spec, spec_json)
+        write_json(artifact.vocabularies, _vocabularies(store))
         files = {
             str(path.relative_to(scratch)): _sha256(path)
             for path in sorted(scratch.rglob("*"))
@@ -162,16 +153,17 @@ def export_artifact(
             "params": params,
             "quantization": quantization,
             "files": files,
-            "exported_from": {"run": str(run), "data": str(data)},
-            "offline_metrics": summary["models"].get(model_name, {}).get("metrics", {}),
+            "exported_from": {"run": str(layout.root), "data": str(data)},
+            "offline_metrics": {} if entry is None else entry.metrics,
         }
-        write_json(scratch / MANIFEST, manifest)
+        write_json(artifact.manifest, manifest)
     return manifest
 
 
 def load_artifact(directory: Path) -> Artifact:
     directory = Path(directory)
-    manifest = _read_manifest(directory)
+    layout = ArtifactLayout(directory)
+    manifest = _read_manifest(layout)
     for name, expected in manifest["files"].items():
         path = directory / name
         if not path.is_file():
@@ -185,14 +177,14 @@ def load_artifact(directory: Path) -> Artifact:
     if _version(manifest["files"]) != manifest["version"]:
         raise ArtifactError(f"artifact {directory}: version does not match the file hashes")
 
-    spec_json = json.loads((directory / SPEC).read_text())
-    store = FeatureStore(directory / FEATURES, history_length=spec_json["history_length"])
-    vocabularies = json.loads((directory / VOCABULARIES).read_text())
+    spec_json = json.loads(layout.spec.read_text())
+    store = FeatureStore(layout.features.root, history_length=spec_json["history_length"])
+    vocabularies = json.loads(layout.vocabularies.read_text())
     if vocabularies != _vocabularies(store):
         raise ArtifactError(
-            f"artifact {directory}: vocabularies.json does not match the feature snapshot"
+            f"artifact {directory}: {layout.vocabularies.name} does not match the feature snapshot"
         )
-    weights = _read_weights(directory / WEIGHTS)
+    weights = _read_weights(layout.weights)
     _check_finite(weights, f"artifact {directory}")
     model, counts, quantization = None, None, None
     if manifest["kind"] == POPULARITY:
@@ -204,17 +196,17 @@ def load_artifact(directory: Path) -> Artifact:
     else:
         if spec_json["cardinalities"] != store.cardinalities():
             raise ArtifactError(
-                f"artifact {directory}: spec.json's table sizes {spec_json['cardinalities']} "
+                f"artifact {directory}: {layout.spec.name}'s table sizes {spec_json['cardinalities']} "
                 f"do not match the feature snapshot's {store.cardinalities()}"
             )
         try:
-            spec = spec_from(TwoTowerSpec, spec_json["model"], f"{SPEC} model")
+            spec = spec_from(TwoTowerSpec, spec_json["model"], f"{layout.spec.name} model")
         except (TypeError, ValueError) as error:
             raise ArtifactError(f"artifact {directory}: {error}") from error
         model = TwoTower(spec, FeatureSpace(store.user_features, store.cardinalities()))
         if spec_json.get("quantization") is not None:
             quantization = spec_from(
-                QuantizationSpec, spec_json["quantization"], f"{directory / SPEC} quantization"
+                QuantizationSpec, spec_json["quantization"], f"{layout.spec} quantization"
             )
             model = quantize(model, quantization)
         _check_shapes(directory, plain_state(model), weights)
@@ -233,11 +225,11 @@ def load_artifact(directory: Path) -> Artifact:
     )
 
 
-def _read_manifest(directory: Path) -> dict[str, Any]:
-    path = directory / MANIFEST
+def _read_manifest(layout: ArtifactLayout) -> dict[str, Any]:
+    path = layout.manifest
     if not path.is_file():
         raise ArtifactError(
-            f"{directory} is not an artifact: {MANIFEST} is missing "
+            f"{layout.root} is not an artifact: {path.name} is missing "
             "(create one with `recdistill export`)"
         )
     try:
@@ -289,17 +281,17 @@ def _check_shapes(
             )
 
 
-def _write_features(data: Path, out: Path) -> None:
+def _write_features(data: DataLayout, out: DataLayout) -> None:
     """The columns the feature store reads, and nothing else."""
-    out.mkdir()
-    meta = read_meta(data)
-    write_json(out / META, {"source": meta["source"], "user_features": meta["user_features"]})
-    users = pq.read_table(data / USERS, columns=["user_id", *meta["user_features"]])
-    pq.write_table(users, out / USERS)
-    pq.write_table(pq.read_table(data / ITEMS, columns=["item_id", "genres"]), out / ITEMS)
+    out.root.mkdir()
+    meta = read_meta(data.root)
+    write_json(out.meta, {"source": meta["source"], "user_features": meta["user_features"]})
+    users = pq.read_table(data.users, columns=["user_id", *meta["user_features"]])
+    pq.write_table(users, out.users)
+    pq.write_table(pq.read_table(data.items, columns=["item_id", "genres"]), out.items)
     for split in ("train", "valid"):
-        table = pq.read_table(data / split_file(split), columns=["user_id", "item_id", "timestamp"])
-        pq.write_table(table, out / split_file(split))
+        columns = ["user_id", "item_id", "timestamp"]
+        pq.write_table(pq.read_table(data.split(split), columns=columns), out.split(split))
 
 
 def _vocabularies(store: FeatureStore) -> dict[str, list]:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from recdistill.data.batches import FeatureStore, Jagged, RankingBatch
+from recdistill.data.feature_store import FeatureStore, Jagged, RankingBatch
 
 EASE_MAX_ITEMS = 30_000
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from recdistill.config import load_config, section, spec_from
 from recdistill.errors import TrainingDiverged
+from recdistill.layout import RunLayout, SweepLayout
+from serving.settings import ServerSettings
 
 EXAMPLES = """commands:
   recdistill data synthetic --out data/synthetic [--users N --items M --seed S]
@@ -79,7 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--config", type=Path, required=True, help="TOML with [sweep], [mixes]…")
     sweep.add_argument("--data", type=Path, required=True, help="data directory")
     sweep.add_argument("--out", type=Path, required=True, help="sweep directory (resumable)")
-    sweep.add_argument("--jobs", type=int, default=1, help="candidates trained in parallel (1)")
+    sweep.add_argument(
+        "--jobs", type=int, default=1, help="candidates trained in parallel (%(default)s)"
+    )
     sweep.set_defaults(handler=_sweep)
 
     report = commands.add_parser(
@@ -108,16 +112,31 @@ def _parser() -> argparse.ArgumentParser:
         "--artifact", type=Path, action="append", required=True, help="artifact (repeatable)"
     )
     serve.add_argument("--ab", type=Path, help="TOML with an [ab] table routing users to arms")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="port (8000)")
-    serve.add_argument("--workers", type=int, default=1, help="server processes (1)")
-    serve.add_argument("--threads", type=int, default=1, help="torch threads per worker (1)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (%(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="port (%(default)s)")
+    serve.add_argument("--workers", type=int, default=1, help="server processes (%(default)s)")
     serve.add_argument(
-        "--impressions", default="impressions.jsonl", help="impression log (JSONL) to append to"
+        "--threads",
+        type=int,
+        default=ServerSettings.threads,
+        help="torch threads per worker (%(default)s)",
     )
-    serve.add_argument("--max-candidates", type=int, default=1000, help="per request (1000)")
     serve.add_argument(
-        "--max-body-bytes", type=int, default=64 * 1024, help="request size limit (65536)"
+        "--impressions",
+        default=ServerSettings.impressions,
+        help="impression log (JSONL) to append to (%(default)s)",
+    )
+    serve.add_argument(
+        "--max-candidates",
+        type=int,
+        default=ServerSettings.max_candidates,
+        help="per request (%(default)s)",
+    )
+    serve.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=ServerSettings.max_body_bytes,
+        help="request size limit (%(default)s)",
     )
     serve.add_argument(
         "--artifact-root",
@@ -186,20 +205,22 @@ def _data_movielens(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from recdistill.distributed import world
-    from recdistill.pipeline import SUMMARY, run, summary_table
+    from recdistill.pipeline import run, summary_table
 
     summary = run(args.config, args.data, args.out, resume=args.resume)
     if world().is_main:
         print(summary_table(summary))
-        print(f"\nwrote {args.out / SUMMARY}")
+        print(f"\nwrote {RunLayout(args.out).summary}")
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    from recdistill.sweep import candidates_table, run_sweep
+    from recdistill.sweep import run_sweep
+    from recdistill.sweep.report import candidates_table
 
     summary = run_sweep(args.config, args.data, args.out, jobs=args.jobs)
     print(candidates_table(summary))
-    print(f"\nwrote {args.out / 'summary.json'} and {args.out / 'report' / 'index.html'}")
+    layout = SweepLayout(args.out)
+    print(f"\nwrote {layout.summary} and {layout.report.index}")
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -232,7 +253,7 @@ def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from recdistill.artifact import load_artifact
-    from serving.app import SETTINGS_ENV, ServerSettings, routing_for
+    from serving.app import SETTINGS_ENV, routing_for
     from serving.process import GRACEFUL_SHUTDOWN_S
 
     settings = ServerSettings(

@@ -7,7 +7,11 @@ import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
 
+from recdistill.layout import DEFAULT_HISTORY_LENGTH
+
 Spec = TypeVar("Spec")
+# The [train] key that shapes the features rather than a stage.
+HISTORY_LENGTH = "history_length"
 
 
 def load_config(path: Path | None) -> dict[str, Any]:
@@ -29,6 +33,11 @@ def section(config: dict[str, Any], dotted: str) -> dict[str, Any]:
     for key in dotted.split("."):
         table = table.get(key, {}) if isinstance(table, dict) else {}
     return table
+
+
+def history_length(config: dict[str, Any]) -> int:
+    """Items of history the features of a run of ``config`` hold."""
+    return section(config, "train").get(HISTORY_LENGTH, DEFAULT_HISTORY_LENGTH)
 
 
 def spec_from(cls: type[Spec], table: dict[str, Any], where: str, **overrides: Any) -> Spec:

@@ -10,8 +10,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from recdistill.data.batches import CandidateLists, FeatureStore, RankingBatch
-from recdistill.data.tables import split_file
+from recdistill.data.batches import CandidateLists
+from recdistill.data.feature_store import FeatureStore, RankingBatch
+from recdistill.layout import DataLayout
 from recdistill.metrics import held_out_ranks, list_metrics, single_positive_metrics
 
 Ranker = Callable[[RankingBatch], torch.Tensor]
@@ -114,7 +115,7 @@ def _full_ranks(
     name: str,
 ) -> tuple[np.ndarray, np.ndarray]:
     store = store.known_at(split)
-    other = pq.read_table(store.directory / split_file(OTHER_HELD_OUT[split]))
+    other = pq.read_table(DataLayout(store.directory).split(OTHER_HELD_OUT[split]))
     other_item = np.zeros(len(store.users), dtype=np.int64)
     other_item[store.users.index(other.column("user_id").to_numpy())] = store.items.index(
         other.column("item_id").to_numpy()

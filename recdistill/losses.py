@@ -11,7 +11,8 @@ with a finite fill, and log-sigmoids are softplus, so scores of ±1e4 (or NaN in
 slot) give finite losses and gradients. A target (teacher score or label) that is NaN or
 ±inf in a valid entry is a ValueError: a diverged teacher must not silently drop or reorder
 lists. Sorting by the teacher is stable: ties keep their original order. ``LOSSES`` maps
-config names to the functions.
+config names to the functions. Each docstring ends with a worked example, run as a doctest
+by ``tests/test_losses.py``.
 """
 
 from __future__ import annotations
@@ -79,6 +80,12 @@ def bce_loss(student: Tensor, labels: Tensor, *, mask: Tensor) -> Tensor:
 
     Per list: mean over valid entries of ``-y log σ(s) - (1 - y) log(1 - σ(s))``; lists with a
     valid entry contribute.
+
+    >>> scores = torch.tensor([[2.0, -1.0, 5.0]])
+    >>> labels = torch.tensor([[1.0, 0.0, 1.0]])
+    >>> mask = torch.tensor([[True, True, False]])  # the last entry is padding
+    >>> bce_loss(scores, labels, mask=mask)  # (log(1 + e⁻²) + log(1 + e⁻¹)) / 2
+    tensor(0.2201)
     """
     _check_target("bce", labels, mask)
     s = student.masked_fill(~mask, 0.0)
@@ -92,6 +99,12 @@ def softmax_cross_entropy_loss(student: Tensor, labels: Tensor, *, mask: Tensor)
 
     Per list: ``-Σ_i p_i log softmax(s)_i`` with ``p = y / Σ y``, both over valid entries.
     Lists with a positive label and at least two valid entries contribute.
+
+    >>> scores = torch.tensor([[2.0, 0.0, 0.0]])
+    >>> labels = torch.tensor([[1.0, 0.0, 0.0]])
+    >>> mask = torch.ones(1, 3, dtype=torch.bool)
+    >>> softmax_cross_entropy_loss(scores, labels, mask=mask)  # -log(e² / (e² + 2))
+    tensor(0.2395)
     """
     _check_target("softmax_ce", labels, mask)
     y = labels.masked_fill(~mask, 0.0)
@@ -109,6 +122,13 @@ def soft_bce_loss(
     Per list: ``T² · mean_i BCE(σ(s_i / T), σ(t_i / T))`` over valid entries; its minimum, at
     ``s == t``, is ``T²`` times the mean entropy of ``σ(t / T)``. Lists with a valid entry
     contribute.
+
+    >>> teacher = torch.tensor([[0.0, 0.0]])
+    >>> mask = torch.ones(1, 2, dtype=torch.bool)
+    >>> soft_bce_loss(teacher, teacher, mask=mask)  # the entropy of σ(0) = 1/2: log 2
+    tensor(0.6931)
+    >>> soft_bce_loss(teacher, teacher, mask=mask, temperature=2.0)  # 2² log 2
+    tensor(2.7726)
     """
     _positive("temperature", temperature)
     _check_target("soft_bce", teacher, mask)
@@ -126,6 +146,13 @@ def listnet_loss(
     Per list: ``T² · Σ_i p_i (log p_i - log q_i)`` with ``p = softmax(t / T)``,
     ``q = softmax(s / T)``; zero when ``s == t`` up to a per-list constant. Lists with at least
     two valid entries contribute.
+
+    >>> teacher = torch.tensor([[3.0, 1.0, 0.0]])
+    >>> mask = torch.ones(1, 3, dtype=torch.bool)
+    >>> listnet_loss(teacher, teacher, mask=mask)
+    tensor(0.)
+    >>> listnet_loss(torch.zeros(1, 3), teacher, mask=mask)  # Σ p log p + log 3
+    tensor(0.5743)
     """
     _positive("temperature", temperature)
     _check_target("listnet", teacher, mask)
@@ -144,6 +171,13 @@ def listmle_loss(
     ``n`` their number, per list: ``(1/m) Σ_{r<m} (log Σ_{j≥r} exp(s_{π_j}) - s_{π_r})`` with
     ``m = min(top_k, n - 1)`` (``n - 1`` without ``top_k``): the last factor is always 1, and
     each denominator keeps the whole remaining set. Lists with a term contribute.
+
+    >>> teacher = torch.tensor([[2.0, 1.0, 0.0]])
+    >>> mask = torch.ones(1, 3, dtype=torch.bool)
+    >>> listmle_loss(torch.zeros(1, 3), teacher, mask=mask)  # (log 3 + log 2) / 2
+    tensor(0.8959)
+    >>> listmle_loss(torch.zeros(1, 3), teacher, mask=mask, top_k=1)  # log 3
+    tensor(1.0986)
     """
     if top_k is not None:
         _positive("top_k", top_k)
@@ -168,6 +202,11 @@ def rank_weighted_topk_loss(
     ``-Σ_r w_r log σ(s_{π_r}) - (1/|R|) Σ_{i∈R} log(1 - σ(s_i))`` (no negative term when ``R``
     is empty). Only the static position weights are used, not the paper's dynamic weighting
     by the student's rank discrepancy. Lists with a valid entry contribute.
+
+    >>> teacher = torch.tensor([[2.0, 1.0, 0.0]])
+    >>> mask = torch.ones(1, 3, dtype=torch.bool)
+    >>> rank_weighted_topk_loss(torch.zeros(1, 3), teacher, mask=mask, top_k=1)  # 2 log 2
+    tensor(1.3863)
     """
     _positive("top_k", top_k)
     _positive("decay", decay)
@@ -191,6 +230,13 @@ def ranknet_loss(
     Per list, over valid pairs with ``t_i > t_j``: ``Σ w_ij log(1 + exp(-(s_i - s_j))) / Σ w_ij``
     with ``w_ij = t_i - t_j`` when ``margin_weighted``, else 1. Lists with such a pair
     contribute.
+
+    >>> teacher = torch.tensor([[2.0, 1.0, 0.0]])
+    >>> mask = torch.ones(1, 3, dtype=torch.bool)
+    >>> ranknet_loss(teacher, teacher, mask=mask)  # (2 log(1 + e⁻¹) + 2 log(1 + e⁻²)) / 4
+    tensor(0.2201)
+    >>> ranknet_loss(teacher, teacher, mask=mask, margin_weighted=False)
+    tensor(0.2512)
     """
     _check_target("ranknet", teacher, mask)
     s = student.masked_fill(~mask, 0.0)
@@ -210,6 +256,13 @@ def margin_mse_loss(student: Tensor, teacher: Tensor, *, mask: Tensor) -> Tensor
     Per list: ``mean_{i≠j} ((s_i - s_j) - (t_i - t_j))²``, computed in O(n) with ``d = s - t``
     as ``2n/(n-1) · Var(d) = 2/(n-1) · Σ_i (d_i - mean(d))²`` (population variance). Lists
     with at least two valid entries contribute.
+
+    >>> teacher = torch.tensor([[2.0, 1.0, 0.0]])
+    >>> mask = torch.ones(1, 3, dtype=torch.bool)
+    >>> margin_mse_loss(torch.zeros(1, 3), teacher, mask=mask)  # the margins 1, 2, 1, squared
+    tensor(2.)
+    >>> margin_mse_loss(teacher + 1.0, teacher, mask=mask)  # a shift keeps every margin
+    tensor(0.)
     """
     _check_target("margin_mse", teacher, mask)
     d = (student - teacher).masked_fill(~mask, 0.0)
@@ -225,6 +278,11 @@ def feature_mse_loss(student: Tensor, teacher: Tensor, *, mask: Tensor) -> Tenso
 
     ``student`` and ``teacher`` are ``[rows, dim]`` (the student's projected tower outputs and
     the teacher's); ``mask`` is ``[rows]`` bool and selects the rows.
+
+    >>> teacher = torch.tensor([[1.0, 1.0], [2.0, 0.0]])
+    >>> rows = torch.tensor([True, False])
+    >>> feature_mse_loss(torch.zeros(2, 2), teacher, mask=rows)  # (1² + 1²) / 2
+    tensor(1.)
     """
     _check_target("feature_mse", teacher, mask)
     diff = (student - teacher).masked_fill(~mask[..., None], 0.0)

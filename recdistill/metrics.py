@@ -94,11 +94,6 @@ def auc(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
     return (below + 0.5 * ties) / negatives
 
 
-def gauc(auc_per_user: np.ndarray, impressions: np.ndarray) -> float:
-    """GAUC = sum_u impressions_u * AUC_u / sum_u impressions_u."""
-    return float(np.average(auc_per_user, weights=impressions))
-
-
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Columns ``[users, min(k, L)]`` of each row's k highest scores, descending.
 
@@ -186,8 +181,8 @@ def list_metrics(
     train counts) is given and ``novelty@k`` when ``n_users`` is too; ``kendall_tau`` and
     ``overlap@k`` against a ``reference`` (teacher) model's scores on the same lists.
 
-    GAUC (the impression-weighted mean of per-user AUC, see ``gauc``) equals the plain mean
-    of ``auc`` here, since every user's list has the same length L.
+    GAUC (the impression-weighted mean of per-user AUC) equals the plain mean of ``auc`` here,
+    since every user's list has the same length L.
     """
     if positive is None:
         positive = np.zeros(len(scores), dtype=np.int64)

@@ -35,7 +35,7 @@ from torchrec import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recdistill.data.batches import ITEM_KEYS, RankingBatch, SequenceBatch
+from recdistill.data.feature_store import ITEM_KEYS, RankingBatch, SequenceBatch
 
 HISTORY = "history"
 RECENT = "recent"
@@ -295,6 +295,29 @@ def with_recent(features: KeyedJaggedTensor, length: int) -> KeyedJaggedTensor:
 
 
 class TwoTower(nn.Module):
+    """A two-tower ranker: a candidate's score is ``user_tower · item_tower + item_bias``.
+
+    Built from a spec (its sizes) and a feature space (the data's keys and table sizes):
+
+    >>> space = FeatureSpace(
+    ...     user_features=("gender",),
+    ...     cardinalities={"user_id": 101, "history": 51, "gender": 3, "item_id": 51, "genres": 19},
+    ... )
+    >>> model = TwoTower(TwoTowerSpec(embedding_dim=8, tower=(16, 8)), space)
+    >>> model.parameter_count()
+    2719
+    >>> model.multiply_adds(list_size=100)["per_candidate"]
+    396.48
+
+    On a data directory the space comes from its feature store, and the model scores batches
+    of candidate lists::
+
+        store = FeatureStore(Path("data/synthetic"))
+        model = TwoTower(TwoTowerSpec(), FeatureSpace(store.user_features, store.cardinalities()))
+        batch = next(iter(CandidateLists(store, "test", batch_size=64)))
+        scores = model(batch)  # [64, 100]: each list's candidates, the held-out item first
+    """
+
     def __init__(self, spec: TwoTowerSpec, space: FeatureSpace) -> None:
         super().__init__()
         self.spec = spec

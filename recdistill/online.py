@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from recdistill.artifact import Artifact
-from recdistill.data.batches import UNKNOWN
+from recdistill.data.feature_store import UNKNOWN
 from recdistill.quantize import set_unknown_row_to_mean
 
 MEAN_USER_SAMPLE = 10_000
@@ -54,6 +54,16 @@ class Ranking:
 
 
 class OnlineRanker:
+    """Ranks one request at a time with an exported artifact, as ``POST /rank`` does.
+
+    Example (``recdistill export`` wrote the artifact)::
+
+        ranker = OnlineRanker(load_artifact(Path("artifacts/student")), precompute_items=True)
+        ranking = ranker.rank(42, np.array([10, 7, 3]), recent_items=np.array([5]))
+        ranking.items, ranking.scores  # candidates best first, with their scores
+        ranking.cold_start, ranking.unknown  # is user 42 new to the model; which candidates are
+    """
+
     def __init__(self, artifact: Artifact, *, precompute_items: bool = False) -> None:
         self.artifact = artifact
         self.store = artifact.store

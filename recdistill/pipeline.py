@@ -10,9 +10,9 @@ run's files and hands the summary to the others.
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,9 +25,9 @@ from scipy import stats
 
 from recdistill import distributed
 from recdistill.baselines import Ease, Popularity
-from recdistill.config import load_config, section, spec_from
-from recdistill.data.batches import FeatureStore
-from recdistill.data.tables import read_meta, write_json
+from recdistill.config import HISTORY_LENGTH, history_length, load_config, section, spec_from
+from recdistill.data.feature_store import FeatureStore
+from recdistill.data.tables import read_meta
 from recdistill.evaluate import (
     ScoredLists,
     evaluate,
@@ -35,16 +35,25 @@ from recdistill.evaluate import (
     score_lists,
     scoring_latency_ms,
 )
+from recdistill.layout import RunLayout
 from recdistill.metrics import coverage_at
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
-from recdistill.train import CHECKPOINT, LossTerm, StageSpec, Trainer
+from recdistill.stage import LossTerm, StageSpec
+from recdistill.summary import (
+    BaselineModel,
+    Comparison,
+    Latency,
+    MultiplyAdds,
+    RunSummary,
+    TrainedModel,
+    Training,
+    from_json,
+    to_json,
+    write_summary,
+)
+from recdistill.train import Trainer
 
-SUMMARY = "summary.json"
-PER_USER = "per_user.parquet"
-SCORES = "scores_test.safetensors"
 STAGE_KEYS = {f.name for f in StageSpec.__dataclass_fields__.values()} - {"name", "losses"}
-# The [train] key that shapes the features rather than a stage.
-HISTORY_LENGTH = "history_length"
 # Grids searched on validation NDCG@10 when the config's [baselines.*] tables give none.
 EASE_L2 = [100.0, 300.0, 1000.0]
 EASE_HALF_LIVES = [1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0]  # in items of the user's history
@@ -104,62 +113,71 @@ def stages_from(config: dict[str, Any]) -> list[StageSpec]:
     return stages
 
 
-def run(config_path: Path, data: Path, out: Path, *, resume: bool = False) -> dict[str, Any]:
+def run(config_path: Path, data: Path, out: Path, *, resume: bool = False) -> RunSummary:
     config = load_config(config_path)
     world = distributed.world()
-    out = Path(out)
-    if not resume and any(out.glob(f"*/{CHECKPOINT}")):
+    layout = RunLayout(Path(out))
+    if not resume and layout.has_checkpoints():
         raise ValueError(f"{out} already holds a run; pass --resume to continue it")
     presets = model_presets(config)
     stages = stages_from(config)
-    history_length = section(config, "train").get(HISTORY_LENGTH, 50)
-    _check_stages(stages, presets, history_length)
+    length = history_length(config)
+    _check_stages(stages, presets, length)
     meta = read_meta(data)
-    store = FeatureStore(data, history_length=history_length)
+    store = FeatureStore(data, history_length=length)
     space = FeatureSpace(store.user_features, store.cardinalities())
-    out.mkdir(parents=True, exist_ok=True)
+    layout.root.mkdir(parents=True, exist_ok=True)
     if world.is_main:
-        shutil.copyfile(config_path, out / "config.toml")
+        shutil.copyfile(config_path, layout.config)
 
     models: dict[str, Any] = {}
-    summary: dict[str, Any] = {"data": str(data), "source": meta["source"], "models": {}}
+    # Each model's summary entry, waiting for its test metrics and latency.
+    entries: dict[str, Callable[..., TrainedModel | BaselineModel]] = {}
     for stage in stages:
         torch.manual_seed(stage.seed)
         model = TwoTower(presets[stage.model], space)
         teachers = {name: models[name] for name in stage.teachers}
-        result = Trainer(stage, model, teachers, store, out / stage.name).fit(resume=resume)
+        trainer = Trainer(stage, model, teachers, store, layout.stage(stage.name).root)
+        result = trainer.fit(resume=resume)
         models[stage.name] = model
-        summary["models"][stage.name] = {
-            "preset": stage.model,
-            "params": model.parameter_count(),
-            "multiply_adds": model.multiply_adds(meta["list_size"]),
-            "training": {
-                "teachers": list(stage.teachers),
-                "losses": [f"{t.weight:g}·{t.fn}({t.source})" for t in stage.losses],
-                "lists": None if stage.lists is None else dataclasses.asdict(stage.lists),
-                "best_epoch": result.best_epoch,
-                "epochs_run": result.epochs_run,
-                "valid_ndcg@10": result.best_valid,
-                "train_seconds": result.seconds,
-                "examples_per_second": result.examples_per_second,
-            },
-        }
+        training = Training(
+            teachers=list(stage.teachers),
+            losses=[f"{t.weight:g}·{t.fn}({t.source})" for t in stage.losses],
+            lists=stage.lists,
+            best_epoch=result.best_epoch,
+            epochs_run=result.epochs_run,
+            valid_ndcg=result.best_valid,
+            train_seconds=result.seconds,
+            examples_per_second=result.examples_per_second,
+        )
+        entries[stage.name] = partial(
+            TrainedModel,
+            preset=stage.model,
+            params=model.parameter_count(),
+            multiply_adds=MultiplyAdds(**model.multiply_adds(meta["list_size"])),
+            training=training,
+        )
 
+    summary = None
     if world.is_main:
-        _score_and_write(summary, models, store, config, out)
-    return distributed.broadcast_json(summary, world)
+        scored, comparisons = _score_and_write(models, entries, store, config, layout)
+        summary = RunSummary(str(data), meta["source"], scored, comparisons)
+        write_summary(layout.summary, summary)
+    shared = distributed.broadcast_json(None if summary is None else to_json(summary), world)
+    return from_json(RunSummary, shared)
 
 
 def _score_and_write(
-    summary: dict[str, Any],
     models: dict[str, Any],
+    entries: dict[str, Callable[..., TrainedModel | BaselineModel]],
     store: FeatureStore,
     config: dict[str, Any],
-    out: Path,
-) -> None:
-    """Add the baselines, score every model on the test lists and write the run's files."""
+    layout: RunLayout,
+) -> tuple[dict[str, TrainedModel | BaselineModel], dict[str, Comparison]]:
+    """Add the baselines, score every model on the test lists and write the per-user
+    metrics and scores; returns the summary's models and comparisons."""
     models["popularity"] = Popularity(store)
-    summary["models"]["popularity"] = {"params": 0}
+    entries["popularity"] = partial(BaselineModel, params=0)
     ease = _best_on_valid(
         store,
         section(config, "baselines.ease").get("l2", EASE_L2),
@@ -173,32 +191,32 @@ def _score_and_write(
     # Tuned on validation histories; the test lists are scored from the test-time ones.
     tested = store.known_at("test")
     models["ease"] = ease.scoring(tested)
-    summary["models"]["ease"] = {"params": len(store.items) ** 2, "l2": ease.l2}
+    entries["ease"] = partial(BaselineModel, params=len(store.items) ** 2, l2=ease.l2)
     models["ease_recency"] = recency.scoring(tested)
-    summary["models"]["ease_recency"] = {
-        "params": len(store.items) ** 2,
-        "l2": recency.l2,
-        "half_life": recency.half_life,
-    }
+    entries["ease_recency"] = partial(
+        BaselineModel,
+        params=len(store.items) ** 2,
+        l2=recency.l2,
+        half_life=recency.half_life,
+    )
 
     scored = {name: score_lists(model, store, "test") for name, model in models.items()}
     teacher = scored.get("teacher")
-    per_user = {}
+    per_user, summarised = {}, {}
     for name, model in models.items():
         reference = None if name == "teacher" else teacher
         per_user[name] = evaluate(
             model, store, "test", scored=scored[name], reference=reference, name=name
         )
-        entry = summary["models"][name]
-        entry["metrics"] = mean_metrics(per_user[name])
-        entry["metrics"]["coverage@10"] = coverage_at(
+        metrics = mean_metrics(per_user[name])
+        metrics["coverage@10"] = coverage_at(
             scored[name].scores, scored[name].items, len(store.items) - 1, 10
         )
-        entry["latency_ms"] = scoring_latency_ms(model, store, "test")
-    summary["comparisons"] = _comparisons(per_user)
-    _write_per_user(per_user, out / PER_USER)
-    _write_scores(scored, store, out / SCORES)
-    write_json(out / SUMMARY, summary)
+        latency = Latency(**scoring_latency_ms(model, store, "test"))
+        summarised[name] = entries[name](metrics=metrics, latency_ms=latency)
+    _write_per_user(per_user, layout.per_user)
+    _write_scores(scored, store, layout.scores)
+    return summarised, _comparisons(per_user)
 
 
 def _check_stages(
@@ -248,18 +266,17 @@ def _best_on_valid(
     return best
 
 
-def _comparisons(per_user: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+def _comparisons(per_user: dict[str, dict[str, np.ndarray]]) -> dict[str, Comparison]:
     """Relative NDCG@10 (sampled and full) and a paired t-test over users, per pair."""
     result = {}
     for model, reference in COMPARISONS:
         if model not in per_user or reference not in per_user:
             continue
-        entry = {}
+        measured = []
         for metric in ("ndcg@10", "full_ndcg@10"):
             a, b = per_user[model][metric], per_user[reference][metric]
-            entry[f"{metric}_ratio"] = float(a.mean() / b.mean())
-            entry[f"{metric}_p_value"] = float(stats.ttest_rel(a, b).pvalue)
-        result[f"{model}_vs_{reference}"] = entry
+            measured += [float(a.mean() / b.mean()), float(stats.ttest_rel(a, b).pvalue)]
+        result[f"{model}_vs_{reference}"] = Comparison(*measured)
     return result
 
 
@@ -282,27 +299,28 @@ def _write_per_user(per_user: dict[str, dict[str, np.ndarray]], path: Path) -> N
     pq.write_table(pa.concat_tables(tables, promote_options="default"), path)
 
 
-def summary_table(summary: dict[str, Any]) -> str:
+def summary_table(summary: RunSummary) -> str:
     """The run's models side by side, as printed at the end of ``recdistill train``."""
     header = (
         f"{'model':<16}{'params':>11}{'MACs/cand':>11}{'ndcg@10':>9}{'hr@10':>8}{'mrr':>8}"
         f"{'full_ndcg@10':>14}{'full_rec@10':>13}{'train ex/s':>12}"
     )
     lines = [header]
-    for name, entry in summary["models"].items():
-        metrics = entry["metrics"]
-        macs = entry.get("multiply_adds", {}).get("per_candidate")
-        speed = entry.get("training", {}).get("examples_per_second")
+    for name, entry in summary.models.items():
+        metrics = entry.metrics
+        macs, speed = "", ""
+        if isinstance(entry, TrainedModel):
+            macs = f"{entry.multiply_adds.per_candidate:,.0f}"
+            speed = f"{entry.training.examples_per_second:,.0f}"
         lines.append(
-            f"{name:<16}{entry['params']:>11,}{'' if macs is None else f'{macs:,.0f}':>11}"
+            f"{name:<16}{entry.params:>11,}{macs:>11}"
             f"{metrics['ndcg@10']:>9.4f}{metrics['hr@10']:>8.4f}{metrics['mrr']:>8.4f}"
-            f"{metrics['full_ndcg@10']:>14.4f}{metrics['full_recall@10']:>13.4f}"
-            f"{'' if speed is None else f'{speed:,.0f}':>12}"
+            f"{metrics['full_ndcg@10']:>14.4f}{metrics['full_recall@10']:>13.4f}{speed:>12}"
         )
     lines.append("")
-    for pair, entry in summary["comparisons"].items():
+    for pair, entry in summary.comparisons.items():
         lines.append(
-            f"{pair:<32} ndcg@10 ×{entry['ndcg@10_ratio']:.3f} (p={entry['ndcg@10_p_value']:.2g})"
-            f"  full ×{entry['full_ndcg@10_ratio']:.3f} (p={entry['full_ndcg@10_p_value']:.2g})"
+            f"{pair:<32} ndcg@10 ×{entry.ndcg_ratio:.3f} (p={entry.ndcg_p_value:.2g})"
+            f"  full ×{entry.full_ndcg_ratio:.3f} (p={entry.full_ndcg_p_value:.2g})"
         )
     return "\n".join(lines)

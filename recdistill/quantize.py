@@ -38,7 +38,7 @@ from torchrec.quant.embedding_modules import (
     quant_prep_enable_quant_state_dict_split_scale_bias,
 )
 
-from recdistill.data.batches import UNKNOWN
+from recdistill.data.feature_store import UNKNOWN
 from recdistill.models import TwoTower
 
 INT8_BITS = 8

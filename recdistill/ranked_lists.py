@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from recdistill.data.batches import UNKNOWN, FeatureStore, RankingBatch
+from recdistill.data.feature_store import UNKNOWN, FeatureStore, RankingBatch
 from recdistill.data.sampling import sample_unseen
 
 # Scores held at once while ranking the catalogue for a chunk of users (64 MB of float32).

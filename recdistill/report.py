@@ -19,33 +19,31 @@ import pyarrow.parquet as pq
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from matplotlib.figure import Figure
 
-from recdistill.pipeline import PER_USER, SUMMARY
+from recdistill.layout import RunLayout
 from recdistill.segments import ALL, SliceSpec, slice_table, user_segments
-from recdistill.train import LOG
-
-REPORT = "report"
+from recdistill.summary import RunSummary, TrainedModel, read_summary
 
 
 def build_report(run: Path, spec: SliceSpec | None = None) -> Path:
-    run = Path(run)
+    layout = RunLayout(Path(run))
     spec = spec or SliceSpec()
-    for needed in (SUMMARY, PER_USER):
-        if not (run / needed).exists():
-            raise FileNotFoundError(f"{run / needed} not found: run `recdistill train` first")
-    summary = json.loads((run / SUMMARY).read_text())
-    per_user = pq.read_table(run / PER_USER).to_pandas()
-    table = slice_table(per_user, user_segments(Path(summary["data"])), spec)
-    out = run / REPORT
-    out.mkdir(exist_ok=True)
-    table.to_parquet(out / "segments.parquet", index=False)
+    for needed in (layout.summary, layout.per_user):
+        if not needed.exists():
+            raise FileNotFoundError(f"{needed} not found: run `recdistill train` first")
+    summary = read_summary(layout.summary, RunSummary)
+    per_user = pq.read_table(layout.per_user).to_pandas()
+    table = slice_table(per_user, user_segments(Path(summary.data)), spec)
+    out = layout.report
+    out.root.mkdir(exist_ok=True)
+    table.to_parquet(out.segments, index=False)
 
-    rank = {name: position for position, name in enumerate(summary["models"])}
+    rank = {name: position for position, name in enumerate(summary.models)}
     key = table[table["metric"] == spec.key_metric]
     key = key.iloc[np.argsort(key["model"].map(rank).to_numpy(), kind="stable")]
-    curves = _learning_curves(run, summary)
+    curves = _learning_curves(layout, summary)
     context = {
-        "run": str(run),
-        "source": summary["source"],
+        "run": str(layout.root),
+        "source": summary.source,
         "metric": spec.key_metric,
         "threshold": spec.retention_threshold,
         "level": int(spec.level * 100),
@@ -62,9 +60,9 @@ def build_report(run: Path, spec: SliceSpec | None = None) -> Path:
         },
     }
     environment = template_environment()
-    (out / "index.html").write_text(environment.get_template("report.html.j2").render(context))
-    (out / "report.md").write_text(environment.get_template("report.md.j2").render(context))
-    return out / "index.html"
+    out.index.write_text(environment.get_template("report.html.j2").render(context))
+    out.markdown.write_text(environment.get_template("report.md.j2").render(context))
+    return out.index
 
 
 def template_environment() -> Environment:
@@ -85,18 +83,19 @@ def format_number(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}"
 
 
-def _headline(summary: dict[str, Any], key: pd.DataFrame) -> list[dict[str, Any]]:
+def _headline(summary: RunSummary, key: pd.DataFrame) -> list[dict[str, Any]]:
     overall = key[key["segment"] == ALL].set_index("model")
     rows = []
-    for name, entry in summary["models"].items():
+    for name, entry in summary.models.items():
         row = overall.loc[name] if name in overall.index else None
+        trained = isinstance(entry, TrainedModel)
         rows.append(
             {
                 "model": name,
-                "params": entry["params"],
-                "macs": entry.get("multiply_adds", {}).get("per_candidate"),
-                "p50_ms": entry.get("latency_ms", {}).get("p50"),
-                "p99_ms": entry.get("latency_ms", {}).get("p99"),
+                "params": entry.params,
+                "macs": entry.multiply_adds.per_candidate if trained else None,
+                "p50_ms": entry.latency_ms.p50,
+                "p99_ms": entry.latency_ms.p99,
                 "mean": None if row is None else row["mean"],
                 "ci_low": None if row is None else row["ci_low"],
                 "ci_high": None if row is None else row["ci_high"],
@@ -202,19 +201,19 @@ def _retention_heatmap(key: pd.DataFrame, spec: SliceSpec) -> str:
     return figure_png(figure)
 
 
-def _quality_vs_cost(summary: dict[str, Any], key: pd.DataFrame, spec: SliceSpec) -> str:
+def _quality_vs_cost(summary: RunSummary, key: pd.DataFrame, spec: SliceSpec) -> str:
     overall = key[key["segment"] == ALL].set_index("model")
     figure = Figure(figsize=(11, 4))
     axes = figure.subplots(1, 2)
     for axis, (label, cost) in zip(
         axes,
         [
-            ("parameters", lambda e: e["params"]),
-            ("scoring latency p50 (ms, 100 candidates)", lambda e: e["latency_ms"]["p50"]),
+            ("parameters", lambda e: e.params),
+            ("scoring latency p50 (ms, 100 candidates)", lambda e: e.latency_ms.p50),
         ],
     ):
-        for name, entry in summary["models"].items():
-            if name not in overall.index or not entry["params"]:
+        for name, entry in summary.models.items():
+            if name not in overall.index or not entry.params:
                 continue
             row = overall.loc[name]
             x = cost(entry)
@@ -234,10 +233,10 @@ def _quality_vs_cost(summary: dict[str, Any], key: pd.DataFrame, spec: SliceSpec
     return figure_png(figure)
 
 
-def _learning_curves(run: Path, summary: dict[str, Any]) -> dict[str, pd.DataFrame]:
+def _learning_curves(layout: RunLayout, summary: RunSummary) -> dict[str, pd.DataFrame]:
     curves = {}
-    for name in summary["models"]:
-        log = run / name / LOG
+    for name in summary.models:
+        log = layout.stage(name).log
         if log.exists() and log.stat().st_size:
             curves[name] = pd.DataFrame([json.loads(line) for line in log.read_text().splitlines()])
     return curves

@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from recdistill.data.tables import ITEMS, USERS, read_meta, split_file
+from recdistill.data.tables import read_meta
+from recdistill.layout import DataLayout
 from recdistill.stats import (
     bootstrap_mean_ci,
     bootstrap_ratio_ci,
@@ -46,12 +47,12 @@ class SliceSpec:
 
 def user_segments(data: Path, split: str = "test") -> pd.DataFrame:
     """Per evaluated user, the value of every segment column (as strings), by ``user_id``."""
-    data = Path(data)
-    meta = read_meta(data)
-    users = pq.read_table(data / USERS).to_pandas().set_index("user_id")
+    layout = DataLayout(Path(data))
+    meta = read_meta(layout.root)
+    users = pq.read_table(layout.users).to_pandas().set_index("user_id")
     segments = users[meta["user_segments"]].astype(str)
-    held_out = pq.read_table(data / split_file(split)).to_pandas()
-    tiers = pq.read_table(data / ITEMS).to_pandas().set_index("item_id")["popularity_tier"]
+    held_out = pq.read_table(layout.split(split)).to_pandas()
+    tiers = pq.read_table(layout.items).to_pandas().set_index("item_id")["popularity_tier"]
     segments[HELD_OUT_TIER] = held_out.set_index("user_id")["item_id"].map(tiers)
     return segments.loc[held_out["user_id"]]
 

@@ -3,7 +3,9 @@
 Every function takes 1-D arrays with one value per user (e.g. per-user NDCG@10); paired
 functions take two arrays aligned by user. Resampling is vectorised over replicates, in
 chunks of at most ``_CHUNK_ELEMENTS`` drawn indices or signs, and seeded with
-``np.random.default_rng(seed)``, so a given seed always gives the same answer.
+``np.random.default_rng(seed)``, so a given seed always gives the same answer. The mean's CI
+is ``scipy.stats.bootstrap``; the ratio CI draws the users exactly as scipy does, so with one
+seed both resample the same users.
 """
 
 from __future__ import annotations
@@ -30,11 +32,20 @@ def _as_pair(model: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.n
     return model, reference
 
 
+def _chunk_size(users: int) -> int:
+    """Replicates per chunk, so that ``size * users <= _CHUNK_ELEMENTS`` (at least 1)."""
+    return max(1, _CHUNK_ELEMENTS // users)
+
+
 def _chunks(total: int, users: int) -> Iterator[int]:
-    """Sizes of replicate chunks so that ``size * users <= _CHUNK_ELEMENTS`` (at least 1)."""
-    step = max(1, _CHUNK_ELEMENTS // users)
+    step = _chunk_size(users)
     for start in range(0, total, step):
         yield min(step, total - start)
+
+
+def _check_replicates(replicates: int) -> None:
+    if replicates < 1:
+        raise ValueError(f"replicates must be >= 1, got {replicates}")
 
 
 def _bootstrap_means(data: np.ndarray, replicates: int, seed: int) -> np.ndarray:
@@ -42,8 +53,7 @@ def _bootstrap_means(data: np.ndarray, replicates: int, seed: int) -> np.ndarray
 
     Returns ``[arrays, replicates]``; all arrays share the same resampled users.
     """
-    if replicates < 1:
-        raise ValueError(f"replicates must be >= 1, got {replicates}")
+    _check_replicates(replicates)
     rng = np.random.default_rng(seed)
     users = data.shape[1]
     parts = [
@@ -53,24 +63,32 @@ def _bootstrap_means(data: np.ndarray, replicates: int, seed: int) -> np.ndarray
     return np.concatenate(parts, axis=1)
 
 
-def _percentiles(level: float) -> tuple[float, float]:
+def _check_level(level: float) -> None:
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    return 50.0 * (1.0 - level), 50.0 * (1.0 + level)
 
 
 def bootstrap_mean_ci(
     values: np.ndarray, *, level: float = 0.95, replicates: int = 2000, seed: int = 0
 ) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean over users.
+    """Percentile bootstrap CI of the mean over users (``scipy.stats.bootstrap``).
 
     Draws ``replicates`` resamples of the users with replacement, takes each resample's mean
     ``m_b``, and returns the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of ``m_b``.
     """
     values = _as_users(values, "values")
-    means = _bootstrap_means(values[None, :], replicates, seed)[0]
-    low, high = np.percentile(means, _percentiles(level))
-    return float(low), float(high)
+    _check_level(level)  # scipy does not refuse 1.0, or 95
+    _check_replicates(replicates)
+    interval = sps.bootstrap(
+        (values,),
+        np.mean,
+        n_resamples=replicates,
+        batch=_chunk_size(len(values)),
+        confidence_level=level,
+        method="percentile",
+        rng=seed,
+    ).confidence_interval
+    return float(interval.low), float(interval.high)
 
 
 def bootstrap_ratio_ci(
@@ -86,15 +104,17 @@ def bootstrap_ratio_ci(
     The student/teacher retention ratio. Users are resampled jointly, so each replicate is
     ``r_b = mean(model[I_b]) / mean(reference[I_b])`` for one index draw ``I_b``. A replicate
     whose reference mean is 0 gives ``r_b = nan`` and is ignored (``np.nanpercentile``); if
-    every replicate is nan the interval is ``(nan, nan)``.
+    every replicate is nan the interval is ``(nan, nan)``. That is why this is not
+    ``scipy.stats.bootstrap(paired=True)``, whose interval is nan as soon as one replicate is.
     """
     model, reference = _as_pair(model, reference)
+    _check_level(level)
     model_means, reference_means = _bootstrap_means(np.stack([model, reference]), replicates, seed)
     ratios = np.full_like(model_means, np.nan)
     np.divide(model_means, reference_means, out=ratios, where=reference_means != 0)
     if np.isnan(ratios).all():
         return float("nan"), float("nan")
-    low, high = np.nanpercentile(ratios, _percentiles(level))
+    low, high = np.nanpercentile(ratios, (50.0 * (1.0 - level), 50.0 * (1.0 + level)))
     return float(low), float(high)
 
 
@@ -118,6 +138,11 @@ def randomization_test(
     With ``d = model - reference`` and ``s_b`` a vector of independent random signs,
     ``p = (1 + #{b : |mean(s_b * d)| >= |mean(d)|}) / (1 + permutations)``. Valid when the
     pairs are exchangeable under the null (swapping a user's two values changes nothing).
+
+    Not ``scipy.stats.permutation_test(permutation_type="samples")``: on 1,000 users it takes
+    3-6 times as long (0.10 s against 0.016 s for 2,000 flips; ``recdistill report`` runs one
+    per slice, model and reference), and its two-sided p-value is twice the smaller one-sided
+    one, so the smallest it can give is ``2 / (1 + permutations)``.
     """
     model, reference = _as_pair(model, reference)
     if permutations < 1:
@@ -142,6 +167,11 @@ def holm(p_values: np.ndarray) -> np.ndarray:
     value is ``min(1, max_{j <= i} (m - j + 1) * p_(j))``: monotone in ``p`` and capped at 1.
     Rejecting where the adjusted value is ``<= alpha`` controls the family-wise error rate at
     ``alpha``. NaNs pass through untouched and do not count towards ``m``.
+
+    The values are statsmodels' ``multipletests(p, method="holm")`` to the bit (see the tests),
+    but that runs ``gc.collect()`` on every call: about 0.1 s in a process that holds torch,
+    and ``recdistill report`` makes one per model, reference and test (on ml100k its slice
+    table took 8.0 s instead of 4.8 s).
     """
     p = np.asarray(p_values, dtype=float)
     adjusted = p.copy()

@@ -1,7 +1,8 @@
 """One training stage: a model learns from labels and/or frozen teachers.
 
-Read top to bottom: the stage's spec, the stage's loss as one module
-(:class:`StageObjective`), then :class:`Trainer`, whose :meth:`Trainer.fit` runs epochs of
+The stage's spec is :class:`~recdistill.stage.StageSpec`, its loss one module
+(:class:`~recdistill.objective.StageObjective`), its checkpoint :mod:`recdistill.checkpoint`.
+Read top to bottom: :class:`Trainer`, whose :meth:`Trainer.fit` runs epochs of
 (score lists → weighted loss → step), evaluates validation NDCG@10 after each epoch,
 checkpoints, and stops early. ``fit`` resumes from the checkpoint when asked and then
 continues to the same result as an uninterrupted run. A non-finite loss or gradient stops
@@ -18,14 +19,12 @@ tensors, so a run resumes at any world size. Frozen teachers stay whole on every
 from __future__ import annotations
 
 import copy
-import dataclasses
 import itertools
 import json
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,126 +36,21 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from recdistill import distributed
-from recdistill.config import spec_from
-from recdistill.data.batches import (
-    FeatureStore,
-    RankingBatch,
-    SequenceBatch,
-    TrainLists,
-    TrainSequences,
-)
+from recdistill.checkpoint import load_checkpoint, save_checkpoint, trim_log
+from recdistill.data.batches import TrainLists, TrainSequences
+from recdistill.data.feature_store import FeatureStore, RankingBatch, SequenceBatch
+from recdistill.data.tables import atomic_write
 from recdistill.errors import TrainingDiverged
 from recdistill.evaluate import evaluate
-from recdistill.losses import LOSSES
+from recdistill.layout import StageLayout
 from recdistill.models import TwoTower
-from recdistill.ranked_lists import ListSpec, RankedLists, fingerprint, top_unseen
+from recdistill.objective import StageObjective, TeacherOutputs
+from recdistill.ranked_lists import RankedLists, fingerprint, top_unseen
+from recdistill.stage import StageSpec
 
-LABELS = "labels"
-# What a stage trains on: ranking lists (a train interaction and sampled negatives), or
-# every position of history windows predicting the item that came next (sequence models).
-OBJECTIVES = ("lists", "next_item")
 SELECTION_METRIC = "ndcg@10"
-CHECKPOINT = "checkpoint.pt"
-BEST_WEIGHTS = "model.safetensors"
-LOG = "log.jsonl"
-# Row-wise Adagrad needs about this many times Adam's learning rate to learn as fast: at
-# this ratio torchrun's sharded stages of configs/synthetic.toml match one process's quality.
-ADAGRAD_STEP_RATIO = 10.0
 # Users whose teacher vectors are computed at once.
 TEACHER_USERS = 4096
-# Checkpoints of other formats (or none) are refused rather than resumed differently.
-CHECKPOINT_FORMAT = 2
-# The stage spec's fields a resume may change: a diverged stage continues from its last good
-# checkpoint at a lower rate. Any other change makes the checkpoint another stage's.
-RESUMABLE_CHANGES = ("learning_rate", "adagrad_learning_rate")
-
-TeacherOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-"""A frozen teacher's user vectors, item vectors and scores for a batch."""
-
-
-@dataclass(frozen=True)
-class LossTerm:
-    """``weight * LOSSES[fn](student, target, mask=..., **options)``.
-
-    ``source`` is ``"labels"`` or the name of an earlier stage whose model is the teacher.
-    ``feature_mse`` compares tower outputs instead of scores.
-    """
-
-    fn: str
-    source: str = LABELS
-    weight: float = 1.0
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.fn not in LOSSES:
-            raise ValueError(f"unknown loss {self.fn!r}; known: {sorted(LOSSES)}")
-        if self.fn == "feature_mse" and self.source == LABELS:
-            raise ValueError("feature_mse needs a teacher stage as its source, not labels")
-
-    @property
-    def scored(self) -> bool:
-        """Whether the term compares scores of lists (every loss but ``feature_mse``)."""
-        return self.fn != "feature_mse"
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    name: str
-    model: str
-    losses: tuple[LossTerm, ...]
-    epochs: int = 20
-    patience: int = 3
-    batch_size: int = 512
-    negatives: int = 19
-    learning_rate: float = 1e-3
-    # Under torchrun on CPU the sharded tables learn with fbgemm's row-wise Adagrad (its CPU
-    # kernel has no Adam); unset, ADAGRAD_STEP_RATIO × learning_rate. Ignored in one
-    # process and on GPUs.
-    adagrad_learning_rate: float | None = None
-    weight_decay: float = 0.0
-    seed: int = 0
-    objective: str = "lists"
-    # Teacher-ranked distillation lists (recdistill/ranked_lists.py) for the terms that
-    # learn from a teacher's scores; unset, they use the training lists too.
-    lists: ListSpec | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.lists, dict):
-            object.__setattr__(
-                self, "lists", spec_from(ListSpec, self.lists, f"[stages.{self.name}] lists")
-            )
-        if self.lists is not None and not self.ranked_sources:
-            raise ValueError(
-                f"[stages.{self.name}]: lists are ranked by a teacher, but no loss of this "
-                "stage learns from a teacher's scores"
-            )
-        if self.objective not in OBJECTIVES:
-            raise ValueError(
-                f"[stages.{self.name}]: unknown objective {self.objective!r}; "
-                f"choose one of {list(OBJECTIVES)}"
-            )
-        if self.objective == "next_item" and self.teachers:
-            raise ValueError(
-                f"[stages.{self.name}]: the next_item objective learns from labels only; "
-                f"it cannot distil from {list(self.teachers)}"
-            )
-
-    @property
-    def table_adagrad_learning_rate(self) -> float:
-        if self.adagrad_learning_rate is not None:
-            return self.adagrad_learning_rate
-        return ADAGRAD_STEP_RATIO * self.learning_rate
-
-    @property
-    def teachers(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(t.source for t in self.losses if t.source != LABELS))
-
-    @property
-    def ranked_sources(self) -> tuple[str, ...]:
-        """The teachers whose score losses read teacher-ranked lists (when ``lists`` is set)."""
-        return tuple(
-            dict.fromkeys(t.source for t in self.losses if t.source != LABELS and t.scored)
-        )
 
 
 @dataclass
@@ -177,58 +71,21 @@ class EpochStats:
     seconds: float
 
 
-class StageObjective(nn.Module):
-    """The stage's weighted loss on a batch, as one module holding the student and the
-    feature-distillation adapters: under ``torchrun`` DistributedModelParallel wraps it whole,
-    so its forward is where the data-parallel gradients are synchronised."""
-
-    def __init__(
-        self, model: TwoTower, adapters: nn.ModuleDict, losses: tuple[LossTerm, ...]
-    ) -> None:
-        super().__init__()
-        self.model = model
-        self.adapters = adapters
-        self.losses = losses
-
-    def forward(
-        self,
-        batch: RankingBatch | SequenceBatch,
-        teacher_outputs: dict[str, TeacherOutputs],
-        ranked: dict[str, tuple[RankingBatch, TeacherOutputs]],
-    ) -> torch.Tensor:
-        """The weighted loss of ``batch``; a score term whose teacher has a teacher-ranked
-        batch in ``ranked`` (with that teacher's outputs on it) is computed on that batch."""
-        if isinstance(batch, SequenceBatch):
-            scores, labels = self.model.next_item_scores(batch)
-            mask = torch.ones_like(labels, dtype=torch.bool)
-            return sum(
-                term.weight * LOSSES[term.fn](scores, labels, mask=mask, **term.options)
-                for term in self.losses
-            )
-        users, items = self.model.towers(batch)
-        scores = self.model.score(users, items, batch)
-        ranked_scores = {name: self.model(lists) for name, (lists, _) in ranked.items()}
-        total = scores.new_zeros(())
-        for term in self.losses:
-            fn = LOSSES[term.fn]
-            if term.fn == "feature_mse":
-                t_users, t_items, _ = teacher_outputs[term.source]
-                adapter = self.adapters[term.source]
-                value = 0.5 * (
-                    fn(adapter(users), t_users, mask=_all_rows(users), **term.options)
-                    + fn(adapter(items), t_items, mask=_all_rows(items), **term.options)
-                )
-            elif term.source in ranked:
-                lists, (_, _, target) = ranked[term.source]
-                value = fn(ranked_scores[term.source], target, mask=lists.mask, **term.options)
-            else:
-                target = batch.labels if term.source == LABELS else teacher_outputs[term.source][2]
-                value = fn(scores, target, mask=batch.mask, **term.options)
-            total = total + term.weight * value
-        return total
-
-
 class Trainer:
+    """Trains ``model`` for one stage, on labels and/or the frozen ``teachers``' scores.
+
+    :meth:`fit` leaves the best validation epoch's weights in ``model`` and the stage's log,
+    checkpoint and best weights in ``directory``. ``recdistill.pipeline.run`` trains each
+    stage of a config this way::
+
+        store = FeatureStore(Path("data/synthetic"))
+        space = FeatureSpace(store.user_features, store.cardinalities())
+        student = TwoTower(TwoTowerSpec(embedding_dim=8, tower=(16,)), space)
+        spec = StageSpec("student", "small", (LossTerm("listnet", source="teacher"),))
+        result = Trainer(spec, student, {"teacher": teacher}, store, Path("runs/x/student")).fit()
+        result.best_epoch, result.best_valid  # the epoch kept and its validation NDCG@10
+    """
+
     def __init__(
         self,
         spec: StageSpec,
@@ -240,7 +97,7 @@ class Trainer:
         self.spec = spec
         self.model = model
         self.store = store
-        self.directory = Path(directory)
+        self.layout = StageLayout(Path(directory))
         self.world = distributed.world()
         device = self.world.device
         for teacher in teachers.values():
@@ -325,8 +182,8 @@ class Trainer:
         k = self.spec.lists.teacher_top
         path = None
         if self.world.is_main:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            path = self.directory / f"teacher_top_{name}_{k}_{fingerprint(*vectors)}.npy"
+            self.layout.root.mkdir(parents=True, exist_ok=True)
+            path = self.layout.teacher_top(name, k, fingerprint(*vectors))
             if not path.exists():
                 atomic_write(path, lambda scratch: top_unseen(*vectors, self.store, k, scratch))
         path = distributed.broadcast_json(None if path is None else str(path), self.world)
@@ -436,7 +293,7 @@ class Trainer:
 
     def fit(self, *, resume: bool = False) -> StageResult:
         spec, main = self.spec, self.world.is_main
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.layout.root.mkdir(parents=True, exist_ok=True)
         state = self._restore() if resume else None
         if state is None:
             state = {
@@ -448,7 +305,7 @@ class Trainer:
                 "examples": 0,
             }
             if main:
-                (self.directory / LOG).write_text("")
+                self.layout.log.write_text("")
         epoch = state["epoch"] + 1
         while epoch < spec.epochs and state["stale"] < spec.patience:
             stats = self.train_epoch(epoch)
@@ -472,7 +329,7 @@ class Trainer:
             epoch += 1
 
         distributed.barrier(self.world)
-        self.model.load_state_dict(load_file(str(self.directory / BEST_WEIGHTS)))
+        self.model.load_state_dict(load_file(str(self.layout.weights)))
         self.model.eval()
         return StageResult(
             best_epoch=state["best_epoch"],
@@ -509,7 +366,7 @@ class Trainer:
             "seconds": stats.seconds,
             "examples_per_second": stats.examples / stats.seconds,
         }
-        with (self.directory / LOG).open("a") as log:
+        with self.layout.log.open("a") as log:
             log.write(json.dumps(record) + "\n")
         tqdm.write(
             f"{self.spec.name} epoch {epoch}: loss {record['train_loss']:.4f}  "
@@ -519,15 +376,9 @@ class Trainer:
 
     def _save_best(self) -> None:
         weights = {k: v.detach().clone().contiguous() for k, v in self.model.state_dict().items()}
-        atomic_write(self.directory / BEST_WEIGHTS, lambda path: save_file(weights, str(path)))
+        atomic_write(self.layout.weights, lambda path: save_file(weights, str(path)))
 
     def _checkpoint(self, state: dict[str, Any]) -> None:
-        """Whole tensors only, keyed by name, so that any world size can resume from it.
-
-        ``optimizer`` holds Adam's state per parameter name; ``embedding_optimizer`` the
-        fused kernel's state of sharded tables (empty in a single process, where Adam
-        updates the tables too).
-        """
         embedding_optimizer = {}
         if self.world.distributed:
             embedding_optimizer = distributed.gather_state(
@@ -536,18 +387,15 @@ class Trainer:
         if not self.world.is_main:
             return
         adam = self.optimizer.state_dict()["state"]
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "model": self.model.state_dict(),
-            "adapters": self.adapters.state_dict(),
-            "optimizer": {
-                name: adam[i] for i, name in enumerate(self.adam_parameters) if i in adam
-            },
-            "embedding_optimizer": embedding_optimizer,
-            "state": state,
-            "spec": json.dumps(dataclasses.asdict(self.spec)),
-        }
-        atomic_write(self.directory / CHECKPOINT, lambda path: torch.save(payload, path))
+        save_checkpoint(
+            self.layout.checkpoint,
+            self.spec,
+            model=self.model.state_dict(),
+            adapters=self.adapters.state_dict(),
+            optimizer={name: adam[i] for i, name in enumerate(self.adam_parameters) if i in adam},
+            embedding_optimizer=embedding_optimizer,
+            state=state,
+        )
 
     def _restore(self) -> dict[str, Any] | None:
         """Load the checkpoint, if any, into this process's share of the model.
@@ -556,27 +404,9 @@ class Trainer:
         optimizers do not hold (the tables' Adam state when resuming a single-process run
         under torchrun, or the fused kernel's state the other way round) starts afresh.
         """
-        path = self.directory / CHECKPOINT
-        if not path.exists():
+        payload = load_checkpoint(self.layout.checkpoint, self.spec, announce=self.world.is_main)
+        if payload is None:
             return None
-        payload = torch.load(path, weights_only=True, map_location="cpu")
-        if payload.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(
-                f"{path} was written by another version of recdistill; start a fresh run directory"
-            )
-        saved, current = json.loads(payload["spec"]), dataclasses.asdict(self.spec)
-        if _fixed_on_resume(saved) != _fixed_on_resume(current):
-            raise ValueError(
-                f"{path} was written for a different stage spec (a resume may change only "
-                f"{', '.join(RESUMABLE_CHANGES)}); start a fresh run directory"
-            )
-        changed = [key for key in RESUMABLE_CHANGES if saved[key] != current[key]]
-        if changed and self.world.is_main:
-            tqdm.write(
-                f"{self.spec.name}: resuming after epoch {payload['state']['epoch']} with "
-                + ", ".join(f"{key} {current[key]} (was {saved[key]})" for key in changed),
-                file=sys.stderr,
-            )
         self.model.load_state_dict(payload["model"])
         self.adapters.load_state_dict(payload["adapters"])
         if self.world.distributed:
@@ -593,28 +423,9 @@ class Trainer:
         self.optimizer.load_state_dict(adam)
         state = payload["state"]
         if self.world.is_main:
-            # A run killed after logging an epoch but before checkpointing it logs it again.
-            log = self.directory / LOG
-            records = [json.loads(line) for line in log.read_text().splitlines()]
-            kept = [r for r in records if r["epoch"] <= state["epoch"]]
-            log.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            trim_log(self.layout.log, state["epoch"])
         return state
-
-
-def _fixed_on_resume(spec: dict[str, Any]) -> str:
-    """The spec's fields a resume must keep, as JSON (tuples and lists compare equal)."""
-    return json.dumps({k: v for k, v in spec.items() if k not in RESUMABLE_CHANGES})
 
 
 def _seed_of(*numbers: int) -> int:
     return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
-
-
-def _all_rows(values: torch.Tensor) -> torch.Tensor:
-    return torch.ones(values.shape[0], dtype=torch.bool)
-
-
-def atomic_write(path: Path, write) -> None:
-    scratch = path.with_name(path.name + ".partial")
-    write(scratch)
-    os.replace(scratch, path)

@@ -13,7 +13,7 @@ import httpx2
 import numpy as np
 import pyarrow.parquet as pq
 
-from recdistill.data.tables import candidates_file
+from recdistill.layout import DataLayout
 from recdistill.metrics import list_metrics
 
 REPORTED = ("ndcg@10", "hr@10", "mrr")
@@ -21,7 +21,7 @@ REPORTED = ("ndcg@10", "hr@10", "mrr")
 
 def served_metrics(url: str, data: Path, split: str = "test") -> dict[str, float]:
     """Mean ``ndcg@10``, ``hr@10`` and ``mrr`` of the server at ``url`` on ``split``'s lists."""
-    table = pq.read_table(Path(data) / candidates_file(split)).to_pydict()
+    table = pq.read_table(DataLayout(Path(data)).candidates(split)).to_pydict()
     scores = []
     with httpx2.Client(base_url=url, timeout=30.0) as client:
         for user_id, candidates in zip(table["user_id"], table["candidates"]):

@@ -1,9 +1,22 @@
+import doctest
 from pathlib import Path
 
 import pytest
 
 from recdistill.data.prepare import SplitSpec, prepare
 from recdistill.data.synthetic import SyntheticSpec, generate
+from recdistill.layout import RunLayout
+from recdistill.quantize import QuantizationSpec
+from recdistill.summary import (
+    ChosenModel,
+    ClockLatency,
+    Latency,
+    SegmentScore,
+    Selection,
+    SweepSummary,
+    ValidScore,
+    write_summary,
+)
 
 PROJECT = Path(__file__).resolve().parents[1]
 ML100K = PROJECT.parent / "shared" / "datasets" / "ml-100k"
@@ -69,6 +82,53 @@ model = "small"
 losses = [{ fn = "margin_mse", source = "teacher" }]
 """
 
+
+# One stage, the teacher on labels, then the baselines: for runs whose training is the point.
+# Its 16-wide tables are sharded two ways under torchrun.
+ONE_STAGE = """
+[models.big]
+embedding_dim = 16
+tower = [32, 8]
+feature_dim = 4
+
+[train]
+history_length = 10
+batch_size = 256
+negatives = 4
+epochs = 3
+patience = 3
+learning_rate = 5e-3
+
+[baselines.ease]
+l2 = [50.0]
+
+[baselines.ease_recency]
+half_life = [2.0]
+
+[stages.teacher]
+model = "big"
+losses = [{ fn = "softmax_ce" }]
+"""
+
+
+def run_docstring_example(obj) -> None:
+    """Run the examples of ``obj``'s own docstring (not its members') as a doctest."""
+    tests = doctest.DocTestFinder(recurse=False).find(obj)
+    assert tests and tests[0].examples, f"{obj.__qualname__} has no docstring example"
+    report: list[str] = []
+    runner = doctest.DocTestRunner()
+    runner.run(tests[0], out=report.append)
+    assert runner.failures == 0, "".join(report)
+
+
+def ab_table(salt: str, **arms: tuple[str, float]) -> str:
+    """An ``[ab]`` config table (TOML) routing users to ``arms``: name = (model, share)."""
+    lines = ["[ab]", f'salt = "{salt}"']
+    for name, (model, share) in arms.items():
+        lines += [f"[ab.arms.{name}]", f'model = "{model}"', f"share = {share}"]
+    return "\n".join(lines) + "\n"
+
+
 SMALL_WORLD = SyntheticSpec(users=400, items=500, mean_activity=25.0, seed=3)
 
 
@@ -77,6 +137,24 @@ def build_synthetic(directory: Path, spec: SyntheticSpec = SMALL_WORLD) -> Path:
     generate(spec, directory)
     prepare(directory, SplitSpec(seed=spec.seed))
     return directory
+
+
+def write_sweep_summary(
+    run: Path, data: Path, models: dict[str, tuple[str, int, QuantizationSpec | None]]
+) -> None:
+    """``run``'s summary as ``recdistill sweep`` writes it, with ``models`` (name: preset,
+    parameter count, quantization) chosen and every measurement zero."""
+    latency = ClockLatency(0.0, Latency(0.0, 0.0), Latency(0.0, 0.0))
+    segment = SegmentScore("all", "all", 0, 0.0, 0.0, 0.0, [0.0, 0.0])
+    chosen = {
+        name: ChosenModel(
+            preset, name, params, quantization, 0, latency, ValidScore(0.0, segment), {}
+        )
+        for name, (preset, params, quantization) in models.items()
+    }
+    selection = Selection(chosen=None, frontier=[], within_budget=[])
+    summary = SweepSummary(str(data), "synthetic", "", "grid", 0, selection, chosen, {})
+    write_summary(RunLayout(run).summary, summary)
 
 
 @pytest.fixture(scope="session")

@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from recdistill import distributed
-from recdistill.data.batches import CandidateLists, FeatureStore, SequenceBatch, TrainSequences
+from recdistill.data.batches import CandidateLists, TrainSequences
+from recdistill.data.feature_store import FeatureStore, SequenceBatch
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
-from recdistill.train import LossTerm, StageSpec, Trainer
+from recdistill.stage import LossTerm, StageSpec
+from recdistill.train import Trainer
 
 SEQUENCE = "sequence"
 
@@ -53,15 +56,7 @@ STAGE = StageSpec(
     negatives=4,
     learning_rate=0.05,
 )
-SEQUENCE_STAGE = StageSpec(
-    name="sharded",
-    model="sequence",
-    losses=(LossTerm("softmax_ce"),),
-    batch_size=64,
-    negatives=4,
-    learning_rate=0.05,
-    objective="next_item",
-)
+SEQUENCE_STAGE = replace(STAGE, model="sequence", batch_size=64, objective="next_item")
 STEPS = 4
 SCORED_BATCHES = 2
 

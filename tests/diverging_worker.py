@@ -8,28 +8,19 @@ see it. Each rank writes the error that stopped it to ``rank<R>.txt`` and return
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from distributed_worker import STAGE, spec  # this script's directory comes first on sys.path
 
 from recdistill import distributed
 from recdistill.data.batches import FeatureStore
 from recdistill.errors import TrainingDiverged
 from recdistill.losses import LOSSES
-from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
-from recdistill.train import LossTerm, StageSpec, Trainer
+from recdistill.models import FeatureSpace, TwoTower
+from recdistill.train import Trainer
 
-# Tables 8 wide are sharded; the 2-wide feature tables stay replicated.
-MODEL = TwoTowerSpec(embedding_dim=8, tower=(16, 8), feature_dim=2)
-STAGE = StageSpec(
-    name="sharded",
-    model="small",
-    losses=(LossTerm("softmax_ce"),),
-    epochs=2,
-    batch_size=128,
-    negatives=4,
-    learning_rate=0.05,
-)
 BAD_BATCH = 2
 
 
@@ -37,8 +28,8 @@ def main(data: Path, out: Path) -> None:
     world = distributed.world()
     store = FeatureStore(data, history_length=10)
     torch.manual_seed(0)
-    model = TwoTower(MODEL, FeatureSpace(store.user_features, store.cardinalities()))
-    trainer = Trainer(STAGE, model, {}, store, out / "stage")
+    model = TwoTower(spec(feature_dim=2), FeatureSpace(store.user_features, store.cardinalities()))
+    trainer = Trainer(replace(STAGE, epochs=2), model, {}, store, out / "stage")
     poisoned_call = len(trainer.lists) + BAD_BATCH
     softmax_ce, calls = LOSSES["softmax_ce"], 0
 

@@ -5,16 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from recdistill.artifact import (
-    MANIFEST,
-    WEIGHTS,
-    ArtifactError,
-    _sha256,
-    _version,
-    export_artifact,
-    load_artifact,
-)
+from recdistill.artifact import ArtifactError, _sha256, _version, export_artifact, load_artifact
 from recdistill.cli import main
+from recdistill.layout import MANIFEST, WEIGHTS
 
 
 def test_every_served_kind_exports_and_loads(tiny_artifacts, tiny_run):

@@ -6,7 +6,8 @@ import pytest
 from recdistill import evaluate as evaluate_module
 from recdistill import pipeline
 from recdistill.baselines import Ease, ease_scores, ease_weights, history_matrix
-from recdistill.data.batches import CandidateLists, FeatureStore, Jagged
+from recdistill.data.batches import CandidateLists
+from recdistill.data.feature_store import FeatureStore, Jagged
 from recdistill.evaluate import evaluate
 
 L2 = 30.0

@@ -21,23 +21,8 @@ def test_help_lists_the_data_commands():
 
 def test_synthetic_end_to_end(tmp_path, capsys):
     out = tmp_path / "world"
-    assert (
-        main(
-            [
-                "data",
-                "synthetic",
-                "--out",
-                str(out),
-                "--users",
-                "200",
-                "--items",
-                "300",
-                "--seed",
-                "1",
-            ]
-        )
-        == 0
-    )
+    sizes = ["--users", "200", "--items", "300", "--seed", "1"]
+    assert main(["data", "synthetic", "--out", str(out), *sizes]) == 0
     printed = capsys.readouterr().out
     assert "users 200" in printed and "activity_tier" in printed
     meta = read_meta(out)

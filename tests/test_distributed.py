@@ -17,15 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 import recdistill.data.prepare
-from recdistill.data.batches import (
-    ITEM_KEYS,
-    CandidateLists,
-    FeatureStore,
-    TrainLists,
-    TrainSequences,
-)
+from recdistill.data.batches import CandidateLists, TrainLists, TrainSequences
+from recdistill.data.feature_store import ITEM_KEYS, FeatureStore
 from recdistill.models import FeatureSpace, TwoTower
-from tests.conftest import PROJECT, build_synthetic
+from tests.conftest import ONE_STAGE, PROJECT, build_synthetic
 from tests.distributed_worker import (
     SCORED_BATCHES,
     SEQUENCE,
@@ -38,42 +33,16 @@ from tests.distributed_worker import (
 
 BIN = Path(sys.executable).parent
 TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2"]
-# A one-stage run: the teacher, sharded 2 ways, then baselines and summary.json.
-TEACHER_ONLY = """
-[models.big]
-embedding_dim = 16
-tower = [32, 8]
-feature_dim = 4
-
-[train]
-history_length = 10
-batch_size = 256
-negatives = 4
-epochs = 3
-patience = 3
-learning_rate = 5e-3
-
-[baselines.ease]
-l2 = [50.0]
-
-[stages.teacher]
-model = "big"
-losses = [{ fn = "softmax_ce" }]
-"""
-# The same run with a sequence teacher: its history table is an EmbeddingCollection, sharded
+# ONE_STAGE with a sequence teacher: its history table is an EmbeddingCollection, sharded
 # beside the bags, and it learns to predict each next item of history windows.
-SEQUENCE_TEACHER = (
-    TEACHER_ONLY.replace(
-        "feature_dim = 4\n",
-        'feature_dim = 4\nuser_encoder = "sequence"\nmax_length = 5\nlayers = 1\nheads = 2\n',
-    )
-    .replace('model = "big"\n', 'model = "big"\nobjective = "next_item"\n')
-    .replace("[stages", "[baselines.ease_recency]\nhalf_life = [10.0]\n\n[stages")
-)
+SEQUENCE_TEACHER = ONE_STAGE.replace(
+    "feature_dim = 4\n",
+    'feature_dim = 4\nuser_encoder = "sequence"\nmax_length = 5\nlayers = 1\nheads = 2\n',
+).replace('model = "big"\n', 'model = "big"\nobjective = "next_item"\n')
 
 # The bag teacher, then a student distilled on its teacher-ranked lists (rank 0 writes them).
 RANKED_LISTS_STUDENT = (
-    TEACHER_ONLY.replace(
+    ONE_STAGE.replace(
         "[train]",
         "[models.small]\nembedding_dim = 4\ntower = [8]\nfeature_dim = 2\nrecent_length = 3\n\n[train]",
     )
@@ -218,6 +187,7 @@ def test_ranks_take_equal_disjoint_shares_of_the_same_batches(chunked_store):
 # sharded collections return their features in another order than their tables. A
 # sequence model trains on next-item windows, its history table sharded as a sequence, or,
 # 6 wide (too narrow for the fused kernel), left whole and replicated.
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("feature_dim", "encoder", "embedding_dim"),
     [(2, "bag", 8), (8, "bag", 8), (2, SEQUENCE, 8), (2, SEQUENCE, 6)],
@@ -287,7 +257,8 @@ def test_sharded_scores_equal_a_single_process_model_with_the_same_weights(
             torch.testing.assert_close(sharded["next_item"], next_item, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("teacher", [TEACHER_ONLY, SEQUENCE_TEACHER], ids=["bag", SEQUENCE])
+@pytest.mark.slow
+@pytest.mark.parametrize("teacher", [ONE_STAGE, SEQUENCE_TEACHER], ids=["bag", SEQUENCE])
 def test_killed_sharded_run_resumes_to_the_same_result(synthetic_dir, tmp_path, teacher):
     config = tmp_path / "teacher.toml"
     config.write_text(teacher)
@@ -311,6 +282,7 @@ def test_killed_sharded_run_resumes_to_the_same_result(synthetic_dir, tmp_path, 
     assert all(torch.equal(best[k], resumed[k]) for k in best)
 
 
+@pytest.mark.slow
 def test_killed_sharded_distillation_on_ranked_lists_resumes_to_the_same_result(
     synthetic_dir, tmp_path
 ):
@@ -328,9 +300,10 @@ def test_killed_sharded_distillation_on_ranked_lists_resumes_to_the_same_result(
     )
 
 
+@pytest.mark.slow
 def test_a_sharded_checkpoint_resumes_in_a_single_process(synthetic_dir, tmp_path):
     config = tmp_path / "teacher.toml"
-    config.write_text(TEACHER_ONLY)
+    config.write_text(ONE_STAGE)
     out = tmp_path / "run"
     log = out / "teacher" / "log.jsonl"
     run_and_kill(train_command(config, synthetic_dir, out, launcher=TORCHRUN), out / "teacher", 2)
@@ -343,6 +316,7 @@ def test_a_sharded_checkpoint_resumes_in_a_single_process(synthetic_dir, tmp_pat
     assert set(metrics_of(out)) == {"teacher", "popularity", "ease", "ease_recency"}
 
 
+@pytest.mark.slow
 def test_killed_single_process_run_resumes_to_the_same_result(tiny_run, synthetic_dir, tmp_path):
     config, straight = tiny_run
     out = tmp_path / "cut"
@@ -351,6 +325,7 @@ def test_killed_single_process_run_resumes_to_the_same_result(tiny_run, syntheti
     assert metrics_of(out) == metrics_of(straight)
 
 
+@pytest.mark.slow
 def test_a_loss_that_turns_nan_on_one_rank_stops_every_rank_at_the_same_batch(
     synthetic_dir, tmp_path
 ):

@@ -141,6 +141,7 @@ def test_parse_duration():
     assert [parse_duration(text) for text in ("20", "20s", "1m30s", "1h")] == [20, 20, 90, 3600]
 
 
+@pytest.mark.slow
 def test_a_short_run_against_the_student_passes(tiny_artifacts, tmp_path):
     out = tmp_path / "loadtest"
     settings = LoadTestSettings(artifact=tiny_artifacts["student"], out=out, users=4, run_time_s=8)
@@ -157,6 +158,7 @@ def test_a_short_run_against_the_student_passes(tiny_artifacts, tmp_path):
     assert describe_outcome(result).startswith("PASS")
 
 
+@pytest.mark.slow
 def test_an_impossible_budget_fails_the_run_and_says_why(tiny_artifacts, tmp_path, capsys):
     student = tiny_artifacts["student"]
     with running_server([student], impressions=tmp_path / "impressions.jsonl") as server:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from recdistill.losses import LOSSES
+from tests.conftest import run_docstring_example
 
 LABEL_LOSSES = ("bce", "softmax_ce")
 # a list of one item still gives these a term that depends on the student
@@ -84,6 +85,11 @@ def lse(values):
 
 
 # --- hand-computed values ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [*LOSSES])
+def test_the_docstring_example_holds(name):
+    run_docstring_example(LOSSES[name])
 
 
 def test_bce_hand_computed():

@@ -8,7 +8,6 @@ from recdistill.metrics import (
     auc,
     average_precision_at,
     coverage_at,
-    gauc,
     held_out_ranks,
     hit_at,
     kendall_tau,
@@ -100,12 +99,6 @@ def test_map_auc_hand_made_cases():
     assert auc(bottom, np.array([0]))[0] == 0.0
     assert average_precision_at(*held_out_ranks(bottom, np.array([0])), 3)[0] == 0.0
     assert auc(bottom, np.array([1]))[0] == 1.0  # positive in another column, on top
-
-
-def test_gauc_is_impression_weighted_mean():
-    assert gauc(np.array([1.0, 0.5]), np.array([3, 1])) == pytest.approx(0.875)
-    per_user = np.array([0.2, 0.9, 0.6])
-    assert gauc(per_user, np.full(3, 100)) == pytest.approx(per_user.mean())
 
 
 def test_top_k_is_descending_with_stable_ties():

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from recdistill.config import load_config, section, spec_from
-from recdistill.data.batches import FeatureStore, TrainLists, TrainSequences
+from recdistill.data.batches import TrainLists, TrainSequences
+from recdistill.data.feature_store import FeatureStore
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
-from tests.conftest import PROJECT
+from tests.conftest import PROJECT, run_docstring_example
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,10 @@ def test_scores_are_dot_products_of_the_towers_plus_item_bias(store):
             item_row = batch.candidates[row, slot]
             expected = users[row] @ items[item_row] + model.item_bias.weight[item_ids[item_row], 0]
             assert scores[row, slot].item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_the_docstring_example_holds():
+    run_docstring_example(TwoTower)
 
 
 def test_size_and_cost_accounting(store):

@@ -4,8 +4,8 @@ import torch
 from safetensors.numpy import load_file
 
 from recdistill.artifact import load_artifact
-from recdistill.data.batches import UNKNOWN
-from recdistill.online import OnlineRanker
+from recdistill.data.feature_store import UNKNOWN
+from recdistill.online import OnlineRanker, Ranking
 
 TWO_TOWERS = ("teacher", "intermediate", "student")
 
@@ -55,16 +55,23 @@ def _known(ranker):
     return int(store.users.values[0]), store.items.values[:20]
 
 
-@pytest.mark.parametrize("mode", ["online", "precomputed"])
-def test_an_unknown_user_without_history_gets_the_mean_user_vector(rankers, mode):
-    ranker = rankers["student", mode]
-    _, items = _known(ranker)
+def rank_as_the_mean_user(ranker: OnlineRanker, items: np.ndarray) -> Ranking:
+    """``ranker``'s ranking of ``items`` for an unknown user without history, checked to be
+    scored with the mean user vector."""
     ranking = ranker.rank(-7, items)
     assert ranking.cold_start
     rows = torch.as_tensor(ranker.store.items.index(items))
     expected = ranker.item_vectors[rows] @ ranker.mean_user + ranker.item_bias[rows]
     served = dict(zip(ranking.items.tolist(), ranking.scores.tolist()))
     np.testing.assert_allclose([served[i] for i in items.tolist()], expected, rtol=1e-5, atol=1e-5)
+    return ranking
+
+
+@pytest.mark.parametrize("mode", ["online", "precomputed"])
+def test_an_unknown_user_without_history_gets_the_mean_user_vector(rankers, mode):
+    ranker = rankers["student", mode]
+    _, items = _known(ranker)
+    rank_as_the_mean_user(ranker, items)
 
 
 def test_an_unknown_user_with_recent_items_is_ranked_from_that_history(rankers):

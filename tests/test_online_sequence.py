@@ -1,12 +1,11 @@
 """Export and serving of a sequence-encoder model: artifact, online ranker, int8, server.
 
-A run directory is written by hand (config, summary, weights, as ``recdistill train`` lays
-them out) around a seeded, untrained sequence model: serving must reproduce the model it
+A run directory is written by hand (config, summary, weights, as ``recdistill sweep`` lays
+out its chosen models) around a seeded, untrained sequence model: serving must reproduce the model it
 was given, whatever its quality.
 """
 
 import copy
-import dataclasses
 import json
 import shutil
 
@@ -16,21 +15,16 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
-from recdistill.artifact import (
-    MANIFEST,
-    SPEC,
-    WEIGHTS,
-    ArtifactError,
-    export_artifact,
-    load_artifact,
-)
-from recdistill.data.batches import UNKNOWN, FeatureStore
+from recdistill.artifact import ArtifactError, export_artifact, load_artifact
+from recdistill.data.feature_store import UNKNOWN, FeatureStore
 from recdistill.evaluate import score_lists
+from recdistill.layout import MANIFEST, SPEC, WEIGHTS
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
 from recdistill.online import OnlineRanker
-from recdistill.pipeline import SUMMARY
 from recdistill.quantize import QuantizationSpec, plain_state, quantize
-from serving.app import ServerSettings, create_app
+from serving.app import create_app
+from serving.settings import ServerSettings
+from tests.conftest import write_sweep_summary
 from tests.test_artifact import _refresh_hashes
 
 HISTORY_LENGTH = 10
@@ -83,15 +77,8 @@ def run(trained, synthetic_dir, tmp_path_factory):
     directory = tmp_path_factory.mktemp("sequence_run")
     (directory / "config.toml").write_text(CONFIG.format(readout=trained.spec.readout))
     params = trained.parameter_count()
-    entry = {"preset": "sequence", "params": params, "metrics": {}}
-    summary = {
-        "data": str(synthetic_dir),
-        "models": {
-            "teacher": entry,
-            "teacher_int8": entry | {"quantization": dataclasses.asdict(INT8)},
-        },
-    }
-    (directory / SUMMARY).write_text(json.dumps(summary))
+    models = {"teacher": ("sequence", params, None), "teacher_int8": ("sequence", params, INT8)}
+    write_sweep_summary(directory, synthetic_dir, models)
     (directory / "teacher").mkdir()
     save_file(trained.state_dict(), directory / "teacher" / WEIGHTS)
     (directory / "teacher_int8").mkdir()

@@ -9,32 +9,7 @@ from recdistill.cli import main
 from recdistill.losses import LOSSES
 from recdistill.pipeline import run, stages_from
 from recdistill.train import Trainer
-from tests.conftest import TINY
-
-# One tiny stage, for runs whose training is the point.
-ONE_STAGE = """
-[models.small]
-embedding_dim = 4
-tower = [8]
-feature_dim = 2
-
-[train]
-history_length = 10
-batch_size = 512
-negatives = 4
-epochs = 2
-learning_rate = 5e-3
-
-[baselines.ease]
-l2 = [50.0]
-
-[baselines.ease_recency]
-half_life = [2.0]
-
-[stages.teacher]
-model = "small"
-losses = [{ fn = "softmax_ce" }]
-"""
+from tests.conftest import ONE_STAGE, TINY
 
 MODELS = [
     "teacher",
@@ -183,6 +158,6 @@ def test_a_diverged_stage_is_a_clear_error_and_resumes_at_a_lower_learning_rate(
     assert main([*command, "--resume"]) == 0
     assert "teacher: resuming after epoch 0 with learning_rate 0.001" in capsys.readouterr().err
     log = [json.loads(line) for line in (out / "teacher" / "log.jsonl").read_text().splitlines()]
-    assert [record["epoch"] for record in log] == [0, 1]
+    assert [record["epoch"] for record in log] == [0, 1, 2]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["models"]["teacher"]["training"]["epochs_run"] == 2
+    assert summary["models"]["teacher"]["training"]["epochs_run"] == 3

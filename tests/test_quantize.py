@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from recdistill.artifact import MANIFEST, WEIGHTS, ArtifactError, export_artifact, load_artifact
-from recdistill.data.batches import UNKNOWN, FeatureStore
+from recdistill.artifact import ArtifactError, export_artifact, load_artifact
+from recdistill.data.feature_store import UNKNOWN, FeatureStore
 from recdistill.evaluate import evaluate, score_lists
+from recdistill.layout import MANIFEST, WEIGHTS, RunLayout
 from recdistill.models import TwoTower, with_recent
 from recdistill.online import OnlineRanker
 from recdistill.quantize import (
@@ -19,7 +20,10 @@ from recdistill.quantize import (
     quantize,
     set_unknown_row_to_mean,
 )
+from recdistill.summary import read_summary
+from tests.conftest import write_sweep_summary
 from tests.test_artifact import _refresh_hashes
+from tests.test_online import rank_as_the_mean_user
 
 SPECS = {
     "embeddings": QuantizationSpec(embeddings=True, linear=False),
@@ -129,14 +133,9 @@ def int8_run(request, tiny_run, student, tmp_path_factory):
     spec = SPECS[request.param]
     copy = tmp_path_factory.mktemp("int8_run")
     shutil.copyfile(run / "config.toml", copy / "config.toml")
-    summary = json.loads((run / "summary.json").read_text())
-    entry = summary["models"]["student"]
-    summary["models"]["student_int8"] = {
-        "preset": entry["preset"],
-        "params": entry["params"],
-        "quantization": dataclasses.asdict(spec),
-    }
-    (copy / "summary.json").write_text(json.dumps(summary))
+    summary = read_summary(RunLayout(run).summary)
+    entry = summary.models["student"]
+    write_sweep_summary(copy, summary.data, {"student_int8": (entry.preset, entry.params, spec)})
     (copy / "student_int8").mkdir()
     save_file(plain_state(quantize(student, spec)), copy / "student_int8" / WEIGHTS)
     return copy, spec
@@ -190,12 +189,7 @@ def test_an_int8_artifact_keeps_the_cold_start_fallbacks(int8_artifact):
     # Precomputed item vectors: the same vectors the mean user is compared with below.
     ranker = OnlineRanker(load_artifact(int8_artifact), precompute_items=True)
     items = ranker.store.items.values[:20]
-    cold = ranker.rank(-7, items)
-    assert cold.cold_start
-    rows = torch.as_tensor(ranker.store.items.index(items))
-    expected = ranker.item_vectors[rows] @ ranker.mean_user + ranker.item_bias[rows]
-    served = dict(zip(cold.items.tolist(), cold.scores.tolist()))
-    np.testing.assert_allclose([served[i] for i in items.tolist()], expected, rtol=1e-5, atol=1e-5)
+    cold = rank_as_the_mean_user(ranker, items)
     session = ranker.rank(-7, items, recent_items=items[:3])
     assert session.cold_start and not np.allclose(session.scores, cold.scores)
     with_unknown = ranker.rank(int(ranker.store.users.values[0]), np.append(items[:5], -100))

@@ -6,7 +6,8 @@ from recdistill import ranked_lists
 from recdistill.data.batches import FeatureStore
 from recdistill.pipeline import stages_from
 from recdistill.ranked_lists import ListSpec, RankedLists, top_unseen
-from recdistill.train import LossTerm, Trainer
+from recdistill.stage import LossTerm
+from recdistill.train import Trainer
 from tests.test_train import fresh_model, log_of, stage
 
 

@@ -118,6 +118,7 @@ def test_capacity_reports_none_when_no_rate_holds_the_budget():
     assert len(capacity.steps) == len(STEP_SHARES)
 
 
+@pytest.mark.slow
 def test_a_short_soak_applies_good_reloads_and_refuses_bad_ones(tiny_artifacts, tmp_path):
     settings = SoakSettings(
         artifacts=(tiny_artifacts["teacher"], tiny_artifacts["student"]),

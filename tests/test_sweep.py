@@ -5,20 +5,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from recdistill.artifact import MANIFEST, WEIGHTS, load_artifact
+from recdistill.artifact import load_artifact
 from recdistill.cli import main
+from recdistill.layout import LOG, MANIFEST, RESULT, WEIGHTS
 from recdistill.online import OnlineRanker
-from recdistill.sweep import (
-    RESULT,
-    SelectionSpec,
-    finalize,
-    load_plan,
-    meets,
-    pareto_frontier,
-    search,
-    select,
-)
-from recdistill.train import LOG, Trainer
+from recdistill.summary import SelectionSpec
+from recdistill.sweep.plan import load_plan
+from recdistill.sweep.search import search
+from recdistill.sweep.selection import finalize, meets, pareto_frontier, select
+from recdistill.train import Trainer
 
 TEST_FILES = ("test.parquet", "candidates_test.parquet")
 
@@ -264,6 +259,7 @@ def test_a_rerun_skips_finished_candidates_and_resumes_a_half_trained_one(
         search(longer)
 
 
+@pytest.mark.slow
 def test_parallel_jobs_train_the_same_students(tiny_run, tiny_sweep, synthetic_dir, tmp_path):
     _, run = tiny_run
     plan = load_plan(_config(tmp_path, run, samples=2), synthetic_dir, tmp_path / "sweep")

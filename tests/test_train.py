@@ -9,7 +9,8 @@ from recdistill.data.batches import FeatureStore
 from recdistill.errors import TrainingDiverged
 from recdistill.losses import LOSSES
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
-from recdistill.train import LossTerm, StageSpec, Trainer
+from recdistill.stage import LossTerm, StageSpec
+from recdistill.train import Trainer
 
 SMALL = TwoTowerSpec(embedding_dim=8, tower=(8,), feature_dim=2, dropout=0.2)
 

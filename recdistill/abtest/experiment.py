@@ -15,11 +15,10 @@ from recdistill.abtest.spec import ExperimentSpec, load_experiment
 from recdistill.abtest.world import World
 from recdistill.artifact import load_artifact
 from recdistill.data.tables import atomic_output_dir
+from recdistill.layout import AbTestLayout
 from recdistill.online import OnlineRanker
 from serving.process import running_server
 
-REQUESTS = "requests.parquet"
-IMPRESSIONS = "impressions.jsonl"
 SUMMARY_COLUMNS = {
     "arm": "arm",
     "model": "model",
@@ -68,19 +67,20 @@ def run_abtest(config: Path, out: Path, **simulation_overrides: Any) -> AbTestRe
     if set(segments) - set(columns):
         raise ValueError(f"[analysis]: segments {segments} are not all user segments {columns}")
     with atomic_output_dir(out) as scratch:
+        layout = AbTestLayout(scratch)
         if experiment.simulation.mode == "online":
             server_artifacts = {experiment.artifacts[arm.model] for arm in experiment.routing.arms}
-            impressions = scratch / IMPRESSIONS
+            impressions = layout.impressions
             with running_server(
                 sorted(server_artifacts), ab_config=config, impressions=impressions
             ) as server:
                 log = simulate(world, experiment, rankers, server=Server(server.url, impressions))
         else:
             log = simulate(world, experiment, rankers)
-        log.to_parquet(scratch / REQUESTS, index=False)
+        log.to_parquet(layout.requests, index=False)
         analysis = analyse(log, experiment, segments)
-        write_report(scratch, experiment, analysis, world.truth)
-    return AbTestResult(experiment, analysis, log, out / "index.html")
+        write_report(layout, experiment, analysis, world.truth)
+    return AbTestResult(experiment, analysis, log, AbTestLayout(Path(out)).report.index)
 
 
 def load_rankers(experiment: ExperimentSpec) -> dict[str, OnlineRanker]:

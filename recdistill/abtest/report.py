@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,11 +13,15 @@ from matplotlib.figure import Figure
 
 from recdistill.abtest.analysis import ALL, Analysis
 from recdistill.abtest.spec import METRICS, ExperimentSpec
+from recdistill.data.tables import write_json
+from recdistill.layout import AbTestLayout
 from recdistill.report import bars_with_ci, figure_png, template_environment
 
 
-def write_report(out: Path, experiment: ExperimentSpec, analysis: Analysis, truth: str) -> None:
-    """Write the report of ``analysis`` to the directory ``out``; ``truth`` names the oracle."""
+def write_report(
+    out: AbTestLayout, experiment: ExperimentSpec, analysis: Analysis, truth: str
+) -> None:
+    """Write the report of ``analysis`` and its summary to ``out``; ``truth`` names the oracle."""
     spec = experiment.analysis
     decision = analysis.lifts[analysis.lifts["metric"] == spec.metric]
     overall = analysis.arms[analysis.arms["segment"] == ALL]
@@ -46,8 +49,8 @@ def write_report(out: Path, experiment: ExperimentSpec, analysis: Analysis, trut
     environment = template_environment()
     environment.filters["pct"] = _percent
     environment.filters["p"] = _p_value
-    (out / "index.html").write_text(environment.get_template("abtest.html.j2").render(context))
-    (out / "report.md").write_text(environment.get_template("abtest.md.j2").render(context))
+    out.report.index.write_text(environment.get_template("abtest.html.j2").render(context))
+    out.report.markdown.write_text(environment.get_template("abtest.md.j2").render(context))
     summary = {
         "verdict": analysis.verdict,
         "ship": analysis.ship,
@@ -56,7 +59,7 @@ def write_report(out: Path, experiment: ExperimentSpec, analysis: Analysis, trut
         "arms": json.loads(overall.to_json(orient="records")),
         "lifts": json.loads(analysis.lifts.to_json(orient="records")),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out.summary, summary)
 
 
 def _percent(value: Any, digits: int = 2) -> str:

@@ -29,6 +29,7 @@ import pandas as pd
 
 from recdistill.abtest.spec import ExperimentSpec
 from recdistill.abtest.world import World
+from recdistill.metrics import top_k
 from serving.impressions import read_impressions
 
 EXPERIMENT, PRE = "experiment", "pre"
@@ -116,8 +117,7 @@ def simulate(
     if server is None:
         for index, arm in enumerate(routing.arms):
             rows, ranker = np.flatnonzero(~pre & (arm_index == index)), rankers[arm.model]
-            _rank_in_process(slates, plan, world, rows, ranker, spec.k)
-            _time_in_process(slates, plan, world, rows[: spec.latency_requests], ranker, spec.k)
+            _rank_in_process(slates, plan, world, rows, ranker, spec.k, spec.latency_requests)
     else:
         _rank_online(slates, plan, world, np.flatnonzero(~pre), server, spec.k)
 
@@ -180,11 +180,6 @@ def observe(
     return pd.concat([log, segments], axis=1)
 
 
-def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Columns of the ``k`` best scores, best first; ties keep candidate order, as ``rank``."""
-    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
-
-
 def _rank_in_process(
     slates: Slates,
     plan: RequestPlan,
@@ -192,28 +187,20 @@ def _rank_in_process(
     rows: np.ndarray,
     ranker: SlateRanker,
     k: int,
+    latency_requests: int = 0,
 ) -> None:
+    """Rank ``rows`` in one batch, then time the first ``latency_requests`` of them scored and
+    sorted one at a time (no HTTP); the first timed request runs once untimed, so one-off
+    costs are not counted."""
     if not len(rows):
         return
     user_ids = world.population.user_ids[plan.users[rows]]
-    slates.shown[rows] = _top_k(ranker.score_lists(user_ids, plan.candidates[rows]), k)
+    slates.shown[rows] = top_k(ranker.score_lists(user_ids, plan.candidates[rows]), k)
     slates.models[rows], slates.versions[rows] = ranker.name, ranker.version
-
-
-def _time_in_process(
-    slates: Slates,
-    plan: RequestPlan,
-    world: World,
-    rows: np.ndarray,
-    ranker: SlateRanker,
-    k: int,
-) -> None:
-    """Latency of scoring and sorting one request at a time (no HTTP), for ``rows``; the
-    first request runs once untimed, so one-off costs are not counted."""
-    user_ids = world.population.user_ids[plan.users[rows]]
-    for row, user_id in zip([*rows[:1], *rows], [*user_ids[:1], *user_ids]):
+    timed, timed_users = rows[:latency_requests], user_ids[:latency_requests]
+    for row, user_id in zip([*timed[:1], *timed], [*timed_users[:1], *timed_users]):
         start = time.perf_counter()
-        _top_k(ranker.score_lists(np.array([user_id]), plan.candidates[row : row + 1]), k)
+        top_k(ranker.score_lists(np.array([user_id]), plan.candidates[row : row + 1]), k)
         slates.latency_ms[row] = (time.perf_counter() - start) * 1000
 
 

@@ -2,7 +2,7 @@
 
 The truth is an oracle ``relevance(user_ids, item_ids)`` (external IDs, broadcasting):
 
-- on synthetic data, the generator's own :class:`~recdistill.data.synthetic.GroundTruth`;
+- on synthetic data, the generator's own :class:`~recdistill.data.synthetic_truth.GroundTruth`;
 - on real data, a **semi-synthetic** oracle: EASE fitted on *every* interaction of the data
   directory (train, validation and test alike), its scores taken as the true affinity. It
   is what a strong model would learn from everything we know, not a measured preference, so
@@ -25,9 +25,10 @@ from scipy.special import expit
 
 from recdistill.abtest.spec import ClickSpec, SimulationSpec
 from recdistill.baselines import ease_scores
-from recdistill.data.batches import Vocabulary
-from recdistill.data.synthetic import TRUTH_TENSORS, GroundTruth
-from recdistill.data.tables import INTERACTIONS, ITEMS, USERS, read_meta, rows_of_ids
+from recdistill.data.feature_store import Vocabulary
+from recdistill.data.synthetic_truth import GroundTruth
+from recdistill.data.tables import read_meta, rows_of_ids
+from recdistill.layout import DataLayout
 
 # Pairs of (user, item) sampled to standardise the oracle's relevance.
 CALIBRATION_PAIRS = 200_000
@@ -49,9 +50,10 @@ class EaseOracle:
 
     @classmethod
     def fit(cls, data: Path, l2: float) -> EaseOracle:
-        users = Vocabulary.of(pq.read_table(data / USERS, columns=["user_id"])["user_id"])
-        items = Vocabulary.of(pq.read_table(data / ITEMS, columns=["item_id"])["item_id"])
-        interactions = pq.read_table(data / INTERACTIONS, columns=["user_id", "item_id"])
+        layout = DataLayout(data)
+        users = Vocabulary.of(pq.read_table(layout.users, columns=["user_id"])["user_id"])
+        items = Vocabulary.of(pq.read_table(layout.items, columns=["item_id"])["item_id"])
+        interactions = pq.read_table(layout.interactions, columns=["user_id", "item_id"])
         scores = ease_scores(
             users.index(interactions["user_id"].to_numpy()),
             items.index(interactions["item_id"].to_numpy()),
@@ -69,7 +71,7 @@ class EaseOracle:
 
 def load_oracle(data: Path, l2: float) -> Oracle:
     """The generator's truth if ``data`` has one, else the EASE oracle."""
-    if (data / TRUTH_TENSORS).exists():
+    if DataLayout(data).truth_tensors.exists():
         return GroundTruth.load(data)
     return EaseOracle.fit(data, l2)
 
@@ -135,7 +137,7 @@ class World:
         data = Path(spec.data)
         rng = np.random.default_rng([spec.seed, 0])
         population = load_population(data, spec, rng)
-        items = pq.read_table(data / ITEMS, columns=["item_id", "n_train"]).to_pandas()
+        items = pq.read_table(DataLayout(data).items, columns=["item_id", "n_train"]).to_pandas()
         oracle = load_oracle(data, spec.oracle_l2)
         pairs = (
             rng.choice(population.user_ids, CALIBRATION_PAIRS),
@@ -172,7 +174,7 @@ class World:
 
 def load_population(data: Path, spec: SimulationSpec, rng: np.random.Generator) -> Population:
     """``spec.users`` users of ``data`` (all if 0) with every user segment column."""
-    users = pq.read_table(data / USERS).to_pandas()
+    users = pq.read_table(DataLayout(data).users).to_pandas()
     columns = read_meta(data)["user_segments"]
     if spec.arrival_segment not in columns:
         raise ValueError(

@@ -16,19 +16,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from recdistill.data.sampling import pair_keys, sample_unseen
-from recdistill.data.tables import (
-    INTERACTIONS,
-    INTERACTIONS_SCHEMA,
-    ITEMS,
-    META,
-    SPLITS,
-    USERS,
-    candidates_file,
-    read_meta,
-    rows_of_ids,
-    split_file,
-    write_json,
-)
+from recdistill.data.tables import INTERACTIONS_SCHEMA, SPLITS, read_meta, rows_of_ids, write_json
+from recdistill.layout import DataLayout
 
 ACTIVITY_TIERS = ("cold", "light", "medium", "heavy")
 POPULARITY_TIERS = ("head", "torso", "tail")
@@ -74,13 +63,66 @@ def prepare(directory: Path, spec: SplitSpec) -> dict:
     partitions only per-user and per-item counts, the held-out rows and the sorted
     (user, item) keys that candidate sampling avoids (8 bytes per interaction) are kept.
     """
-    directory = Path(directory)
-    meta = read_meta(directory)
-    users_table = pq.read_table(directory / USERS)
-    items_table = pq.read_table(directory / ITEMS)
-    user_ids = users_table.column("user_id").to_numpy()
-    item_ids = items_table.column("item_id").to_numpy()
+    layout = DataLayout(Path(directory))
+    meta = read_meta(layout.root)
+    users = pq.read_table(layout.users)
+    items = pq.read_table(layout.items)
+    user_ids = users.column("user_id").to_numpy()
+    item_ids = items.column("item_id").to_numpy()
 
+    splits = _write_splits(layout, user_ids, item_ids, spec.seed)
+    _write_candidates(layout, splits, user_ids, item_ids, spec)
+    activity_thresholds = _write_segments(layout, users, items, splits, spec)
+
+    meta.update(
+        {
+            "n_users": len(user_ids),
+            "n_items": len(item_ids),
+            "n_interactions": splits.interactions,
+            "duplicate_pairs_dropped": splits.duplicates,
+            "users_evaluated": int(splits.evaluated.sum()),
+            "splits": splits.sizes,
+            "list_size": spec.negatives + 1,
+            "user_segments": [
+                "activity_tier",
+                *meta["user_features"],
+                *meta.get("ground_truth_segments", []),
+            ],
+            "item_segments": ["popularity_tier"],
+            "activity_thresholds": {
+                tier: int(bound) for tier, bound in zip(ACTIVITY_TIERS, activity_thresholds)
+            },
+            "split_spec": dataclasses.asdict(spec),
+        }
+    )
+    write_json(layout.meta, meta)
+    return meta
+
+
+@dataclass
+class _Splits:
+    """What writing the splits keeps for the candidate lists, the segments and the meta."""
+
+    interactions: int  # rows read, duplicates included
+    duplicates: int  # rows dropped for repeating an earlier (user, item) pair
+    sizes: dict[str, int]  # rows per split
+    user_counts: np.ndarray  # each user's interactions after de-duplication
+    user_train: np.ndarray  # each user's train interactions
+    item_train: np.ndarray  # each item's train interactions
+    held_out: dict[str, tuple[np.ndarray, np.ndarray]]  # (user rows, item rows) per split
+    seen: np.ndarray  # the sorted pair_keys of every (user, item) interaction
+
+    @property
+    def evaluated(self) -> np.ndarray:
+        """Which users have a train, a validation and a test interaction."""
+        return self.user_counts >= MIN_INTERACTIONS
+
+
+def _write_splits(
+    layout: DataLayout, user_ids: np.ndarray, item_ids: np.ndarray, seed: int
+) -> _Splits:
+    """Write the train, validation and test files partition by partition, keeping counts, the
+    held-out rows and the seen (user, item) keys."""
     n_total, duplicates = 0, 0
     sizes = dict.fromkeys(SPLITS, 0)
     counts = np.zeros(len(user_ids), dtype=np.int64)
@@ -88,15 +130,13 @@ def prepare(directory: Path, spec: SplitSpec) -> dict:
     item_train = np.zeros(len(item_ids), dtype=np.int64)
     seen_parts: list[np.ndarray] = []
     held_out: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"valid": [], "test": []}
-    with tempfile.TemporaryDirectory(dir=directory) as scratch, ExitStack() as files:
+    with tempfile.TemporaryDirectory(dir=layout.root) as scratch, ExitStack() as files:
         writers = {
-            name: files.enter_context(
-                pq.ParquetWriter(directory / split_file(name), INTERACTIONS_SCHEMA)
-            )
+            name: files.enter_context(pq.ParquetWriter(layout.split(name), INTERACTIONS_SCHEMA))
             for name in SPLITS
         }
-        for table in _user_partitions(directory, user_ids, Path(scratch)):
-            part = _split_partition(table, user_ids, item_ids, spec.seed)
+        for table in _user_partitions(layout, user_ids, Path(scratch)):
+            part = _split_partition(table, user_ids, item_ids, seed, layout)
             n_total += len(table)
             duplicates += len(table) - len(part.user_row)
             counts += part.counts
@@ -116,14 +156,32 @@ def prepare(directory: Path, spec: SplitSpec) -> dict:
             # concatenated keys stay sorted.
             seen_parts.append(np.sort(pair_keys(part.user_row, part.item_row, len(item_ids))))
             del table, part
+    return _Splits(
+        interactions=n_total,
+        duplicates=duplicates,
+        sizes=sizes,
+        user_counts=counts,
+        user_train=user_train,
+        item_train=item_train,
+        held_out={
+            name: (np.concatenate([u for u, _ in rows]), np.concatenate([i for _, i in rows]))
+            for name, rows in held_out.items()
+        },
+        seen=np.concatenate(seen_parts),
+    )
 
-    seen = np.concatenate(seen_parts)
-    del seen_parts
+
+def _write_candidates(
+    layout: DataLayout,
+    splits: _Splits,
+    user_ids: np.ndarray,
+    item_ids: np.ndarray,
+    spec: SplitSpec,
+) -> None:
+    """Per held-out row, the held-out item and ``spec.negatives`` items the user never saw."""
     rng = np.random.default_rng(spec.seed)
-    for name, rows in held_out.items():
-        user_row = np.concatenate([users for users, _ in rows])
-        item_row = np.concatenate([items for _, items in rows])
-        negatives = sample_unseen(user_row, spec.negatives, seen, len(item_ids), rng)
+    for name, (user_row, item_row) in splits.held_out.items():
+        negatives = sample_unseen(user_row, spec.negatives, splits.seen, len(item_ids), rng)
         candidates = np.concatenate([item_row[:, None], negatives], axis=1)
         list_size = candidates.shape[1]
         pq.write_table(
@@ -137,56 +195,37 @@ def prepare(directory: Path, spec: SplitSpec) -> dict:
                     ),
                 }
             ),
-            directory / candidates_file(name),
+            layout.candidates(name),
         )
-    del seen
 
-    activity_thresholds = np.quantile(
-        user_train[counts >= MIN_INTERACTIONS], spec.activity_quantiles
+
+def _write_segments(
+    layout: DataLayout, users: pa.Table, items: pa.Table, splits: _Splits, spec: SplitSpec
+) -> np.ndarray:
+    """Add train counts and the activity and popularity tiers to the users and items tables;
+    returns the activity tiers' thresholds."""
+    activity_thresholds = np.quantile(splits.user_train[splits.evaluated], spec.activity_quantiles)
+    activity = np.searchsorted(activity_thresholds, splits.user_train, side="left")
+    popularity = _popularity_tiers(
+        splits.item_train, items.column("item_id").to_numpy(), spec.popularity_shares
     )
-    activity = np.searchsorted(activity_thresholds, user_train, side="left")
-    popularity = _popularity_tiers(item_train, item_ids, spec.popularity_shares)
-
-    users_table = _replace_columns(
-        users_table,
+    users = _replace_columns(
+        users,
         {
-            "n_train": pa.array(user_train),
+            "n_train": pa.array(splits.user_train),
             "activity_tier": pa.array(np.asarray(ACTIVITY_TIERS)[activity]),
         },
     )
-    items_table = _replace_columns(
-        items_table,
+    items = _replace_columns(
+        items,
         {
-            "n_train": pa.array(item_train),
+            "n_train": pa.array(splits.item_train),
             "popularity_tier": pa.array(np.asarray(POPULARITY_TIERS)[popularity]),
         },
     )
-    pq.write_table(users_table, directory / USERS)
-    pq.write_table(items_table, directory / ITEMS)
-
-    meta.update(
-        {
-            "n_users": len(user_ids),
-            "n_items": len(item_ids),
-            "n_interactions": n_total,
-            "duplicate_pairs_dropped": duplicates,
-            "users_evaluated": int((counts >= MIN_INTERACTIONS).sum()),
-            "splits": sizes,
-            "list_size": spec.negatives + 1,
-            "user_segments": [
-                "activity_tier",
-                *meta["user_features"],
-                *meta.get("ground_truth_segments", []),
-            ],
-            "item_segments": ["popularity_tier"],
-            "activity_thresholds": {
-                tier: int(bound) for tier, bound in zip(ACTIVITY_TIERS, activity_thresholds)
-            },
-            "split_spec": dataclasses.asdict(spec),
-        }
-    )
-    write_json(directory / META, meta)
-    return meta
+    pq.write_table(users, layout.users)
+    pq.write_table(items, layout.items)
+    return activity_thresholds
 
 
 @dataclass
@@ -200,13 +239,13 @@ class _Partition:
     counts: np.ndarray
 
 
-def _user_partitions(directory: Path, user_ids: np.ndarray, scratch: Path) -> Iterator[pa.Table]:
+def _user_partitions(layout: DataLayout, user_ids: np.ndarray, scratch: Path) -> Iterator[pa.Table]:
     """The interactions in contiguous ranges of users, each range whole and in file order.
 
     With more than ``PARTITION_ROWS`` rows, record batches are scattered to one Parquet file
     per range in ``scratch`` first; each file is read back, handed out and deleted in turn.
     """
-    interactions = ds.dataset(directory / INTERACTIONS, format="parquet")
+    interactions = ds.dataset(layout.interactions, format="parquet")
     parts = max(1, math.ceil(interactions.count_rows() / PARTITION_ROWS))
     if parts == 1:
         yield interactions.to_table()
@@ -232,7 +271,7 @@ def _user_partitions(directory: Path, user_ids: np.ndarray, scratch: Path) -> It
 
 
 def _split_partition(
-    table: pa.Table, user_ids: np.ndarray, item_ids: np.ndarray, seed: int
+    table: pa.Table, user_ids: np.ndarray, item_ids: np.ndarray, seed: int, layout: DataLayout
 ) -> _Partition:
     """Sort by user, time and a seeded random tie-break, keep each pair's latest row, and
     assign the splits (0 train, 1 validation, 2 test) by position from each user's end."""
@@ -252,8 +291,8 @@ def _split_partition(
         rating[last_of_pair],
     )
 
-    user_row = rows_of_ids(user_ids, user, USERS)
-    item_row = rows_of_ids(item_ids, item, ITEMS)
+    user_row = rows_of_ids(user_ids, user, layout.users.name)
+    item_row = rows_of_ids(item_ids, item, layout.items.name)
     counts = np.bincount(user_row, minlength=len(user_ids))
     from_end = np.cumsum(counts)[user_row] - 1 - np.arange(len(user))
     evaluated = counts[user_row] >= MIN_INTERACTIONS

@@ -9,14 +9,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recdistill.data.prepare import ACTIVITY_TIERS, POPULARITY_TIERS
-from recdistill.data.tables import ITEMS, USERS, read_meta
+from recdistill.data.tables import read_meta
+from recdistill.layout import DataLayout
 
 
 def describe(directory: Path) -> str:
     directory = Path(directory)
     meta = read_meta(directory)
-    users = pq.read_table(directory / USERS)
-    items = pq.read_table(directory / ITEMS)
+    layout = DataLayout(directory)
+    users = pq.read_table(layout.users)
+    items = pq.read_table(layout.items)
     splits = meta["splits"]
     n_train = users.column("n_train").to_numpy()
     density = meta["n_interactions"] / (meta["n_users"] * meta["n_items"])

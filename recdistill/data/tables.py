@@ -1,13 +1,13 @@
 """The canonical tables every data source is turned into, and how they are written.
 
-A data directory holds:
+A data directory (its files are named in :class:`~recdistill.layout.DataLayout`) holds:
 
-- ``interactions.parquet``: ``user_id``, ``item_id``, ``timestamp`` (seconds), ``rating``
-- ``users.parquet``: ``user_id`` + categorical feature columns + segment columns
-- ``items.parquet``: ``item_id``, ``title``, ``genres`` (list of strings) + popularity columns
-- ``train/valid/test.parquet``: the leave-one-out split of ``interactions``
-- ``candidates_{valid,test}.parquet``: per user the held-out item plus sampled negatives
-- ``meta.json``: source, sizes, feature and segment column names, split settings
+- ``interactions``: ``user_id``, ``item_id``, ``timestamp`` (seconds), ``rating``
+- ``users``: ``user_id`` + categorical feature columns + segment columns
+- ``items``: ``item_id``, ``title``, ``genres`` (list of strings) + popularity columns
+- the ``train``, ``valid`` and ``test`` splits: the leave-one-out split of ``interactions``
+- ``candidates`` of ``valid`` and ``test``: per user the held-out item plus sampled negatives
+- ``meta``: source, sizes, feature and segment column names, split settings
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from recdistill.layout import DataLayout
 
 INTERACTIONS_SCHEMA = pa.schema(
     [
@@ -35,19 +37,7 @@ INTERACTIONS_SCHEMA = pa.schema(
     ]
 )
 
-INTERACTIONS = "interactions.parquet"
-USERS = "users.parquet"
-ITEMS = "items.parquet"
 SPLITS = ("train", "valid", "test")
-META = "meta.json"
-
-
-def split_file(split: str) -> str:
-    return f"{split}.parquet"
-
-
-def candidates_file(split: str) -> str:
-    return f"candidates_{split}.parquet"
 
 
 @dataclass(frozen=True)
@@ -66,11 +56,12 @@ class RawDataset:
 
 
 def write_raw(directory: Path, raw: RawDataset) -> None:
-    pq.write_table(raw.interactions.cast(INTERACTIONS_SCHEMA), directory / INTERACTIONS)
-    pq.write_table(raw.users, directory / USERS)
-    pq.write_table(raw.items, directory / ITEMS)
+    layout = DataLayout(directory)
+    pq.write_table(raw.interactions.cast(INTERACTIONS_SCHEMA), layout.interactions)
+    pq.write_table(raw.users, layout.users)
+    pq.write_table(raw.items, layout.items)
     write_json(
-        directory / META,
+        layout.meta,
         {"source": raw.source, "user_features": list(raw.user_features)},
     )
 
@@ -78,7 +69,7 @@ def write_raw(directory: Path, raw: RawDataset) -> None:
 def rows_of_ids(ids: np.ndarray, wanted: np.ndarray, where: str) -> np.ndarray:
     """Positions of ``wanted`` IDs in the sorted, unique ``ids``; each one must be present.
 
-    ``where`` names the ID set in the error, e.g. ``"users.parquet"``.
+    ``where`` names the ID set in the error, e.g. ``"the oracle's users"``.
     """
     wanted = np.asarray(wanted, dtype=np.int64)
     rows = np.minimum(np.searchsorted(ids, wanted), len(ids) - 1)
@@ -93,7 +84,7 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def read_meta(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / META
+    path = DataLayout(Path(directory)).meta
     if not path.exists():
         raise FileNotFoundError(
             f"{path} not found: {directory} is not a recdistill data directory "
@@ -123,3 +114,11 @@ def atomic_output_dir(out: Path) -> Iterator[Path]:
         os.replace(out, previous)
     os.replace(scratch, out)
     shutil.rmtree(previous, ignore_errors=True)
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write`` a scratch file beside ``path``, then move it into place: a reader never
+    sees a half-written file."""
+    scratch = path.with_name(path.name + ".partial")
+    write(scratch)
+    os.replace(scratch, path)

@@ -3,24 +3,21 @@ import warnings
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from recdistill.abtest.analysis import SampleRatioMismatch
 from recdistill.abtest.experiment import run_abtest
 from recdistill.cli import main
+from tests.conftest import ab_table
 
-CONFIG = """
-[ab]
-salt = "cli-test"
-[ab.arms.control]
-model = "popularity"
-share = 0.34
-[ab.arms.teacher]
-model = "teacher"
-share = 0.33
-[ab.arms.student]
-model = "student"
-share = 0.33
-
+CONFIG = (
+    ab_table(
+        "cli-test",
+        control=("popularity", 0.34),
+        teacher=("teacher", 0.33),
+        student=("student", 0.33),
+    )
+    + """
 [artifacts]
 popularity = "{popularity}"
 teacher = "{teacher}"
@@ -36,6 +33,7 @@ latency_requests = 20
 pre_days = 3
 min_users = 20
 """
+)
 
 
 def write_config(tmp_path, artifacts, data, days=4, requests_per_day=0.5):
@@ -69,6 +67,7 @@ def test_abtest_writes_the_report_and_prints_the_verdict(
     assert log["items"].map(len).eq(10).all()
 
 
+@pytest.mark.slow
 def test_online_mode_goes_through_the_server(tmp_path, tiny_artifacts, synthetic_dir):
     """A few hundred requests through a real server: its routing, its impression log."""
     config = write_config(tmp_path, tiny_artifacts, synthetic_dir, days=1, requests_per_day=0.6)

@@ -9,7 +9,7 @@ from recdistill.abtest.simulate import plan_requests, simulate
 from recdistill.abtest.spec import ClickSpec, SimulationSpec
 from recdistill.abtest.world import EaseOracle, World, load_oracle
 from recdistill.artifact import load_artifact
-from recdistill.data.synthetic import GroundTruth
+from recdistill.data.synthetic_truth import GroundTruth
 from recdistill.online import OnlineRanker
 from tests.abtest.conftest import experiment
 

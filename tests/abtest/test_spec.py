@@ -7,20 +7,15 @@ from recdistill.abtest.spec import load_experiment
 from recdistill.cli import main
 from recdistill.config import load_config
 from recdistill.routing import Routing
-from serving.app import ServerSettings, routing_for
+from serving.app import routing_for
+from serving.settings import ServerSettings
+from tests.conftest import ab_table
 
 PROJECT = Path(__file__).resolve().parents[2]
 
-CONFIG = """
-[ab]
-salt = "s"
-[ab.arms.control]
-model = "popularity"
-share = 0.5
-[ab.arms.student]
-model = "student"
-share = 0.5
-
+CONFIG = (
+    ab_table("s", control=("popularity", 0.5), student=("student", 0.5))
+    + """
 [artifacts]
 popularity = "{popularity}"
 student = "{student}"
@@ -31,6 +26,7 @@ ship = ["student", "control"]
 [simulation]
 data = "{data}"
 """
+)
 
 
 def write(tmp_path: Path, text: str, **paths) -> Path:

@@ -3,7 +3,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from recdistill.data.batches import CandidateLists, FeatureStore, TrainLists, Vocabulary
+from recdistill.data.batches import CandidateLists, TrainLists
+from recdistill.data.feature_store import FeatureStore, Vocabulary
 
 HISTORY = 8
 

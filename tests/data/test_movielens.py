@@ -60,6 +60,14 @@ def layout_with(directory: Path, name: str, text: str) -> Path:
     return layout(directory, {name: text})
 
 
+def read_error(directory: Path, name: str, text: str) -> tuple[Path, DataFormatError]:
+    """The tiny layout with ``name`` holding ``text``, and the error reading it raises."""
+    directory = layout_with(directory, name, text)
+    with pytest.raises(DataFormatError) as caught:
+        read_movielens(directory)
+    return directory, caught.value
+
+
 def interactions(rows: list[tuple[int, int, int, float]]) -> pa.Table:
     user, item, timestamp, rating = zip(*rows)
     return pa.table(
@@ -279,15 +287,11 @@ MALFORMED = [
 def test_malformed_input_names_file_and_line(
     tmp_path: Path, name: str, text: str, line: int, problem: str
 ) -> None:
-    directory = layout_with(tmp_path, name, text)
-
-    with pytest.raises(DataFormatError) as caught:
-        read_movielens(directory)
-
-    message = str(caught.value)
+    directory, error = read_error(tmp_path, name, text)
+    message = str(error)
     assert message.startswith(f"{directory / name} line {line}: "), message
     assert problem in message
-    assert (caught.value.path, caught.value.line) == (directory / name, line)
+    assert (error.path, error.line) == (directory / name, line)
 
 
 @pytest.mark.parametrize(
@@ -304,12 +308,8 @@ def test_malformed_input_names_file_and_line(
     ],
 )
 def test_empty_file(tmp_path: Path, name: str, text: str, problem: str) -> None:
-    directory = layout_with(tmp_path, name, text)
-
-    with pytest.raises(DataFormatError) as caught:
-        read_movielens(directory)
-
-    assert str(caught.value) == f"{directory / name}: {problem}"
+    directory, error = read_error(tmp_path, name, text)
+    assert str(error) == f"{directory / name}: {problem}"
 
 
 @pytest.mark.parametrize(
@@ -323,12 +323,8 @@ def test_empty_file(tmp_path: Path, name: str, text: str, problem: str) -> None:
 def test_rating_of_unlisted_user_or_item(
     tmp_path: Path, name: str, text: str, missing: str, listed_in: str
 ) -> None:
-    directory = layout_with(tmp_path, name, text)
-
-    with pytest.raises(DataFormatError) as caught:
-        read_movielens(directory)
-
-    assert str(caught.value) == (
+    directory, error = read_error(tmp_path, name, text)
+    assert str(error) == (
         f"{directory / listed_in}: {missing} used in {directory / name} but not listed here"
     )
 

@@ -5,13 +5,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from recdistill.data.synthetic import (
-    AGE_BUCKETS,
-    REGIONS,
-    SHIFTED_REGION,
-    GroundTruth,
-    SyntheticSpec,
-)
+from recdistill.data.synthetic_truth import GroundTruth
+from recdistill.data.synthetic_world import AGE_BUCKETS, REGIONS, SHIFTED_REGION, SyntheticSpec
 from tests.conftest import SMALL_WORLD, build_synthetic
 
 TABLES = [

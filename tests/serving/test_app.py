@@ -8,22 +8,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.numpy import load_file
 
 from recdistill.routing import Routing
-from serving.app import ServerSettings, create_app
+from serving.app import create_app
 from serving.middleware import ADMIN_TOKEN_ENV
+from serving.settings import ServerSettings
+from tests.conftest import ab_table
 
-AB = """
-[ab]
-salt = "test-salt"
-[ab.arms.control]
-model = "popularity"
-share = 0.2
-[ab.arms.teacher]
-model = "teacher"
-share = 0.3
-[ab.arms.student]
-model = "student"
-share = 0.5
-"""
+AB = ab_table(
+    "test-salt",
+    control=("popularity", 0.2),
+    teacher=("teacher", 0.3),
+    student=("student", 0.5),
+)
 
 
 @pytest.fixture(scope="module")

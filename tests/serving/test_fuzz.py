@@ -20,6 +20,8 @@ from schemathesis.checks import (
 from serving.middleware import ADMIN_TOKEN_ENV
 from serving.process import running_server
 
+pytestmark = pytest.mark.slow  # every test here starts a server
+
 TOKEN = "fuzz-token"
 CHECKS = [
     not_a_server_error,

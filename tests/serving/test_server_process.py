@@ -8,28 +8,10 @@ import pytest
 from recdistill.cli import main
 from serving.process import running_server
 from serving.quality import REPORTED, served_metrics
-
-ML100K_STUDENT = """
-[models.student]
-embedding_dim = 16
-tower = [16]
-feature_dim = 4
-
-[train]
-batch_size = 512
-negatives = 9
-epochs = 1
-learning_rate = 1e-2
-
-[baselines.ease]
-l2 = [300.0]
-
-[stages.student]
-model = "student"
-losses = [{ fn = "softmax_ce" }]
-"""
+from tests.conftest import ONE_STAGE
 
 
+@pytest.mark.slow
 def test_a_real_server_ranks_over_http(tiny_artifacts, tiny_run, synthetic_dir, tmp_path):
     _, run = tiny_run
     with running_server([tiny_artifacts["student"]], impressions=tmp_path / "i.jsonl") as server:
@@ -46,16 +28,17 @@ def test_a_real_server_ranks_over_http(tiny_artifacts, tiny_run, synthetic_dir, 
     assert served == pytest.approx({name: offline[name] for name in REPORTED}, abs=1e-9)
 
 
-def test_the_served_ml100k_student_matches_its_offline_quality(ml100k, tmp_path):
-    data, run, artifact = tmp_path / "data", tmp_path / "run", tmp_path / "student"
-    config = tmp_path / "student.toml"
-    config.write_text(ML100K_STUDENT)
+@pytest.mark.slow
+def test_a_served_ml100k_model_matches_its_offline_quality(ml100k, tmp_path):
+    data, run, artifact = tmp_path / "data", tmp_path / "run", tmp_path / "teacher"
+    config = tmp_path / "teacher.toml"
+    config.write_text(ONE_STAGE.replace("epochs = 3", "epochs = 1"))
     assert main(["data", "movielens", "--path", str(ml100k), "--out", str(data)]) == 0
     assert main(["train", "--config", str(config), "--data", str(data), "--out", str(run)]) == 0
-    assert main(["export", "--run", str(run), "--model", "student", "--out", str(artifact)]) == 0
+    assert main(["export", "--run", str(run), "--model", "teacher", "--out", str(artifact)]) == 0
     with running_server([artifact], impressions=tmp_path / "i.jsonl") as server:
         served = served_metrics(server.url, data)
-    offline = json.loads((run / "summary.json").read_text())["models"]["student"]["metrics"]
+    offline = json.loads((run / "summary.json").read_text())["models"]["teacher"]["metrics"]
     assert served == pytest.approx({name: offline[name] for name in REPORTED}, abs=1e-9)
     assert served["ndcg@10"] > 0.1  # a trained model, not a constant
 

@@ -9,9 +9,12 @@ from urllib.parse import urlsplit
 
 import httpx2
 import orjson
+import pytest
 
 from serving.impressions import read_impressions
 from serving.process import running_server
+
+pytestmark = pytest.mark.slow  # every test here starts a server
 
 BODY = {"user_id": 1, "candidates": list(range(1, 51)), "k": 5}
 CLIENTS = 4

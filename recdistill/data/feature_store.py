@@ -1,0 +1,327 @@
+"""A data directory's features as torchrec ``KeyedJaggedTensor`` batches.
+
+The user side of a batch is a KJT with one row per list (or history window): ``user_id``,
+``history`` (the user's train items, most recent first, capped), and one key per
+demographic feature. The item side has ``item_id`` and the ``genres`` bag, one row per
+distinct item of the batch (so a tower runs once per item), which the batch's candidates or
+targets point at. IDs are mapped to contiguous indices with 0 reserved for "unknown".
+
+The train split is never held whole: :class:`FeatureStore` streams it once to keep each
+user's history and the sorted (user, item) keys that negative sampling avoids.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recdistill.data.sampling import pair_keys
+from recdistill.data.tables import read_meta
+from recdistill.layout import DEFAULT_HISTORY_LENGTH, DataLayout
+
+UNKNOWN = 0
+ITEM_KEYS = ("item_id", "genres")
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Sorted distinct values; value ``values[k]`` has index ``k + 1``, 0 means unknown."""
+
+    values: np.ndarray
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> Vocabulary:
+        return cls(np.unique(values))
+
+    def __len__(self) -> int:
+        return len(self.values) + 1
+
+    def index(self, values: np.ndarray) -> np.ndarray:
+        values = np.asarray(values)
+        if len(self.values) == 0:
+            return np.zeros(values.shape, dtype=np.int64)
+        position = np.minimum(np.searchsorted(self.values, values), len(self.values) - 1)
+        return np.where(self.values[position] == values, position + 1, UNKNOWN).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Jagged:
+    """Rows of int64 values in CSR form: row ``r`` is ``values[offsets[r]:offsets[r + 1]]``."""
+
+    offsets: np.ndarray
+    values: np.ndarray
+
+    def gather(self, rows: np.ndarray, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The (values, lengths) of ``rows`` concatenated, each row cut to ``limit`` values."""
+        starts = self.offsets[rows]
+        lengths = self.offsets[rows + 1] - starts
+        if limit is not None:
+            lengths = np.minimum(lengths, limit)
+        within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return self.values[np.repeat(starts, lengths) + within], lengths
+
+
+@dataclass
+class RankingBatch:
+    """A batch of ranking lists.
+
+    ``users`` has one row per list, ``items`` one row per distinct item; ``candidates``,
+    ``labels`` and ``mask`` are ``[lists, list_size]``, ``candidates`` holding row numbers
+    of ``items``.
+    """
+
+    users: KeyedJaggedTensor
+    items: KeyedJaggedTensor
+    candidates: torch.Tensor
+    labels: torch.Tensor
+    mask: torch.Tensor
+    user_ids: torch.Tensor
+
+    @property
+    def list_size(self) -> int:
+        return self.labels.shape[1]
+
+    @property
+    def examples(self) -> int:
+        return self.labels.shape[0]
+
+    def to(self, device: torch.device) -> RankingBatch:
+        return _to(self, device)
+
+
+@dataclass
+class SequenceBatch:
+    """Windows of users' histories for next-item training (as SASRec trains).
+
+    ``users`` has one row per window: the history it reads, newest first. Position ``j`` of
+    that history is followed in time by ``targets[:, j]``, a row of ``items``, where
+    ``has_target``; every window shares ``negatives`` (rows of ``items``, never items of the
+    user's train history) among its positions.
+    """
+
+    users: KeyedJaggedTensor
+    items: KeyedJaggedTensor
+    targets: torch.Tensor
+    has_target: torch.Tensor
+    negatives: torch.Tensor
+    user_ids: torch.Tensor
+
+    @property
+    def examples(self) -> int:
+        return int(self.has_target.sum())
+
+    def to(self, device: torch.device) -> SequenceBatch:
+        return _to(self, device)
+
+
+def _to(batch, device: torch.device):
+    return type(batch)(
+        **{f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)}
+    )
+
+
+class FeatureStore:
+    """Everything needed to turn (user, candidate items) into KJTs, built from a data dir."""
+
+    def __init__(self, directory: Path, history_length: int = DEFAULT_HISTORY_LENGTH) -> None:
+        directory = Path(directory)
+        layout = DataLayout(directory)
+        meta = read_meta(directory)
+        # Sorted by ID, row r of each table is vocabulary index r + 1.
+        users = pq.read_table(layout.users).sort_by("user_id")
+        items = pq.read_table(layout.items).sort_by("item_id")
+        self.directory = directory
+        self.history_length = history_length
+        self.user_features: tuple[str, ...] = tuple(meta["user_features"])
+        self.users = Vocabulary.of(users.column("user_id").to_numpy())
+        self.items = Vocabulary.of(items.column("item_id").to_numpy())
+
+        self.feature_vocabularies: dict[str, Vocabulary] = {}
+        self.user_codes: dict[str, np.ndarray] = {}
+        for name in self.user_features:
+            values = users.column(name).to_numpy(zero_copy_only=False).astype(str)
+            vocabulary = Vocabulary.of(values)
+            self.feature_vocabularies[name] = vocabulary
+            self.user_codes[name] = np.concatenate([[UNKNOWN], vocabulary.index(values)])
+
+        genres = items.column("genres")
+        genre_names = pc.list_flatten(genres).to_numpy(zero_copy_only=False)
+        self.genres = Vocabulary.of(genre_names)
+        genre_counts = pc.list_value_length(genres).fill_null(0).to_numpy()
+        self.item_genres = Jagged(
+            np.concatenate([[0, 0], np.cumsum(genre_counts)]), self.genres.index(genre_names)
+        )
+
+        train_users, train_items = self._read_train()
+        counts = np.bincount(train_users, minlength=len(self.users))
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        # Rows come oldest first within a user; each user's history lists them newest first.
+        newest_first = offsets[train_users] + offsets[train_users + 1] - 1 - np.arange(counts.sum())
+        history = np.empty_like(train_items)
+        history[newest_first] = train_items
+        del newest_first
+        self.history = Jagged(offsets, history)
+        valid = pq.read_table(layout.split("valid"), columns=["user_id", "item_id"])
+        self._test_view: FeatureStore | None = None
+        self.valid_items = np.zeros(len(self.users), dtype=np.int64)
+        self.valid_items[self.users.index(valid.column("user_id").to_numpy())] = self.items.index(
+            valid.column("item_id").to_numpy()
+        )
+        self.train_seen = pair_keys(train_users, train_items, len(self.items))
+        self.train_seen.sort()
+        self.item_train_counts = np.bincount(train_items, minlength=len(self.items))
+
+    def known_at(self, split: str) -> FeatureStore:
+        """The store as it stands when ``split``'s held-out interactions happen.
+
+        Validation items come after every train item and before the test item, so for
+        ``"test"`` each user's history also holds the user's validation item, as the newest;
+        for ``"valid"`` it is the train history alone. Negative sampling, item counts and
+        everything else stay train-only.
+        """
+        if split == "valid":
+            return self
+        if split != "test":
+            raise ValueError(f"no held-out split {split!r}; choose valid or test")
+        if self._test_view is None:
+            self._test_view = self._with_validation_items()
+        return self._test_view
+
+    def _with_validation_items(self) -> FeatureStore:
+        has = (self.valid_items > 0).astype(np.int64)
+        lengths = np.diff(self.history.offsets)
+        offsets = np.concatenate([[0], np.cumsum(lengths + has)])
+        values = np.empty(offsets[-1], dtype=self.history.values.dtype)
+        values[offsets[:-1][has == 1]] = self.valid_items[has == 1]
+        shift = np.repeat(np.cumsum(has), lengths)
+        values[np.arange(len(self.history.values)) + shift] = self.history.values
+        view = copy.copy(self)
+        view.history = Jagged(offsets, values)
+        view._test_view = view  # already as at the test interactions
+        return view
+
+    @property
+    def train_users(self) -> np.ndarray:
+        """The user index of every history interaction, grouped by user like ``train_items``."""
+        return np.repeat(np.arange(len(self.users)), np.diff(self.history.offsets))
+
+    @property
+    def train_items(self) -> np.ndarray:
+        """The item index of every history interaction (each user's newest first)."""
+        return self.history.values
+
+    def _read_train(self) -> tuple[np.ndarray, np.ndarray]:
+        """User and item indices (int32) of the train split, streamed in record batches.
+
+        ``prepare`` writes the split sorted by user, then time; that order is checked here
+        rather than re-sorted, so no more than the two index columns is ever held.
+        """
+        path = DataLayout(self.directory).split("train")
+        users, items = [], []
+        last = (-1, np.iinfo(np.int64).min)
+        for record in ds.dataset(path, format="parquet").to_batches(
+            columns=["user_id", "item_id", "timestamp"]
+        ):
+            user = self.users.index(record.column("user_id").to_numpy()).astype(np.int32)
+            timestamp = record.column("timestamp").to_numpy()
+            if len(user) == 0:
+                continue
+            if not _ordered(
+                np.concatenate([[last[0]], user]), np.concatenate([[last[1]], timestamp])
+            ):
+                raise ValueError(
+                    f"{path} is not sorted by user, then time; "
+                    "rebuild the data directory with `recdistill data ...`"
+                )
+            last = (user[-1], timestamp[-1])
+            users.append(user)
+            items.append(self.items.index(record.column("item_id").to_numpy()).astype(np.int32))
+        empty = np.empty(0, dtype=np.int32)
+        return np.concatenate([empty, *users]), np.concatenate([empty, *items])
+
+    def cardinalities(self) -> dict[str, int]:
+        """Embedding table sizes per KJT key (index 0 = unknown included)."""
+        sizes = {"user_id": len(self.users), "history": len(self.items)}
+        sizes.update({name: len(v) for name, v in self.feature_vocabularies.items()})
+        sizes.update({"item_id": len(self.items), "genres": len(self.genres)})
+        return sizes
+
+    def catalogue(self) -> KeyedJaggedTensor:
+        """Item-side features of every item index (row ``i`` = index ``i``, 0 = unknown)."""
+        return self.item_kjt(np.arange(len(self.items)))
+
+    def item_kjt(self, items: np.ndarray) -> KeyedJaggedTensor:
+        """The item-side KJT of item indices ``items``, one row each."""
+        genres, lengths = self.item_genres.gather(items)
+        return _kjt(ITEM_KEYS, [items, genres], [np.ones(len(items)), lengths])
+
+    def user_kjt(
+        self, users: np.ndarray, history: np.ndarray, history_lengths: np.ndarray
+    ) -> KeyedJaggedTensor:
+        """The user-side KJT of user indices ``users`` with the given history bags."""
+        values = [users, history] + [self.user_codes[n][users] for n in self.user_features]
+        lengths = [np.ones(len(users)), history_lengths]
+        lengths += [np.ones(len(users))] * len(self.user_features)
+        return _kjt(("user_id", "history", *self.user_features), values, lengths)
+
+    def history_kjt(self, users: np.ndarray) -> KeyedJaggedTensor:
+        """The user-side KJT of user indices ``users`` with their train histories (capped)."""
+        history, lengths = self.history.gather(users, limit=self.history_length)
+        return self.user_kjt(users, history, lengths)
+
+    def batch(
+        self,
+        users: np.ndarray,
+        items: np.ndarray,
+        labels: np.ndarray,
+        exclude_from_history: np.ndarray | None = None,
+    ) -> RankingBatch:
+        """Build a batch from user indices ``[B]`` and candidate item indices ``[B, L]``.
+
+        ``exclude_from_history`` (item index per list) is dropped from that list's history, so
+        a training target is never one of its own features.
+        """
+        lists = len(users)
+        history, history_lengths = self.history.gather(users, limit=self.history_length + 1)
+        owner = np.repeat(np.arange(lists), history_lengths)
+        keep = np.ones(len(history), dtype=bool)
+        if exclude_from_history is not None:
+            keep &= history != exclude_from_history[owner]
+        kept_before = np.cumsum(keep) - keep
+        first_of_row = np.repeat(np.cumsum(history_lengths) - history_lengths, history_lengths)
+        keep &= (kept_before - kept_before[first_of_row]) < self.history_length
+        history_lengths = np.bincount(owner[keep], minlength=lists)
+        distinct, slots = np.unique(items, return_inverse=True)
+        return RankingBatch(
+            users=self.user_kjt(users, history[keep], history_lengths),
+            items=self.item_kjt(distinct),
+            candidates=torch.as_tensor(slots.reshape(items.shape)),
+            labels=torch.as_tensor(labels, dtype=torch.float32),
+            mask=torch.ones(labels.shape, dtype=torch.bool),
+            user_ids=torch.as_tensor(self.users.values[users - 1]),
+        )
+
+
+def _ordered(users: np.ndarray, timestamps: np.ndarray) -> bool:
+    """Whether rows are sorted by user, then timestamp."""
+    same_user = users[1:] == users[:-1]
+    return bool(
+        np.all((users[1:] > users[:-1]) | (same_user & (timestamps[1:] >= timestamps[:-1])))
+    )
+
+
+def _kjt(keys, values: list[np.ndarray], lengths: list[np.ndarray]) -> KeyedJaggedTensor:
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=list(keys),
+        values=torch.as_tensor(np.concatenate(values).astype(np.int64)),
+        lengths=torch.as_tensor(np.concatenate(lengths).astype(np.int32)),
+    )

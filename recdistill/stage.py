@@ -1,0 +1,107 @@
+"""What a training stage is: its model preset, its weighted loss terms and its schedule.
+
+A stage learns from labels and/or the frozen models of earlier stages (its teachers); the
+config's ``[stages.*]`` tables become :class:`StageSpec` objects (``pipeline.stages_from``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from recdistill.config import spec_from
+from recdistill.losses import LOSSES
+from recdistill.ranked_lists import ListSpec
+
+LABELS = "labels"
+# What a stage trains on: ranking lists (a train interaction and sampled negatives), or
+# every position of history windows predicting the item that came next (sequence models).
+OBJECTIVES = ("lists", "next_item")
+# Row-wise Adagrad needs about this many times Adam's learning rate to learn as fast: at
+# this ratio torchrun's sharded stages of configs/synthetic.toml match one process's quality.
+ADAGRAD_STEP_RATIO = 10.0
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """``weight * LOSSES[fn](student, target, mask=..., **options)``.
+
+    ``source`` is ``"labels"`` or the name of an earlier stage whose model is the teacher.
+    ``feature_mse`` compares tower outputs instead of scores.
+    """
+
+    fn: str
+    source: str = LABELS
+    weight: float = 1.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.fn not in LOSSES:
+            raise ValueError(f"unknown loss {self.fn!r}; known: {sorted(LOSSES)}")
+        if self.fn == "feature_mse" and self.source == LABELS:
+            raise ValueError("feature_mse needs a teacher stage as its source, not labels")
+
+    @property
+    def scored(self) -> bool:
+        """Whether the term compares scores of lists (every loss but ``feature_mse``)."""
+        return self.fn != "feature_mse"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    model: str
+    losses: tuple[LossTerm, ...]
+    epochs: int = 20
+    patience: int = 3
+    batch_size: int = 512
+    negatives: int = 19
+    learning_rate: float = 1e-3
+    # Under torchrun on CPU the sharded tables learn with fbgemm's row-wise Adagrad (its CPU
+    # kernel has no Adam); unset, ADAGRAD_STEP_RATIO × learning_rate. Ignored in one
+    # process and on GPUs.
+    adagrad_learning_rate: float | None = None
+    weight_decay: float = 0.0
+    seed: int = 0
+    objective: str = "lists"
+    # Teacher-ranked distillation lists (recdistill/ranked_lists.py) for the terms that
+    # learn from a teacher's scores; unset, they use the training lists too.
+    lists: ListSpec | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lists, dict):
+            object.__setattr__(
+                self, "lists", spec_from(ListSpec, self.lists, f"[stages.{self.name}] lists")
+            )
+        if self.lists is not None and not self.ranked_sources:
+            raise ValueError(
+                f"[stages.{self.name}]: lists are ranked by a teacher, but no loss of this "
+                "stage learns from a teacher's scores"
+            )
+        if self.objective not in OBJECTIVES:
+            raise ValueError(
+                f"[stages.{self.name}]: unknown objective {self.objective!r}; "
+                f"choose one of {list(OBJECTIVES)}"
+            )
+        if self.objective == "next_item" and self.teachers:
+            raise ValueError(
+                f"[stages.{self.name}]: the next_item objective learns from labels only; "
+                f"it cannot distil from {list(self.teachers)}"
+            )
+
+    @property
+    def table_adagrad_learning_rate(self) -> float:
+        if self.adagrad_learning_rate is not None:
+            return self.adagrad_learning_rate
+        return ADAGRAD_STEP_RATIO * self.learning_rate
+
+    @property
+    def teachers(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(t.source for t in self.losses if t.source != LABELS))
+
+    @property
+    def ranked_sources(self) -> tuple[str, ...]:
+        """The teachers whose score losses read teacher-ranked lists (when ``lists`` is set)."""
+        return tuple(
+            dict.fromkeys(t.source for t in self.losses if t.source != LABELS and t.scored)
+        )

@@ -1,0 +1,283 @@
+"""What ``summary.json`` holds, as dataclasses: a run's and a sweep's.
+
+``recdistill train`` writes a :class:`RunSummary`; ``recdistill sweep`` a :class:`SweepSummary`,
+whose chosen students sit in ``models`` as a run's trained models do, so that
+``recdistill export`` reads either. Summaries are written and read only through
+:func:`write_summary` and :func:`read_summary`: reading checks the file against these classes
+(a missing or unknown key is an error that names it), and JSON keys that are not Python
+names (``valid_ndcg@10``, ...) are field aliases. Field order is the files' key order.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import ConfigDict, Field, TypeAdapter, with_config
+
+from recdistill.data.tables import write_json
+from recdistill.quantize import QuantizationSpec
+from recdistill.ranked_lists import ListSpec
+
+# Means over users, keyed by metric name (``ndcg@10``, ``full_recall@10``, ...). Which metrics
+# a model has varies: agreement with the teacher (``kendall_tau``, ...) only beside a teacher.
+Metrics = dict[str, float]
+
+# A field a file leaves out when it has no value (a baseline's hyperparameters).
+_OMITTED_WHEN_NONE = Field(exclude_if=lambda value: value is None)
+# Unknown keys are errors: they also tell the kinds of model entry apart when reading.
+_STRICT = ConfigDict(extra="forbid")
+
+
+def _key(name: str) -> Any:
+    return Field(alias=name)
+
+
+@with_config(_STRICT)
+@dataclass(frozen=True)
+class Latency:
+    """Milliseconds to score one request's list in process."""
+
+    p50: float
+    p99: float
+
+
+@with_config(_STRICT)
+@dataclass(frozen=True)
+class MultiplyAdds:
+    user_tower: int
+    item_tower: int
+    per_candidate: float
+
+
+@with_config(_STRICT)
+@dataclass(frozen=True)
+class Training:
+    """How a run's stage trained: from whom, on what, and how long."""
+
+    teachers: list[str]
+    losses: list[str]
+    lists: ListSpec | None
+    best_epoch: int
+    epochs_run: int
+    valid_ndcg: Annotated[float, _key("valid_ndcg@10")]
+    train_seconds: float
+    examples_per_second: float
+
+
+@with_config(_STRICT)
+@dataclass(frozen=True)
+class TrainedModel:
+    """A model a run trained (a stage): ``preset`` names its ``[models.*]`` table."""
+
+    preset: str
+    params: int
+    multiply_adds: MultiplyAdds
+    training: Training
+    metrics: Metrics
+    latency_ms: Latency
+
+
+@with_config(_STRICT)
+@dataclass(frozen=True, kw_only=True)
+class BaselineModel:
+    """Popularity or EASE, with the hyperparameters chosen on validation (EASE only)."""
+
+    params: int
+    l2: Annotated[float | None, _OMITTED_WHEN_NONE] = None
+    half_life: Annotated[float | None, _OMITTED_WHEN_NONE] = None
+    metrics: Metrics
+    latency_ms: Latency
+
+
+@with_config(_STRICT)
+@dataclass(frozen=True)
+class Comparison:
+    """A model against a reference over the same users: mean NDCG@10 ratio (sampled lists
+    and full ranking) and the paired t-test's p-value."""
+
+    ndcg_ratio: Annotated[float, _key("ndcg@10_ratio")]
+    ndcg_p_value: Annotated[float, _key("ndcg@10_p_value")]
+    full_ndcg_ratio: Annotated[float, _key("full_ndcg@10_ratio")]
+    full_ndcg_p_value: Annotated[float, _key("full_ndcg@10_p_value")]
+
+
+@with_config(_STRICT)
+@dataclass(frozen=True)
+class RunSummary:
+    """``summary.json`` of ``recdistill train``: every model in the run, scored on test, and
+    the comparisons (``"student_vs_teacher"``, ...) its claims rest on."""
+
+    data: str
+    source: str
+    models: dict[str, TrainedModel | BaselineModel]
+    comparisons: dict[str, Comparison]
+
+
+@with_config(_STRICT)
+@dataclass(frozen=True)
+class ClockLatency:
+    """p50 and p99 of a sweep's latency benchmark on each clock, and the machine's load."""
+
+    load_average: float
+    wall: Latency
+    cpu: Latency
+
+    def on(self, clock: str) -> Latency:
+        return {"wall": self.wall, "cpu": self.cpu}[clock]
+
+
+@with_config(_STRICT)
+@dataclass(frozen=True)
+class SegmentScore:
+    """A candidate's validation NDCG@10 in one user segment, and the teacher's it retains."""
+
+    segment: str
+    value: str
+    users: int
+    ndcg: Annotated[float, _key("ndcg@10")]
+    teacher_ndcg: Annotated[float, _key("teacher_ndcg@10")]
+    retention: float
+    retention_ci: list[float]
+
+
+@with_config(_STRICT)
+@dataclass(frozen=True)
+class ValidScore:
+    ndcg: Annotated[float, _key("ndcg@10")]
+    worst_segment: SegmentScore
+
+
+@with_config(_STRICT)
+@dataclass(frozen=True)
+class SegmentedValidScore(ValidScore):
+    segments: list[SegmentScore]
+
+
+@with_config(_STRICT)
+@dataclass(frozen=True)
+class CandidateTraining:
+    best_epoch: int
+    epochs_run: int
+    train_seconds: float
+
+
+@with_config(_STRICT)
+@dataclass(frozen=True)
+class Int8Result:
+    """A candidate's int8 copy, measured as the candidate is."""
+
+    quantization: QuantizationSpec
+    valid: SegmentedValidScore
+    artifact_bytes: int
+    latency_ms: ClockLatency
+
+
+@with_config(_STRICT)
+@dataclass(frozen=True)
+class CandidateResult:
+    """A sweep candidate (a preset × a loss mix) trained and measured on validation: what its
+    ``result.json`` holds once its latency is measured."""
+
+    name: str
+    architecture: str
+    mix: str
+    model: dict[str, Any]
+    settings: dict[str, Any]
+    losses: list[str]
+    params: int
+    multiply_adds: float
+    training: CandidateTraining
+    valid: SegmentedValidScore
+    artifact_bytes: int
+    int8: Int8Result
+    latency_ms: ClockLatency
+
+
+@dataclass(frozen=True)
+class SelectionSpec:
+    """``[selection]``: the budget a sweep's chosen student must meet."""
+
+    p99_ms: float = 2.0
+    min_worst_segment_retention: float = 0.95
+    max_artifact_bytes: int | None = None
+    # "wall": elapsed time; "cpu": the scoring thread's CPU time, which time spent waiting
+    # while other processes hold the cores does not inflate. Both are measured and reported.
+    latency_clock: str = "wall"
+
+    def p99(self, latency_ms: dict[str, Any]) -> float:
+        return latency_ms[self.latency_clock]["p99"]
+
+
+@with_config(_STRICT)
+@dataclass(frozen=True, kw_only=True)
+class Selection(SelectionSpec):
+    """The budget and what met it: the Pareto frontier, the candidates within the budget
+    and the one chosen (None when none was)."""
+
+    chosen: str | None
+    frontier: list[str]
+    within_budget: list[str]
+
+
+@with_config(_STRICT)
+@dataclass(frozen=True)
+class ChosenModel:
+    """A sweep's chosen student (``best``) or its int8 copy (``best_int8``), scored on test."""
+
+    preset: str
+    candidate: str
+    params: int
+    quantization: QuantizationSpec | None
+    artifact_bytes: int
+    latency_ms: ClockLatency
+    valid: ValidScore
+    metrics: Metrics
+
+
+@with_config(_STRICT)
+@dataclass(frozen=True)
+class SweepSummary:
+    """``summary.json`` of ``recdistill sweep``."""
+
+    data: str
+    source: str
+    base_run: str
+    search: str
+    min_segment_users: int
+    selection: Selection
+    models: dict[str, ChosenModel]
+    candidates: dict[str, CandidateResult]
+
+
+Summary = RunSummary | SweepSummary
+
+
+@cache
+def _adapter(kind: Any) -> TypeAdapter:
+    return TypeAdapter(kind)
+
+
+def to_json(value: Any) -> Any:
+    """A summary (or any part of one) as the plain JSON values its file holds."""
+    return _adapter(type(value)).dump_python(value, by_alias=True)
+
+
+def from_json(kind: Any, data: Any) -> Any:
+    """``data`` (as :func:`to_json` gives it) read as ``kind``, e.g. ``RunSummary``."""
+    return _adapter(kind).validate_python(data)
+
+
+def write_summary(path: Path, summary: Summary) -> None:
+    write_json(path, to_json(summary))
+
+
+def read_summary(path: Path, kind: Any = Summary) -> Any:
+    """The summary at ``path``, read as ``kind``: a run's or a sweep's unless told which."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {path.parent} a `recdistill train` run?")
+    return from_json(kind, json.loads(path.read_text()))

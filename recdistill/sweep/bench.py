@@ -1,0 +1,103 @@
+"""What a sweep's candidates are trained with and measured against, loaded once per process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file
+
+from recdistill.config import load_config, section, spec_from
+from recdistill.data.feature_store import FeatureStore
+from recdistill.evaluate import evaluate
+from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
+from recdistill.quantize import QuantizationSpec, load_plain_state, quantize
+from recdistill.segments import SliceSpec, slice_table, user_segments
+from recdistill.summary import RunSummary, read_summary
+from recdistill.sweep.plan import METRIC, REFERENCE, Plan
+
+
+class Bench:
+    """The feature store, the base run's teachers and the teacher's validation scores."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.store = FeatureStore(plan.data, history_length=plan.history_length)
+        self.space = FeatureSpace(self.store.user_features, self.store.cardinalities())
+
+    @cached_property
+    def teachers(self) -> dict[str, TwoTower]:
+        base = self.plan.base
+        config = load_config(base.config)
+        summary = read_summary(base.summary, RunSummary)
+        names = {REFERENCE, *(t for c in self.plan.candidates for t in c.stage.teachers)}
+        teachers = {}
+        for name in sorted(names):
+            preset = summary.models[name].preset
+            table = section(config, f"models.{preset}")
+            spec = spec_from(TwoTowerSpec, table, f"{base.root}: [models.{preset}]")
+            teachers[name] = self.load(spec, base.stage(name).weights)
+        return teachers
+
+    @cached_property
+    def segments(self) -> pd.DataFrame:
+        return user_segments(self.plan.data, "valid")
+
+    @cached_property
+    def reference(self) -> pd.DataFrame:
+        return self._per_user(self.teachers[REFERENCE], REFERENCE)
+
+    def load(
+        self, spec: TwoTowerSpec, weights: Path, quantization: QuantizationSpec | None = None
+    ) -> TwoTower:
+        """A model from its weights file, rebuilt as ``load_artifact`` does."""
+        model = TwoTower(spec, self.space)
+        if quantization is not None:
+            model = quantize(model, quantization)
+        load_plain_state(model, load_file(str(weights)))
+        return model.eval()
+
+    def validate(self, model: TwoTower) -> dict[str, Any]:
+        """Validation NDCG@10 and the teacher's NDCG@10 retained in every large segment."""
+        per_user = self._per_user(model, "candidate")
+        spec = SliceSpec(metrics=(METRIC,), min_users=self.plan.sweep.min_segment_users)
+        table = slice_table(pd.concat([self.reference, per_user]), self.segments, spec)
+        teacher = table[table["model"] == REFERENCE].set_index(["segment", "value"])["mean"]
+        segments = [
+            {
+                "segment": row.segment,
+                "value": str(row.value),
+                "users": int(row.users),
+                METRIC: float(row.mean),
+                f"teacher_{METRIC}": float(teacher[row.segment, row.value]),
+                "retention": float(row.retention),
+                "retention_ci": [float(row.retention_ci_low), float(row.retention_ci_high)],
+            }
+            for row in table[table["model"] == "candidate"].itertuples()
+        ]
+        return {
+            METRIC: float(per_user[METRIC].mean()),
+            "worst_segment": min(segments, key=lambda s: s["retention"]),
+            "segments": segments,
+        }
+
+    def _per_user(self, model: TwoTower, label: str) -> pd.DataFrame:
+        per_user = evaluate(model, self.store, "valid", full_ranking=False)
+        return pd.DataFrame(
+            {"model": label, "user_id": per_user["user_id"], METRIC: per_user[METRIC]}
+        )
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -1,0 +1,150 @@
+"""Train every candidate (in a pool of processes), score it and its int8 copy on validation.
+
+A candidate's result is written atomically to its ``result.json``; a candidate with a result
+for the same settings is skipped on a rerun, and a half-trained one resumes from its
+checkpoint. Results are plain JSON values (:class:`~recdistill.summary.CandidateResult`
+is their shape once their latency is measured).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from recdistill.data.tables import atomic_write, write_json
+from recdistill.layout import CandidateLayout, SweepLayout
+from recdistill.models import TwoTower
+from recdistill.quantize import plain_state, quantize
+from recdistill.stage import LossTerm
+from recdistill.sweep.bench import Bench, one_torch_thread
+from recdistill.sweep.latency import measure_latency
+from recdistill.sweep.plan import METRIC, Candidate, Plan
+from recdistill.train import Trainer
+
+
+def search(plan: Plan, *, jobs: int = 1) -> list[dict[str, Any]]:
+    """Every candidate's result (training, validation, int8, latency), resuming a stopped run."""
+    plan.out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(plan.config, SweepLayout(plan.out).config)
+    pending = [c for c in plan.candidates if _finished(plan, c) is None]
+    bench = Bench(plan)
+    with one_torch_thread():
+        if jobs == 1 or len(pending) <= 1:
+            for candidate in pending:
+                _announce(search_one(bench, candidate))
+        else:
+            with ProcessPoolExecutor(
+                jobs, mp_context=get_context("spawn"), initializer=_start_worker, initargs=(plan,)
+            ) as pool:
+                for future in as_completed([pool.submit(_search_in_worker, c) for c in pending]):
+                    _announce(future.result())
+        results = [_finished(plan, c) for c in plan.candidates]
+        untimed = [r for r in results if "latency_ms" not in r]
+        if untimed:
+            measure_latency(bench, untimed)
+            for result in untimed:
+                write_result(_layout(plan, result["name"]), result)
+    return results
+
+
+def search_one(bench: Bench, candidate: Candidate) -> dict[str, Any]:
+    """Train one candidate (or finish training it), score it and its int8 copy on validation."""
+    layout = _layout(bench.plan, candidate.name)
+    # Teachers first: building them (once per process) draws on the RNG the seed below fixes.
+    teachers = {name: bench.teachers[name] for name in candidate.stage.teachers}
+    torch.manual_seed(candidate.stage.seed)
+    model = TwoTower(candidate.model, bench.space)
+    trained = Trainer(candidate.stage, model, teachers, bench.store, layout.root).fit(resume=True)
+    int8 = quantize(model, bench.plan.quantization)
+    atomic_write(layout.int8_weights, lambda path: save_file(plain_state(int8), str(path)))
+    result = {
+        "name": candidate.name,
+        "architecture": candidate.architecture,
+        "mix": candidate.mix,
+        "model": dataclasses.asdict(candidate.model),
+        "settings": _settings(bench.plan, candidate),
+        "losses": [_describe(term) for term in candidate.stage.losses],
+        "params": model.parameter_count(),
+        "multiply_adds": model.multiply_adds()["per_candidate"],
+        "training": {
+            "best_epoch": trained.best_epoch,
+            "epochs_run": trained.epochs_run,
+            "train_seconds": trained.seconds,
+        },
+        "valid": bench.validate(model),
+        "artifact_bytes": layout.weights.stat().st_size,
+        "int8": {
+            "quantization": dataclasses.asdict(bench.plan.quantization),
+            "valid": bench.validate(int8),
+            "artifact_bytes": layout.int8_weights.stat().st_size,
+        },
+    }
+    write_result(layout, result)
+    return result
+
+
+def write_result(layout: CandidateLayout, result: dict[str, Any]) -> None:
+    atomic_write(layout.result, lambda path: write_json(path, result))
+
+
+_WORKER_BENCH: Bench | None = None
+
+
+def _start_worker(plan: Plan) -> None:
+    global _WORKER_BENCH
+    torch.set_num_threads(1)
+    _WORKER_BENCH = Bench(plan)
+
+
+def _search_in_worker(candidate: Candidate) -> dict[str, Any]:
+    return search_one(_WORKER_BENCH, candidate)
+
+
+def _layout(plan: Plan, name: str) -> CandidateLayout:
+    return SweepLayout(plan.out).candidate(name)
+
+
+def _describe(term: LossTerm) -> str:
+    options = "".join(f", {key}={value:g}" for key, value in term.options.items())
+    return f"{term.weight:g}·{term.fn}({term.source}{options})"
+
+
+def _finished(plan: Plan, candidate: Candidate) -> dict[str, Any] | None:
+    """The candidate's result, if it has one for these settings."""
+    path = _layout(plan, candidate.name).result
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    if result["settings"] != _settings(plan, candidate):
+        raise ValueError(
+            f"{path} was written for other settings of {candidate.name}; "
+            "sweep into a fresh --out directory"
+        )
+    return result
+
+
+def _settings(plan: Plan, candidate: Candidate) -> dict[str, Any]:
+    """What a result depends on, as it reads back from JSON."""
+    settings = {
+        "model": candidate.model,
+        "stage": candidate.stage,
+        "quantization": plan.quantization,
+    }
+    return json.loads(json.dumps({k: dataclasses.asdict(v) for k, v in settings.items()}))
+
+
+def _announce(result: dict[str, Any]) -> None:
+    print(
+        f"{result['name']}: valid {METRIC} {result['valid'][METRIC]:.4f}, worst segment "
+        f"retention {result['valid']['worst_segment']['retention']:.3f}, "
+        f"int8 {result['int8']['valid'][METRIC]:.4f}",
+        file=sys.stderr,
+    )

@@ -1,0 +1,133 @@
+"""Choose a student under the budget, score it on test and write it as a run's model.
+
+:func:`select` keeps the Pareto frontier (NDCG@10 up; p99 and artifact bytes down) and
+chooses the best validation NDCG@10 among candidates meeting ``[selection]``.
+:func:`finalize` scores the chosen student, float and int8, once on test and writes them as
+``best`` and ``best_int8`` in a run's layout (the summary, the config and each one's weights),
+so that ``recdistill export --run OUT --model best`` works. Nothing before it reads the test
+split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from recdistill.data.tables import read_meta
+from recdistill.evaluate import evaluate, mean_metrics
+from recdistill.layout import SweepLayout
+from recdistill.summary import (
+    CandidateResult,
+    ChosenModel,
+    Selection,
+    SelectionSpec,
+    SweepSummary,
+    ValidScore,
+    from_json,
+    to_json,
+    write_summary,
+)
+from recdistill.sweep.bench import Bench, one_torch_thread
+from recdistill.sweep.plan import METRIC, Plan
+
+BEST, BEST_INT8 = "best", "best_int8"
+
+
+@dataclass(frozen=True)
+class Choice:
+    frontier: tuple[str, ...]
+    within_budget: tuple[str, ...]
+    chosen: str | None
+
+
+def select(results: list[dict[str, Any]], budget: SelectionSpec) -> Choice:
+    """The frontier, the candidates within ``budget``, and the best of those on validation."""
+    within = [r for r in results if meets(r, budget)]
+    chosen = max(within, key=lambda r: r["valid"][METRIC])["name"] if within else None
+    return Choice(
+        frontier=tuple(pareto_frontier(results, budget)),
+        within_budget=tuple(r["name"] for r in within),
+        chosen=chosen,
+    )
+
+
+def meets(result: dict[str, Any], budget: SelectionSpec) -> bool:
+    return (
+        budget.p99(result["latency_ms"]) <= budget.p99_ms
+        and result["valid"]["worst_segment"]["retention"] >= budget.min_worst_segment_retention
+        and (
+            budget.max_artifact_bytes is None
+            or result["artifact_bytes"] <= budget.max_artifact_bytes
+        )
+    )
+
+
+def pareto_frontier(results: list[dict[str, Any]], budget: SelectionSpec) -> list[str]:
+    """Names of the candidates no other beats on quality, p99 latency and size at once
+    (latency on the budget's clock)."""
+    costs = {
+        r["name"]: np.array([-r["valid"][METRIC], budget.p99(r["latency_ms"]), r["artifact_bytes"]])
+        for r in results
+    }
+    return [
+        name
+        for name, cost in costs.items()
+        if not any(np.all(other <= cost) and np.any(other < cost) for other in costs.values())
+    ]
+
+
+def finalize(plan: Plan, results: list[dict[str, Any]], choice: Choice) -> dict[str, Any]:
+    """Score the chosen student (float and int8) on test; write ``best``, ``best_int8`` and
+    the summary, which is returned as written."""
+    layout = SweepLayout(plan.out)
+    source = read_meta(plan.data)["source"]
+    candidates = {r["name"]: from_json(CandidateResult, r) for r in results}
+    for name in (BEST, BEST_INT8):
+        shutil.rmtree(layout.stage(name).root, ignore_errors=True)
+    models = {}
+    if choice.chosen is not None:
+        bench = Bench(plan)
+        candidate = next(c for c in plan.candidates if c.name == choice.chosen)
+        result = candidates[choice.chosen]
+        trained = layout.candidate(candidate.name)
+        for name, weights, quantization, measured in (
+            (BEST, trained.weights, None, result),
+            (BEST_INT8, trained.int8_weights, plan.quantization, result.int8),
+        ):
+            with one_torch_thread():
+                model = bench.load(candidate.model, weights, quantization)
+                metrics = mean_metrics(evaluate(model, bench.store, "test"))
+            chosen = layout.stage(name)
+            chosen.root.mkdir()
+            shutil.copyfile(weights, chosen.weights)
+            models[name] = ChosenModel(
+                preset=candidate.architecture,
+                candidate=candidate.name,
+                params=result.params,
+                quantization=quantization,
+                artifact_bytes=measured.artifact_bytes,
+                latency_ms=measured.latency_ms,
+                valid=ValidScore(measured.valid.ndcg, measured.valid.worst_segment),
+                metrics=metrics,
+            )
+    summary = SweepSummary(
+        data=str(plan.data),
+        source=source,
+        base_run=plan.sweep.base_run,
+        search=plan.sweep.search,
+        min_segment_users=plan.sweep.min_segment_users,
+        selection=Selection(
+            **dataclasses.asdict(plan.selection),
+            chosen=choice.chosen,
+            frontier=list(choice.frontier),
+            within_budget=list(choice.within_budget),
+        ),
+        models=models,
+        candidates=candidates,
+    )
+    write_summary(layout.summary, summary)
+    return to_json(summary)
