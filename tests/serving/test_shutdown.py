@@ -77,7 +77,7 @@ def test_sigterm_under_load_finishes_every_request_in_flight_and_flushes_the_log
         load = Load(server.url)
         time.sleep(1.0)
         slow = _start_slow_request(server.url)
-        time.sleep(0.2)  # the server has read the headers: the request is in flight
+        time.sleep(0.5)  # the server has read the headers: the request is in flight
         server.process.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         status, slow_answer = _finish_slow_request(slow)
