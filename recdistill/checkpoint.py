@@ -20,7 +20,7 @@ from recdistill.data.tables import atomic_write
 from recdistill.stage import StageSpec
 
 # Checkpoints of other formats (or none) are refused rather than resumed differently.
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 # The stage spec's fields a resume may change: a diverged stage continues from its last good
 # checkpoint at a lower rate. Any other change makes the checkpoint another stage's.
 RESUMABLE_CHANGES = ("learning_rate", "adagrad_learning_rate")

@@ -7,18 +7,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from recdistill.data.batches import CandidateLists
 from recdistill.data.feature_store import FeatureStore, RankingBatch
-from recdistill.layout import DataLayout
 from recdistill.metrics import held_out_ranks, list_metrics, single_positive_metrics
 
 Ranker = Callable[[RankingBatch], torch.Tensor]
 """Anything that scores a batch's lists: ``[lists, list_size]`` scores."""
-
-OTHER_HELD_OUT = {"valid": "test", "test": "valid"}
 
 
 @dataclass(frozen=True)
@@ -56,8 +52,9 @@ def evaluate(
 
     ``reference`` (the teacher's scores on the same lists) adds teacher-fidelity metrics;
     ``scored`` reuses this ranker's scores when they are at hand. Full ranking ranks the
-    held-out item against every catalogue item except the user's train items and other
-    held-out item. A ranker that gives any user a non-finite score is refused, by ``name``:
+    held-out item against every catalogue item the user had not interacted with before it
+    (the train items, and for test the validation item), so validation never reads the test
+    split. A ranker that gives any user a non-finite score is refused, by ``name``:
     its metrics would be meaningless.
     """
     if scored is None:
@@ -115,11 +112,6 @@ def _full_ranks(
     name: str,
 ) -> tuple[np.ndarray, np.ndarray]:
     store = store.known_at(split)
-    other = pq.read_table(DataLayout(store.directory).split(OTHER_HELD_OUT[split]))
-    other_item = np.zeros(len(store.users), dtype=np.int64)
-    other_item[store.users.index(other.column("user_id").to_numpy())] = store.items.index(
-        other.column("item_id").to_numpy()
-    )
     catalogue = np.arange(1, len(store.items))
     greater, ties, non_finite = [], [], []
     for start in range(0, len(lists.users), batch_size):
@@ -138,8 +130,6 @@ def _full_ranks(
         seen, lengths = store.history.gather(users)
         owner = np.repeat(np.arange(rows), lengths)
         scores[owner, seen - 1] = -np.inf
-        has_other = other_item[users] > 0
-        scores[np.arange(rows)[has_other], other_item[users][has_other] - 1] = -np.inf
         g, t = held_out_ranks(scores, targets - 1)
         greater.append(g)
         ties.append(t)

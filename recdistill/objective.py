@@ -9,9 +9,7 @@ from recdistill.data.feature_store import RankingBatch, SequenceBatch
 from recdistill.losses import LOSSES
 from recdistill.models import TwoTower
 from recdistill.stage import LABELS, LossTerm
-
-TeacherOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-"""A frozen teacher's user vectors, item vectors and scores for a batch."""
+from recdistill.teachers import TeacherOutputs
 
 
 class StageObjective(nn.Module):
@@ -31,10 +29,10 @@ class StageObjective(nn.Module):
         self,
         batch: RankingBatch | SequenceBatch,
         teacher_outputs: dict[str, TeacherOutputs],
-        ranked: dict[str, tuple[RankingBatch, TeacherOutputs]],
+        ranked: dict[str, tuple[RankingBatch, torch.Tensor]],
     ) -> torch.Tensor:
-        """The weighted loss of ``batch``; a score term whose teacher has a teacher-ranked
-        batch in ``ranked`` (with that teacher's outputs on it) is computed on that batch."""
+        """The weighted loss of ``batch``; a score term whose teacher has teacher-ranked lists
+        in ``ranked`` (with that teacher's scores on them) is computed on those lists."""
         if isinstance(batch, SequenceBatch):
             scores, labels = self.model.next_item_scores(batch)
             mask = torch.ones_like(labels, dtype=torch.bool)
@@ -56,7 +54,7 @@ class StageObjective(nn.Module):
                     + fn(adapter(items), t_items, mask=_all_rows(items), **term.options)
                 )
             elif term.source in ranked:
-                lists, (_, _, target) = ranked[term.source]
+                lists, target = ranked[term.source]
                 value = fn(ranked_scores[term.source], target, mask=lists.mask, **term.options)
             else:
                 target = batch.labels if term.source == LABELS else teacher_outputs[term.source][2]

@@ -38,7 +38,7 @@ from recdistill.evaluate import (
 from recdistill.layout import RunLayout
 from recdistill.metrics import coverage_at
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
-from recdistill.stage import LossTerm, StageSpec
+from recdistill.stage import VALID_METRICS, LossTerm, StageSpec
 from recdistill.summary import (
     BaselineModel,
     Comparison,
@@ -51,6 +51,7 @@ from recdistill.summary import (
     to_json,
     write_summary,
 )
+from recdistill.teachers import FrozenTeacher
 from recdistill.train import Trainer
 
 STAGE_KEYS = {f.name for f in StageSpec.__dataclass_fields__.values()} - {"name", "losses"}
@@ -131,12 +132,18 @@ def run(config_path: Path, data: Path, out: Path, *, resume: bool = False) -> Ru
         shutil.copyfile(config_path, layout.config)
 
     models: dict[str, Any] = {}
+    # A trained stage, frozen once as the teacher of every later stage that learns from it.
+    frozen: dict[str, FrozenTeacher] = {}
     # Each model's summary entry, waiting for its test metrics and latency.
     entries: dict[str, Callable[..., TrainedModel | BaselineModel]] = {}
     for stage in stages:
+        for name in stage.teachers:
+            if name not in frozen:
+                cache = layout.stage(name).root
+                frozen[name] = FrozenTeacher(name, models[name], store, cache=cache)
         torch.manual_seed(stage.seed)
         model = TwoTower(presets[stage.model], space)
-        teachers = {name: models[name] for name in stage.teachers}
+        teachers = {name: frozen[name] for name in stage.teachers}
         trainer = Trainer(stage, model, teachers, store, layout.stage(stage.name).root)
         result = trainer.fit(resume=resume)
         models[stage.name] = model
@@ -146,7 +153,8 @@ def run(config_path: Path, data: Path, out: Path, *, resume: bool = False) -> Ru
             lists=stage.lists,
             best_epoch=result.best_epoch,
             epochs_run=result.epochs_run,
-            valid_ndcg=result.best_valid,
+            valid_metric=stage.valid_metric,
+            valid=result.valid,
             train_seconds=result.seconds,
             examples_per_second=result.examples_per_second,
         )
@@ -178,15 +186,18 @@ def _score_and_write(
     metrics and scores; returns the summary's models and comparisons."""
     models["popularity"] = Popularity(store)
     entries["popularity"] = partial(BaselineModel, params=0)
+    metric = section(config, "train").get("valid_metric", VALID_METRICS[0])
     ease = _best_on_valid(
         store,
         section(config, "baselines.ease").get("l2", EASE_L2),
         lambda l2: Ease.fit(store, float(l2)),
+        metric,
     )
     recency = _best_on_valid(
         store,
         section(config, "baselines.ease_recency").get("half_life", EASE_HALF_LIVES),
         lambda half_life: ease.scoring(store, float(half_life)),
+        metric,
     )
     # Tuned on validation histories; the test lists are scored from the test-time ones.
     tested = store.known_at("test")
@@ -247,9 +258,9 @@ def _check_stages(
 
 
 def _best_on_valid(
-    store: FeatureStore, grid: list[float], build: Callable[[float], Tuned]
+    store: FeatureStore, grid: list[float], build: Callable[[float], Tuned], metric: str
 ) -> Tuned:
-    """The ranker of ``grid`` with the best validation NDCG@10 (never looks at test); the
+    """The ranker of ``grid`` with the best validation ``metric`` (never looks at test); the
     first of equals wins.
 
     Only the best ranker so far is kept beside the one being scored.
@@ -259,7 +270,8 @@ def _best_on_valid(
     best, best_score = None, -np.inf
     for value in grid:
         ranker = build(value)
-        score = float(evaluate(ranker, store, "valid", full_ranking=False)["ndcg@10"].mean())
+        valid = evaluate(ranker, store, "valid", full_ranking=metric != "ndcg@10")
+        score = float(valid[metric].mean())
         if best is None or score > best_score:
             best, best_score = ranker, score
         del ranker

@@ -1,118 +1,105 @@
-"""Teacher-ranked distillation lists: what a teacher knows beyond the labels.
+"""Teacher-ranked distillation lists, as Relaxed Ranking Distillation builds them.
 
 On the training lists (one positive, uniformly sampled negatives) a teacher's ranking says
 little more than the label. What a student should learn is how the teacher orders the items
 it puts on top of the whole catalogue (Ranking Distillation, Tang & Wang 2018; RRD, Kang et
-al. 2020). Per user, a distillation list is the teacher's ``teacher_top`` best items among
-those the user never saw in train, then ``sampled`` unseen items drawn uniformly afresh for
-every batch (a draw that repeats a top item is masked out).
+al. 2020). For each training list, from the teacher's state at that list's moment
+(:meth:`~recdistill.teachers.FrozenTeacher.users`), the teacher ranks every item the user
+had not interacted with before the list's positive (the positive excluded too), and the list
+is:
 
-The top items are computed once per stage from the frozen teacher's precomputed user and
-item vectors, users in chunks of at most ``CELLS`` scores, and written row by row to a
-memory-mapped ``.npy`` file in the stage's directory: memory is bounded by the chunk, not by
-the number of users. The file's name carries a fingerprint of the teacher's vectors, so a
-resumed run reuses it and a changed teacher never does.
+- ``top`` items sampled without replacement from the teacher's ``depth`` best, with
+  probability ∝ ``exp(-rank / temperature)`` (rank 0 the best), in the teacher's order;
+- ``uniform`` items drawn uniformly from the rest of the catalogue (outside the ``depth``
+  best and the user's past); a draw that repeats one is masked out.
+
+Both parts are redrawn for every batch from a generator seeded by (seed, epoch, batch), so a
+resumed or sharded run draws the same lists, and no list is the same every epoch. Sorted by
+the teacher's scores, the sampled top items come first and the uniform ones after them, so
+``listmle`` with ``top_k`` ≤ ``top`` is RRD's loss: the top items ordered among themselves,
+the uniform ones in every denominator with no order forced among them.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from recdistill.data.feature_store import UNKNOWN, FeatureStore, RankingBatch
-from recdistill.data.sampling import sample_unseen
-
-# Scores held at once while ranking the catalogue for a chunk of users (64 MB of float32).
-CELLS = 1 << 24
+from recdistill.teachers import FrozenTeacher
 
 
 @dataclass(frozen=True)
 class ListSpec:
-    """A stage's distillation lists: the teacher's ``teacher_top`` unseen items plus
-    ``sampled`` uniform unseen items."""
+    """A stage's distillation lists: ``top`` of the teacher's ``depth`` best items, sampled
+    with weight ``exp(-rank / temperature)``, and ``uniform`` other items."""
 
-    teacher_top: int = 50
-    sampled: int = 50
+    depth: int = 500
+    top: int = 40
+    temperature: float = 10.0
+    uniform: int = 40
 
     def __post_init__(self) -> None:
-        if self.teacher_top < 1 or self.sampled < 0:
+        if self.depth < 1 or not 1 <= self.top <= self.depth:
             raise ValueError(
-                f"lists need teacher_top ≥ 1 and sampled ≥ 0, not {self.teacher_top} "
-                f"and {self.sampled}"
+                f"lists need 1 ≤ top ≤ depth, not top {self.top} and depth {self.depth}"
             )
+        if self.uniform < 0:
+            raise ValueError(f"lists need uniform ≥ 0, not {self.uniform}")
+        if self.temperature <= 0:
+            raise ValueError(f"lists need a positive temperature, not {self.temperature}")
 
 
-def top_unseen(
-    user_vectors: torch.Tensor,
-    item_vectors: torch.Tensor,
-    item_bias: torch.Tensor,
+@torch.no_grad()
+def rrd_lists(
+    batch: RankingBatch,
+    users: torch.Tensor,
+    teacher: FrozenTeacher,
     store: FeatureStore,
-    k: int,
-    path: Path,
-) -> np.ndarray:
-    """Per user index, the ``k`` items of highest ``user · item + bias`` among those the user
-    never saw in train (the unknown item 0 excluded), best first: ``[users, k]`` int32,
-    written to ``path`` chunk by chunk and returned memory-mapped."""
-    users, items = user_vectors.shape[0], item_vectors.shape[0]
-    seen_counts = np.diff(store.history.offsets)
-    if (too_many := np.flatnonzero(seen_counts + k > items - 1)).size:
-        user = too_many[0]
-        raise ValueError(
-            f"user index {user} has seen {seen_counts[user]} of the {items - 1} items: "
-            f"fewer than teacher_top = {k} are left to rank"
-        )
-    top = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(users, k))
-    chunk = max(1, CELLS // items)
-    with torch.no_grad():
-        for start in tqdm(
-            range(0, users, chunk), desc="teacher-ranked lists", unit="chunk", disable=None
-        ):
-            stop = min(start + chunk, users)
-            scores = user_vectors[start:stop] @ item_vectors.T + item_bias
-            scores[:, UNKNOWN] = -torch.inf
-            offsets = store.history.offsets[start : stop + 1]
-            rows = np.repeat(np.arange(stop - start), np.diff(offsets))
-            seen = torch.as_tensor(store.history.values[offsets[0] : offsets[-1]]).long()
-            scores[torch.as_tensor(rows), seen] = -torch.inf
-            top[start:stop] = scores.topk(k, dim=1).indices.numpy()
-    top.flush()
-    del top
-    return np.load(path, mmap_mode="r", allow_pickle=False)
+    spec: ListSpec,
+    rng: np.random.Generator,
+) -> tuple[RankingBatch, torch.Tensor]:
+    """The distillation lists of ``batch``'s training lists, whose teacher user vectors are
+    ``users``, and the teacher's scores on them (``[lists, top + uniform]`` both)."""
+    rows = batch.train_rows.cpu().numpy()
+    if (rows < 0).any():
+        raise ValueError("teacher-ranked lists are drawn for training lists only")
+    scores = teacher.catalogue_scores(users).cpu()
+    lists, catalogue = scores.shape
+    excluded = torch.zeros(scores.shape, dtype=torch.bool)
+    excluded[:, UNKNOWN] = True
+    past, lengths = store.past(rows)
+    excluded[
+        torch.as_tensor(np.repeat(np.arange(lists), lengths)), torch.as_tensor(past).long()
+    ] = True
+    excluded[torch.arange(lists), torch.as_tensor(store.row_items(rows))] = True
 
+    depth = min(spec.depth, catalogue - 1)
+    ranked = scores.masked_fill(excluded, -torch.inf).topk(depth, dim=1).indices
+    ranked_valid = ~excluded.gather(1, ranked)
+    # Gumbel top-k: sampling without replacement with P ∝ exp(-rank / temperature).
+    gumbel = torch.as_tensor(rng.gumbel(size=(lists, depth)), dtype=torch.float32)
+    keys = (gumbel - torch.arange(depth) / spec.temperature).masked_fill(~ranked_valid, -torch.inf)
+    picked = keys.topk(min(spec.top, depth), dim=1).indices.sort(dim=1).values
+    top_items = ranked.gather(1, picked)
+    top_valid = ranked_valid.gather(1, picked)
 
-def fingerprint(*tensors: torch.Tensor) -> str:
-    """A short digest of the tensors' values, naming what a cached file was computed from."""
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    excluded.scatter_(1, ranked, True)
+    uniform = torch.as_tensor(rng.integers(1, catalogue, size=(lists, spec.uniform)))
+    repeated = (uniform[:, :, None] == uniform[:, None, :]).triu(1).any(1)
+    uniform_valid = ~excluded.gather(1, uniform) & ~repeated
 
-
-class RankedLists:
-    """Distillation batches for the users of a training batch, one list per user and
-    teacher, from each teacher's precomputed top items (``top[name]``: ``[users, k]``)."""
-
-    def __init__(self, store: FeatureStore, top: dict[str, np.ndarray], sampled: int) -> None:
-        self.store = store
-        self.top = top
-        self.sampled = sampled
-
-    def batch(self, teacher: str, users: np.ndarray, rng: np.random.Generator) -> RankingBatch:
-        store = self.store
-        top = np.asarray(self.top[teacher][users], dtype=np.int64)
-        sampled = np.empty((len(users), 0), dtype=np.int64)
-        if self.sampled:
-            sampled = sample_unseen(
-                users, self.sampled, store.train_seen, len(store.items), rng, first_item=1
-            )
-        items = np.concatenate([top, sampled], axis=1)
-        repeats_top = (sampled[:, :, None] == top[:, None, :]).any(-1)
-        mask = np.concatenate([np.ones(top.shape, dtype=bool), ~repeats_top], axis=1)
-        batch = store.batch(users, items, np.zeros(items.shape, dtype=np.float32))
-        return dataclasses.replace(batch, mask=torch.as_tensor(mask))
+    items = torch.cat([top_items, uniform], dim=1)
+    distinct, slots = torch.unique(items, return_inverse=True)
+    ranked_batch = RankingBatch(
+        users=batch.users,
+        items=store.item_kjt(distinct.numpy()),
+        candidates=slots,
+        labels=torch.zeros(items.shape),
+        mask=torch.cat([top_valid, uniform_valid], dim=1),
+        user_ids=batch.user_ids,
+        train_rows=batch.train_rows,
+    )
+    return ranked_batch.to(users.device), scores.gather(1, items).to(users.device)

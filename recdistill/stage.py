@@ -17,6 +17,9 @@ LABELS = "labels"
 # What a stage trains on: ranking lists (a train interaction and sampled negatives), or
 # every position of history windows predicting the item that came next (sequence models).
 OBJECTIVES = ("lists", "next_item")
+# What early stopping (and every other choice made on validation) maximises: NDCG@10 on the
+# sampled 1 + 99 validation lists, or on full ranking of the catalogue.
+VALID_METRICS = ("ndcg@10", "full_ndcg@10")
 # Row-wise Adagrad needs about this many times Adam's learning rate to learn as fast: at
 # this ratio torchrun's sharded stages of configs/synthetic.toml match one process's quality.
 ADAGRAD_STEP_RATIO = 10.0
@@ -64,6 +67,7 @@ class StageSpec:
     weight_decay: float = 0.0
     seed: int = 0
     objective: str = "lists"
+    valid_metric: str = "ndcg@10"
     # Teacher-ranked distillation lists (recdistill/ranked_lists.py) for the terms that
     # learn from a teacher's scores; unset, they use the training lists too.
     lists: ListSpec | None = None
@@ -78,6 +82,22 @@ class StageSpec:
                 f"[stages.{self.name}]: lists are ranked by a teacher, but no loss of this "
                 "stage learns from a teacher's scores"
             )
+        if self.valid_metric not in VALID_METRICS:
+            raise ValueError(
+                f"[stages.{self.name}]: unknown valid_metric {self.valid_metric!r}; "
+                f"choose one of {list(VALID_METRICS)}"
+            )
+        if self.lists is not None:
+            for term in self.losses:
+                if (
+                    term.fn == "listmle"
+                    and term.source != LABELS
+                    and not (1 <= term.options.get("top_k", 0) <= self.lists.top)
+                ):
+                    raise ValueError(
+                        f"[stages.{self.name}]: listmle on teacher-ranked lists orders the "
+                        f"sampled top items only: give it top_k ≤ lists.top ({self.lists.top})"
+                    )
         if self.objective not in OBJECTIVES:
             raise ValueError(
                 f"[stages.{self.name}]: unknown objective {self.objective!r}; "

@@ -5,7 +5,7 @@ whose chosen students sit in ``models`` as a run's trained models do, so that
 ``recdistill export`` reads either. Summaries are written and read only through
 :func:`write_summary` and :func:`read_summary`: reading checks the file against these classes
 (a missing or unknown key is an error that names it), and JSON keys that are not Python
-names (``valid_ndcg@10``, ...) are field aliases. Field order is the files' key order.
+names (``ndcg@10_ratio``, ...) are field aliases. Field order is the files' key order.
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ class Training:
     lists: ListSpec | None
     best_epoch: int
     epochs_run: int
-    valid_ndcg: Annotated[float, _key("valid_ndcg@10")]
+    # What early stopping chose the best epoch by, and every validation metric at it.
+    valid_metric: str
+    valid: Metrics
     train_seconds: float
     examples_per_second: float
 

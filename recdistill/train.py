@@ -3,8 +3,8 @@
 The stage's spec is :class:`~recdistill.stage.StageSpec`, its loss one module
 (:class:`~recdistill.objective.StageObjective`), its checkpoint :mod:`recdistill.checkpoint`.
 Read top to bottom: :class:`Trainer`, whose :meth:`Trainer.fit` runs epochs of
-(score lists → weighted loss → step), evaluates validation NDCG@10 after each epoch,
-checkpoints, and stops early. ``fit`` resumes from the checkpoint when asked and then
+(score lists → weighted loss → step), evaluates NDCG@10 on the validation lists and on full
+ranking after each epoch, checkpoints, and stops early on the stage's ``valid_metric``. ``fit`` resumes from the checkpoint when asked and then
 continues to the same result as an uninterrupted run. A non-finite loss or gradient stops
 the stage before its step (:class:`TrainingDiverged`), leaving the last epoch's checkpoint
 as it was: resumed with a lower learning rate (the one change a resume accepts), the stage
@@ -44,19 +44,20 @@ from recdistill.errors import TrainingDiverged
 from recdistill.evaluate import evaluate
 from recdistill.layout import StageLayout
 from recdistill.models import TwoTower
-from recdistill.objective import StageObjective, TeacherOutputs
-from recdistill.ranked_lists import RankedLists, fingerprint, top_unseen
-from recdistill.stage import StageSpec
-
-SELECTION_METRIC = "ndcg@10"
-# Users whose teacher vectors are computed at once.
-TEACHER_USERS = 4096
+from recdistill.objective import StageObjective
+from recdistill.ranked_lists import rrd_lists
+from recdistill.stage import VALID_METRICS, StageSpec
+from recdistill.teachers import FrozenTeacher, TeacherOutputs
 
 
 @dataclass
 class StageResult:
+    """How a stage went: ``best_valid`` is the stage's ``valid_metric`` at ``best_epoch``,
+    ``valid`` every validation metric at that epoch."""
+
     best_epoch: int
     best_valid: float
+    valid: dict[str, float]
     epochs_run: int
     seconds: float
     examples_per_second: float
@@ -82,7 +83,8 @@ class Trainer:
         space = FeatureSpace(store.user_features, store.cardinalities())
         student = TwoTower(TwoTowerSpec(embedding_dim=8, tower=(16,)), space)
         spec = StageSpec("student", "small", (LossTerm("listnet", source="teacher"),))
-        result = Trainer(spec, student, {"teacher": teacher}, store, Path("runs/x/student")).fit()
+        teachers = {"teacher": FrozenTeacher("teacher", teacher, store, cache=Path("runs/x/teacher"))}
+        result = Trainer(spec, student, teachers, store, Path("runs/x/student")).fit()
         result.best_epoch, result.best_valid  # the epoch kept and its validation NDCG@10
     """
 
@@ -90,41 +92,16 @@ class Trainer:
         self,
         spec: StageSpec,
         model: TwoTower,
-        teachers: dict[str, TwoTower],
+        teachers: dict[str, FrozenTeacher],
         store: FeatureStore,
         directory: Path,
     ) -> None:
         self.spec = spec
         self.model = model
         self.store = store
+        self.teachers = teachers
         self.layout = StageLayout(Path(directory))
         self.world = distributed.world()
-        device = self.world.device
-        for teacher in teachers.values():
-            teacher.eval()
-            teacher.requires_grad_(False)
-        self.teachers = {
-            name: teacher if device.type == "cpu" else copy.deepcopy(teacher).to(device)
-            for name, teacher in teachers.items()
-        }
-        # A frozen teacher's vectors never change: compute them once, for the catalogue and
-        # for every user from the user's whole train history, as the teacher would serve
-        # them. A sequence teacher would otherwise run its attention layers on every list.
-        with torch.no_grad():
-            catalogue = store.catalogue().to(device)
-            self.teacher_items = {
-                name: teacher.item_tower(catalogue) for name, teacher in self.teachers.items()
-            }
-            users = np.arange(len(store.users))
-            self.teacher_users = {
-                name: torch.cat(
-                    [
-                        teacher.user_tower(store.history_kjt(chunk).to(device))
-                        for chunk in np.array_split(users, math.ceil(len(users) / TEACHER_USERS))
-                    ]
-                )
-                for name, teacher in self.teachers.items()
-            }
         # Feature distillation maps the student's tower outputs into each teacher's space;
         # the adapters are trained with the stage and are not part of the model.
         self.adapters = nn.ModuleDict(
@@ -166,70 +143,21 @@ class Trainer:
             self.lists = TrainSequences(store, max_length=model.spec.max_length, **sharing)
         else:
             self.lists = TrainLists(store, **sharing)
-        self.ranked = None
-        if spec.lists is not None:
-            top = {name: self._teacher_top(name) for name in spec.ranked_sources}
-            self.ranked = RankedLists(store, top, spec.lists.sampled)
 
-    def _teacher_top(self, name: str) -> np.ndarray:
-        """Teacher ``name``'s top unseen items per user, computed once by rank 0 and cached in
-        the stage's directory under a name that fingerprints the teacher's vectors."""
-        vectors = (
-            self.teacher_users[name].cpu(),
-            self.teacher_items[name].cpu(),
-            self.teachers[name].item_bias.weight.squeeze(-1).cpu(),
-        )
-        k = self.spec.lists.teacher_top
-        path = None
-        if self.world.is_main:
-            self.layout.root.mkdir(parents=True, exist_ok=True)
-            path = self.layout.teacher_top(name, k, fingerprint(*vectors))
-            if not path.exists():
-                atomic_write(path, lambda scratch: top_unseen(*vectors, self.store, k, scratch))
-        path = distributed.broadcast_json(None if path is None else str(path), self.world)
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-
-    def ranked_batches(
-        self, batch: RankingBatch | SequenceBatch, epoch: int, k: int
-    ) -> dict[str, RankingBatch]:
-        """The teacher-ranked lists of the users of ``batch``, global batch ``k`` of
-        ``epoch``: seeded by both, so a resumed or sharded run draws the same ones."""
-        if self.ranked is None or isinstance(batch, SequenceBatch):
-            return {}
-        users = batch.users["user_id"].values().numpy()
-        rng = np.random.default_rng([self.spec.seed, epoch, k, 1])
-        return {name: self.ranked.batch(name, users, rng) for name in self.spec.ranked_sources}
-
-    def loss(
-        self,
-        batch: RankingBatch | SequenceBatch,
-        ranked: dict[str, RankingBatch] | None = None,
-    ) -> torch.Tensor:
-        device = self.world.device
-        batch = batch.to(device)
-        ranked_outputs = {}
-        for name, lists in (ranked or {}).items():
-            lists = lists.to(device)
-            ranked_outputs[name] = (lists, self.teacher_outputs(lists, (name,))[name])
-        return self.trained(batch, self.teacher_outputs(batch), ranked_outputs)
-
-    @torch.no_grad()
-    def teacher_outputs(
-        self, batch: RankingBatch | SequenceBatch, names: tuple[str, ...] | None = None
-    ) -> dict[str, TeacherOutputs]:
-        """Each teacher's (or those in ``names``) user vectors, item vectors and scores."""
-        if not self.teachers:
-            return {}
-        item_ids = batch.items["item_id"].values()
-        user_ids = batch.users["user_id"].values()
-        outputs = {}
+    def loss(self, batch: RankingBatch | SequenceBatch, epoch: int, k: int) -> torch.Tensor:
+        """The stage's loss on ``batch``, global batch ``k`` of ``epoch``: its teacher-ranked
+        lists are drawn from a generator seeded by both, so a resumed or sharded run draws
+        the same ones."""
+        batch = batch.to(self.world.device)
+        outputs: dict[str, TeacherOutputs] = {}
+        ranked: dict[str, tuple[RankingBatch, torch.Tensor]] = {}
         for name, teacher in self.teachers.items():
-            if names is not None and name not in names:
-                continue
-            users = self.teacher_users[name][user_ids]
-            items = self.teacher_items[name][item_ids]
-            outputs[name] = (users, items, teacher.score(users, items, batch))
-        return outputs
+            users = teacher.users(batch)
+            outputs[name] = teacher.outputs(batch, users)
+            if self.spec.lists is not None and name in self.spec.ranked_sources:
+                rng = np.random.default_rng([self.spec.seed, epoch, k, 1])
+                ranked[name] = rrd_lists(batch, users, teacher, self.store, self.spec.lists, rng)
+        return self.trained(batch, outputs, ranked)
 
     def train_epoch(self, epoch: int, *, max_batches: int | None = None) -> EpochStats:
         """Train on epoch ``epoch``'s batches (only the first ``max_batches``, if given)."""
@@ -249,8 +177,7 @@ class Trainer:
         )
         examples, loss_sum = 0, 0.0
         for index, batch in enumerate(progress):
-            global_index = index * self.world.size + self.world.rank
-            loss = self.loss(batch, self.ranked_batches(batch, epoch, global_index))
+            loss = self.loss(batch, epoch, index * self.world.size + self.world.rank)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self._stop_if_diverged(loss, epoch, index)
@@ -299,6 +226,7 @@ class Trainer:
             state = {
                 "epoch": -1,
                 "best_valid": -math.inf,
+                "best_metrics": {},
                 "best_epoch": -1,
                 "stale": 0,
                 "seconds": 0.0,
@@ -310,10 +238,15 @@ class Trainer:
         while epoch < spec.epochs and state["stale"] < spec.patience:
             stats = self.train_epoch(epoch)
             self.gather_weights()
-            valid_metric = self._validate()
-            improved = valid_metric > state["best_valid"]
+            metrics = self._validate()
+            improved = metrics[spec.valid_metric] > state["best_valid"]
             if improved:
-                state.update(best_valid=valid_metric, best_epoch=epoch, stale=0)
+                state.update(
+                    best_valid=metrics[spec.valid_metric],
+                    best_metrics=metrics,
+                    best_epoch=epoch,
+                    stale=0,
+                )
                 if main:
                     self._save_best()
             else:
@@ -324,7 +257,7 @@ class Trainer:
                 examples=state["examples"] + stats.examples,
             )
             if main:
-                self._log(epoch, stats, valid_metric, improved)
+                self._log(epoch, stats, metrics, improved)
             self._checkpoint(state)
             epoch += 1
 
@@ -334,6 +267,7 @@ class Trainer:
         return StageResult(
             best_epoch=state["best_epoch"],
             best_valid=state["best_valid"],
+            valid=state["best_metrics"],
             epochs_run=state["epoch"] + 1,
             seconds=state["seconds"],
             examples_per_second=state["examples"] / max(state["seconds"], 1e-9),
@@ -346,31 +280,35 @@ class Trainer:
                 distributed.gather_state(self.trained.state_dict(), self.world)
             )
 
-    def _validate(self) -> float:
-        metric = None
+    def _validate(self) -> dict[str, float]:
+        """Every validation metric a stage may select on (``VALID_METRICS``), by mean."""
+        metrics = None
         if self.world.is_main:
             self.model.eval()
-            valid = evaluate(
-                self.model, self.store, "valid", full_ranking=False, name=self.spec.name
-            )
-            metric = float(valid[SELECTION_METRIC].mean())
-        return distributed.broadcast_json(metric, self.world)
+            valid = evaluate(self.model, self.store, "valid", name=self.spec.name)
+            metrics = {name: float(valid[name].mean()) for name in VALID_METRICS}
+        return distributed.broadcast_json(metrics, self.world)
 
-    def _log(self, epoch: int, stats: EpochStats, valid_metric: float, improved: bool) -> None:
+    def _log(
+        self, epoch: int, stats: EpochStats, metrics: dict[str, float], improved: bool
+    ) -> None:
         record = {
             "stage": self.spec.name,
             "epoch": epoch,
             "train_loss": stats.loss_sum / stats.examples,
-            f"valid_{SELECTION_METRIC}": valid_metric,
+            **{f"valid_{name}": value for name, value in metrics.items()},
             "best": improved,
             "seconds": stats.seconds,
             "examples_per_second": stats.examples / stats.seconds,
         }
         with self.layout.log.open("a") as log:
             log.write(json.dumps(record) + "\n")
+        shown = "  ".join(
+            f"{name} {value:.4f}{'*' if improved and name == self.spec.valid_metric else ''}"
+            for name, value in metrics.items()
+        )
         tqdm.write(
-            f"{self.spec.name} epoch {epoch}: loss {record['train_loss']:.4f}  "
-            f"valid {SELECTION_METRIC} {valid_metric:.4f}{'  *' if improved else ''}",
+            f"{self.spec.name} epoch {epoch}: loss {record['train_loss']:.4f}  valid {shown}",
             file=sys.stderr,
         )
 

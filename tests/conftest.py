@@ -66,7 +66,7 @@ losses = [{ fn = "listnet", source = "teacher", temperature = 2.0 }]
 [stages.student]
 model = "small"
 epochs = 1
-lists = { teacher_top = 10, sampled = 10 }
+lists = { depth = 50, top = 10, uniform = 10 }
 losses = [
     { fn = "softmax_ce" },
     { fn = "ranknet", source = "intermediate", weight = 0.5 },
@@ -168,6 +168,18 @@ def ml100k() -> Path:
     if not (ML100K / "u.data").exists():
         pytest.skip(f"MovieLens 100K not found at {ML100K}")
     return ML100K
+
+
+@pytest.fixture(scope="session")
+def ml100k_dir(tmp_path_factory) -> Path:
+    """MovieLens 100K as ``recdistill data movielens`` prepares it, shared read-only."""
+    from recdistill.cli import main
+
+    if not (ML100K / "u.data").exists():
+        pytest.skip(f"MovieLens 100K not found at {ML100K}")
+    directory = tmp_path_factory.mktemp("ml100k") / "data"
+    assert main(["data", "movielens", "--path", str(ML100K), "--out", str(directory)]) == 0
+    return directory
 
 
 @pytest.fixture(scope="session")

@@ -97,9 +97,9 @@ def test_half_life_and_l2_are_chosen_on_validation_only(store, monkeypatch):
 
     monkeypatch.setattr(pipeline, "evaluate", spy)
     monkeypatch.setattr(evaluate_module, "CandidateLists", spy_lists)
-    ease = pipeline._best_on_valid(store, [5.0, L2], lambda l2: Ease.fit(store, l2))
+    ease = pipeline._best_on_valid(store, [5.0, L2], lambda l2: Ease.fit(store, l2), "ndcg@10")
     grid = [1.0, 5.0, 50.0]
-    recency = pipeline._best_on_valid(store, grid, lambda h: ease.scoring(store, h))
+    recency = pipeline._best_on_valid(store, grid, lambda h: ease.scoring(store, h), "ndcg@10")
     assert splits == ["valid"] * 5 and set(lists) == {"valid"}
     assert ease.l2 in (5.0, L2) and recency.l2 == ease.l2
     monkeypatch.undo()
@@ -109,6 +109,11 @@ def test_half_life_and_l2_are_chosen_on_validation_only(store, monkeypatch):
         return evaluate(ranker, store, "valid", full_ranking=False)["ndcg@10"].mean()
 
     assert recency.half_life == max(grid, key=valid_ndcg)
+    on_full = pipeline._best_on_valid(store, grid, lambda h: ease.scoring(store, h), "full_ndcg@10")
+    assert on_full.half_life == max(
+        grid,
+        key=lambda h: evaluate(ease.scoring(store, h), store, "valid")["full_ndcg@10"].mean(),
+    )
     # The shared fit: the tuned ranker scores with the chosen Ease's B, not a refit.
     expected = history_matrix(store.history, len(store.items), recency.half_life) @ ease.weights
     assert np.allclose(recency.scores.numpy(), expected, atol=1e-5)
@@ -116,7 +121,7 @@ def test_half_life_and_l2_are_chosen_on_validation_only(store, monkeypatch):
 
 def test_an_empty_grid_is_an_error(store, ease):
     with pytest.raises(ValueError, match="grid is empty"):
-        pipeline._best_on_valid(store, [], lambda h: ease.scoring(store, h))
+        pipeline._best_on_valid(store, [], lambda h: ease.scoring(store, h), "ndcg@10")
 
 
 def test_test_time_ease_reads_the_validation_item_as_the_newest(store, ease):

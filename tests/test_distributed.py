@@ -49,7 +49,7 @@ RANKED_LISTS_STUDENT = (
     + """
 [stages.student]
 model = "small"
-lists = { teacher_top = 10, sampled = 10 }
+lists = { depth = 50, top = 10, uniform = 10 }
 losses = [{ fn = "softmax_ce" }, { fn = "listnet", source = "teacher", temperature = 2.0 }]
 """
 )
@@ -151,8 +151,10 @@ def rows_of(batches, store):
 
 
 def test_streamed_epochs_visit_every_train_row_once_in_a_new_order(chunked_store):
-    lists = TrainLists(chunked_store, batch_size=300, negatives=4, seed=2, shuffle_rows=1200)
-    assert len(lists.chunks) > 10
+    lists = TrainLists(
+        chunked_store, batch_size=300, negatives=4, seed=2, shuffle_rows=1200, block_rows=500
+    )
+    assert lists.blocks > 10
     epochs = [rows_of(lists.epoch(epoch), chunked_store) for epoch in (0, 1)]
     train = pq.read_table(chunked_store.directory / "train.parquet")
     expected = sorted(zip(train["user_id"].to_pylist(), train["item_id"].to_pylist()))
@@ -172,6 +174,7 @@ def test_ranks_take_equal_disjoint_shares_of_the_same_batches(chunked_store):
             rank=rank,
             world_size=world_size,
             shuffle_rows=1500,
+            block_rows=500,
         )
 
     whole = list(lists().epoch(3))

@@ -1,12 +1,15 @@
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from recdistill import ranked_lists
-from recdistill.data.batches import FeatureStore
+from recdistill.data.batches import FeatureStore, TrainLists
+from recdistill.losses import listmle_loss
 from recdistill.pipeline import stages_from
-from recdistill.ranked_lists import ListSpec, RankedLists, top_unseen
+from recdistill.ranked_lists import ListSpec, rrd_lists
 from recdistill.stage import LossTerm
+from recdistill.teachers import FrozenTeacher
 from recdistill.train import Trainer
 from tests.test_train import fresh_model, log_of, stage
 
@@ -16,147 +19,169 @@ def store(synthetic_dir):
     return FeatureStore(synthetic_dir, history_length=10)
 
 
-def vectors(store, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    users = torch.randn(len(store.users), 6, generator=generator)
-    items = torch.randn(len(store.items), 6, generator=generator)
-    bias = torch.randn(len(store.items), generator=generator)
-    return users, items, bias
+@pytest.fixture(scope="module")
+def teacher(store):
+    return FrozenTeacher("teacher", fresh_model(store, seed=7), store)
 
 
-def seen_by(store, user):
-    return set(store.history.values[store.history.offsets[user] : store.history.offsets[user + 1]])
+def training_batch(store, size=64, seed=3):
+    return next(TrainLists(store, batch_size=size, negatives=4, seed=seed).epoch(0))
 
 
-def test_top_unseen_is_the_best_unseen_items_whatever_the_chunk(store, tmp_path, monkeypatch):
-    users, items, bias = vectors(store)
-    whole = np.array(top_unseen(users, items, bias, store, 7, tmp_path / "whole.npy"))
-    monkeypatch.setattr(ranked_lists, "CELLS", 3 * len(store.items))  # three users per chunk
-    chunked = np.array(top_unseen(users, items, bias, store, 7, tmp_path / "chunked.npy"))
-    np.testing.assert_array_equal(whole, chunked)
-    scores = (users @ items.T + bias).numpy()
-    for user in (1, 17, len(store.users) - 1):
-        allowed = [i for i in range(1, len(store.items)) if i not in seen_by(store, user)]
-        expected = sorted(allowed, key=lambda i: -scores[user, i])[:7]
-        assert list(whole[user]) == expected
-    assert not (tmp_path / "whole.npy.partial").exists()
+def past_of(store, row):
+    values, _lengths = store.past(np.array([row]))
+    return set(values.tolist())
 
 
-def test_too_few_unseen_items_for_teacher_top_is_an_error(store, tmp_path):
-    users, items, bias = vectors(store)
-    with pytest.raises(ValueError, match="fewer than teacher_top"):
-        top_unseen(users, items, bias, store, len(store.items), tmp_path / "top.npy")
+def list_items(lists):
+    return lists.items["item_id"].values().numpy()[lists.candidates.numpy()]
 
 
-def test_ranked_batches_put_the_top_first_and_mask_sampled_repeats(store, tmp_path):
-    users, items, bias = vectors(store)
-    top = top_unseen(users, items, bias, store, 5, tmp_path / "top.npy")
-    lists = RankedLists(store, {"teacher": top}, sampled=40)
-    picked = np.array([1, 2, 2, 30])
-    batch = lists.batch("teacher", picked, np.random.default_rng(0))
-    rows = batch.items["item_id"].values().numpy()[batch.candidates.numpy()]
-    np.testing.assert_array_equal(rows[:, :5], np.asarray(top)[picked])
-    for row, user, mask in zip(rows, picked, batch.mask.numpy()):
-        assert not set(row[5:]) & seen_by(store, user)
-        assert list(mask[5:]) == [item not in set(row[:5]) for item in row[5:]]
-    # every list sees its user's whole history: no target is left out of it
-    assert batch.users["history"].lengths().tolist() == [
-        min(10, len(seen_by(store, u))) for u in picked
-    ]
+def test_rrd_lists_hold_the_teachers_top_unseen_items_in_its_order_then_uniform_others(
+    store, teacher
+):
+    spec = ListSpec(depth=30, top=8, temperature=5.0, uniform=20)
+    batch = training_batch(store)
+    users = teacher.users(batch)
+    lists, target = rrd_lists(batch, users, teacher, store, spec, np.random.default_rng(0))
+    assert lists.list_size == 28
+    assert torch.equal(lists.users.values(), batch.users.values())  # the list's own moment
+    items, mask = list_items(lists), lists.mask.numpy()
+    scores = teacher.catalogue_scores(users).numpy()
+    np.testing.assert_allclose(target.numpy(), np.take_along_axis(scores, items, 1), rtol=1e-6)
+    for row, (train_row, listed, valid) in enumerate(zip(batch.train_rows.tolist(), items, mask)):
+        excluded = past_of(store, train_row) | {int(store.row_items(np.array([train_row]))[0]), 0}
+        allowed = [i for i in range(len(store.items)) if i not in excluded]
+        best = sorted(allowed, key=lambda i: -scores[row, i])[: spec.depth]
+        assert valid[: spec.top].all() and set(listed[: spec.top]) <= set(best)
+        ranks = [best.index(i) for i in listed[: spec.top]]
+        assert ranks == sorted(ranks)  # in the teacher's order
+        drawn = listed[spec.top :]
+        for position, (item, kept) in enumerate(zip(drawn, valid[spec.top :])):
+            repeat = item in drawn[:position]
+            assert kept == (item not in excluded and item not in best and not repeat)
+
+
+def test_the_top_items_are_drawn_with_weights_falling_with_rank_and_redrawn(store, teacher):
+    spec = ListSpec(depth=12, top=1, temperature=3.0, uniform=0)
+    batch = training_batch(store, size=1)
+    users = teacher.users(batch)
+    scores = teacher.catalogue_scores(users)[0].numpy()
+    excluded = past_of(store, int(batch.train_rows[0])) | {
+        int(store.row_items(batch.train_rows.numpy())[0]),
+        0,
+    }
+    best = sorted((i for i in range(len(scores)) if i not in excluded), key=lambda i: -scores[i])
+    rng = np.random.default_rng(1)
+    draws = 6000
+    counts = np.zeros(spec.depth)
+    for _ in range(draws):
+        lists, _ = rrd_lists(batch, users, teacher, store, spec, rng)
+        counts[best.index(int(list_items(lists)[0, 0]))] += 1
+    expected = np.exp(-np.arange(spec.depth) / spec.temperature)
+    expected /= expected.sum()
+    # every count within 4.5 standard deviations of its binomial expectation
+    assert np.all(np.abs(counts - draws * expected) < 4.5 * np.sqrt(draws * expected) + 1)
+
+
+def test_listmle_on_rrd_lists_orders_the_top_and_keeps_uniform_items_in_every_denominator(
+    store, teacher
+):
+    spec = ListSpec(depth=40, top=5, temperature=10.0, uniform=15)
+    batch = training_batch(store, size=8)
+    lists, target = rrd_lists(
+        batch, teacher.users(batch), teacher, store, spec, np.random.default_rng(2)
+    )
+    student = torch.randn(target.shape, generator=torch.Generator().manual_seed(0))
+    loss = listmle_loss(student, target, mask=lists.mask, top_k=spec.top)
+    expected = []
+    for s, valid in zip(student.tolist(), lists.mask.tolist()):
+        uniform = [math.exp(v) for v, ok in zip(s[spec.top :], valid[spec.top :]) if ok]
+        top = s[: spec.top]
+        expected.append(
+            sum(
+                -math.log(math.exp(top[k]) / (sum(map(math.exp, top[k:])) + sum(uniform)))
+                for k in range(spec.top)
+            )
+            / spec.top
+        )
+    assert loss.item() == pytest.approx(np.mean(expected), rel=1e-5)
 
 
 def teacher_stage(**overrides):
     return stage(
         losses=(LossTerm("softmax_ce"), LossTerm("listnet", "teacher", 1.0, {"temperature": 2.0})),
-        lists=ListSpec(teacher_top=8, sampled=8),
+        lists=ListSpec(depth=20, top=8, uniform=8),
         **overrides,
     )
 
 
-def test_ranked_lists_are_cached_and_a_resumed_run_reaches_the_same_result(
-    store, tmp_path, monkeypatch
-):
-    teacher = fresh_model(store, seed=7)
+def test_a_resumed_run_on_rrd_lists_reaches_the_same_result(store, teacher, tmp_path):
     straight = fresh_model(store)
     Trainer(teacher_stage(), straight, {"teacher": teacher}, store, tmp_path / "straight").fit()
-    cached = list((tmp_path / "straight").glob("teacher_top_teacher_8_*.npy"))
-    assert len(cached) == 1
-
     cut = tmp_path / "cut"
     Trainer(teacher_stage(epochs=1), fresh_model(store), {"teacher": teacher}, store, cut).fit()
-    written = next(cut.glob("teacher_top_*.npy")).stat().st_mtime_ns
-
-    def must_not_recompute(*args, **kwargs):
-        raise AssertionError("a resumed stage recomputed its teacher-ranked lists")
-
-    monkeypatch.setattr("recdistill.train.top_unseen", must_not_recompute)
-    resumed = fresh_model(store, seed=99)
     # the same stage with more epochs: resume the one-epoch run's checkpoint
     checkpoint = cut / "checkpoint.pt"
     payload = torch.load(checkpoint, weights_only=True)
     payload["spec"] = payload["spec"].replace('"epochs": 1', '"epochs": 3')
     torch.save(payload, checkpoint)
+    resumed = fresh_model(store, seed=99)
     Trainer(teacher_stage(), resumed, {"teacher": teacher}, store, cut).fit(resume=True)
-    assert next(cut.glob("teacher_top_*.npy")).stat().st_mtime_ns == written
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
-    assert [r["valid_ndcg@10"] for r in log_of(cut)] == [
-        r["valid_ndcg@10"] for r in log_of(tmp_path / "straight")
-    ]
+    assert log_of(cut)[-1]["valid_ndcg@10"] == log_of(tmp_path / "straight")[-1]["valid_ndcg@10"]
 
 
-def test_another_teacher_gets_its_own_lists(store, tmp_path):
-    for seed in (7, 8):
-        spec = teacher_stage(epochs=1)
-        teacher = fresh_model(store, seed=seed)
-        Trainer(spec, fresh_model(store), {"teacher": teacher}, store, tmp_path / str(seed)).fit()
-    first, second = (next((tmp_path / s).glob("*.npy")).name for s in ("7", "8"))
-    assert first != second
-
-
-def test_score_terms_train_on_the_ranked_lists_label_terms_on_the_training_lists(store, tmp_path):
-    teacher = fresh_model(store, seed=7)
+def test_score_terms_train_on_the_rrd_lists_label_terms_on_the_training_lists(
+    store, teacher, tmp_path
+):
     trainer = Trainer(teacher_stage(), fresh_model(store), {"teacher": teacher}, store, tmp_path)
     trainer.model.eval()  # no dropout: the two computations must see the same model
     batch = next(trainer.lists.epoch(0))
-    ranked = trainer.ranked_batches(batch, 0, 0)
-    assert set(ranked) == {"teacher"} and ranked["teacher"].list_size == 16
-    with_lists = trainer.loss(batch, ranked)
-    labels_alone = LossTerm("softmax_ce")
+    loss = trainer.loss(batch, 0, 0)
+    lists, target = rrd_lists(
+        batch,
+        teacher.users(batch),
+        teacher,
+        store,
+        trainer.spec.lists,
+        np.random.default_rng([trainer.spec.seed, 0, 0, 1]),
+    )
     model = trainer.model
-    expected = labels_alone.weight * torch.nn.functional.cross_entropy(
+    labels = torch.nn.functional.cross_entropy(
         model(batch), torch.zeros(batch.examples, dtype=torch.long)
-    ) + 4.0 * ranked_lists_listnet(model, trainer, ranked["teacher"])
-    torch.testing.assert_close(with_lists, expected)
+    )
+    student, teacher_scores = model(lists) / 2.0, target / 2.0
+    log_p = teacher_scores.masked_fill(~lists.mask, -torch.inf).log_softmax(-1)
+    log_q = student.masked_fill(~lists.mask, -torch.inf).log_softmax(-1)
+    kl = torch.where(lists.mask, log_p.exp() * (log_p - log_q), 0.0).sum(-1).mean()
+    torch.testing.assert_close(loss, labels + 4.0 * kl)
 
 
-def ranked_lists_listnet(model, trainer, lists):
-    student = model(lists) / 2.0
-    teacher = trainer.teacher_outputs(lists)["teacher"][2] / 2.0
-    mask = lists.mask
-    log_p = teacher.masked_fill(~mask, -torch.inf).log_softmax(-1)
-    log_q = student.masked_fill(~mask, -torch.inf).log_softmax(-1)
-    kl = torch.where(mask, log_p.exp() * (log_p - log_q), 0.0).sum(-1)
-    return kl.mean()
-
-
-def test_lists_need_a_teacher_score_term_and_known_keys():
+def test_lists_are_checked():
     with pytest.raises(ValueError, match="no loss of this stage learns from a teacher's scores"):
         stage(lists=ListSpec())
     with pytest.raises(ValueError, match="no loss of this stage"):
         stage(lists=ListSpec(), losses=(LossTerm("feature_mse", "teacher"),))
+    with pytest.raises(ValueError, match=r"listmle on teacher-ranked lists .* top_k ≤ lists.top"):
+        stage(lists=ListSpec(top=10), losses=(LossTerm("listmle", "teacher"),))
+    with pytest.raises(ValueError, match=r"top_k ≤ lists.top \(10\)"):
+        stage(lists=ListSpec(top=10), losses=(LossTerm("listmle", "teacher", 1.0, {"top_k": 20}),))
+    stage(lists=ListSpec(top=10), losses=(LossTerm("listmle", "teacher", 1.0, {"top_k": 10}),))
     config = {
         "stages": {
             "student": {
                 "model": "small",
-                "lists": {"teacher_top": 5, "top": 3},
+                "lists": {"depth": 100, "teacher_top": 5},
                 "losses": [{"fn": "listnet", "source": "teacher"}],
             }
         }
     }
-    with pytest.raises(ValueError, match=r"\[stages.student\] lists: unknown key\(s\) \['top'\]"):
+    with pytest.raises(ValueError, match=r"lists: unknown key\(s\) \['teacher_top'\]"):
         stages_from(config)
-    config["stages"]["student"]["lists"] = {"teacher_top": 5}
-    assert stages_from(config)[0].lists == ListSpec(teacher_top=5, sampled=50)
-    with pytest.raises(ValueError, match="teacher_top ≥ 1"):
-        ListSpec(teacher_top=0)
+    config["stages"]["student"]["lists"] = {"depth": 100}
+    assert stages_from(config)[0].lists == ListSpec(depth=100)
+    for bad in ({"top": 0}, {"top": 600}, {"uniform": -1}, {"temperature": 0.0}):
+        with pytest.raises(ValueError, match="lists need"):
+            ListSpec(**bad)

@@ -10,6 +10,7 @@ from recdistill.errors import TrainingDiverged
 from recdistill.losses import LOSSES
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
 from recdistill.stage import LossTerm, StageSpec
+from recdistill.teachers import FrozenTeacher
 from recdistill.train import Trainer
 
 SMALL = TwoTowerSpec(embedding_dim=8, tower=(8,), feature_dim=2, dropout=0.2)
@@ -49,17 +50,30 @@ def test_training_improves_validation_and_logs_every_epoch(store, tmp_path):
     log = log_of(tmp_path)
     assert [r["epoch"] for r in log] == [0, 1, 2]
     assert result.best_valid == max(r["valid_ndcg@10"] for r in log)
+    assert result.valid == {
+        name: log[result.best_epoch][f"valid_{name}"] for name in ("ndcg@10", "full_ndcg@10")
+    }
     assert log[-1]["train_loss"] < log[0]["train_loss"]
     assert result.best_valid > 0.2  # random ranking of 1 + 99 gives about 0.05
     best = load_file(str(tmp_path / "model.safetensors"))
     assert all(torch.equal(best[k], v) for k, v in model.state_dict().items())
 
 
+def test_early_stopping_follows_the_stages_validation_metric(store, tmp_path):
+    model = fresh_model(store)
+    result = Trainer(stage(valid_metric="full_ndcg@10"), model, {}, store, tmp_path).fit()
+    log = log_of(tmp_path)
+    assert result.best_valid == max(r["valid_full_ndcg@10"] for r in log)
+    assert log[result.best_epoch]["best"]
+    with pytest.raises(ValueError, match="unknown valid_metric 'mrr'"):
+        stage(valid_metric="mrr")
+
+
 def test_resume_after_interruption_reaches_the_identical_result(store, tmp_path, monkeypatch):
     spec = stage(
         losses=(LossTerm("softmax_ce"), LossTerm("listnet", "teacher", 1.0, {"temperature": 2.0}))
     )
-    teacher = fresh_model(store, seed=7)
+    teacher = FrozenTeacher("teacher", fresh_model(store, seed=7), store)
     straight = fresh_model(store)
     Trainer(spec, straight, {"teacher": teacher}, store, tmp_path / "straight").fit()
 
@@ -102,7 +116,8 @@ def test_early_stopping_and_frozen_teacher(store, tmp_path):
         learning_rate=0.5,
         losses=(LossTerm("ranknet", "teacher"), LossTerm("feature_mse", "teacher")),
     )
-    result = Trainer(spec, fresh_model(store), {"teacher": teacher}, store, tmp_path).fit()
+    frozen = {"teacher": FrozenTeacher("teacher", teacher, store)}
+    result = Trainer(spec, fresh_model(store), frozen, store, tmp_path).fit()
     assert result.epochs_run < 30
     assert result.epochs_run == result.best_epoch + 2
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())

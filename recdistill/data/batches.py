@@ -1,14 +1,15 @@
 """Ranking lists and next-item windows, batched for training and evaluation.
 
 Every example of a ranking batch is a list: one user and ``list_size`` candidate items with
-labels. Training lists hold the positive first, then negatives re-sampled every epoch from the
-items the user never interacted with in train (only train: steering negatives away from
-held-out items would leak where they are), and the positive is left out of the list's
-history; evaluation lists are the saved candidate lists (held-out item first). Next-item
-windows cut each user's train history into pieces, every item predicted from those before it.
+labels. A training list is a train interaction: its item first, then negatives re-sampled
+every epoch from the items the user never interacted with in train (only train: steering
+negatives away from held-out items would leak where they are), the user's features as they
+stood just before it (the items before it alone, as at validation, test and serving).
+Evaluation lists are the saved candidate lists (held-out item first). Next-item windows cut
+each user's train history into pieces, every item predicted from those before it.
 
-:class:`TrainLists` streams the train split every epoch, shuffled window by window; the
-features come from a :class:`~recdistill.data.feature_store.FeatureStore`.
+:class:`TrainLists` shuffles the train rows every epoch, block by block; the features come
+from a :class:`~recdistill.data.feature_store.FeatureStore`.
 """
 
 from __future__ import annotations
@@ -18,9 +19,7 @@ from collections.abc import Iterator
 from dataclasses import KW_ONLY, dataclass, field
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 
@@ -28,8 +27,10 @@ from recdistill.data.feature_store import FeatureStore, RankingBatch, SequenceBa
 from recdistill.data.sampling import sample_unseen
 from recdistill.layout import DataLayout
 
-# Training rows are shuffled within windows of at most this many rows (16 bytes each).
+# Training rows are shuffled within windows of at most this many rows, made of blocks of
+# BLOCK_ROWS consecutive rows taken in a shuffled order.
 SHUFFLE_ROWS = 1 << 21
+BLOCK_ROWS = 1 << 16
 
 
 @dataclass
@@ -64,78 +65,62 @@ class _TrainEpochs:
 
 @dataclass(kw_only=True)
 class TrainLists(_TrainEpochs):
-    """Training lists (positive first, ``negatives`` fresh negatives) for one epoch at a time.
+    """Training lists (a train row's item first, ``negatives`` fresh negatives, the features
+    of the row's moment) for one epoch at a time.
 
-    Each epoch shuffles the train split's Parquet row groups, reads them into windows of at
-    most ``shuffle_rows`` rows and shuffles the rows within each window (a split that fits in
-    one window gets a full permutation). Batches are seeded and dealt to ranks as
-    :class:`_TrainEpochs` says.
+    Each epoch shuffles blocks of ``block_rows`` consecutive train rows, gathers them into
+    windows of at most ``shuffle_rows`` rows and shuffles the rows within each window (a
+    split that fits in one window gets a full permutation), so no more than a window of row
+    numbers is held. Batches are seeded and dealt to ranks as :class:`_TrainEpochs` says.
     """
 
     shuffle_rows: int = SHUFFLE_ROWS
-    chunks: list[ds.ParquetFileFragment] = field(init=False)
+    block_rows: int = BLOCK_ROWS
 
-    def __post_init__(self) -> None:
-        train = ds.dataset(DataLayout(self.store.directory).split("train"), format="parquet")
-        self.chunks = [
-            row_group
-            for fragment in train.get_fragments()
-            for row_group in fragment.split_by_row_group()
-        ]
+    @property
+    def blocks(self) -> int:
+        return math.ceil(self.store.train_rows / self.block_rows)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.store.train_items) / self.batch_size) // self.world_size
+        return math.ceil(self.store.train_rows / self.batch_size) // self.world_size
 
     def epoch(self, epoch: int) -> Iterator[RankingBatch]:
         rng = np.random.default_rng([self.seed, epoch])
-        labels = np.zeros((1, self.negatives + 1), dtype=np.float32)
-        labels[0, 0] = 1.0
         batches = len(self) * self.world_size
-        for k, (users, positives) in enumerate(self._shuffled_rows(rng)):
+        for k, rows in enumerate(self._shuffled_rows(rng)):
             if k == batches:
                 return
             if k % self.world_size != self.rank:
                 continue
-            yield self.store.batch(
-                users,
-                np.concatenate([positives[:, None], self._negatives(users, epoch, k)], axis=1),
-                np.repeat(labels, len(users), axis=0),
-                exclude_from_history=positives,
-            )
+            users = self.store.row_users(rows)
+            yield self.store.training_batch(rows, self._negatives(users, epoch, k))
 
-    def _shuffled_rows(self, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """The epoch's (user, item) index rows, shuffled, ``batch_size`` rows at a time."""
-        users = items = np.empty(0, dtype=np.int64)
+    def _shuffled_rows(self, rng: np.random.Generator) -> Iterator[np.ndarray]:
+        """The epoch's train rows, shuffled, ``batch_size`` rows at a time."""
+        rows = np.empty(0, dtype=np.int64)
         for window in self._windows(rng):
-            table = pa.concat_tables(
-                chunk.to_table(columns=["user_id", "item_id"]) for chunk in window
-            )
-            order = rng.permutation(len(table))
-            users = np.concatenate(
-                [users, self.store.users.index(table["user_id"].to_numpy())[order]]
-            )
-            items = np.concatenate(
-                [items, self.store.items.index(table["item_id"].to_numpy())[order]]
-            )
-            whole = len(users) - len(users) % self.batch_size
+            rows = np.concatenate([rows, window[rng.permutation(len(window))]])
+            whole = len(rows) - len(rows) % self.batch_size
             for start in range(0, whole, self.batch_size):
-                yield users[start : start + self.batch_size], items[start : start + self.batch_size]
-            users, items = users[whole:], items[whole:]
-        if len(users):
-            yield users, items
+                yield rows[start : start + self.batch_size]
+            rows = rows[whole:]
+        if len(rows):
+            yield rows
 
-    def _windows(self, rng: np.random.Generator) -> Iterator[list[ds.ParquetFileFragment]]:
-        window, rows = [], 0
-        for index in rng.permutation(len(self.chunks)):
-            chunk = self.chunks[index]
-            chunk_rows = chunk.row_groups[0].num_rows
-            if window and rows + chunk_rows > self.shuffle_rows:
-                yield window
-                window, rows = [], 0
-            window.append(chunk)
-            rows += chunk_rows
-        if window:
-            yield window
+    def _windows(self, rng: np.random.Generator) -> Iterator[np.ndarray]:
+        """The row numbers of each window: whole blocks in a shuffled order."""
+        per_window = max(1, self.shuffle_rows // self.block_rows)
+        order = rng.permutation(self.blocks)
+        for start in range(0, len(order), per_window):
+            yield np.concatenate(
+                [
+                    np.arange(
+                        block * self.block_rows,
+                        min((block + 1) * self.block_rows, self.store.train_rows),
+                    )
+                    for block in order[start : start + per_window]
+                ]
+            )
 
 
 @dataclass(kw_only=True)

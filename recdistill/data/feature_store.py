@@ -1,8 +1,9 @@
 """A data directory's features as torchrec ``KeyedJaggedTensor`` batches.
 
 The user side of a batch is a KJT with one row per list (or history window): ``user_id``,
-``history`` (the user's train items, most recent first, capped), and one key per
-demographic feature. The item side has ``item_id`` and the ``genres`` bag, one row per
+``history`` (most recent first, capped: for a training list the user's items before its
+positive, for an evaluation list the user's history as it stood at the held-out item), and
+one key per demographic feature. The item side has ``item_id`` and the ``genres`` bag, one row per
 distinct item of the batch (so a tower runs once per item), which the batch's candidates or
 targets point at. IDs are mapped to contiguous indices with 0 reserved for "unknown".
 
@@ -63,7 +64,13 @@ class Jagged:
     def gather(self, rows: np.ndarray, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The (values, lengths) of ``rows`` concatenated, each row cut to ``limit`` values."""
         starts = self.offsets[rows]
-        lengths = self.offsets[rows + 1] - starts
+        return self.slices(starts, self.offsets[rows + 1] - starts, limit)
+
+    def slices(
+        self, starts: np.ndarray, lengths: np.ndarray, limit: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The (values, lengths) of ``values[starts[r]:starts[r] + lengths[r]]`` concatenated,
+        each cut to its first ``limit`` values."""
         if limit is not None:
             lengths = np.minimum(lengths, limit)
         within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
@@ -76,7 +83,8 @@ class RankingBatch:
 
     ``users`` has one row per list, ``items`` one row per distinct item; ``candidates``,
     ``labels`` and ``mask`` are ``[lists, list_size]``, ``candidates`` holding row numbers
-    of ``items``.
+    of ``items``. ``train_rows`` is the train split's row of each training list's positive
+    (the moment the list's features stand at), -1 for lists that are not training lists.
     """
 
     users: KeyedJaggedTensor
@@ -85,6 +93,7 @@ class RankingBatch:
     labels: torch.Tensor
     mask: torch.Tensor
     user_ids: torch.Tensor
+    train_rows: torch.Tensor
 
     @property
     def list_size(self) -> int:
@@ -278,36 +287,66 @@ class FeatureStore:
         history, lengths = self.history.gather(users, limit=self.history_length)
         return self.user_kjt(users, history, lengths)
 
-    def batch(
+    @property
+    def train_rows(self) -> int:
+        """Rows of the train split: row ``r`` is the ``r``-th interaction in the split's order
+        (by user, then time, ties in the split's seeded order)."""
+        return len(self.history.values)
+
+    def row_users(self, rows: np.ndarray) -> np.ndarray:
+        """The user index of each train row of ``rows``."""
+        return np.searchsorted(self.history.offsets, rows, side="right") - 1
+
+    def row_items(self, rows: np.ndarray) -> np.ndarray:
+        """The item index of each train row of ``rows``."""
+        users = self.row_users(rows)
+        offsets = self.history.offsets
+        return self.history.values[offsets[users] + offsets[users + 1] - 1 - rows].astype(np.int64)
+
+    def past(self, rows: np.ndarray, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per train row, the (values, lengths) of the items its user had before it, newest
+        first, cut to ``limit``: what was known at the row's moment."""
+        users = self.row_users(rows)
+        before = rows - self.history.offsets[users]
+        return self.history.slices(self.history.offsets[users + 1] - before, before, limit)
+
+    def training_users(self, rows: np.ndarray) -> KeyedJaggedTensor:
+        """The user-side KJT of train rows ``rows``: each row's user with the row's past."""
+        history, lengths = self.past(rows, limit=self.history_length)
+        return self.user_kjt(self.row_users(rows), history, lengths)
+
+    def training_batch(self, rows: np.ndarray, negatives: np.ndarray) -> RankingBatch:
+        """Training lists of train rows ``rows`` (``[B]``): each row's item first (label 1),
+        then its ``negatives`` (``[B, n]``), the user's features as they stood before it."""
+        users = self.row_users(rows)
+        items = np.concatenate([self.row_items(rows)[:, None], negatives], axis=1)
+        labels = np.zeros(items.shape, dtype=np.float32)
+        labels[:, 0] = 1.0
+        return self._batch(self.training_users(rows), users, items, labels, rows)
+
+    def batch(self, users: np.ndarray, items: np.ndarray, labels: np.ndarray) -> RankingBatch:
+        """Build a batch from user indices ``[B]`` and candidate item indices ``[B, L]``, each
+        user's features as they stand after the user's whole train history."""
+        rows = np.full(len(users), -1)
+        return self._batch(self.history_kjt(users), users, items, labels, rows)
+
+    def _batch(
         self,
+        user_features: KeyedJaggedTensor,
         users: np.ndarray,
         items: np.ndarray,
         labels: np.ndarray,
-        exclude_from_history: np.ndarray | None = None,
+        rows: np.ndarray,
     ) -> RankingBatch:
-        """Build a batch from user indices ``[B]`` and candidate item indices ``[B, L]``.
-
-        ``exclude_from_history`` (item index per list) is dropped from that list's history, so
-        a training target is never one of its own features.
-        """
-        lists = len(users)
-        history, history_lengths = self.history.gather(users, limit=self.history_length + 1)
-        owner = np.repeat(np.arange(lists), history_lengths)
-        keep = np.ones(len(history), dtype=bool)
-        if exclude_from_history is not None:
-            keep &= history != exclude_from_history[owner]
-        kept_before = np.cumsum(keep) - keep
-        first_of_row = np.repeat(np.cumsum(history_lengths) - history_lengths, history_lengths)
-        keep &= (kept_before - kept_before[first_of_row]) < self.history_length
-        history_lengths = np.bincount(owner[keep], minlength=lists)
         distinct, slots = np.unique(items, return_inverse=True)
         return RankingBatch(
-            users=self.user_kjt(users, history[keep], history_lengths),
+            users=user_features,
             items=self.item_kjt(distinct),
             candidates=torch.as_tensor(slots.reshape(items.shape)),
             labels=torch.as_tensor(labels, dtype=torch.float32),
             mask=torch.ones(labels.shape, dtype=torch.bool),
             user_ids=torch.as_tensor(self.users.values[users - 1]),
+            train_rows=torch.as_tensor(rows, dtype=torch.int64),
         )
 
 

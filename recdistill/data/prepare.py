@@ -27,7 +27,7 @@ MIN_INTERACTIONS = 3
 PARTITION_ROWS = 4_000_000
 # Record batches read while scattering interactions to partitions.
 SCAN_ROWS = 1 << 20
-# Row groups of the split files: the chunks TrainLists shuffles between.
+# Row groups of the split files, which readers stream a group at a time.
 ROW_GROUP_ROWS = 1 << 16
 
 

@@ -20,6 +20,7 @@ from recdistill.quantize import QuantizationSpec, load_plain_state, quantize
 from recdistill.segments import SliceSpec, slice_table, user_segments
 from recdistill.summary import RunSummary, read_summary
 from recdistill.sweep.plan import METRIC, REFERENCE, Plan
+from recdistill.teachers import FrozenTeacher
 
 
 class Bench:
@@ -43,6 +44,14 @@ class Bench:
             spec = spec_from(TwoTowerSpec, table, f"{base.root}: [models.{preset}]")
             teachers[name] = self.load(spec, base.stage(name).weights)
         return teachers
+
+    @cached_property
+    def frozen(self) -> dict[str, FrozenTeacher]:
+        """The teachers, frozen; a sequence teacher's states are cached in its base run."""
+        return {
+            name: FrozenTeacher(name, model, self.store, cache=self.plan.base.stage(name).root)
+            for name, model in self.teachers.items()
+        }
 
     @cached_property
     def segments(self) -> pd.DataFrame:

@@ -59,7 +59,7 @@ def search_one(bench: Bench, candidate: Candidate) -> dict[str, Any]:
     """Train one candidate (or finish training it), score it and its int8 copy on validation."""
     layout = _layout(bench.plan, candidate.name)
     # Teachers first: building them (once per process) draws on the RNG the seed below fixes.
-    teachers = {name: bench.teachers[name] for name in candidate.stage.teachers}
+    teachers = {name: bench.frozen[name] for name in candidate.stage.teachers}
     torch.manual_seed(candidate.stage.seed)
     model = TwoTower(candidate.model, bench.space)
     trained = Trainer(candidate.stage, model, teachers, bench.store, layout.root).fit(resume=True)

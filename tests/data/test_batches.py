@@ -35,26 +35,25 @@ def test_vocabulary_reserves_zero_for_unknown():
 
 
 def test_train_batch_contents_match_the_source_rows(store, synthetic_dir):
-    train = frame(synthetic_dir, "train").sort_values(["timestamp", "item_id"], ascending=False)
-    history_of = train.groupby("user_id", sort=False)["item_id"].apply(list)
+    # The split's rows are in time order per user (ties in the split's seeded order).
+    train = frame(synthetic_dir, "train")
+    items_of = train.groupby("user_id", sort=False)["item_id"].apply(list)
     users = frame(synthetic_dir, "users").set_index("user_id")
     genres_of = frame(synthetic_dir, "items").set_index("item_id")["genres"]
-    train_pairs = set(zip(train["user_id"], train["item_id"]))
 
     batch = next(TrainLists(store, batch_size=64, negatives=4, seed=1).epoch(0))
     assert batch.labels.shape == (64, 5) and batch.labels[:, 0].eq(1).all()
     assert batch.labels[:, 1:].eq(0).all() and batch.mask.all()
-    user_ids = [
-        store.users.values[i - 1] for i in rows_of(batch.users, "user_id")[0:64] for i in [i[0]]
-    ]
+    user_ids = [store.users.values[i[0] - 1] for i in rows_of(batch.users, "user_id")]
     assert user_ids == batch.user_ids.tolist()
     item_ids = slot_item_ids(store, batch)
     genre_rows = rows_of(batch.items, "genres")
     assert len(genre_rows) == len(np.unique(item_ids))
-    for row, user in enumerate(user_ids):
+    for row, (user, train_row) in enumerate(zip(user_ids, batch.train_rows.tolist())):
         target = item_ids[row, 0]
-        assert (user, target) in train_pairs
-        expected = [i for i in history_of[user] if i != target][:HISTORY]
+        assert (train["user_id"][train_row], train["item_id"][train_row]) == (user, target)
+        before = items_of[user][: items_of[user].index(target)]
+        expected = before[::-1][:HISTORY]  # the newest first
         history = rows_of(batch.users, "history")[row]
         assert store.items.values[np.array(history, int) - 1].tolist() == expected
         for feature in ("region", "age_bucket"):
@@ -64,6 +63,29 @@ def test_train_batch_contents_match_the_source_rows(store, synthetic_dir):
             item_row = batch.candidates[row, position]
             names = store.genres.values[np.array(genre_rows[item_row], int) - 1]
             assert names.tolist() == list(genres_of[item])
+
+
+@pytest.mark.parametrize("world", ["synthetic", "ml-100k"])
+def test_no_training_list_reads_an_item_later_than_its_positive(world, request):
+    directory = request.getfixturevalue("synthetic_dir" if world == "synthetic" else "ml100k_dir")
+    store = FeatureStore(directory, history_length=50)
+    train = frame(directory, "train")
+    # Each (user, item) is one train row; its place in the user's order and its time.
+    order = train.groupby("user_id").cumcount().to_numpy()
+    place = dict(zip(zip(train["user_id"], train["item_id"]), zip(order, train["timestamp"])))
+    lists, read = 0, 0
+    for batch in TrainLists(store, batch_size=4096, negatives=1, seed=0).epoch(0):
+        items = slot_item_ids(store, batch)[:, 0]
+        for user, positive, history in zip(
+            batch.user_ids.tolist(), items, rows_of(batch.users, "history")
+        ):
+            when, time = place[user, positive]
+            for item in store.items.values[np.array(history, int) - 1]:
+                earlier, earlier_time = place[user, item]
+                assert earlier < when and earlier_time <= time
+            lists += 1
+            read += len(history)
+    assert lists == store.train_rows and read > 0
 
 
 def test_no_leakage_into_training_batches(store, synthetic_dir):
@@ -90,7 +112,7 @@ def test_no_leakage_into_training_batches(store, synthetic_dir):
 
 def test_negatives_are_resampled_each_epoch_and_reproducible(store):
     lists = TrainLists(store, batch_size=256, negatives=4, seed=5)
-    assert len(lists) == -(-len(store.train_users) // 256)
+    assert len(lists) == -(-store.train_rows // 256)
 
     def first(epoch):
         return torch.as_tensor(slot_item_ids(store, next(lists.epoch(epoch))))
@@ -98,7 +120,7 @@ def test_negatives_are_resampled_each_epoch_and_reproducible(store):
     assert first(0).equal(first(0))
     assert not first(0).equal(first(1))
     total = sum(b.labels.shape[0] for b in lists.epoch(2))
-    assert total == len(store.train_users)
+    assert total == store.train_rows
 
 
 def test_candidate_lists_follow_the_saved_lists(store, synthetic_dir):

@@ -1,0 +1,104 @@
+"""Time and peak memory of a frozen sequence teacher's per-list states, and of drawing RRD lists.
+
+    .venv/bin/python benchmarks/teacher_states.py --data data/ml100k --config configs/ml100k.toml
+    .venv/bin/python benchmarks/teacher_states.py --users 200000 --config configs/synthetic.toml
+
+Computes the state of the config's teacher (its architecture, random weights: the cost does
+not depend on them) at every train row, from the row's past alone, written to a memory-mapped
+file as a distillation stage does once per run (recdistill/teachers.py), on one torch
+thread per core. Then draws the RRD lists of ``--batches`` training batches of the config's
+student stage (the catalogue ranked from each list's state: recdistill/ranked_lists.py).
+Without ``--data`` it first generates a synthetic world of ``--users`` users and 20,000 items
+(55 interactions per user on average: 10M interactions at 200,000 users) in a separate
+process, so that the generator's peak is not this one's. Peak memory is this process's
+resident peak after loading the ``FeatureStore``, after the states and after the lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from synthetic_scale import ITEMS, MEAN_ACTIVITY, peak_gib
+
+from recdistill.config import history_length, load_config
+from recdistill.data.batches import FeatureStore, TrainLists
+from recdistill.models import FeatureSpace, TwoTower
+from recdistill.pipeline import model_presets, stages_from
+from recdistill.ranked_lists import ListSpec, rrd_lists
+from recdistill.teachers import FrozenTeacher
+
+
+def measure(config_path: Path, data: Path, scratch: Path, batches: int) -> None:
+    config = load_config(config_path)
+    stages = {stage.name: stage for stage in stages_from(config)}
+    preset = model_presets(config)[stages["teacher"].model]
+    student = stages["student"]
+    loaded = time.perf_counter()
+    store = FeatureStore(data, history_length=history_length(config))
+    load_seconds = time.perf_counter() - loaded
+    after_load = peak_gib()
+    torch.manual_seed(0)
+    model = TwoTower(preset, FeatureSpace(store.user_features, store.cardinalities()))
+    started = time.perf_counter()
+    teacher = FrozenTeacher("teacher", model, store, cache=scratch)
+    state_seconds = time.perf_counter() - started
+    after_states = peak_gib()
+    lists = student.lists or ListSpec()
+    train = TrainLists(store, batch_size=student.batch_size, negatives=student.negatives)
+    rng = np.random.default_rng(0)
+    drawn, list_seconds = 0, 0.0
+    for batch in train.epoch(0):
+        if drawn == batches:
+            break
+        started = time.perf_counter()
+        rrd_lists(batch, teacher.users(batch), teacher, store, lists, rng)
+        list_seconds += time.perf_counter() - started
+        drawn += 1
+    after_lists = peak_gib()
+    states_gib = store.train_rows * model.output_dim * 4 / 2**30
+    print(
+        f"\n{data}: {len(store.users) - 1:,} users, {len(store.items) - 1:,} items, "
+        f"{store.train_rows:,} train rows; teacher {preset.embedding_dim}-d, "
+        f"{preset.layers} layer(s), max_length {preset.max_length}; {torch.get_num_threads()} "
+        f"torch thread(s); RRD lists {lists}, {student.batch_size} lists a batch\n"
+    )
+    print(
+        f"{'load s':>7}{'states s':>10}{'rows/s':>10}{'states file GiB':>17}{'ms per batch of lists':>23}"
+        f"{'peak GiB: loaded':>18}{'+ states':>10}{'+ lists':>9}"
+    )
+    print(
+        f"{load_seconds:>7.1f}{state_seconds:>10.1f}{store.train_rows / state_seconds:>10,.0f}"
+        f"{states_gib:>17.2f}{1e3 * list_seconds / max(drawn, 1):>23.1f}"
+        f"{after_load:>18.2f}{after_states:>10.2f}{after_lists:>9.2f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--data", type=Path, help="a data directory (default: generate one)")
+    parser.add_argument("--users", type=int, default=200_000)
+    parser.add_argument("--batches", type=int, default=20, help="batches of RRD lists timed")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        data = args.data
+        if data is None:
+            data = Path(scratch) / "data"
+            subprocess.run(
+                [str(Path(sys.executable).parent / "recdistill"), "data", "synthetic"]
+                + ["--out", str(data), "--users", str(args.users), "--items", str(ITEMS)]
+                + ["--mean-activity", str(MEAN_ACTIVITY)],
+                check=True,
+            )
+        measure(args.config, data, Path(scratch) / "states", args.batches)
+
+
+if __name__ == "__main__":
+    main()

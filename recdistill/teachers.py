@@ -1,0 +1,185 @@
+"""Frozen teachers: a trained model that answers for each training list from the list's moment.
+
+A training list holds a train interaction (its positive) and the user's features as they
+stood just before it: the items before the positive alone (``FeatureStore.training_batch``).
+A frozen teacher is asked about that same moment: its user vector for a list is its user
+tower on the list's own features, never the user's state at the end of train, which holds
+the items after the positive (and, for every list but the newest, the positive itself).
+
+For a bag teacher that is its user tower on the batch, computed per batch. A sequence
+teacher's attention layers would run once per list and epoch, so its state at every train
+row is computed once, written to a memory-mapped ``.npy`` file and looked up by row. A
+causal encoder read out at its newest position gives every prefix of a window in one pass
+(position ``j`` of a window reads only the items older than it, with the positions they
+would have alone), so each user's oldest ``max_length + 1`` rows cost one pass together;
+each later row, whose past fills a window of its own, costs one pass. Users are taken in
+chunks, so memory is bounded by the chunk, not by the number of users or rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from recdistill import distributed
+from recdistill.data.feature_store import FeatureStore, RankingBatch
+from recdistill.data.tables import atomic_write
+from recdistill.models import TwoTower
+
+TeacherOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""A frozen teacher's user vectors, item vectors and scores for a batch."""
+
+# Windows run through a sequence teacher at once while computing its states.
+STATE_WINDOWS = 1024
+
+
+class FrozenTeacher:
+    """A trained model in eval mode, its gradients off, its item vectors computed once.
+
+    ``cache`` is the directory for a sequence teacher's per-row states (a file named after
+    a fingerprint of the teacher's weights and of the train split, so a resumed run or a
+    later stage reuses it and another teacher never does); without one they are held in
+    memory. Under ``torchrun`` rank 0 computes the file and every rank maps it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        model: TwoTower,
+        store: FeatureStore,
+        *,
+        cache: Path | None = None,
+    ) -> None:
+        world = distributed.world()
+        model.eval()
+        model.requires_grad_(False)
+        self.name = name
+        self.model = model if world.device.type == "cpu" else copy.deepcopy(model).to(world.device)
+        self.device = world.device
+        with torch.no_grad():
+            self.items = self.model.item_tower(store.catalogue().to(self.device))
+            self.bias = self.model.item_bias.weight.squeeze(-1)
+        self.states = None
+        if model.spec.is_sequence:
+            self.states = _cached_states(self.model, store, cache, name, world)
+
+    @property
+    def output_dim(self) -> int:
+        return self.model.output_dim
+
+    @torch.no_grad()
+    def users(self, batch: RankingBatch) -> torch.Tensor:
+        """The teacher's user vector of every list of ``batch``, from the list's features:
+        looked up for training lists when the states are precomputed, else computed."""
+        rows = batch.train_rows
+        if self.states is not None and bool((rows >= 0).all()):
+            return torch.as_tensor(self.states[rows.cpu().numpy()]).to(self.device)
+        return self.model.user_tower(batch.users)
+
+    @torch.no_grad()
+    def outputs(self, batch: RankingBatch, users: torch.Tensor | None = None) -> TeacherOutputs:
+        """User vectors (``users`` if given), item vectors and scores of ``batch``'s lists."""
+        users = self.users(batch) if users is None else users
+        items = self.items[batch.items["item_id"].values()]
+        return users, items, self.model.score(users, items, batch)
+
+    @torch.no_grad()
+    def catalogue_scores(self, users: torch.Tensor) -> torch.Tensor:
+        """``[len(users), items]``: every catalogue item's score for each user vector."""
+        return users @ self.items.T + self.bias
+
+
+def _cached_states(
+    model: TwoTower, store: FeatureStore, cache: Path | None, name: str, world
+) -> np.ndarray:
+    if cache is None:
+        return sequence_states(model, store, np.empty((store.train_rows, model.output_dim), "f4"))
+    path = None
+    if world.is_main:
+        cache.mkdir(parents=True, exist_ok=True)
+        path = cache / f"train_states_{name}_{_fingerprint(model, store)}.npy"
+        if not path.exists():
+            atomic_write(path, lambda scratch: _write_states(model, store, scratch))
+    path = distributed.broadcast_json(None if path is None else str(path), world)
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _write_states(model: TwoTower, store: FeatureStore, path: Path) -> None:
+    states = np.lib.format.open_memmap(
+        path, mode="w+", dtype=np.float32, shape=(store.train_rows, model.output_dim)
+    )
+    sequence_states(model, store, states)
+    states.flush()
+
+
+def _fingerprint(model: TwoTower, store: FeatureStore) -> str:
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(np.ascontiguousarray(store.history.offsets).tobytes())
+    digest.update(np.ascontiguousarray(store.history.values).tobytes())
+    digest.update(str(store.history_length).encode())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def sequence_states(model: TwoTower, store: FeatureStore, out: np.ndarray) -> np.ndarray:
+    """Fill ``out[r]`` with ``model``'s user vector at train row ``r``, from the row's past
+    alone (the items before it, newest first, as ``store.training_batch`` gives them).
+
+    A window ending at row ``e`` of a user (the items before it) read out at its every
+    position gives rows ``1..e`` when it holds the user's whole past (``e`` ≤
+    ``max_length``): those are computed from one window per user. The user's first row has
+    an empty past; each row with more than ``max_length`` items before it gets a window of
+    its own, read out at its newest position. An attention readout pools every position, so
+    each row then gets its own window.
+    """
+    tower = model.user_tower
+    length = model.spec.max_length
+    prefixes = model.spec.readout == "last"
+    offsets = store.history.offsets
+    counts = np.diff(offsets)
+    # Users in chunks of about STATE_WINDOWS * max_length rows.
+    chunk_users = np.searchsorted(offsets, np.arange(0, offsets[-1], STATE_WINDOWS * length))
+    bounds = np.unique(np.concatenate([chunk_users, [len(counts)]]))
+    device = next(model.parameters()).device
+    progress = tqdm(total=int(offsets[-1]), desc="teacher states", unit="row", disable=None)
+    for first, last in itertools.pairwise(bounds):
+        users = np.arange(first, last)
+        rows = np.arange(offsets[first], offsets[last])
+        if len(rows) == 0:
+            continue
+        before = rows - offsets[store.row_users(rows)]  # items before each row
+        one_window = (before > length) | (before == 0) | (not prefixes)
+        for start in range(0, int(one_window.sum()), STATE_WINDOWS):
+            batch_rows = rows[one_window][start : start + STATE_WINDOWS]
+            kjt = store.training_users(batch_rows).to(device)
+            out[batch_rows] = tower(kjt).cpu().numpy()
+        if prefixes:
+            # One window per user: the rows 1..e before which the user's whole past fits.
+            ends = offsets[users] + np.minimum(counts[users] - 1, length)
+            owners = users[ends > offsets[users]]
+            ends = ends[ends > offsets[users]]
+            for start in range(0, len(ends), STATE_WINDOWS):
+                window_ends = ends[start : start + STATE_WINDOWS]
+                kjt = store.training_users(window_ends).to(device)
+                positions, _ = tower.positions(kjt)
+                owner = owners[start : start + STATE_WINDOWS]
+                within = window_ends - offsets[owner]
+                for_rows = np.repeat(window_ends, within) - (
+                    np.arange(within.sum()) - np.repeat(np.cumsum(within) - within, within)
+                )
+                # Row e - j reads position j of the window ending at row e.
+                slot = np.repeat(window_ends, within) - for_rows
+                window = np.repeat(np.arange(len(window_ends)), within)
+                out[for_rows] = positions[window, slot].cpu().numpy()
+        progress.update(len(rows))
+    progress.close()
+    return out
