@@ -58,7 +58,8 @@ def train_variant(
         result = Trainer(stage, model, {}, store, Path(scratch)).fit()
     return {
         "params": model.parameter_count(),
-        "valid": result.best_valid,
+        "metric": stage.valid_metric,
+        "valid": result.valid,
         "best_epoch": result.best_epoch,
         "epochs": result.epochs_run,
         "seconds": result.seconds,
@@ -79,13 +80,16 @@ def main() -> None:
         change = tomllib.loads(snippet)
         row = train_variant(merged(base, change), args.data, args.stage, args.epochs)
         rows.append((" ".join(snippet.split()) or "(config as is)", row))
-        print(f"{rows[-1][0]}: valid ndcg@10 {row['valid']:.4f}", flush=True)
-    print(f"\n{args.config}, stage {args.stage}, {args.data}")
-    print("| variant | params | valid NDCG@10 | best epoch | epochs run | train s |")
-    print("|---|---:|---:|---:|---:|---:|")
+        print(f"{rows[-1][0]}: valid {row['valid']}", flush=True)
+    print(f"\n{args.config}, stage {args.stage}, {args.data}; best epoch by valid {row['metric']}")
+    print(
+        "| variant | params | valid NDCG@10 | valid full NDCG@10 | best epoch | epochs run | train s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, row in rows:
         print(
-            f"| `{name}` | {row['params']:,} | {row['valid']:.4f} | {row['best_epoch']} "
+            f"| `{name}` | {row['params']:,} | {row['valid']['ndcg@10']:.4f} "
+            f"| {row['valid']['full_ndcg@10']:.4f} | {row['best_epoch']} "
             f"| {row['epochs']} | {row['seconds']:.0f} |"
         )
 

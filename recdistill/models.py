@@ -365,16 +365,23 @@ class TwoTower(nn.Module):
         return self.score(users, items, batch)
 
     def next_item_scores(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores ``[targets, 1 + negatives]`` (the target first) at every real position of
-        the batch's sequences, and the matching labels, for next-item training (SASRec)."""
+        """Scores at every real position of the batch's sequences, and the matching labels,
+        for next-item training (SASRec): ``[targets, 1 + negatives]`` (the target first), or
+        with no negatives ``[targets, items]`` over all of the batch's items (the catalogue),
+        the target's column labelled. Item vectors are computed once per batch."""
         users, real = self.user_tower.positions(batch.users)
         items = self.item_tower(batch.items)
         item_bias = self.item_bias(batch.items["item_id"].values()).squeeze(-1)
         scores = items @ users.reshape(-1, users.shape[-1]).T  # [items, sequences * L]
         scores = (scores + item_bias[:, None]).T.reshape(*users.shape[:2], -1)
+        kept = real & batch.has_target
+        if batch.negatives.shape[1] == 0:
+            lists = scores[kept]
+            labels = torch.zeros_like(lists)
+            labels[torch.arange(len(lists)), batch.targets[kept]] = 1.0
+            return lists, labels
         target = scores.gather(2, batch.targets[..., None])
         negatives = scores.gather(2, batch.negatives[:, None, :].expand(-1, users.shape[1], -1))
-        kept = real & batch.has_target
         lists = torch.cat([target, negatives], dim=2)[kept]
         labels = torch.zeros_like(lists)
         labels[:, 0] = 1.0

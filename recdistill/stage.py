@@ -20,6 +20,9 @@ OBJECTIVES = ("lists", "next_item")
 # What early stopping (and every other choice made on validation) maximises: NDCG@10 on the
 # sampled 1 + 99 validation lists, or on full ranking of the catalogue.
 VALID_METRICS = ("ndcg@10", "full_ndcg@10")
+# What each position of a next-item window is scored against: ``negatives`` items sampled
+# per window, or every item of the catalogue (a full softmax, as SASRec-CE trains).
+SCORED_ITEMS = ("sampled", "all")
 # Row-wise Adagrad needs about this many times Adam's learning rate to learn as fast: at
 # this ratio torchrun's sharded stages of configs/synthetic.toml match one process's quality.
 ADAGRAD_STEP_RATIO = 10.0
@@ -67,6 +70,7 @@ class StageSpec:
     weight_decay: float = 0.0
     seed: int = 0
     objective: str = "lists"
+    scored_items: str = "sampled"
     valid_metric: str = "ndcg@10"
     # Teacher-ranked distillation lists (recdistill/ranked_lists.py) for the terms that
     # learn from a teacher's scores; unset, they use the training lists too.
@@ -102,6 +106,15 @@ class StageSpec:
             raise ValueError(
                 f"[stages.{self.name}]: unknown objective {self.objective!r}; "
                 f"choose one of {list(OBJECTIVES)}"
+            )
+        if self.scored_items not in SCORED_ITEMS:
+            raise ValueError(
+                f"[stages.{self.name}]: unknown scored_items {self.scored_items!r}; "
+                f"choose one of {list(SCORED_ITEMS)}"
+            )
+        if self.scored_items == "all" and self.objective != "next_item":
+            raise ValueError(
+                f'[stages.{self.name}]: scored_items = "all" is for the next_item objective'
             )
         if self.objective == "next_item" and self.teachers:
             raise ValueError(

@@ -140,7 +140,12 @@ class Trainer:
         if spec.objective == "next_item":
             if not model.spec.is_sequence:
                 raise ValueError(f"[stages.{spec.name}]: next_item needs a sequence user encoder")
-            self.lists = TrainSequences(store, max_length=model.spec.max_length, **sharing)
+            self.lists = TrainSequences(
+                store,
+                max_length=model.spec.max_length,
+                all_items=spec.scored_items == "all",
+                **sharing,
+            )
         else:
             self.lists = TrainLists(store, **sharing)
 

@@ -1,3 +1,4 @@
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -7,6 +8,7 @@ import torch
 from recdistill.config import load_config, section, spec_from
 from recdistill.data.batches import TrainLists, TrainSequences
 from recdistill.data.feature_store import FeatureStore
+from recdistill.losses import LOSSES
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
 from tests.conftest import PROJECT, run_docstring_example
 
@@ -149,6 +151,29 @@ def test_next_item_scores_put_each_window_positions_target_first(store):
     target = batch.targets[window, position]
     expected = users[window, position] @ items[target] + model.item_bias.weight[item_ids[target], 0]
     assert scores[0, 0].item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_next_item_scores_against_every_item_are_a_full_softmax_over_the_catalogue(store):
+    torch.manual_seed(0)
+    model = TwoTower(sequence_spec(), space_of(store)).eval()
+    torch.nn.init.normal_(model.item_bias.weight)
+    windows = TrainSequences(store, max_length=6, batch_size=8, negatives=3, all_items=True)
+    batch = next(windows.epoch(0))
+    assert batch.negatives.shape == (8, 0)
+    assert batch.items["item_id"].values().tolist() == list(range(len(store.items)))
+    scores, labels = model.next_item_scores(batch)
+    assert scores.shape == (batch.examples, len(store.items))
+    users, real = model.user_tower.positions(batch.users)
+    catalogue = model.item_tower(store.catalogue())
+    window, position = torch.nonzero(real & batch.has_target)[0]
+    target = int(batch.targets[window, position])
+    expected = users[window, position] @ catalogue.T + model.item_bias.weight[:, 0]
+    torch.testing.assert_close(scores[0], expected, atol=1e-5, rtol=1e-5)
+    assert labels[0].nonzero().flatten().tolist() == [target]
+    # softmax_ce on it is the cross-entropy of the target against the whole catalogue
+    loss = LOSSES["softmax_ce"](scores[:1], labels[:1], mask=torch.ones_like(labels[:1]).bool())
+    by_hand = math.log(sum(math.exp(v) for v in expected.tolist())) - expected[target].item()
+    assert loss.item() == pytest.approx(by_hand, rel=1e-5)
 
 
 def test_train_sequences_predict_each_train_item_from_the_items_before_it(store):

@@ -219,6 +219,14 @@ def test_loss_terms_are_checked():
         LossTerm("feature_mse")
 
 
+def test_scoring_every_item_is_for_next_item_windows():
+    with pytest.raises(ValueError, match="unknown scored_items 'some'"):
+        stage(objective="next_item", scored_items="some")
+    with pytest.raises(ValueError, match='scored_items = "all" is for the next_item objective'):
+        stage(scored_items="all")
+    assert stage(objective="next_item", scored_items="all").scored_items == "all"
+
+
 def test_same_seed_same_weights_with_several_threads(store, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)

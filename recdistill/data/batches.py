@@ -131,11 +131,13 @@ class TrainSequences(_TrainEpochs):
     ``e`` reads ``h[e + 1 : e + 1 + L]`` and its position ``j`` is followed by ``h[e + j]``, so
     each train interaction but a user's oldest is a target once an epoch, predicted from the
     items before it alone. Windows are shuffled each epoch; each window gets ``negatives``
-    shared among its positions. Batches are seeded and dealt to ranks as
-    :class:`_TrainEpochs` says.
+    shared among its positions, or with ``all_items`` none: every position is then scored
+    against the whole catalogue (the batch's ``items``). Batches are seeded and dealt to ranks
+    as :class:`_TrainEpochs` says.
     """
 
     max_length: int
+    all_items: bool = False
     window_users: np.ndarray = field(init=False)
     window_ends: np.ndarray = field(init=False)
 
@@ -155,7 +157,11 @@ class TrainSequences(_TrainEpochs):
         for k in range(self.rank, len(self) * self.world_size, self.world_size):
             windows = order[k * self.batch_size : (k + 1) * self.batch_size]
             users = self.window_users[windows]
-            yield self._batch(users, self.window_ends[windows], self._negatives(users, epoch, k))
+            if self.all_items:
+                negatives = np.empty((len(users), 0), dtype=np.int64)
+            else:
+                negatives = self._negatives(users, epoch, k)
+            yield self._batch(users, self.window_ends[windows], negatives)
 
     def _batch(self, users: np.ndarray, ends: np.ndarray, negatives: np.ndarray) -> SequenceBatch:
         store, length = self.store, self.max_length
@@ -169,9 +175,12 @@ class TrainSequences(_TrainEpochs):
         targets = np.where(
             has_target, store.history.values[starts[:, None] + slots * has_target], 0
         )
-        distinct, rows = np.unique(
-            np.concatenate([targets.ravel(), negatives.ravel()]), return_inverse=True
-        )
+        if self.all_items:
+            distinct, rows = np.arange(len(store.items)), targets.ravel().astype(np.int64)
+        else:
+            distinct, rows = np.unique(
+                np.concatenate([targets.ravel(), negatives.ravel()]), return_inverse=True
+            )
         return SequenceBatch(
             users=store.user_kjt(users, history, lengths),
             items=store.item_kjt(distinct),
