@@ -5,18 +5,23 @@
 
 In the spirit of teacher-assistant distillation (Mirzadeh et al., AAAI 2020). For each width
 ``w`` the config's student preset becomes ``embedding_dim = w``, ``tower = [w]``, and is
-trained three ways from the run's stages:
+trained from labels alone and three ways from the run's stages:
 
-- **direct**: the config's ``student_direct`` stage (the teacher alone);
-- **via bag**: the config's ``student`` stage, learning from the teacher and the run's
-  ``intermediate`` (the config's bag intermediate);
+- **labels alone**: the student stage's label terms only (where distillation has to beat);
+- **direct**: the config's ``student`` stage learning from the teacher alone (its terms
+  from other sources left out);
+- **via bag**: the same stage learning from the teacher and the run's ``intermediate`` (the
+  config's bag intermediate): the student stage's own terms if it has intermediate ones,
+  else each of its teacher score terms repeated against the intermediate at
+  ``--intermediate-weight``;
 - **via sequence**: the same, with a sequence intermediate in its place, trained here with
   the config's ``intermediate`` stage (it reads the order as the teacher does, with fewer
   dimensions: ``--sequence-dim``, one attention layer). ``--no-sequence`` leaves it out.
 
-Each row gives validation and test NDCG@10 (sampled lists and full ranking), and the staged
-student against the direct one of the same width: ratios and paired t-test p-values over
-test users. Choices are made on validation; test is only reported.
+Each row gives validation and test NDCG@10 (sampled lists and full ranking), and each
+distilled student against the labels-alone one of its width, and each staged one against the
+direct one: ratios and paired t-test p-values over test users. Choices are made on
+validation; test is only reported.
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ from pathlib import Path
 from students import METRICS, RunBench, Scored, paired_p
 
 from recdistill.models import TwoTowerSpec
+from recdistill.stage import LABELS, StageSpec
 from recdistill.teachers import FrozenTeacher
+
+TEACHER, INTERMEDIATE = "teacher", "intermediate"
 
 
 def sequence_intermediate(bench: RunBench, dim: int) -> tuple[TwoTowerSpec, Scored, FrozenTeacher]:
@@ -49,7 +57,22 @@ def sequence_intermediate(bench: RunBench, dim: int) -> tuple[TwoTowerSpec, Scor
     )
     stage = bench.stages["intermediate"]
     scored = bench.fit("sequence intermediate", stage, preset)
-    return preset, scored, FrozenTeacher("intermediate", scored.model, bench.store)
+    return preset, scored, FrozenTeacher(INTERMEDIATE, scored.model, bench.store)
+
+
+def staged_and_direct(student: StageSpec, weight: float) -> tuple[StageSpec, StageSpec]:
+    """The student stage learning from the teacher and the intermediate, and from the
+    teacher alone."""
+    teacher_terms = tuple(t for t in student.losses if t.source in (LABELS, TEACHER))
+    direct = dataclasses.replace(student, losses=teacher_terms)
+    if INTERMEDIATE in student.teachers:
+        return student, direct
+    repeated = tuple(
+        dataclasses.replace(t, source=INTERMEDIATE, weight=weight)
+        for t in student.losses
+        if t.source == TEACHER and t.scored
+    )
+    return dataclasses.replace(student, losses=student.losses + repeated), direct
 
 
 def main() -> None:
@@ -60,50 +83,62 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--sequence-dim", type=int, default=32)
     parser.add_argument("--no-sequence", action="store_true")
+    parser.add_argument("--intermediate-weight", type=float, default=0.5)
     args = parser.parse_args()
 
     started = time.perf_counter()
     bench = RunBench(args.config, args.data, args.run)
-    student, direct = bench.stages["student"], bench.stages["student_direct"]
+    student, direct = staged_and_direct(bench.stages["student"], args.intermediate_weight)
+    labels_alone = dataclasses.replace(
+        student, losses=tuple(t for t in student.losses if t.source == LABELS), lists=None
+    )
     intermediates = {"via bag": None}
     rows = []
     if not args.no_sequence:
         _, scored, frozen = sequence_intermediate(bench, args.sequence_dim)
         intermediates["via sequence"] = frozen
-        rows.append((None, scored, None))
+        rows.append((None, scored, None, None))
     for width in args.widths:
         preset = dataclasses.replace(
             bench.presets[student.model], embedding_dim=width, tower=(width,)
         )
+        scratch = bench.fit(f"w{width} labels alone", labels_alone, preset)
         alone = bench.fit(f"w{width} direct", direct, preset)
-        rows.append((width, alone, None))
+        rows += [(width, scratch, None, None), (width, alone, scratch, None)]
         for kind, frozen in intermediates.items():
             teachers = None
             if frozen is not None:
-                teachers = {"teacher": bench.teacher("teacher"), "intermediate": frozen}
-            rows.append((width, bench.fit(f"w{width} {kind}", student, preset, teachers), alone))
+                teachers = {TEACHER: bench.teacher(TEACHER), INTERMEDIATE: frozen}
+            staged = bench.fit(f"w{width} {kind}", student, preset, teachers)
+            rows.append((width, staged, scratch, alone))
 
     print(
         f"\n{args.config} from {args.run}; students: the '{student.model}' preset at each "
-        f"width; chosen on validation {student.valid_metric} ({time.perf_counter() - started:.0f} s)\n"
+        f"width; epochs chosen on validation {student.valid_metric} "
+        f"({time.perf_counter() - started:.0f} s); ratios and paired t-test p-values on test, "
+        "sampled lists / full ranking\n"
     )
     print(
-        f"{'width':>5}  {'student':<28}{'params':>9}{'valid':>8}{'valid full':>11}"
-        f"{'test':>8}{'test full':>10}{'× direct':>10}{'p':>9}{'full ×':>8}{'p':>9}"
+        f"{'width':>5}  {'student':<24}{'params':>8}{'valid':>8}{'full':>8}{'test':>8}{'full':>8}"
+        f"{'× labels alone':>24}{'× direct':>24}"
     )
-    for width, scored, alone in rows:
-        compared = ""
-        if alone is not None:
-            compared = "".join(
-                f"{scored.mean(m) / alone.mean(m):>{8 if m == METRICS[1] else 10}.3f}"
-                f"{paired_p(scored, alone, m):>9.2g}"
-                for m in METRICS
-            )
+    for width, scored, scratch, alone in rows:
         print(
-            f"{'' if width is None else width:>5}  {scored.label:<28}{scored.params:>9,}"
-            f"{scored.valid[METRICS[0]]:>8.4f}{scored.valid[METRICS[1]]:>11.4f}"
-            f"{scored.mean(METRICS[0]):>8.4f}{scored.mean(METRICS[1]):>10.4f}{compared}"
+            f"{'' if width is None else width:>5}  {scored.label:<24}{scored.params:>8,}"
+            f"{scored.valid[METRICS[0]]:>8.4f}{scored.valid[METRICS[1]]:>8.4f}"
+            f"{scored.mean(METRICS[0]):>8.4f}{scored.mean(METRICS[1]):>8.4f}"
+            f"{versus(scored, scratch):>24}{versus(scored, alone):>24}"
         )
+
+
+def versus(scored: Scored, reference: Scored | None) -> str:
+    """``×sampled (p) / ×full (p)`` of ``scored`` against ``reference`` on test."""
+    if reference is None:
+        return ""
+    return " / ".join(
+        f"{scored.mean(m) / reference.mean(m):.3f} ({paired_p(scored, reference, m):.1g})"
+        for m in METRICS
+    )
 
 
 if __name__ == "__main__":

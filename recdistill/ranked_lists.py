@@ -5,13 +5,14 @@ little more than the label. What a student should learn is how the teacher order
 it puts on top of the whole catalogue (Ranking Distillation, Tang & Wang 2018; RRD, Kang et
 al. 2020). For each training list, from the teacher's state at that list's moment
 (:meth:`~recdistill.teachers.FrozenTeacher.users`), the teacher ranks every item the user
-had not interacted with before the list's positive (the positive excluded too), and the list
-is:
+had not interacted with before the list's positive (the positive excluded too); that ranking
+is computed once per run and train row (:meth:`~recdistill.teachers.FrozenTeacher.ranked`),
+and each batch's list is:
 
 - ``top`` items sampled without replacement from the teacher's ``depth`` best, with
   probability ∝ ``exp(-rank / temperature)`` (rank 0 the best), in the teacher's order;
-- ``uniform`` items drawn uniformly from the rest of the catalogue (outside the ``depth``
-  best and the user's past); a draw that repeats one is masked out.
+- ``uniform`` items the user never interacted with in train, drawn as the training lists'
+  negatives are; a draw among the ``depth`` best is masked out.
 
 Both parts are redrawn for every batch from a generator seeded by (seed, epoch, batch), so a
 resumed or sharded run draws the same lists, and no list is the same every epoch. Sorted by
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from recdistill.data.feature_store import UNKNOWN, FeatureStore, RankingBatch
+from recdistill.data.sampling import sample_unseen
 from recdistill.teachers import FrozenTeacher
 
 
@@ -36,7 +38,9 @@ class ListSpec:
     """A stage's distillation lists: ``top`` of the teacher's ``depth`` best items, sampled
     with weight ``exp(-rank / temperature)``, and ``uniform`` other items."""
 
-    depth: int = 500
+    # At temperature 10 a rank past 100 is drawn with weight below e^-10: a deeper ranking
+    # would only be stored, not sampled (RRD ranks 500 of a larger catalogue).
+    depth: int = 100
     top: int = 40
     temperature: float = 10.0
     uniform: int = 40
@@ -66,32 +70,26 @@ def rrd_lists(
     rows = batch.train_rows.cpu().numpy()
     if (rows < 0).any():
         raise ValueError("teacher-ranked lists are drawn for training lists only")
-    scores = teacher.catalogue_scores(users).cpu()
-    lists, catalogue = scores.shape
-    excluded = torch.zeros(scores.shape, dtype=torch.bool)
-    excluded[:, UNKNOWN] = True
-    past, lengths = store.past(rows)
-    excluded[
-        torch.as_tensor(np.repeat(np.arange(lists), lengths)), torch.as_tensor(past).long()
-    ] = True
-    excluded[torch.arange(lists), torch.as_tensor(store.row_items(rows))] = True
-
-    depth = min(spec.depth, catalogue - 1)
-    ranked = scores.masked_fill(excluded, -torch.inf).topk(depth, dim=1).indices
-    ranked_valid = ~excluded.gather(1, ranked)
+    ranked = torch.as_tensor(np.asarray(teacher.ranked(spec.depth)[rows], dtype=np.int64))
+    lists, depth = ranked.shape
     # Gumbel top-k: sampling without replacement with P ∝ exp(-rank / temperature).
     gumbel = torch.as_tensor(rng.gumbel(size=(lists, depth)), dtype=torch.float32)
-    keys = (gumbel - torch.arange(depth) / spec.temperature).masked_fill(~ranked_valid, -torch.inf)
-    picked = keys.topk(min(spec.top, depth), dim=1).indices.sort(dim=1).values
+    keys = (gumbel - torch.arange(depth) / spec.temperature).masked_fill(ranked < 0, -torch.inf)
+    picked = keys.topk(spec.top, dim=1).indices.sort(dim=1).values
     top_items = ranked.gather(1, picked)
-    top_valid = ranked_valid.gather(1, picked)
+    top_valid = top_items >= 0
 
-    excluded.scatter_(1, ranked, True)
-    uniform = torch.as_tensor(rng.integers(1, catalogue, size=(lists, spec.uniform)))
-    repeated = (uniform[:, :, None] == uniform[:, None, :]).triu(1).any(1)
-    uniform_valid = ~excluded.gather(1, uniform) & ~repeated
+    uniform = torch.empty((lists, 0), dtype=torch.int64)
+    if spec.uniform:
+        owners = store.row_users(rows)
+        uniform = torch.as_tensor(
+            sample_unseen(
+                owners, spec.uniform, store.train_seen, len(store.items), rng, first_item=1
+            )
+        )
+    uniform_valid = ~(uniform[:, :, None] == ranked[:, None, :]).any(-1)
 
-    items = torch.cat([top_items, uniform], dim=1)
+    items = torch.cat([top_items.clamp(min=UNKNOWN), uniform], dim=1)
     distinct, slots = torch.unique(items, return_inverse=True)
     ranked_batch = RankingBatch(
         users=batch.users,
@@ -101,5 +99,5 @@ def rrd_lists(
         mask=torch.cat([top_valid, uniform_valid], dim=1),
         user_ids=batch.user_ids,
         train_rows=batch.train_rows,
-    )
-    return ranked_batch.to(users.device), scores.gather(1, items).to(users.device)
+    ).to(users.device)
+    return ranked_batch, teacher.outputs(ranked_batch, users)[2]

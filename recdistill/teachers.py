@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from recdistill import distributed
-from recdistill.data.feature_store import FeatureStore, RankingBatch
+from recdistill.data.feature_store import UNKNOWN, FeatureStore, RankingBatch
 from recdistill.data.tables import atomic_write
 from recdistill.models import TwoTower
 
@@ -37,14 +37,17 @@ TeacherOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 # Windows run through a sequence teacher at once while computing its states.
 STATE_WINDOWS = 1024
+# Scores held at once while ranking the catalogue for train rows (64 MB of float32).
+RANKED_CELLS = 1 << 24
 
 
 class FrozenTeacher:
     """A trained model in eval mode, its gradients off, its item vectors computed once.
 
-    ``cache`` is the directory for a sequence teacher's per-row states (a file named after
-    a fingerprint of the teacher's weights and of the train split, so a resumed run or a
-    later stage reuses it and another teacher never does); without one they are held in
+    What it computes per train row (a sequence teacher's states, any teacher's ranking of
+    the catalogue for RRD lists) is written once to a memory-mapped file in ``cache``, named
+    after a fingerprint of the teacher's weights and of the train split, so a resumed run or
+    a later stage reuses it and another teacher never does; without ``cache`` it is held in
     memory. Under ``torchrun`` rank 0 computes the file and every rank maps it.
     """
 
@@ -56,18 +59,27 @@ class FrozenTeacher:
         *,
         cache: Path | None = None,
     ) -> None:
-        world = distributed.world()
+        self.world = distributed.world()
         model.eval()
         model.requires_grad_(False)
         self.name = name
-        self.model = model if world.device.type == "cpu" else copy.deepcopy(model).to(world.device)
-        self.device = world.device
+        self.store = store
+        self.cache = cache
+        self.device = self.world.device
+        self.model = model if self.device.type == "cpu" else copy.deepcopy(model).to(self.device)
+        self.fingerprint = _fingerprint(model, store)
         with torch.no_grad():
             self.items = self.model.item_tower(store.catalogue().to(self.device))
             self.bias = self.model.item_bias.weight.squeeze(-1)
         self.states = None
         if model.spec.is_sequence:
-            self.states = _cached_states(self.model, store, cache, name, world)
+            self.states = self._per_row(
+                "states",
+                (model.output_dim,),
+                np.float32,
+                lambda out: sequence_states(self.model, store, out),
+            )
+        self._ranked: dict[int, np.ndarray] = {}
 
     @property
     def output_dim(self) -> int:
@@ -89,33 +101,62 @@ class FrozenTeacher:
         items = self.items[batch.items["item_id"].values()]
         return users, items, self.model.score(users, items, batch)
 
+    def ranked(self, depth: int) -> np.ndarray:
+        """``[train rows, depth]`` int32: per train row, the teacher's ``depth`` best items
+        from its state at that row, best first, among the items the user had not had before
+        the row (the row's own item and the unknown item 0 excluded); -1 where fewer are
+        left."""
+        if depth not in self._ranked:
+            self._ranked[depth] = self._per_row(
+                f"top{depth}", (depth,), np.int32, lambda out: self._rank_rows(out)
+            )
+        return self._ranked[depth]
+
     @torch.no_grad()
-    def catalogue_scores(self, users: torch.Tensor) -> torch.Tensor:
-        """``[len(users), items]``: every catalogue item's score for each user vector."""
-        return users @ self.items.T + self.bias
+    def _rank_rows(self, out: np.ndarray) -> None:
+        store, depth = self.store, out.shape[1]
+        items = self.items.shape[0]
+        chunk = max(1, RANKED_CELLS // items)
+        for start in tqdm(
+            range(0, store.train_rows, chunk),
+            desc=f"{self.name} rankings",
+            unit="chunk",
+            disable=None,
+        ):
+            rows = np.arange(start, min(start + chunk, store.train_rows))
+            batch = store.training_batch(rows, np.empty((len(rows), 0), dtype=np.int64))
+            scores = (self.users(batch.to(self.device)) @ self.items.T + self.bias).cpu()
+            past, lengths = store.past(rows)
+            owner = torch.as_tensor(np.repeat(np.arange(len(rows)), lengths))
+            scores[owner, torch.as_tensor(past).long()] = -torch.inf
+            scores[torch.arange(len(rows)), torch.as_tensor(store.row_items(rows))] = -torch.inf
+            scores[:, UNKNOWN] = -torch.inf
+            best = scores.topk(min(depth, items), dim=1)
+            ranked = torch.where(torch.isfinite(best.values), best.indices, -1)
+            out[rows, : ranked.shape[1]] = ranked.numpy()
+            out[rows, ranked.shape[1] :] = -1
+
+    def _per_row(self, kind: str, shape: tuple[int, ...], dtype, fill) -> np.ndarray:
+        """A ``[train rows, *shape]`` array ``fill`` writes, cached in ``cache`` if given."""
+        rows = (self.store.train_rows, *shape)
+        if self.cache is None:
+            out = np.empty(rows, dtype=dtype)
+            fill(out)
+            return out
+        path = None
+        if self.world.is_main:
+            self.cache.mkdir(parents=True, exist_ok=True)
+            path = self.cache / f"train_{kind}_{self.name}_{self.fingerprint}.npy"
+            if not path.exists():
+                atomic_write(path, lambda scratch: _write(scratch, rows, dtype, fill))
+        path = distributed.broadcast_json(None if path is None else str(path), self.world)
+        return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
-def _cached_states(
-    model: TwoTower, store: FeatureStore, cache: Path | None, name: str, world
-) -> np.ndarray:
-    if cache is None:
-        return sequence_states(model, store, np.empty((store.train_rows, model.output_dim), "f4"))
-    path = None
-    if world.is_main:
-        cache.mkdir(parents=True, exist_ok=True)
-        path = cache / f"train_states_{name}_{_fingerprint(model, store)}.npy"
-        if not path.exists():
-            atomic_write(path, lambda scratch: _write_states(model, store, scratch))
-    path = distributed.broadcast_json(None if path is None else str(path), world)
-    return np.load(path, mmap_mode="r", allow_pickle=False)
-
-
-def _write_states(model: TwoTower, store: FeatureStore, path: Path) -> None:
-    states = np.lib.format.open_memmap(
-        path, mode="w+", dtype=np.float32, shape=(store.train_rows, model.output_dim)
-    )
-    sequence_states(model, store, states)
-    states.flush()
+def _write(path: Path, shape: tuple[int, ...], dtype, fill) -> None:
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    fill(out)
+    out.flush()
 
 
 def _fingerprint(model: TwoTower, store: FeatureStore) -> str:

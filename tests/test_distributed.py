@@ -40,9 +40,10 @@ SEQUENCE_TEACHER = ONE_STAGE.replace(
     'feature_dim = 4\nuser_encoder = "sequence"\nmax_length = 5\nlayers = 1\nheads = 2\n',
 ).replace('model = "big"\n', 'model = "big"\nobjective = "next_item"\n')
 
-# The bag teacher, then a student distilled on its teacher-ranked lists (rank 0 writes them).
+# The sequence teacher, then a student distilled on RRD lists drawn from the teacher's
+# per-row states (rank 0 writes them).
 RANKED_LISTS_STUDENT = (
-    ONE_STAGE.replace(
+    SEQUENCE_TEACHER.replace(
         "[train]",
         "[models.small]\nembedding_dim = 4\ntower = [8]\nfeature_dim = 2\nrecent_length = 3\n\n[train]",
     )
@@ -293,7 +294,7 @@ def test_killed_sharded_distillation_on_ranked_lists_resumes_to_the_same_result(
     config.write_text(RANKED_LISTS_STUDENT)
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     run(train_command(config, synthetic_dir, straight, launcher=TORCHRUN))
-    assert len(list((straight / "student").glob("teacher_top_teacher_10_*.npy"))) == 1
+    assert len(list((straight / "teacher").glob("train_states_teacher_*.npy"))) == 1
 
     run_and_kill(train_command(config, synthetic_dir, cut, launcher=TORCHRUN), cut / "student", 1)
     run(train_command(config, synthetic_dir, cut, launcher=TORCHRUN, resume=True))

@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import numpy as np
@@ -33,6 +34,11 @@ def past_of(store, row):
     return set(values.tolist())
 
 
+def seen_by(store, user):
+    offsets = store.history.offsets
+    return set(store.history.values[offsets[user] : offsets[user + 1]].tolist())
+
+
 def list_items(lists):
     return lists.items["item_id"].values().numpy()[lists.candidates.numpy()]
 
@@ -47,39 +53,47 @@ def test_rrd_lists_hold_the_teachers_top_unseen_items_in_its_order_then_uniform_
     assert lists.list_size == 28
     assert torch.equal(lists.users.values(), batch.users.values())  # the list's own moment
     items, mask = list_items(lists), lists.mask.numpy()
-    scores = teacher.catalogue_scores(users).numpy()
+    scores = (users @ teacher.items.T + teacher.bias).numpy()
     np.testing.assert_allclose(target.numpy(), np.take_along_axis(scores, items, 1), rtol=1e-6)
     for row, (train_row, listed, valid) in enumerate(zip(batch.train_rows.tolist(), items, mask)):
+        row_user = int(store.row_users(np.array([train_row]))[0])
         excluded = past_of(store, train_row) | {int(store.row_items(np.array([train_row]))[0]), 0}
         allowed = [i for i in range(len(store.items)) if i not in excluded]
         best = sorted(allowed, key=lambda i: -scores[row, i])[: spec.depth]
         assert valid[: spec.top].all() and set(listed[: spec.top]) <= set(best)
         ranks = [best.index(i) for i in listed[: spec.top]]
         assert ranks == sorted(ranks)  # in the teacher's order
+        np.testing.assert_array_equal(teacher.ranked(spec.depth)[train_row], best)
+        # uniform items: never in the user's train history, as the training negatives
         drawn = listed[spec.top :]
-        for position, (item, kept) in enumerate(zip(drawn, valid[spec.top :])):
-            repeat = item in drawn[:position]
-            assert kept == (item not in excluded and item not in best and not repeat)
+        assert len(set(drawn)) == len(drawn) and not set(drawn) & seen_by(store, row_user)
+        for item, kept in zip(drawn, valid[spec.top :]):
+            assert kept == (item not in best)
 
 
 def test_the_top_items_are_drawn_with_weights_falling_with_rank_and_redrawn(store, teacher):
-    spec = ListSpec(depth=12, top=1, temperature=3.0, uniform=0)
-    batch = training_batch(store, size=1)
+    spec = ListSpec(depth=12, top=3, temperature=3.0, uniform=0)
+    draws = 4000
+    row = int(training_batch(store, size=1).train_rows[0])
+    batch = store.training_batch(np.full(draws, row), np.zeros((draws, 1), dtype=np.int64))
     users = teacher.users(batch)
-    scores = teacher.catalogue_scores(users)[0].numpy()
-    excluded = past_of(store, int(batch.train_rows[0])) | {
-        int(store.row_items(batch.train_rows.numpy())[0]),
-        0,
-    }
-    best = sorted((i for i in range(len(scores)) if i not in excluded), key=lambda i: -scores[i])
-    rng = np.random.default_rng(1)
-    draws = 6000
-    counts = np.zeros(spec.depth)
-    for _ in range(draws):
-        lists, _ = rrd_lists(batch, users, teacher, store, spec, rng)
-        counts[best.index(int(list_items(lists)[0, 0]))] += 1
-    expected = np.exp(-np.arange(spec.depth) / spec.temperature)
-    expected /= expected.sum()
+    first, _ = rrd_lists(batch, users, teacher, store, spec, np.random.default_rng(1))
+    again, _ = rrd_lists(batch, users, teacher, store, spec, np.random.default_rng(2))
+    assert not np.array_equal(list_items(first), list_items(again))  # redrawn
+    ranking = list(teacher.ranked(spec.depth)[row])
+    ranks = np.vectorize(ranking.index)(list_items(first))
+    assert (np.diff(ranks, axis=1) > 0).all()  # distinct, in the teacher's order
+    # Sampling without replacement with weights w_r = exp(-r / T): the best sampled item
+    # has rank r with probability that no better rank is drawn first, computed exactly.
+    weights = np.exp(-np.arange(spec.depth) / spec.temperature)
+    expected = np.zeros(spec.depth)
+    for order in itertools.permutations(range(spec.depth), spec.top):
+        left, chance = weights.sum(), 1.0
+        for rank in order:
+            chance *= weights[rank] / left
+            left -= weights[rank]
+        expected[min(order)] += chance
+    counts = np.bincount(ranks[:, 0], minlength=spec.depth)
     # every count within 4.5 standard deviations of its binomial expectation
     assert np.all(np.abs(counts - draws * expected) < 4.5 * np.sqrt(draws * expected) + 1)
 
