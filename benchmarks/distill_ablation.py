@@ -4,7 +4,7 @@ A student (the config's ``student`` stage and preset) learns from a finished run
 with ``softmax_ce`` on the labels plus one distillation term, either on the training lists
 (one positive, sampled negatives, the teacher asked about the list's moment) or on RRD lists
 (``lists`` of the config's ``student`` stage, or RRD's defaults: 40 items sampled from the
-teacher's top 500, 40 uniform ones; recdistill/ranked_lists.py). Each family's weight is
+teacher's top 100, 40 uniform ones; recdistill/ranked_lists.py). Each family's weight is
 chosen on the config's validation metric among ``--weights``; only the chosen variant is
 reported on test (sampled and full ranking), beside the student trained on labels alone.
 
