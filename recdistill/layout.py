@@ -12,7 +12,7 @@ feature snapshot are themselves layouts (:class:`StageLayout`, :class:`Candidate
     runs/<name>/                 RunLayout
         config.toml summary.json per_user.parquet scores_test.safetensors
         <stage>/                 StageLayout
-            checkpoint.pt model.safetensors log.jsonl teacher_top_<teacher>_<k>_<fp>.npy
+            checkpoint.pt model.safetensors log.jsonl train_<states|top<depth>>_<teacher>_<fp>.npy
         report/                  ReportLayout: index.html report.md segments.parquet
     runs/<sweep>/                SweepLayout: a run's layout (best/, best_int8/ are its stages)
         <candidate>/             CandidateLayout: a stage + result.json model_int8.safetensors
@@ -129,10 +129,6 @@ class StageLayout:
     checkpoint = _File(CHECKPOINT)
     weights = _File(WEIGHTS)
     log = _File(LOG)
-
-    def teacher_top(self, teacher: str, k: int, fingerprint: str) -> Path:
-        """``teacher``'s top ``k`` items per user, from the teacher vectors of ``fingerprint``."""
-        return self.root / f"teacher_top_{teacher}_{k}_{fingerprint}.npy"
 
 
 @dataclass(frozen=True)
