@@ -144,7 +144,11 @@ def test_parse_duration():
 @pytest.mark.slow
 def test_a_short_run_against_the_student_passes(tiny_artifacts, tmp_path):
     out = tmp_path / "loadtest"
-    settings = LoadTestSettings(artifact=tiny_artifacts["student"], out=out, users=4, run_time_s=8)
+    # The gate's arithmetic is tested above; this run checks the mechanics, not how fast a
+    # shared test machine is (the 50 ms budget is measured by `make loadtest` and benchmarks).
+    settings = LoadTestSettings(
+        artifact=tiny_artifacts["student"], out=out, users=4, run_time_s=8, p99_budget_ms=10_000.0
+    )
     result = run_load_test(settings)
 
     assert result.ok, describe_outcome(result)
