@@ -120,14 +120,14 @@ def main() -> None:
     )
     print(
         f"{'width':>5}  {'student':<24}{'params':>8}{'valid':>8}{'full':>8}{'test':>8}{'full':>8}"
-        f"{'× labels alone':>24}{'× direct':>24}"
+        f"{'× labels alone':>32}{'× direct':>32}"
     )
     for width, scored, scratch, alone in rows:
         print(
             f"{'' if width is None else width:>5}  {scored.label:<24}{scored.params:>8,}"
             f"{scored.valid[METRICS[0]]:>8.4f}{scored.valid[METRICS[1]]:>8.4f}"
             f"{scored.mean(METRICS[0]):>8.4f}{scored.mean(METRICS[1]):>8.4f}"
-            f"{versus(scored, scratch):>24}{versus(scored, alone):>24}"
+            f"{versus(scored, scratch):>32}{versus(scored, alone):>32}"
         )
 
 
