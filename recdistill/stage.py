@@ -23,8 +23,8 @@ VALID_METRICS = ("ndcg@10", "full_ndcg@10")
 # What each position of a next-item window is scored against: ``negatives`` items sampled
 # per window, or every item of the catalogue (a full softmax, as SASRec-CE trains).
 SCORED_ITEMS = ("sampled", "all")
-# Row-wise Adagrad needs about this many times Adam's learning rate to learn as fast: at
-# this ratio torchrun's sharded stages of configs/synthetic.toml match one process's quality.
+# Row-wise Adagrad needs a larger step than Adam to learn as fast; this ratio is the default
+# when a stage sets no adagrad_learning_rate (not tuned on the shipped configs).
 ADAGRAD_STEP_RATIO = 10.0
 
 
