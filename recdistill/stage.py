@@ -6,6 +6,7 @@ config's ``[stages.*]`` tables become :class:`StageSpec` objects (``pipeline.sta
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,11 @@ VALID_METRICS = ("ndcg@10", "full_ndcg@10")
 # What each position of a next-item window is scored against: ``negatives`` items sampled
 # per window, or every item of the catalogue (a full softmax, as SASRec-CE trains).
 SCORED_ITEMS = ("sampled", "all")
+# How the Adam learning rate moves over a stage, after a linear warm-up over its first
+# ``warmup_epochs``: held at ``learning_rate``, or brought down to zero along a half cosine
+# that ends with the stage's last epoch (``epochs``). Under torchrun the sharded tables'
+# fused optimizer keeps its own fixed rate.
+SCHEDULES = ("constant", "cosine")
 # Row-wise Adagrad needs a larger step than Adam to learn as fast; this ratio is the default
 # when a stage sets no adagrad_learning_rate (not tuned on the shipped configs).
 ADAGRAD_STEP_RATIO = 10.0
@@ -63,6 +69,8 @@ class StageSpec:
     batch_size: int = 512
     negatives: int = 19
     learning_rate: float = 1e-3
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
     # Under torchrun on CPU the sharded tables learn with fbgemm's row-wise Adagrad (its CPU
     # kernel has no Adam); unset, ADAGRAD_STEP_RATIO × learning_rate. Ignored in one
     # process and on GPUs.
@@ -102,6 +110,16 @@ class StageSpec:
                         f"[stages.{self.name}]: listmle on teacher-ranked lists orders the "
                         f"sampled top items only: give it top_k ≤ lists.top ({self.lists.top})"
                     )
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"[stages.{self.name}]: unknown schedule {self.schedule!r}; "
+                f"choose one of {list(SCHEDULES)}"
+            )
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(
+                f"[stages.{self.name}]: warmup_epochs must be between 0 and epochs "
+                f"({self.epochs}), not {self.warmup_epochs}"
+            )
         if self.objective not in OBJECTIVES:
             raise ValueError(
                 f"[stages.{self.name}]: unknown objective {self.objective!r}; "
@@ -121,6 +139,16 @@ class StageSpec:
                 f"[stages.{self.name}]: the next_item objective learns from labels only; "
                 f"it cannot distil from {list(self.teachers)}"
             )
+
+    def learning_rate_at(self, progress: float) -> float:
+        """The Adam learning rate of the step that ends ``progress`` epochs into the stage
+        (epoch 2's first step of 100 ends 2.01 epochs in)."""
+        rate = self.learning_rate
+        if progress < self.warmup_epochs:
+            rate *= progress / self.warmup_epochs
+        if self.schedule == "cosine":
+            rate *= 0.5 * (1.0 + math.cos(math.pi * min(progress / self.epochs, 1.0)))
+        return rate
 
     @property
     def table_adagrad_learning_rate(self) -> float:

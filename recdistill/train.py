@@ -186,6 +186,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self._stop_if_diverged(loss, epoch, index)
+            rate = self.spec.learning_rate_at(epoch + (index + 1) / len(self.lists))
+            for group in self.optimizer.param_groups:
+                group["lr"] = rate
             self.optimizer.step()
             examples += batch.examples
             loss_sum += loss.item() * batch.examples

@@ -265,3 +265,35 @@ def test_checkpoints_of_another_format_are_refused(store, tmp_path):
 def test_sharded_tables_adagrad_rate_defaults_to_a_multiple_of_the_adam_rate():
     assert stage(learning_rate=2e-3).table_adagrad_learning_rate == pytest.approx(0.02)
     assert stage(learning_rate=2e-3, adagrad_learning_rate=0.5).table_adagrad_learning_rate == 0.5
+
+
+def test_the_learning_rate_warms_up_linearly_then_follows_its_schedule():
+    constant = stage(learning_rate=0.01, epochs=4, warmup_epochs=1.0)
+    assert constant.learning_rate_at(0.25) == pytest.approx(0.0025)
+    assert constant.learning_rate_at(1.0) == pytest.approx(0.01)
+    assert constant.learning_rate_at(3.5) == pytest.approx(0.01)
+    cosine = stage(learning_rate=0.01, epochs=4, schedule="cosine")
+    assert cosine.learning_rate_at(0.0) == pytest.approx(0.01)
+    assert cosine.learning_rate_at(2.0) == pytest.approx(0.005)  # (1 + cos(π/2)) / 2
+    assert cosine.learning_rate_at(3.0) == pytest.approx(0.01 * (1 + math.cos(0.75 * math.pi)) / 2)
+    assert cosine.learning_rate_at(4.0) == pytest.approx(0.0, abs=1e-12)
+    both = stage(learning_rate=0.01, epochs=4, schedule="cosine", warmup_epochs=2.0)
+    assert both.learning_rate_at(1.0) == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi / 4)) / 2)
+    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+        stage(schedule="linear")
+    with pytest.raises(ValueError, match="warmup_epochs must be between 0 and epochs"):
+        stage(epochs=3, warmup_epochs=4.0)
+
+
+def test_each_step_takes_the_learning_rate_of_its_place_in_the_stage(store, tmp_path):
+    spec = stage(epochs=2, schedule="cosine", warmup_epochs=0.5)
+    trainer = Trainer(spec, fresh_model(store), {}, store, tmp_path)
+    taken = []
+    step = trainer.optimizer.step
+    trainer.optimizer.step = lambda: (taken.append(trainer.optimizer.param_groups[0]["lr"]), step())
+    trainer.train_epoch(0)
+    batches = len(trainer.lists)
+    assert batches >= 2
+    expected = [spec.learning_rate_at((k + 1) / batches) for k in range(batches)]
+    assert taken == pytest.approx(expected)
+    assert taken[-1] == pytest.approx(spec.learning_rate_at(1.0))  # half way down the cosine
