@@ -47,7 +47,7 @@ from recdistill.data.tables import atomic_output_dir, read_meta, write_json
 from recdistill.layout import ArtifactLayout, DataLayout, RunLayout
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
 from recdistill.quantize import QuantizationSpec, load_plain_state, plain_state, quantize
-from recdistill.summary import BaselineModel, ChosenModel, read_summary
+from recdistill.summary import BaselineModel, ChosenModel, EnsembleModel, read_summary
 
 # 2: towers read pooled features by key, so int8 weights of format 1 (whose first layer
 # was permuted to torchrec's int8 feature order) no longer fit.
@@ -102,7 +102,9 @@ def export_artifact(
     data = Path(data or summary.data)
     read_meta(data)
     trained = [
-        name for name, entry in summary.models.items() if not isinstance(entry, BaselineModel)
+        name
+        for name, entry in summary.models.items()
+        if not isinstance(entry, BaselineModel | EnsembleModel)
     ]
     if model_name not in trained + [POPULARITY]:
         raise ValueError(

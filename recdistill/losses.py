@@ -114,6 +114,43 @@ def softmax_cross_entropy_loss(student: Tensor, labels: Tensor, *, mask: Tensor)
     return _list_mean(per_list, (total.squeeze(-1) > 0) & (mask.sum(-1) >= 2))
 
 
+def gbce_loss(
+    student: Tensor,
+    labels: Tensor,
+    *,
+    mask: Tensor,
+    t: float = 0.75,
+    sampling_rate: float = 1.0,
+) -> Tensor:
+    """gBCE (Petrov & Macdonald, RecSys 2023): BCE whose positive probability is raised to β.
+
+    With negatives sampled uniformly at rate ``α = sampling_rate`` (negatives per list over
+    the items that could have been drawn), plain BCE learns scores that overrate the positive
+    (the model never sees most of the catalogue); ``σ(s)^β`` with ``β = α (t (1 − 1/α) +
+    1/α)`` calibrates them, ``t`` = 1 fully (β = α) and 0 not at all (β = 1, BCE). Per list:
+    the mean over valid entries of ``-β log σ(s)`` on positives and ``-log(1 − σ(s))`` on
+    negatives; lists with a valid entry contribute. A stage fills ``sampling_rate`` from its
+    own negatives and catalogue.
+
+    >>> scores = torch.tensor([[2.0, -1.0, 5.0]])
+    >>> labels = torch.tensor([[1.0, 0.0, 0.0]])
+    >>> mask = torch.tensor([[True, True, False]])  # the last entry is padding
+    >>> # α = 0.1, t = 0.5: β = 0.1 (0.5 · (1 - 10) + 10) = 0.55
+    >>> gbce_loss(scores, labels, mask=mask, t=0.5, sampling_rate=0.1)
+    tensor(0.1915)
+    """
+    if not 0 < sampling_rate <= 1:
+        raise ValueError(f"sampling_rate must be in (0, 1], got {sampling_rate}")
+    if not 0 <= t <= 1:
+        raise ValueError(f"t must be in [0, 1], got {t}")
+    _check_target("gbce", labels, mask)
+    beta = sampling_rate * (t * (1 - 1 / sampling_rate) + 1 / sampling_rate)
+    s = student.masked_fill(~mask, 0.0)
+    y = labels.masked_fill(~mask, 0.0)
+    per_entry = y * beta * F.softplus(-s) + (1 - y) * F.softplus(s)
+    return _list_mean(_entry_mean(per_entry, mask), mask.any(-1))
+
+
 def soft_bce_loss(
     student: Tensor, teacher: Tensor, *, mask: Tensor, temperature: float = 1.0
 ) -> Tensor:
@@ -292,6 +329,7 @@ def feature_mse_loss(student: Tensor, teacher: Tensor, *, mask: Tensor) -> Tenso
 LOSSES: dict[str, LossFn] = {
     "bce": bce_loss,
     "softmax_ce": softmax_cross_entropy_loss,
+    "gbce": gbce_loss,
     "soft_bce": soft_bce_loss,
     "listnet": listnet_loss,
     "listmle": listmle_loss,

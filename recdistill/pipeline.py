@@ -28,6 +28,7 @@ from recdistill.baselines import Ease, Popularity
 from recdistill.config import HISTORY_LENGTH, history_length, load_config, section, spec_from
 from recdistill.data.feature_store import FeatureStore
 from recdistill.data.tables import read_meta
+from recdistill.ensembles import BASELINE_MEMBERS, EaseMember, EnsembleSpec, EnsembleTeacher
 from recdistill.evaluate import (
     ScoredLists,
     evaluate,
@@ -42,6 +43,7 @@ from recdistill.stage import VALID_METRICS, LossTerm, StageSpec
 from recdistill.summary import (
     BaselineModel,
     Comparison,
+    EnsembleModel,
     Latency,
     MultiplyAdds,
     RunSummary,
@@ -51,7 +53,7 @@ from recdistill.summary import (
     to_json,
     write_summary,
 )
-from recdistill.teachers import FrozenTeacher
+from recdistill.teachers import FrozenTeacher, Teacher
 from recdistill.train import Trainer
 
 STAGE_KEYS = {f.name for f in StageSpec.__dataclass_fields__.values()} - {"name", "losses"}
@@ -114,6 +116,14 @@ def stages_from(config: dict[str, Any]) -> list[StageSpec]:
     return stages
 
 
+def ensembles_from(config: dict[str, Any]) -> list[EnsembleSpec]:
+    """The config's ``[ensembles.*]`` specs."""
+    return [
+        spec_from(EnsembleSpec, dict(table), f"[ensembles.{name}]", name=name)
+        for name, table in section(config, "ensembles").items()
+    ]
+
+
 def run(config_path: Path, data: Path, out: Path, *, resume: bool = False) -> RunSummary:
     config = load_config(config_path)
     world = distributed.world()
@@ -122,28 +132,45 @@ def run(config_path: Path, data: Path, out: Path, *, resume: bool = False) -> Ru
         raise ValueError(f"{out} already holds a run; pass --resume to continue it")
     presets = model_presets(config)
     stages = stages_from(config)
+    ensembles = {spec.name: spec for spec in ensembles_from(config)}
     length = history_length(config)
-    _check_stages(stages, presets, length)
+    _check_stages(stages, presets, length, ensembles)
     meta = read_meta(data)
     store = FeatureStore(data, history_length=length)
     space = FeatureSpace(store.user_features, store.cardinalities())
     layout.root.mkdir(parents=True, exist_ok=True)
     if world.is_main:
         shutil.copyfile(config_path, layout.config)
+    metric = section(config, "train").get("valid_metric", VALID_METRICS[0])
+    baselines, baseline_entries = fit_baselines(store, config, metric)
 
     models: dict[str, Any] = {}
-    # A trained stage, frozen once as the teacher of every later stage that learns from it.
-    frozen: dict[str, FrozenTeacher] = {}
+    # A trained stage, frozen once as the teacher of every later stage that learns from it,
+    # and each ensemble, built once from its trained members.
+    frozen: dict[str, Teacher] = {}
     # Each model's summary entry, waiting for its test metrics and latency.
-    entries: dict[str, Callable[..., TrainedModel | BaselineModel]] = {}
-    for stage in stages:
-        for name in stage.teachers:
-            if name not in frozen:
-                cache = layout.stage(name).root
+    entries: dict[str, Callable[..., TrainedModel | EnsembleModel | BaselineModel]] = {}
+
+    def teacher(name: str) -> Teacher:
+        if name not in frozen:
+            cache = layout.stage(name).root
+            if name in ensembles:
+                spec = ensembles[name]
+                members = {
+                    m: EaseMember(baselines[m]) if m in BASELINE_MEMBERS else teacher(m)
+                    for m in spec.members
+                }
+                frozen[name], entries[name] = choose_ensemble(
+                    spec, members, models, store, metric, cache
+                )
+            else:
                 frozen[name] = FrozenTeacher(name, models[name], store, cache=cache)
+        return frozen[name]
+
+    for stage in stages:
+        teachers = {name: teacher(name) for name in stage.teachers}
         torch.manual_seed(stage.seed)
         model = TwoTower(presets[stage.model], space)
-        teachers = {name: frozen[name] for name in stage.teachers}
         trainer = Trainer(stage, model, teachers, store, layout.stage(stage.name).root)
         result = trainer.fit(resume=resume)
         models[stage.name] = model
@@ -165,28 +192,28 @@ def run(config_path: Path, data: Path, out: Path, *, resume: bool = False) -> Ru
             multiply_adds=MultiplyAdds(**model.multiply_adds(meta["list_size"])),
             training=training,
         )
+    for name in ensembles:
+        models[name] = teacher(name)
+    models |= baselines
+    entries |= baseline_entries
 
     summary = None
     if world.is_main:
-        scored, comparisons = _score_and_write(models, entries, store, config, layout)
+        pairs = COMPARISONS + tuple(
+            (name, member) for name, spec in ensembles.items() for member in spec.members
+        )
+        scored, comparisons = _score_and_write(models, entries, store, layout, pairs)
         summary = RunSummary(str(data), meta["source"], scored, comparisons)
         write_summary(layout.summary, summary)
     shared = distributed.broadcast_json(None if summary is None else to_json(summary), world)
     return from_json(RunSummary, shared)
 
 
-def _score_and_write(
-    models: dict[str, Any],
-    entries: dict[str, Callable[..., TrainedModel | BaselineModel]],
-    store: FeatureStore,
-    config: dict[str, Any],
-    layout: RunLayout,
-) -> tuple[dict[str, TrainedModel | BaselineModel], dict[str, Comparison]]:
-    """Add the baselines, score every model on the test lists and write the per-user
-    metrics and scores; returns the summary's models and comparisons."""
-    models["popularity"] = Popularity(store)
-    entries["popularity"] = partial(BaselineModel, params=0)
-    metric = section(config, "train").get("valid_metric", VALID_METRICS[0])
+def fit_baselines(
+    store: FeatureStore, config: dict[str, Any], metric: str
+) -> tuple[dict[str, Any], dict[str, Callable[..., BaselineModel]]]:
+    """Popularity and the two EASE baselines, their settings chosen on validation ``metric``,
+    each scoring from the test-time histories; and their summary entries."""
     ease = _best_on_valid(
         store,
         section(config, "baselines.ease").get("l2", EASE_L2),
@@ -201,16 +228,65 @@ def _score_and_write(
     )
     # Tuned on validation histories; the test lists are scored from the test-time ones.
     tested = store.known_at("test")
-    models["ease"] = ease.scoring(tested)
-    entries["ease"] = partial(BaselineModel, params=len(store.items) ** 2, l2=ease.l2)
-    models["ease_recency"] = recency.scoring(tested)
-    entries["ease_recency"] = partial(
-        BaselineModel,
-        params=len(store.items) ** 2,
-        l2=recency.l2,
-        half_life=recency.half_life,
-    )
+    models = {
+        "popularity": Popularity(store),
+        "ease": ease.scoring(tested),
+        "ease_recency": recency.scoring(tested),
+    }
+    entries = {
+        "popularity": partial(BaselineModel, params=0),
+        "ease": partial(BaselineModel, params=len(store.items) ** 2, l2=ease.l2),
+        "ease_recency": partial(
+            BaselineModel,
+            params=len(store.items) ** 2,
+            l2=recency.l2,
+            half_life=recency.half_life,
+        ),
+    }
+    return models, entries
 
+
+def choose_ensemble(
+    spec: EnsembleSpec,
+    members: dict[str, Any],
+    models: dict[str, Any],
+    store: FeatureStore,
+    metric: str,
+    cache: Path,
+) -> tuple[EnsembleTeacher, Callable[..., EnsembleModel]]:
+    """The ensemble at the weights of ``spec.grid`` with the best validation ``metric`` (the
+    first of equals), and its summary entry."""
+    best, best_valid = None, None
+    for weights in spec.grid:
+        candidate = EnsembleTeacher(spec.name, members, weights, store, cache=cache)
+        valid = mean_metrics(evaluate(candidate, store, "valid", name=spec.name))
+        valid = {name: valid[name] for name in VALID_METRICS}
+        if distributed.world().is_main:
+            mix = "  ".join(f"{name} {w:g}" for name, w in candidate.weights.items())
+            print(
+                f"{spec.name} [{mix}]: valid ndcg@10 {valid['ndcg@10']:.4f}  "
+                f"full_ndcg@10 {valid['full_ndcg@10']:.4f}",
+                flush=True,
+            )
+        if best is None or valid[metric] > best_valid[metric]:
+            best, best_valid = candidate, valid
+    params = sum(
+        models[name].parameter_count() if name in models else len(store.items) ** 2
+        for name in spec.members
+    )
+    entry = partial(EnsembleModel, weights=best.weights, params=params, valid=best_valid)
+    return best, entry
+
+
+def _score_and_write(
+    models: dict[str, Any],
+    entries: dict[str, Callable[..., TrainedModel | EnsembleModel | BaselineModel]],
+    store: FeatureStore,
+    layout: RunLayout,
+    pairs: tuple[tuple[str, str], ...],
+) -> tuple[dict[str, TrainedModel | EnsembleModel | BaselineModel], dict[str, Comparison]]:
+    """Score every model on the test lists and write the per-user metrics and scores;
+    returns the summary's models and the comparisons of ``pairs``."""
     scored = {name: score_lists(model, store, "test") for name, model in models.items()}
     teacher = scored.get("teacher")
     per_user, summarised = {}, {}
@@ -227,14 +303,29 @@ def _score_and_write(
         summarised[name] = entries[name](metrics=metrics, latency_ms=latency)
     _write_per_user(per_user, layout.per_user)
     _write_scores(scored, store, layout.scores)
-    return summarised, _comparisons(per_user)
+    return summarised, _comparisons(per_user, pairs)
 
 
 def _check_stages(
-    stages: list[StageSpec], presets: dict[str, TwoTowerSpec], history_length: int
+    stages: list[StageSpec],
+    presets: dict[str, TwoTowerSpec],
+    history_length: int,
+    ensembles: dict[str, EnsembleSpec],
 ) -> None:
-    """Fail before any training if a stage names an unknown preset or a later teacher, or
-    asks of its model what the model cannot do."""
+    """Fail before any training if a stage names an unknown preset or a later teacher, an
+    ensemble a member the run does not have, or a stage asks of its model or its teacher
+    what they cannot do."""
+    names = {stage.name for stage in stages}
+    for spec in ensembles.values():
+        where = f"[ensembles.{spec.name}]"
+        if spec.name in names | {"popularity", *BASELINE_MEMBERS}:
+            raise ValueError(f"{where}: the run already has a model named {spec.name!r}")
+        unknown = [m for m in spec.members if m not in names and m not in BASELINE_MEMBERS]
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown member(s) {unknown}; members are the run's stages and "
+                f"the baselines {list(BASELINE_MEMBERS)}"
+            )
     for name, preset in presets.items():
         if preset.is_sequence and preset.max_length > history_length:
             raise ValueError(
@@ -251,9 +342,21 @@ def _check_stages(
                 f"[stages.{stage.name}]: the next_item objective needs a sequence model read "
                 f"out at its last position; [models.{stage.model}] is not one"
             )
-        missing = [t for t in stage.teachers if t not in trained]
+        needed = [
+            member
+            for t in stage.teachers
+            for member in (ensembles[t].members if t in ensembles else (t,))
+            if member not in BASELINE_MEMBERS
+        ]
+        missing = [t for t in dict.fromkeys(needed) if t not in trained]
         if missing:
             raise ValueError(f"[stages.{stage.name}] learns from {missing}, not trained before it")
+        for term in stage.losses:
+            if term.fn == "feature_mse" and term.source in ensembles:
+                raise ValueError(
+                    f"[stages.{stage.name}]: feature_mse needs tower outputs; the ensemble "
+                    f"{term.source!r} has none"
+                )
         trained.add(stage.name)
 
 
@@ -278,10 +381,12 @@ def _best_on_valid(
     return best
 
 
-def _comparisons(per_user: dict[str, dict[str, np.ndarray]]) -> dict[str, Comparison]:
+def _comparisons(
+    per_user: dict[str, dict[str, np.ndarray]], pairs: tuple[tuple[str, str], ...]
+) -> dict[str, Comparison]:
     """Relative NDCG@10 (sampled and full) and a paired t-test over users, per pair."""
     result = {}
-    for model, reference in COMPARISONS:
+    for model, reference in pairs:
         if model not in per_user or reference not in per_user:
             continue
         measured = []

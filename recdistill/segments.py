@@ -102,9 +102,11 @@ def slice_table(per_user: pd.DataFrame, segments: pd.DataFrame, spec: SliceSpec)
     for reference in REFERENCES:
         for test in ("t", "randomization"):
             column = f"p_{test}_vs_{reference}"
-            if column in table:
-                for (model, metric), group in table.groupby(["model", "metric"]):
-                    table.loc[group.index, f"{column}_holm"] = holm(group[column].to_numpy())
+            if column not in table:  # a run without this reference: its tests are blank
+                table[column] = table[f"{column}_holm"] = np.nan
+                continue
+            for (model, metric), group in table.groupby(["model", "metric"]):
+                table.loc[group.index, f"{column}_holm"] = holm(group[column].to_numpy())
     if "retention" in table:
         table["flagged"] = table["retention"] < spec.retention_threshold
     return table

@@ -7,7 +7,7 @@ config's ``[stages.*]`` tables become :class:`StageSpec` objects (``pipeline.sta
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from recdistill.config import spec_from
@@ -52,6 +52,8 @@ class LossTerm:
             raise ValueError(f"unknown loss {self.fn!r}; known: {sorted(LOSSES)}")
         if self.fn == "feature_mse" and self.source == LABELS:
             raise ValueError("feature_mse needs a teacher stage as its source, not labels")
+        if self.fn == "gbce" and self.source != LABELS:
+            raise ValueError("gbce learns from labels: its source must be labels")
 
     @property
     def scored(self) -> bool:
@@ -76,6 +78,10 @@ class StageSpec:
     # process and on GPUs.
     adagrad_learning_rate: float | None = None
     weight_decay: float = 0.0
+    # Before each Adam step the gradients Adam updates are scaled down to this global norm
+    # if they exceed it (unset: never); under torchrun the sharded tables, updated in the
+    # backward pass, are not clipped.
+    clip_norm: float | None = None
     seed: int = 0
     objective: str = "lists"
     scored_items: str = "sampled"
@@ -120,6 +126,15 @@ class StageSpec:
                 f"[stages.{self.name}]: warmup_epochs must be between 0 and epochs "
                 f"({self.epochs}), not {self.warmup_epochs}"
             )
+        if any(t.fn == "gbce" and "sampling_rate" in t.options for t in self.losses):
+            raise ValueError(
+                f"[stages.{self.name}]: gbce's sampling_rate is the stage's own (its negatives "
+                "over the catalogue): set t alone"
+            )
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(
+                f"[stages.{self.name}]: clip_norm must be positive, not {self.clip_norm}"
+            )
         if self.objective not in OBJECTIVES:
             raise ValueError(
                 f"[stages.{self.name}]: unknown objective {self.objective!r}; "
@@ -149,6 +164,24 @@ class StageSpec:
         if self.schedule == "cosine":
             rate *= 0.5 * (1.0 + math.cos(math.pi * min(progress / self.epochs, 1.0)))
         return rate
+
+    def sampling_rate(self, items: int) -> float:
+        """The share of the other items a list's negatives cover, in a catalogue of
+        ``items`` items: 1 when every position is scored against the whole catalogue."""
+        if self.scored_items == "all":
+            return 1.0
+        return min(1.0, self.negatives / max(items - 1, 1))
+
+    def losses_for(self, items: int) -> tuple[LossTerm, ...]:
+        """The loss terms, gbce's given the stage's :meth:`sampling_rate` in a catalogue of
+        ``items`` items."""
+        rate = self.sampling_rate(items)
+        return tuple(
+            replace(term, options={**term.options, "sampling_rate": rate})
+            if term.fn == "gbce"
+            else term
+            for term in self.losses
+        )
 
     @property
     def table_adagrad_learning_rate(self) -> float:

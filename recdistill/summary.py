@@ -85,6 +85,19 @@ class TrainedModel:
 
 @with_config(_STRICT)
 @dataclass(frozen=True, kw_only=True)
+class EnsembleModel:
+    """An ensemble teacher: its members' weights and its validation metrics at them, which
+    were the best of its grid; ``params`` adds up its members'."""
+
+    weights: dict[str, float]
+    params: int
+    valid: Metrics
+    metrics: Metrics
+    latency_ms: Latency
+
+
+@with_config(_STRICT)
+@dataclass(frozen=True, kw_only=True)
 class BaselineModel:
     """Popularity or EASE, with the hyperparameters chosen on validation (EASE only)."""
 
@@ -115,7 +128,7 @@ class RunSummary:
 
     data: str
     source: str
-    models: dict[str, TrainedModel | BaselineModel]
+    models: dict[str, TrainedModel | EnsembleModel | BaselineModel]
     comparisons: dict[str, Comparison]
 
 

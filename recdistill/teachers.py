@@ -41,65 +41,38 @@ STATE_WINDOWS = 1024
 RANKED_CELLS = 1 << 24
 
 
-class FrozenTeacher:
-    """A trained model in eval mode, its gradients off, its item vectors computed once.
+class Teacher:
+    """What a stage learns from: for every list, scores from the list's own moment.
 
-    What it computes per train row (a sequence teacher's states, any teacher's ranking of
-    the catalogue for RRD lists) is written once to a memory-mapped file in ``cache``, named
-    after a fingerprint of the teacher's weights and of the train split, so a resumed run or
-    a later stage reuses it and another teacher never does; without ``cache`` it is held in
-    memory. Under ``torchrun`` rank 0 computes the file and every rank maps it.
+    A teacher scores a batch's lists (:meth:`outputs`) from its per-list state
+    (:meth:`users`), and ranks the catalogue at every train row for RRD lists
+    (:meth:`ranked`). What it computes per train row is written once to a memory-mapped file
+    in ``cache``, named after the teacher's ``fingerprint`` (its weights and the train
+    split), so a resumed run or a later stage reuses it and another teacher never does;
+    without ``cache`` it is held in memory. Under ``torchrun`` rank 0 computes the file and
+    every rank maps it.
     """
 
-    def __init__(
-        self,
-        name: str,
-        model: TwoTower,
-        store: FeatureStore,
-        *,
-        cache: Path | None = None,
-    ) -> None:
+    def __init__(self, name: str, store: FeatureStore, fingerprint: str, cache: Path | None):
         self.world = distributed.world()
-        model.eval()
-        model.requires_grad_(False)
+        self.device = self.world.device
         self.name = name
         self.store = store
+        self.fingerprint = fingerprint
         self.cache = cache
-        self.device = self.world.device
-        self.model = model if self.device.type == "cpu" else copy.deepcopy(model).to(self.device)
-        self.fingerprint = _fingerprint(model, store)
-        with torch.no_grad():
-            self.items = self.model.item_tower(store.catalogue().to(self.device))
-            self.bias = self.model.item_bias.weight.squeeze(-1)
-        self.states = None
-        if model.spec.is_sequence:
-            self.states = self._per_row(
-                "states",
-                (model.output_dim,),
-                np.float32,
-                lambda out: sequence_states(self.model, store, out),
-            )
         self._ranked: dict[int, np.ndarray] = {}
 
-    @property
-    def output_dim(self) -> int:
-        return self.model.output_dim
-
-    @torch.no_grad()
     def users(self, batch: RankingBatch) -> torch.Tensor:
-        """The teacher's user vector of every list of ``batch``, from the list's features:
-        looked up for training lists when the states are precomputed, else computed."""
-        rows = batch.train_rows
-        if self.states is not None and bool((rows >= 0).all()):
-            return torch.as_tensor(self.states[rows.cpu().numpy()]).to(self.device)
-        return self.model.user_tower(batch.users)
+        """The teacher's state for every list of ``batch``, from the list's features."""
+        raise NotImplementedError
 
-    @torch.no_grad()
     def outputs(self, batch: RankingBatch, users: torch.Tensor | None = None) -> TeacherOutputs:
         """User vectors (``users`` if given), item vectors and scores of ``batch``'s lists."""
-        users = self.users(batch) if users is None else users
-        items = self.items[batch.items["item_id"].values()]
-        return users, items, self.model.score(users, items, batch)
+        raise NotImplementedError
+
+    def catalogue_scores(self, batch: RankingBatch) -> torch.Tensor:
+        """``[lists, items]``: every list's score of every item of the catalogue."""
+        raise NotImplementedError
 
     def ranked(self, depth: int) -> np.ndarray:
         """``[train rows, depth]`` int32: per train row, the teacher's ``depth`` best items
@@ -115,7 +88,7 @@ class FrozenTeacher:
     @torch.no_grad()
     def _rank_rows(self, out: np.ndarray) -> None:
         store, depth = self.store, out.shape[1]
-        items = self.items.shape[0]
+        items = len(store.items)
         chunk = max(1, RANKED_CELLS // items)
         for start in tqdm(
             range(0, store.train_rows, chunk),
@@ -125,7 +98,7 @@ class FrozenTeacher:
         ):
             rows = np.arange(start, min(start + chunk, store.train_rows))
             batch = store.training_batch(rows, np.empty((len(rows), 0), dtype=np.int64))
-            scores = (self.users(batch.to(self.device)) @ self.items.T + self.bias).cpu()
+            scores = self.catalogue_scores(batch.to(self.device)).cpu()
             past, lengths = store.past(rows)
             owner = torch.as_tensor(np.repeat(np.arange(len(rows)), lengths))
             scores[owner, torch.as_tensor(past).long()] = -torch.inf
@@ -151,6 +124,58 @@ class FrozenTeacher:
                 atomic_write(path, lambda scratch: _write(scratch, rows, dtype, fill))
         path = distributed.broadcast_json(None if path is None else str(path), self.world)
         return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+class FrozenTeacher(Teacher):
+    """A trained model in eval mode, its gradients off, its item vectors computed once; a
+    sequence model's state at every train row is computed once (:func:`sequence_states`)."""
+
+    def __init__(
+        self,
+        name: str,
+        model: TwoTower,
+        store: FeatureStore,
+        *,
+        cache: Path | None = None,
+    ) -> None:
+        model.eval()
+        model.requires_grad_(False)
+        super().__init__(name, store, _fingerprint(model, store), cache)
+        self.model = model if self.device.type == "cpu" else copy.deepcopy(model).to(self.device)
+        with torch.no_grad():
+            self.items = self.model.item_tower(store.catalogue().to(self.device))
+            self.bias = self.model.item_bias.weight.squeeze(-1)
+        self.states = None
+        if model.spec.is_sequence:
+            self.states = self._per_row(
+                "states",
+                (model.output_dim,),
+                np.float32,
+                lambda out: sequence_states(self.model, store, out),
+            )
+
+    @property
+    def output_dim(self) -> int:
+        return self.model.output_dim
+
+    @torch.no_grad()
+    def users(self, batch: RankingBatch) -> torch.Tensor:
+        """The teacher's user vector of every list of ``batch``, from the list's features:
+        looked up for training lists when the states are precomputed, else computed."""
+        rows = batch.train_rows
+        if self.states is not None and bool((rows >= 0).all()):
+            return torch.as_tensor(self.states[rows.cpu().numpy()]).to(self.device)
+        return self.model.user_tower(batch.users)
+
+    @torch.no_grad()
+    def outputs(self, batch: RankingBatch, users: torch.Tensor | None = None) -> TeacherOutputs:
+        users = self.users(batch) if users is None else users
+        items = self.items[batch.items["item_id"].values()]
+        return users, items, self.model.score(users, items, batch)
+
+    @torch.no_grad()
+    def catalogue_scores(self, batch: RankingBatch) -> torch.Tensor:
+        return self.users(batch) @ self.items.T + self.bias
 
 
 def _write(path: Path, shape: tuple[int, ...], dtype, fill) -> None:

@@ -111,7 +111,9 @@ class Trainer:
                 if term.fn == "feature_mse"
             }
         )
-        self.objective = StageObjective(model, self.adapters, spec.losses)
+        # the catalogue's real items: item 0 stands for an unknown one
+        items = len(store.items) - 1
+        self.objective = StageObjective(model, self.adapters, spec.losses_for(items))
         if self.world.distributed:
             # Sharding rebuilds modules in place: shard a copy and keep ``model`` whole, for
             # evaluation on rank 0 and as a teacher of later stages.
@@ -186,6 +188,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self._stop_if_diverged(loss, epoch, index)
+            if self.spec.clip_norm is not None:
+                nn.utils.clip_grad_norm_(self.adam_parameters.values(), self.spec.clip_norm)
             rate = self.spec.learning_rate_at(epoch + (index + 1) / len(self.lists))
             for group in self.optimizer.param_groups:
                 group["lr"] = rate

@@ -8,12 +8,14 @@ import torch
 from recdistill.losses import LOSSES
 from tests.conftest import run_docstring_example
 
-LABEL_LOSSES = ("bce", "softmax_ce")
+LABEL_LOSSES = ("bce", "gbce", "softmax_ce")
 # a list of one item still gives these a term that depends on the student
-POINTWISE = ("bce", "soft_bce", "rank_weighted")
+POINTWISE = ("bce", "gbce", "soft_bce", "rank_weighted")
 # Each list loss with its default options, plus non-default variants.
 VARIANTS = [
     ("bce", {}),
+    ("gbce", {}),
+    ("gbce", {"t": 0.5, "sampling_rate": 0.1}),
     ("softmax_ce", {}),
     ("soft_bce", {}),
     ("soft_bce", {"temperature": 3.0}),
@@ -100,6 +102,30 @@ def test_bce_hand_computed():
     second = -math.log(sigmoid(0.3))
     loss = LOSSES["bce"](student, labels, mask=mask)
     assert loss.item() == pytest.approx((first + second) / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize(("t", "rate"), [(0.75, 0.05), (0.0, 0.2), (1.0, 0.2)])
+def test_gbce_hand_computed(t, rate):
+    student = tensor([[2.0, -1.0, 0.5], [0.3, 7.0, 7.0]])
+    labels = tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    beta = rate * (t * (1 - 1 / rate) + 1 / rate)
+    first = (
+        -beta * math.log(sigmoid(2.0)) - math.log(1 - sigmoid(-1.0)) - math.log(1 - sigmoid(0.5))
+    ) / 3
+    second = (-beta * math.log(sigmoid(0.3)) - math.log(1 - sigmoid(7.0))) / 2
+    loss = LOSSES["gbce"](student, labels, mask=mask, t=t, sampling_rate=rate)
+    assert loss.item() == pytest.approx((first + second) / 2, rel=1e-6)
+
+
+def test_gbce_is_bce_when_not_calibrated_or_nothing_is_sampled():
+    generator = torch.Generator().manual_seed(3)
+    student = torch.randn(4, 6, generator=generator)
+    labels = (torch.rand(4, 6, generator=generator) < 0.3).float()
+    mask = torch.rand(4, 6, generator=generator) < 0.8
+    bce = LOSSES["bce"](student, labels, mask=mask)
+    for options in ({"t": 0.0, "sampling_rate": 0.01}, {"t": 0.3, "sampling_rate": 1.0}):
+        torch.testing.assert_close(LOSSES["gbce"](student, labels, mask=mask, **options), bce)
 
 
 def test_softmax_ce_hand_computed_and_lists_without_positives_contribute_nothing():
@@ -478,6 +504,7 @@ def test_gradcheck(name, options):
 def test_registry_names_and_common_signature():
     assert set(LOSSES) == {
         "bce",
+        "gbce",
         "softmax_ce",
         "soft_bce",
         "listnet",
@@ -501,6 +528,8 @@ def test_registry_names_and_common_signature():
 @pytest.mark.parametrize(
     ("name", "options"),
     [
+        ("gbce", {"t": 1.5}),
+        ("gbce", {"sampling_rate": 0.0}),
         ("soft_bce", {"temperature": 0.0}),
         ("listnet", {"temperature": -1.0}),
         ("listmle", {"top_k": 0}),

@@ -297,3 +297,35 @@ def test_each_step_takes_the_learning_rate_of_its_place_in_the_stage(store, tmp_
     expected = [spec.learning_rate_at((k + 1) / batches) for k in range(batches)]
     assert taken == pytest.approx(expected)
     assert taken[-1] == pytest.approx(spec.learning_rate_at(1.0))  # half way down the cosine
+
+
+def test_gbce_takes_the_stages_own_sampling_rate(store, tmp_path):
+    gbce = LossTerm("gbce", options={"t": 0.5})
+    sampled = stage(losses=(gbce,), negatives=4)
+    items = len(store.items) - 1
+    assert sampled.sampling_rate(items) == pytest.approx(4 / (items - 1))
+    (term,) = Trainer(sampled, fresh_model(store), {}, store, tmp_path).objective.losses
+    assert term.options == {"t": 0.5, "sampling_rate": pytest.approx(4 / (items - 1))}
+    whole = stage(losses=(gbce,), objective="next_item", scored_items="all")
+    assert whole.losses_for(items)[0].options["sampling_rate"] == 1.0
+    with pytest.raises(ValueError, match="sampling_rate is the stage's own"):
+        stage(losses=(LossTerm("gbce", options={"sampling_rate": 0.1}),))
+    with pytest.raises(ValueError, match="gbce learns from labels"):
+        LossTerm("gbce", source="teacher")
+
+
+def test_gradients_are_clipped_to_the_stages_norm_before_each_step(store, tmp_path):
+    trainer = Trainer(stage(clip_norm=1e-3), fresh_model(store), {}, store, tmp_path)
+    norms = []
+    step = trainer.optimizer.step
+
+    def record_then_step():
+        grads = [p.grad for p in trainer.adam_parameters.values() if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+        step()
+
+    trainer.optimizer.step = record_then_step
+    trainer.train_epoch(0, max_batches=3)
+    assert len(norms) == 3 and max(norms) == pytest.approx(1e-3, rel=1e-4)
+    with pytest.raises(ValueError, match="clip_norm must be positive"):
+        stage(clip_norm=0.0)

@@ -1,0 +1,166 @@
+"""Ensemble teachers: trained stages and EASE baselines mixed into one teacher.
+
+Distillation began as distilling an ensemble (Hinton et al., 2015). A ``[ensembles.NAME]``
+table names its ``members``, trained stages of the run or the ``ease`` and ``ease_recency``
+baselines, and a grid of ``weights`` (one weight per member; by default every mix of
+weights summing to 1 in steps of ``1 / steps``, a quarter unless the table says). Each member's scores for a list are standardised over the whole catalogue for
+that list's moment (minus their mean over the items, over their standard deviation), so a
+sequence model's logits and EASE's reconstruction weights mix on one scale; the ensemble
+scores ``Σ weight · standardised member``. The weights are the grid point with the best
+validation metric of the run's ``valid_metric``; test is never read.
+
+Every member answers from the list's own moment: a trained stage as a frozen teacher does
+(:class:`~recdistill.teachers.FrozenTeacher`), an EASE member from the history bag of the
+list's features (the items before a training list's positive, the ``history_length`` newest,
+weighted ``0.5 ** (age / half_life)`` as ``ease_recency`` weighs them). So an ensemble is a
+:class:`~recdistill.teachers.Teacher`: every distillation loss and the RRD lists take it as a
+source, except ``feature_mse`` (an ensemble has no tower outputs). It is also a ranker, scored
+on test as a model of the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from recdistill.baselines import Ease
+from recdistill.data.feature_store import UNKNOWN, FeatureStore, RankingBatch
+from recdistill.teachers import Teacher, TeacherOutputs
+
+# The baselines an ensemble may take as members.
+BASELINE_MEMBERS = ("ease", "ease_recency")
+
+
+@dataclass(frozen=True)
+class EnsembleSpec:
+    """``[ensembles.NAME]``: its ``members`` and the ``weights`` validation chooses from
+    (unset: every mix summing to 1 in steps of ``1 / steps``)."""
+
+    name: str
+    members: tuple[str, ...]
+    weights: tuple[tuple[float, ...], ...] = ()
+    steps: int = 4
+
+    def __post_init__(self) -> None:
+        where = f"[ensembles.{self.name}]"
+        if len(self.members) < 2 or len(set(self.members)) != len(self.members):
+            raise ValueError(f"{where}: an ensemble needs two or more distinct members")
+        if self.steps < 1:
+            raise ValueError(f"{where}: steps must be at least 1, not {self.steps}")
+        weights = tuple(tuple(float(w) for w in point) for point in self.weights)
+        object.__setattr__(self, "weights", weights)
+        for point in weights:
+            if len(point) != len(self.members):
+                raise ValueError(
+                    f"{where}: each weights entry gives one weight per member "
+                    f"({len(self.members)}), not {list(point)}"
+                )
+            if min(point) < 0 or sum(point) <= 0:
+                raise ValueError(
+                    f"{where}: weights must be non-negative and not all zero, not {list(point)}"
+                )
+
+    @property
+    def grid(self) -> tuple[tuple[float, ...], ...]:
+        """The weights to choose from: the config's, or every mix in ``1 / steps``."""
+        if self.weights:
+            return self.weights
+        return tuple(
+            tuple(k / self.steps for k in point)
+            for point in itertools.product(range(self.steps + 1), repeat=len(self.members))
+            if sum(point) == self.steps
+        )
+
+
+class Member(Protocol):
+    """An ensemble member: every list's scores of the whole catalogue, at the list's moment."""
+
+    fingerprint: str
+
+    def catalogue_scores(self, batch: RankingBatch) -> torch.Tensor: ...
+
+
+class EaseMember:
+    """EASE (its fitted item × item weights and half-life) scored from each list's history
+    bag: the items of the batch's ``history`` feature, newest first, aged by position."""
+
+    def __init__(self, ease: Ease) -> None:
+        self.weights = torch.as_tensor(ease.weights, dtype=torch.float32)
+        self.half_life = ease.half_life
+        digest = hashlib.sha256(np.ascontiguousarray(ease.weights).tobytes())
+        digest.update(repr(self.half_life).encode())
+        self.fingerprint = digest.hexdigest()[:16]
+
+    @torch.no_grad()
+    def catalogue_scores(self, batch: RankingBatch) -> torch.Tensor:
+        history = batch.users["history"]
+        lengths = history.lengths()
+        lists, items = len(lengths), self.weights.shape[0]
+        owner = torch.repeat_interleave(torch.arange(lists), lengths)
+        age = torch.arange(len(owner)) - torch.repeat_interleave(
+            torch.cumsum(lengths, 0) - lengths, lengths
+        )
+        weight = 0.5 ** (age.float() / self.half_life)
+        # An item seen twice keeps its newest (largest) weight, as history_matrix does.
+        x = torch.zeros(lists * items).scatter_reduce(
+            0, owner * items + history.values(), weight, "amax"
+        )
+        return x.reshape(lists, items) @ self.weights
+
+
+class EnsembleTeacher(Teacher):
+    """``Σ weight · standardised member`` over the catalogue, for every list at its moment.
+
+    Its per-list state (:meth:`users`) is the mixed catalogue scores ``[lists, items]``."""
+
+    def __init__(
+        self,
+        name: str,
+        members: dict[str, Member],
+        weights: tuple[float, ...],
+        store: FeatureStore,
+        *,
+        cache=None,
+    ) -> None:
+        digest = hashlib.sha256(repr(weights).encode())
+        for member_name, member in members.items():
+            digest.update(f"{member_name}:{member.fingerprint}".encode())
+        super().__init__(name, store, digest.hexdigest()[:16], cache)
+        self.members = members
+        self.weights = dict(zip(members, weights, strict=True))
+
+    @torch.no_grad()
+    def catalogue_scores(self, batch: RankingBatch) -> torch.Tensor:
+        mixed = None
+        for member_name, member in self.members.items():
+            weight = self.weights[member_name]
+            if weight == 0:
+                continue
+            part = weight * standardised(member.catalogue_scores(batch))
+            mixed = part if mixed is None else mixed + part
+        return mixed
+
+    def users(self, batch: RankingBatch) -> torch.Tensor:
+        return self.catalogue_scores(batch)
+
+    def outputs(self, batch: RankingBatch, users: torch.Tensor | None = None) -> TeacherOutputs:
+        users = self.users(batch) if users is None else users
+        items = batch.items["item_id"].values()
+        return users, users.new_empty(len(items), 0), users[:, items].gather(1, batch.candidates)
+
+    def __call__(self, batch: RankingBatch) -> torch.Tensor:
+        return self.outputs(batch)[2]
+
+
+def standardised(scores: torch.Tensor) -> torch.Tensor:
+    """Each row minus its mean over the real items (not the unknown item 0), over their
+    standard deviation (1 where a row is constant)."""
+    real = scores[:, UNKNOWN + 1 :]
+    mean = real.mean(1, keepdim=True)
+    spread = real.std(1, keepdim=True)
+    return (scores - mean) / torch.where(spread > 0, spread, 1.0)
