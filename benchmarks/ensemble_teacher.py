@@ -54,7 +54,7 @@ def main() -> None:
     baselines, _ = fit_baselines(bench.store, bench.config, metric)
     spec = EnsembleSpec("ensemble", tuple(args.members), steps=args.steps)
     members = {
-        name: EaseMember(baselines[name]) if name in BASELINE_MEMBERS else bench.teacher(name)
+        name: EaseMember.of(baselines[name]) if name in BASELINE_MEMBERS else bench.teacher(name)
         for name in spec.members
     }
     ensemble, _ = choose_ensemble(spec, members, {}, bench.store, metric, cache=None)

@@ -2,11 +2,16 @@
 
 An artifact directory holds
 
-- ``manifest.json``: format, name, kind (``two_tower`` or ``popularity``), parameter count,
+- ``manifest.json``: format, name, kind (``two_tower``, ``popularity``, ``ease`` or
+  ``ensemble``), parameter count,
   quantization (as in ``spec.json``), the SHA-256 of every other file, and the version: a hash of those file hashes, so equal
   contents always get the same version;
 - ``model.safetensors``: the weights (int8 codes with their scales for a quantized model;
-  for ``popularity``: the item train counts);
+  for ``popularity``: the item train counts; for ``ease``: the item × item matrix, refitted
+  from the run's data with its ``l2``; for ``ensemble``: its members' weights);
+- ``members/<name>/``: an ensemble's members, each an artifact of its own (an ensemble is
+  served where its members can be: an ``ease`` member holds ``items²`` float32 weights,
+  16 MB at 2,000 items, 1.6 GB at 20,000);
 - ``spec.json``: the model spec (every field of ``TwoTowerSpec``: a sequence user encoder's
   ``user_encoder``, ``max_length``, ``layers``, ``heads`` and ``readout`` among them), its
   feature space, the history length it was trained with and its ``quantization`` (``null``,
@@ -29,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +47,11 @@ from safetensors import SafetensorError
 from safetensors.numpy import save_file
 from safetensors.torch import load_file
 
+from recdistill.baselines import Ease
 from recdistill.config import history_length, load_config, section, spec_from
 from recdistill.data.feature_store import FeatureStore
 from recdistill.data.tables import atomic_output_dir, read_meta, write_json
+from recdistill.ensembles import BASELINE_MEMBERS, EaseMember
 from recdistill.layout import ArtifactLayout, DataLayout, RunLayout
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
 from recdistill.quantize import QuantizationSpec, load_plain_state, plain_state, quantize
@@ -55,7 +63,12 @@ from recdistill.summary import BaselineModel, ChosenModel, EnsembleModel, read_s
 FORMAT = 3
 TWO_TOWER = "two_tower"
 POPULARITY = "popularity"
+EASE = "ease"
+ENSEMBLE = "ensemble"
 COUNTS = "item_train_counts"
+EASE_WEIGHTS = "ease_weights"
+MEMBER_WEIGHTS = "member_weights"
+MEMBERS = "members"
 
 
 class ArtifactError(ValueError):
@@ -75,6 +88,10 @@ class Artifact:
     model: TwoTower | None
     counts: torch.Tensor | None
     quantization: QuantizationSpec | None = None
+    # An ``ease`` artifact: its item × item weights and the half-life of its history weights.
+    ease: EaseMember | None = None
+    # An ``ensemble`` artifact: its member artifacts and their weights.
+    members: dict[str, tuple[Artifact, float]] | None = None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -101,15 +118,15 @@ def export_artifact(
     config = load_config(layout.config)
     data = Path(data or summary.data)
     read_meta(data)
-    trained = [
+    exportable = [
         name
         for name, entry in summary.models.items()
-        if not isinstance(entry, BaselineModel | EnsembleModel)
+        if not isinstance(entry, BaselineModel) or name in (POPULARITY, *BASELINE_MEMBERS)
     ]
-    if model_name not in trained + [POPULARITY]:
-        raise ValueError(
-            f"cannot export {model_name!r} from {layout.root}; exportable: {trained + [POPULARITY]}"
-        )
+    if POPULARITY not in exportable:
+        exportable.append(POPULARITY)
+    if model_name not in exportable:
+        raise ValueError(f"cannot export {model_name!r} from {layout.root}; exportable: {exportable}")
     length = history_length(config)
     store = FeatureStore(data, history_length=length)
     entry = summary.models.get(model_name)
@@ -125,6 +142,20 @@ def export_artifact(
             counts = store.item_train_counts.astype(np.float32)
             save_file({COUNTS: counts}, str(artifact.weights))
             spec_json: dict[str, Any] = {"kind": kind, "history_length": length}
+        elif model_name in BASELINE_MEMBERS:
+            kind, params = EASE, entry.params
+            weights = Ease.fit(store, entry.l2).weights.astype(np.float32)
+            save_file({EASE_WEIGHTS: weights}, str(artifact.weights))
+            half_life = entry.half_life  # None: plain EASE, every history item weighs 1
+            spec_json = {"kind": kind, "history_length": length, "l2": entry.l2}
+            spec_json["half_life"] = half_life
+        elif isinstance(entry, EnsembleModel):
+            kind, params = ENSEMBLE, entry.params
+            for member in entry.weights:
+                export_artifact(run, member, scratch / MEMBERS / member, data=data)
+            member_weights = np.array(list(entry.weights.values()), dtype=np.float32)
+            save_file({MEMBER_WEIGHTS: member_weights}, str(artifact.weights))
+            spec_json = {"kind": kind, "history_length": length, "members": list(entry.weights)}
         else:
             kind = TWO_TOWER
             spec = spec_from(TwoTowerSpec, section(config, f"models.{entry.preset}"), entry.preset)
@@ -188,13 +219,38 @@ def load_artifact(directory: Path) -> Artifact:
         )
     weights = _read_weights(layout.weights)
     _check_finite(weights, f"artifact {directory}")
-    model, counts, quantization = None, None, None
+    model, counts, quantization, ease, members = None, None, None, None, None
     if manifest["kind"] == POPULARITY:
         counts = weights.get(COUNTS)
         if counts is None or counts.shape != (len(store.items),):
             raise ArtifactError(
                 f"artifact {directory}: expected {COUNTS} of shape ({len(store.items)},)"
             )
+    elif manifest["kind"] == EASE:
+        items = len(store.items)
+        matrix = weights.get(EASE_WEIGHTS)
+        if matrix is None or matrix.shape != (items, items):
+            raise ArtifactError(
+                f"artifact {directory}: expected {EASE_WEIGHTS} of shape ({items}, {items})"
+            )
+        half_life = spec_json["half_life"]
+        ease = EaseMember(matrix, math.inf if half_life is None else half_life)
+    elif manifest["kind"] == ENSEMBLE:
+        names = spec_json["members"]
+        member_weights = weights.get(MEMBER_WEIGHTS)
+        if member_weights is None or member_weights.shape != (len(names),):
+            raise ArtifactError(
+                f"artifact {directory}: expected {MEMBER_WEIGHTS} of shape ({len(names)},)"
+            )
+        members = {}
+        for name, weight in zip(names, member_weights.tolist(), strict=True):
+            member = load_artifact(directory / MEMBERS / name)
+            if member.store.history_length != store.history_length:
+                raise ArtifactError(
+                    f"artifact {directory}: member {name!r} reads {member.store.history_length} "
+                    f"history items, the ensemble {store.history_length}"
+                )
+            members[name] = (member, weight)
     else:
         if spec_json["cardinalities"] != store.cardinalities():
             raise ArtifactError(
@@ -224,6 +280,8 @@ def load_artifact(directory: Path) -> Artifact:
         model=model,
         counts=counts,
         quantization=quantization,
+        ease=ease,
+        members=members,
     )
 
 
@@ -243,7 +301,7 @@ def _read_manifest(layout: ArtifactLayout) -> dict[str, Any]:
         raise ArtifactError(f"{path} lacks {sorted(missing)}")
     if manifest["format"] != FORMAT:
         raise ArtifactError(f"{path}: format {manifest['format']}, this version reads {FORMAT}")
-    if manifest["kind"] not in (TWO_TOWER, POPULARITY):
+    if manifest["kind"] not in (TWO_TOWER, POPULARITY, EASE, ENSEMBLE):
         raise ArtifactError(f"{path}: unknown kind {manifest['kind']!r}")
     return manifest
 

@@ -27,6 +27,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recdistill.baselines import Ease
 from recdistill.data.feature_store import UNKNOWN, FeatureStore, RankingBatch
@@ -86,19 +87,27 @@ class Member(Protocol):
 
 
 class EaseMember:
-    """EASE (its fitted item × item weights and half-life) scored from each list's history
-    bag: the items of the batch's ``history`` feature, newest first, aged by position."""
+    """EASE (item × item ``weights`` and a ``half_life``) scored from each list's history
+    bag: the items of the user-side ``history`` feature, newest first, aged by position."""
 
-    def __init__(self, ease: Ease) -> None:
-        self.weights = torch.as_tensor(ease.weights, dtype=torch.float32)
-        self.half_life = ease.half_life
-        digest = hashlib.sha256(np.ascontiguousarray(ease.weights).tobytes())
-        digest.update(repr(self.half_life).encode())
+    def __init__(self, weights: np.ndarray | torch.Tensor, half_life: float) -> None:
+        self.weights = torch.as_tensor(weights, dtype=torch.float32)
+        self.half_life = half_life
+        digest = hashlib.sha256(self.weights.numpy().tobytes())
+        digest.update(repr(half_life).encode())
         self.fingerprint = digest.hexdigest()[:16]
 
-    @torch.no_grad()
+    @classmethod
+    def of(cls, ease: Ease) -> EaseMember:
+        return cls(ease.weights, ease.half_life)
+
     def catalogue_scores(self, batch: RankingBatch) -> torch.Tensor:
-        history = batch.users["history"]
+        return self.history_scores(batch.users)
+
+    @torch.no_grad()
+    def history_scores(self, users: KeyedJaggedTensor) -> torch.Tensor:
+        """``[lists, items]`` from the ``history`` bags of a user-side KJT."""
+        history = users["history"]
         lengths = history.lengths()
         lists, items = len(lengths), self.weights.shape[0]
         owner = torch.repeat_interleave(torch.arange(lists), lengths)

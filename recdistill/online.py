@@ -11,6 +11,10 @@ from), cut to the artifact's history length, exactly the order the offline batch
 ``max_length`` items, so the request's most recent item is position 0, the one its user
 vector reads out.
 
+An ``ease`` artifact scores the whole catalogue from the same history (EASE on the history
+bag, ``recdistill.ensembles.EaseMember``), an ``ensemble`` mixes its members' catalogue scores,
+each standardised over the catalogue, with its weights, as the ensemble teacher does offline.
+
 Fallbacks, decided once at load:
 
 - **Unknown user** (cold start): with ``recent_items``, the user tower runs on that history,
@@ -36,6 +40,7 @@ import torch
 
 from recdistill.artifact import Artifact
 from recdistill.data.feature_store import UNKNOWN
+from recdistill.ensembles import standardised
 from recdistill.quantize import set_unknown_row_to_mean
 
 MEAN_USER_SAMPLE = 10_000
@@ -71,6 +76,11 @@ class OnlineRanker:
         if artifact.model is not None:
             artifact.model.requires_grad_(False)
             self._prepare_fallbacks()
+        # An ensemble's members score the whole catalogue for every request.
+        self.members = {
+            name: (OnlineRanker(member, precompute_items=True), weight)
+            for name, (member, weight) in (artifact.members or {}).items()
+        }
 
     @property
     def name(self) -> str:
@@ -104,11 +114,20 @@ class OnlineRanker:
         """Scores of item indices ``items`` for user index ``user`` (0: unknown)."""
         if self.artifact.counts is not None:
             return self.artifact.counts[torch.as_tensor(items)]
-        model, item_rows = self.artifact.model, torch.as_tensor(items)
         recent = np.empty(0, dtype=np.int64)
         if recent_items is not None and len(recent_items):
             recent = self.store.items.index(np.asarray(recent_items, dtype=np.int64))
             recent = recent[recent != UNKNOWN]
+        if self.artifact.ease is not None:
+            return self.artifact.ease.history_scores(self._user_features(user, recent))[0, items]
+        if self.members:
+            catalogue = np.arange(len(self.store.items))
+            mixed = sum(
+                weight * standardised(member.scores(user, catalogue, recent_items)[None])[0]
+                for member, weight in self.members.values()
+            )
+            return mixed[torch.as_tensor(items)]
+        model, item_rows = self.artifact.model, torch.as_tensor(items)
         if user == UNKNOWN and not len(recent):
             user_vector = self.mean_user
         else:
@@ -133,6 +152,16 @@ class OnlineRanker:
         if self.artifact.counts is not None:
             return self.artifact.counts[items].numpy()
         users, row_of_list = np.unique(store.users.index(user_ids), return_inverse=True)
+        if self.artifact.ease is not None or self.members:
+            scores = torch.empty(items.shape)
+            for start in range(0, len(users), LOAD_BATCH):
+                chunk = users[start : start + LOAD_BATCH]
+                lists = np.flatnonzero((row_of_list >= start) & (row_of_list < start + len(chunk)))
+                catalogue = self._catalogue_scores(chunk)
+                scores[lists] = catalogue[row_of_list[lists] - start][
+                    torch.arange(len(lists))[:, None], items[lists]
+                ]
+            return scores.numpy()
         user_vectors = self.artifact.model.user_tower(store.history_kjt(users))
         user_vectors[torch.as_tensor(users == UNKNOWN)] = self.mean_user
         scores = torch.empty(items.shape)
@@ -141,6 +170,20 @@ class OnlineRanker:
             vectors = user_vectors[torch.as_tensor(row_of_list[rows])]
             scores[rows] = torch.einsum("lcd,ld->lc", self.item_vectors[items[rows]], vectors)
         return (scores + self.item_bias[items]).numpy()
+
+    def _catalogue_scores(self, users: np.ndarray) -> torch.Tensor:
+        """``[users, items]``: user indices ``users`` scoring the whole catalogue, from
+        their snapshot histories, as :meth:`score_lists` scores them."""
+        if self.artifact.ease is not None:
+            return self.artifact.ease.history_scores(self.store.history_kjt(users))
+        if self.members:
+            return sum(
+                weight * standardised(member._catalogue_scores(users))
+                for member, weight in self.members.values()
+            )
+        user_vectors = self.artifact.model.user_tower(self.store.history_kjt(users))
+        user_vectors[torch.as_tensor(users == UNKNOWN)] = self.mean_user
+        return user_vectors @ self.item_vectors.T + self.item_bias
 
     def _user_features(self, user: int, recent: np.ndarray):
         store = self.store

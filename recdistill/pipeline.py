@@ -157,7 +157,7 @@ def run(config_path: Path, data: Path, out: Path, *, resume: bool = False) -> Ru
             if name in ensembles:
                 spec = ensembles[name]
                 members = {
-                    m: EaseMember(baselines[m]) if m in BASELINE_MEMBERS else teacher(m)
+                    m: EaseMember.of(baselines[m]) if m in BASELINE_MEMBERS else teacher(m)
                     for m in spec.members
                 }
                 frozen[name], entries[name] = choose_ensemble(

@@ -2,16 +2,20 @@ import contextlib
 import io
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from recdistill.artifact import ArtifactError, load_artifact
 from recdistill.baselines import Ease, ease_weights, history_matrix
 from recdistill.cli import main
 from recdistill.data.batches import CandidateLists, FeatureStore
 from recdistill.data.feature_store import Jagged
 from recdistill.ensembles import EaseMember, EnsembleSpec, EnsembleTeacher, standardised
+from recdistill.online import OnlineRanker
 from recdistill.pipeline import run
 from recdistill.teachers import FrozenTeacher
 from tests.conftest import ONE_STAGE
@@ -65,7 +69,7 @@ def test_standardised_rows_have_mean_zero_and_unit_spread_over_the_real_items():
 
 
 def test_an_ease_member_on_a_whole_history_scores_as_the_ease_baseline(store, ease):
-    member = EaseMember(ease)
+    member = EaseMember.of(ease)
     lists = CandidateLists(store, "valid", batch_size=64)
     batch = next(iter(lists))
     users = batch.users["user_id"].values()
@@ -75,7 +79,7 @@ def test_an_ease_member_on_a_whole_history_scores_as_the_ease_baseline(store, ea
 
 
 def test_an_ease_member_scores_a_training_list_from_the_items_before_its_positive(store, ease):
-    member = EaseMember(ease)
+    member = EaseMember.of(ease)
     rows = np.arange(0, store.train_rows, 7)
     batch = store.training_batch(rows, np.empty((len(rows), 0), dtype=np.int64))
     past, lengths = store.past(rows)
@@ -87,12 +91,12 @@ def test_an_ease_member_scores_a_training_list_from_the_items_before_its_positiv
 
 def test_an_ensemble_mixes_its_members_standardised_scores(store, ease, tmp_path):
     teacher = FrozenTeacher("teacher", fresh_model(store), store)
-    members = {"teacher": teacher, "ease_recency": EaseMember(ease)}
+    members = {"teacher": teacher, "ease_recency": EaseMember.of(ease)}
     mix = EnsembleTeacher("mix", members, (1.0, 0.5), store)
     rows = np.arange(0, store.train_rows, 11)
     batch = store.training_batch(rows, np.stack([rows % 5 + 1, rows % 7 + 2], axis=1))
     expected = standardised(teacher.catalogue_scores(batch)) + 0.5 * standardised(
-        EaseMember(ease).catalogue_scores(batch)
+        EaseMember.of(ease).catalogue_scores(batch)
     )
     torch.testing.assert_close(mix.catalogue_scores(batch), expected)
     state, _, scores = mix.outputs(batch)
@@ -107,7 +111,7 @@ def test_an_ensemble_mixes_its_members_standardised_scores(store, ease, tmp_path
 
 def test_an_ensembles_ranking_excludes_the_past_and_the_positive(store, ease, tmp_path):
     members = {"teacher": FrozenTeacher("teacher", fresh_model(store), store)}
-    members["ease_recency"] = EaseMember(ease)
+    members["ease_recency"] = EaseMember.of(ease)
     mix = EnsembleTeacher("mix", members, (0.5, 0.5), store, cache=tmp_path)
     ranked = mix.ranked(20)
     rows = np.arange(0, store.train_rows, 13)
@@ -127,10 +131,10 @@ def test_an_ensembles_ranking_excludes_the_past_and_the_positive(store, ease, tm
 
 def test_the_weights_change_the_fingerprint(store, ease):
     members = {"teacher": FrozenTeacher("teacher", fresh_model(store), store)}
-    members["ease_recency"] = EaseMember(ease)
+    members["ease_recency"] = EaseMember.of(ease)
     a = EnsembleTeacher("mix", members, (0.5, 0.5), store)
     b = EnsembleTeacher("mix", members, (0.25, 0.75), store)
-    other = EaseMember(Ease(store, ease_weights(np.eye(len(store.items)), 10.0), l2=10.0))
+    other = EaseMember(ease_weights(np.eye(len(store.items)), 10.0), 3.0)
     c = EnsembleTeacher("mix", {**members, "ease_recency": other}, (0.5, 0.5), store)
     assert len({a.fingerprint, b.fingerprint, c.fingerprint}) == 3
 
@@ -197,13 +201,42 @@ def test_a_run_chooses_the_ensembles_weights_on_validation_and_scores_it(ensembl
     assert len(list((out / "mix").glob("train_top30_mix_*.npy"))) == 1
 
 
-def test_an_ensemble_is_reported_but_not_exported(ensemble_run, tmp_path, capsys):
+def test_an_ensemble_is_in_the_report(ensemble_run):
     out, _ = ensemble_run
     assert main(["report", "--run", str(out)]) == 0
     assert "mix" in (out / "report" / "report.md").read_text()
-    assert main(["export", "--run", str(out), "--model", "mix", "--out", str(tmp_path / "a")]) == 2
-    error = capsys.readouterr().err
-    assert "cannot export 'mix'" in error and "'student'" in error
+
+
+def test_an_exported_ensemble_serves_the_scores_it_was_tested_with(ensemble_run, tmp_path):
+    out, _ = ensemble_run
+    directory = tmp_path / "mix"
+    assert main(["export", "--run", str(out), "--model", "mix", "--out", str(directory)]) == 0
+    artifact = load_artifact(directory)
+    assert artifact.kind == "ensemble"
+    assert sorted(p.name for p in (directory / "members").iterdir()) == ["ease_recency", "teacher"]
+    assert artifact.members["ease_recency"][0].kind == "ease"
+    weights = json.loads((out / "summary.json").read_text())["models"]["mix"]["weights"]
+    assert {name: w for name, (_, w) in artifact.members.items()} == weights
+    offline = load_file(str(out / "scores_test.safetensors"))
+    ranker = OnlineRanker(artifact)
+    served = ranker.score_lists(offline["user_id"].numpy(), offline["candidates"].numpy())
+    np.testing.assert_allclose(served, offline["mix"].numpy(), rtol=1e-4, atol=1e-4)
+    user, candidates = int(offline["user_id"][3]), offline["candidates"][3].numpy()
+    one = ranker.scores(
+        int(ranker.store.users.index(np.array([user]))[0]), ranker.store.items.index(candidates)
+    )
+    np.testing.assert_allclose(one.numpy(), served[3], rtol=1e-4, atol=1e-4)
+    ranking = ranker.rank(10**9, candidates[:5])  # a user the model never saw
+    assert ranking.cold_start and np.isfinite(ranking.scores).all()
+
+
+def test_an_ensemble_whose_member_is_missing_is_refused(ensemble_run, tmp_path):
+    out, _ = ensemble_run
+    directory = tmp_path / "mix"
+    assert main(["export", "--run", str(out), "--model", "mix", "--out", str(directory)]) == 0
+    shutil.rmtree(directory / "members" / "teacher")
+    with pytest.raises(ArtifactError, match="incomplete"):
+        load_artifact(directory)
 
 
 @pytest.mark.parametrize(
