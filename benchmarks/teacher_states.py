@@ -19,15 +19,13 @@ lists; the files stay on disk, memory-mapped.
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from synthetic_scale import ITEMS, MEAN_ACTIVITY, peak_gib
+from synthetic_scale import generated_world, peak_gib
 
 from recdistill.config import history_length, load_config
 from recdistill.data.batches import FeatureStore, TrainLists
@@ -94,15 +92,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20, help="batches of RRD lists timed")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        data = args.data
-        if data is None:
-            data = Path(scratch) / "data"
-            subprocess.run(
-                [str(Path(sys.executable).parent / "recdistill"), "data", "synthetic"]
-                + ["--out", str(data), "--users", str(args.users), "--items", str(ITEMS)]
-                + ["--mean-activity", str(MEAN_ACTIVITY)],
-                check=True,
-            )
+        data = args.data or generated_world(args.users, Path(scratch) / "data")
         measure(args.config, data, Path(scratch) / "states", args.batches)
 
 
