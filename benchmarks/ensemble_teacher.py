@@ -10,7 +10,8 @@ grid is tried on validation and the config's ``valid_metric`` chooses. The table
 validation and test NDCG@10 (sampled lists and full ranking) of the chosen ensemble and of
 each member, and the ensemble's test ratio to each member with the paired t-test's p-value
 over users. With ``--student`` the config's student stage is trained twice more: as it is,
-and with every term that learns from ``teacher`` learning from the ensemble instead; the
+and with every term that learns from ``teacher``'s scores learning from the ensemble
+instead (``feature_mse`` stays on the teacher: an ensemble has no tower outputs); the
 validation row says which a config should ship. Test is only reported.
 """
 
@@ -92,7 +93,9 @@ def main() -> None:
     from_ensemble = dataclasses.replace(
         stage,
         losses=tuple(
-            dataclasses.replace(term, source="ensemble") if term.source == TEACHER else term
+            dataclasses.replace(term, source="ensemble")
+            if term.source == TEACHER and term.scored
+            else term
             for term in stage.losses
         ),
     )

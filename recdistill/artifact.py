@@ -7,8 +7,9 @@ An artifact directory holds
   quantization (as in ``spec.json``), the SHA-256 of every other file, and the version: a hash of those file hashes, so equal
   contents always get the same version;
 - ``model.safetensors``: the weights (int8 codes with their scales for a quantized model;
-  for ``popularity``: the item train counts; for ``ease``: the item × item matrix, refitted
-  from the run's data with its ``l2``; for ``ensemble``: its members' weights);
+  for ``popularity``: the item train counts; for ``ease``, an ensemble's member: the item ×
+  item matrix, refitted from the run's data with its ``l2``; for ``ensemble``: its members'
+  weights);
 - ``members/<name>/``: an ensemble's members, each an artifact of its own (an ensemble is
   served where its members can be: an ``ease`` member holds ``items²`` float32 weights,
   16 MB at 2,000 items, 1.6 GB at 20,000);
@@ -113,20 +114,27 @@ def export_artifact(
     ``data`` overrides the data directory recorded in the run's ``summary.json``. A model whose
     summary entry has a ``quantization`` table is exported with its int8 weights as they are.
     """
+    return _export(run, model_name, out, data, as_member=False)
+
+
+def _export(
+    run: Path, model_name: str, out: Path, data: Path | None, *, as_member: bool
+) -> dict[str, Any]:
+    """:func:`export_artifact`; ``as_member``, also an EASE baseline, as an ensemble's member
+    (it reads the history the ensemble's member reads, not the baseline's whole history)."""
     layout = RunLayout(Path(run))
     summary = read_summary(layout.summary)
     config = load_config(layout.config)
     data = Path(data or summary.data)
     read_meta(data)
     exportable = [
-        name
-        for name, entry in summary.models.items()
-        if not isinstance(entry, BaselineModel) or name in (POPULARITY, *BASELINE_MEMBERS)
+        name for name, entry in summary.models.items() if not isinstance(entry, BaselineModel)
     ]
-    if POPULARITY not in exportable:
-        exportable.append(POPULARITY)
+    exportable += [POPULARITY, *(BASELINE_MEMBERS if as_member else ())]
     if model_name not in exportable:
-        raise ValueError(f"cannot export {model_name!r} from {layout.root}; exportable: {exportable}")
+        raise ValueError(
+            f"cannot export {model_name!r} from {layout.root}; exportable: {exportable}"
+        )
     length = history_length(config)
     store = FeatureStore(data, history_length=length)
     entry = summary.models.get(model_name)
@@ -152,7 +160,7 @@ def export_artifact(
         elif isinstance(entry, EnsembleModel):
             kind, params = ENSEMBLE, entry.params
             for member in entry.weights:
-                export_artifact(run, member, scratch / MEMBERS / member, data=data)
+                _export(run, member, scratch / MEMBERS / member, data, as_member=True)
             member_weights = np.array(list(entry.weights.values()), dtype=np.float32)
             save_file({MEMBER_WEIGHTS: member_weights}, str(artifact.weights))
             spec_json = {"kind": kind, "history_length": length, "members": list(entry.weights)}

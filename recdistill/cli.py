@@ -101,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--run", type=Path, required=True, help="run directory of `train`")
     export.add_argument(
-        "--model", required=True, help="teacher, intermediate, student, ... or popularity"
+        "--model", required=True, help="teacher, student, ..., popularity or an ensemble"
     )
     export.add_argument("--out", type=Path, required=True, help="artifact directory to write")
     export.add_argument("--data", type=Path, help="data directory, if not the run's own")

@@ -114,12 +114,6 @@ class OnlineRanker:
         """Scores of item indices ``items`` for user index ``user`` (0: unknown)."""
         if self.artifact.counts is not None:
             return self.artifact.counts[torch.as_tensor(items)]
-        recent = np.empty(0, dtype=np.int64)
-        if recent_items is not None and len(recent_items):
-            recent = self.store.items.index(np.asarray(recent_items, dtype=np.int64))
-            recent = recent[recent != UNKNOWN]
-        if self.artifact.ease is not None:
-            return self.artifact.ease.history_scores(self._user_features(user, recent))[0, items]
         if self.members:
             catalogue = np.arange(len(self.store.items))
             mixed = sum(
@@ -127,6 +121,12 @@ class OnlineRanker:
                 for member, weight in self.members.values()
             )
             return mixed[torch.as_tensor(items)]
+        recent = np.empty(0, dtype=np.int64)
+        if recent_items is not None and len(recent_items):
+            recent = self.store.items.index(np.asarray(recent_items, dtype=np.int64))
+            recent = recent[recent != UNKNOWN]
+        if self.artifact.ease is not None:
+            return self.artifact.ease.history_scores(self._user_features(user, recent))[0, items]
         model, item_rows = self.artifact.model, torch.as_tensor(items)
         if user == UNKNOWN and not len(recent):
             user_vector = self.mean_user
@@ -158,9 +158,8 @@ class OnlineRanker:
                 chunk = users[start : start + LOAD_BATCH]
                 lists = np.flatnonzero((row_of_list >= start) & (row_of_list < start + len(chunk)))
                 catalogue = self._catalogue_scores(chunk)
-                scores[lists] = catalogue[row_of_list[lists] - start][
-                    torch.arange(len(lists))[:, None], items[lists]
-                ]
+                rows = torch.as_tensor(row_of_list[lists] - start)
+                scores[lists] = catalogue[rows[:, None], items[lists]]
             return scores.numpy()
         user_vectors = self.artifact.model.user_tower(store.history_kjt(users))
         user_vectors[torch.as_tensor(users == UNKNOWN)] = self.mean_user

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -103,7 +103,10 @@ def stages_from(config: dict[str, Any]) -> list[StageSpec]:
         for term in table.pop("losses", []):
             term = dict(term)
             fixed = {k: term.pop(k) for k in ("fn", "source", "weight") if k in term}
-            terms.append(LossTerm(**fixed, options=term))
+            try:
+                terms.append(LossTerm(**fixed, options=term))
+            except ValueError as error:
+                raise ValueError(f"[stages.{name}]: {error}") from error
         if not terms:
             raise ValueError(f"[stages.{name}] has no losses")
         stages.append(
@@ -142,7 +145,8 @@ def run(config_path: Path, data: Path, out: Path, *, resume: bool = False) -> Ru
     if world.is_main:
         shutil.copyfile(config_path, layout.config)
     metric = section(config, "train").get("valid_metric", VALID_METRICS[0])
-    baselines, baseline_entries = fit_baselines(store, config, metric)
+    # Fitted when an ensemble needs them as members, else once training is over.
+    baselines = cache(partial(fit_baselines, store, config, metric))
 
     models: dict[str, Any] = {}
     # A trained stage, frozen once as the teacher of every later stage that learns from it,
@@ -153,18 +157,18 @@ def run(config_path: Path, data: Path, out: Path, *, resume: bool = False) -> Ru
 
     def teacher(name: str) -> Teacher:
         if name not in frozen:
-            cache = layout.stage(name).root
+            directory = layout.stage(name).root
             if name in ensembles:
                 spec = ensembles[name]
                 members = {
-                    m: EaseMember.of(baselines[m]) if m in BASELINE_MEMBERS else teacher(m)
+                    m: EaseMember.of(baselines()[0][m]) if m in BASELINE_MEMBERS else teacher(m)
                     for m in spec.members
                 }
                 frozen[name], entries[name] = choose_ensemble(
-                    spec, members, models, store, metric, cache
+                    spec, members, models, store, metric, directory
                 )
             else:
-                frozen[name] = FrozenTeacher(name, models[name], store, cache=cache)
+                frozen[name] = FrozenTeacher(name, models[name], store, cache=directory)
         return frozen[name]
 
     for stage in stages:
@@ -194,11 +198,12 @@ def run(config_path: Path, data: Path, out: Path, *, resume: bool = False) -> Ru
         )
     for name in ensembles:
         models[name] = teacher(name)
-    models |= baselines
-    entries |= baseline_entries
 
     summary = None
     if world.is_main:
+        fitted, fitted_entries = baselines()
+        models |= fitted
+        entries |= fitted_entries
         pairs = COMPARISONS + tuple(
             (name, member) for name, spec in ensembles.items() for member in spec.members
         )
@@ -252,29 +257,32 @@ def choose_ensemble(
     models: dict[str, Any],
     store: FeatureStore,
     metric: str,
-    cache: Path,
+    cache: Path | None,
 ) -> tuple[EnsembleTeacher, Callable[..., EnsembleModel]]:
     """The ensemble at the weights of ``spec.grid`` with the best validation ``metric`` (the
-    first of equals), and its summary entry."""
-    best, best_valid = None, None
-    for weights in spec.grid:
-        candidate = EnsembleTeacher(spec.name, members, weights, store, cache=cache)
-        valid = mean_metrics(evaluate(candidate, store, "valid", name=spec.name))
-        valid = {name: valid[name] for name in VALID_METRICS}
-        if distributed.world().is_main:
+    first of equals), and its summary entry. Under ``torchrun`` rank 0 scores the grid and
+    every rank takes its choice."""
+    world = distributed.world()
+    tried = []
+    if world.is_main:
+        for weights in spec.grid:
+            candidate = EnsembleTeacher(spec.name, members, weights, store)
+            valid = mean_metrics(evaluate(candidate, store, "valid", name=spec.name))
+            tried.append({name: valid[name] for name in VALID_METRICS})
             mix = "  ".join(f"{name} {w:g}" for name, w in candidate.weights.items())
             print(
                 f"{spec.name} [{mix}]: valid ndcg@10 {valid['ndcg@10']:.4f}  "
                 f"full_ndcg@10 {valid['full_ndcg@10']:.4f}",
                 flush=True,
             )
-        if best is None or valid[metric] > best_valid[metric]:
-            best, best_valid = candidate, valid
+    tried = distributed.broadcast_json(tried, world)
+    chosen = max(range(len(tried)), key=lambda k: (tried[k][metric], -k))
+    best = EnsembleTeacher(spec.name, members, spec.grid[chosen], store, cache=cache)
     params = sum(
         models[name].parameter_count() if name in models else len(store.items) ** 2
         for name in spec.members
     )
-    entry = partial(EnsembleModel, weights=best.weights, params=params, valid=best_valid)
+    entry = partial(EnsembleModel, weights=best.weights, params=params, valid=tried[chosen])
     return best, entry
 
 
@@ -341,6 +349,12 @@ def _check_stages(
             raise ValueError(
                 f"[stages.{stage.name}]: the next_item objective needs a sequence model read "
                 f"out at its last position; [models.{stage.model}] is not one"
+            )
+        baselines = [t for t in stage.teachers if t in BASELINE_MEMBERS]
+        if baselines:
+            raise ValueError(
+                f"[stages.{stage.name}] learns from {baselines}: a baseline teaches only as a "
+                "member of an [ensembles.*] table"
             )
         needed = [
             member

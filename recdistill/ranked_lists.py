@@ -4,9 +4,9 @@ On the training lists (one positive, uniformly sampled negatives) a teacher's ra
 little more than the label. What a student should learn is how the teacher orders the items
 it puts on top of the whole catalogue (Ranking Distillation, Tang & Wang 2018; RRD, Kang et
 al. 2020). For each training list, from the teacher's state at that list's moment
-(:meth:`~recdistill.teachers.FrozenTeacher.users`), the teacher ranks every item the user
+(:meth:`~recdistill.teachers.Teacher.users`), the teacher ranks every item the user
 had not interacted with before the list's positive (the positive excluded too); that ranking
-is computed once per run and train row (:meth:`~recdistill.teachers.FrozenTeacher.ranked`),
+is computed once per run and train row (:meth:`~recdistill.teachers.Teacher.ranked`),
 and each batch's list is:
 
 - ``top`` items sampled without replacement from the teacher's ``depth`` best, with
@@ -30,7 +30,7 @@ import torch
 
 from recdistill.data.feature_store import UNKNOWN, FeatureStore, RankingBatch
 from recdistill.data.sampling import sample_unseen
-from recdistill.teachers import FrozenTeacher
+from recdistill.teachers import Teacher
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class ListSpec:
 def rrd_lists(
     batch: RankingBatch,
     users: torch.Tensor,
-    teacher: FrozenTeacher,
+    teacher: Teacher,
     store: FeatureStore,
     spec: ListSpec,
     rng: np.random.Generator,

@@ -38,7 +38,8 @@ ADAGRAD_STEP_RATIO = 10.0
 class LossTerm:
     """``weight * LOSSES[fn](student, target, mask=..., **options)``.
 
-    ``source`` is ``"labels"`` or the name of an earlier stage whose model is the teacher.
+    ``source`` is ``"labels"``, the name of an earlier stage whose model is the teacher, or
+    an ensemble of stages and baselines (``[ensembles.*]``, recdistill/ensembles.py).
     ``feature_mse`` compares tower outputs instead of scores.
     """
 

@@ -22,6 +22,7 @@ import copy
 import hashlib
 import itertools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,8 @@ from recdistill.data.tables import atomic_write
 from recdistill.models import TwoTower
 
 TeacherOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-"""A frozen teacher's user vectors, item vectors and scores for a batch."""
+"""A teacher's per-list state (a frozen model's user vectors), item vectors (none for an
+ensemble) and scores for a batch."""
 
 # Windows run through a sequence teacher at once while computing its states.
 STATE_WINDOWS = 1024
@@ -189,10 +191,16 @@ def _fingerprint(model: TwoTower, store: FeatureStore) -> str:
     for key, tensor in model.state_dict().items():
         digest.update(key.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(np.ascontiguousarray(store.history.offsets).tobytes())
-    digest.update(np.ascontiguousarray(store.history.values).tobytes())
-    digest.update(str(store.history_length).encode())
+    store_digest(digest, store)
     return digest.hexdigest()[:16]
+
+
+def store_digest(digest: Any, store: FeatureStore) -> None:
+    """Add what a teacher's per-row answers depend on besides the teacher: the train
+    histories and how many items of them the features keep."""
+    digest.update(np.ascontiguousarray(store.history.offsets))
+    digest.update(np.ascontiguousarray(store.history.values))
+    digest.update(str(store.history_length).encode())
 
 
 @torch.no_grad()

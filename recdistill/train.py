@@ -47,7 +47,7 @@ from recdistill.models import TwoTower
 from recdistill.objective import StageObjective
 from recdistill.ranked_lists import rrd_lists
 from recdistill.stage import VALID_METRICS, StageSpec
-from recdistill.teachers import FrozenTeacher, TeacherOutputs
+from recdistill.teachers import Teacher, TeacherOutputs
 
 
 @dataclass
@@ -92,7 +92,7 @@ class Trainer:
         self,
         spec: StageSpec,
         model: TwoTower,
-        teachers: dict[str, FrozenTeacher],
+        teachers: dict[str, Teacher],
         store: FeatureStore,
         directory: Path,
     ) -> None:

@@ -40,8 +40,8 @@ def test_the_default_grid_is_every_mix_in_quarters():
     assert spec.grid == ((0.0, 1.0), (0.25, 0.75), (0.5, 0.5), (0.75, 0.25), (1.0, 0.0))
     assert len(EnsembleSpec("three", ("a", "b", "c")).grid) == 15
     assert EnsembleSpec("mix", ("a", "b"), steps=10).grid[1] == (0.1, 0.9)
-    given = EnsembleSpec("mix", ("a", "b"), weights=([1, 0.5],))
-    assert given.grid == ((1.0, 0.5),)
+    given = EnsembleSpec("mix", ("a", "b"), weights=([1, 0.5], [3, 1]))
+    assert given.grid == ((2 / 3, 1 / 3), (0.75, 0.25))  # each mix brought to sum 1
 
 
 @pytest.mark.parametrize(
@@ -49,7 +49,8 @@ def test_the_default_grid_is_every_mix_in_quarters():
     [
         (("teacher",), {}, "two or more distinct members"),
         (("teacher", "teacher"), {}, "two or more distinct members"),
-        (("teacher", "ease"), {"weights": ((1.0,),)}, "one weight per member"),
+        (("teacher", "ease"), {"weights": ((1.0,),)}, "each one weight per member"),
+        (("teacher", "ease"), {"weights": (0.5, 0.5)}, "each one weight per member"),
         (("teacher", "ease"), {"weights": ((1.0, -0.5),)}, "non-negative and not all zero"),
         (("teacher", "ease"), {"weights": ((0.0, 0.0),)}, "non-negative and not all zero"),
         (("teacher", "ease"), {"steps": 0}, "steps must be at least 1"),
@@ -260,6 +261,17 @@ def test_an_ensemble_whose_member_is_missing_is_refused(ensemble_run, tmp_path):
         (
             ('members = ["teacher", "ease_recency"]', 'members = ["student", "ease_recency"]'),
             "[stages.student] learns from ['student'], not trained before it",
+        ),
+        (
+            (
+                '{ fn = "ranknet", source = "mix", weight = 0.5 }',
+                '{ fn = "ranknet", source = "ease" }',
+            ),
+            "[stages.student] learns from ['ease']: a baseline teaches only as a member",
+        ),
+        (
+            ('{ fn = "ranknet", source = "mix", weight = 0.5 }', '{ fn = "gbce", source = "mix" }'),
+            "[stages.student]: gbce learns from labels",
         ),
     ],
 )
