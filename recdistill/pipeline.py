@@ -204,8 +204,15 @@ def run(config_path: Path, data: Path, out: Path, *, resume: bool = False) -> Ru
         fitted, fitted_entries = baselines()
         models |= fitted
         entries |= fitted_entries
-        pairs = COMPARISONS + tuple(
-            (name, member) for name, spec in ensembles.items() for member in spec.members
+        pairs = (
+            COMPARISONS
+            + tuple((name, member) for name, spec in ensembles.items() for member in spec.members)
+            + tuple(
+                (stage.name, name)
+                for stage in stages
+                for name in stage.teachers
+                if name in ensembles
+            )
         )
         scored, comparisons = _score_and_write(models, entries, store, layout, pairs)
         summary = RunSummary(str(data), meta["source"], scored, comparisons)

@@ -197,7 +197,9 @@ def test_a_run_chooses_the_ensembles_weights_on_validation_and_scores_it(ensembl
     assert mix["params"] == models["teacher"]["params"] + models["ease_recency"]["params"]
     for metric in ("ndcg@10", "full_ndcg@10"):
         assert 0 < mix["metrics"][metric] <= 1
-    assert {"mix_vs_teacher", "mix_vs_ease_recency"} <= set(summary["comparisons"])
+    assert {"mix_vs_teacher", "mix_vs_ease_recency", "student_vs_mix"} <= set(
+        summary["comparisons"]
+    )
     assert models["student"]["training"]["teachers"] == ["mix"]
     assert len(list((out / "mix").glob("train_top30_mix_*.npy"))) == 1
 
