@@ -9,10 +9,11 @@ baselines (their settings chosen on validation, as a run chooses them); every we
 grid is tried on validation and the config's ``valid_metric`` chooses. The table gives
 validation and test NDCG@10 (sampled lists and full ranking) of the chosen ensemble and of
 each member, and the ensemble's test ratio to each member with the paired t-test's p-value
-over users. With ``--student`` the config's student stage is trained twice more: as it is,
-and with every term that learns from ``teacher``'s scores learning from the ensemble
-instead (``feature_mse`` stays on the teacher: an ensemble has no tower outputs); the
-validation row says which a config should ship. Test is only reported.
+over users. With ``--student`` the config's student stage is trained twice more, with every
+score term that learns from ``teacher`` or from one of the config's ensembles learning from
+the single teacher, then from the benchmark's ensemble (``feature_mse`` stays on the teacher:
+an ensemble has no tower outputs); the validation row says which a config should ship. Test
+is only reported.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from students import METRICS, RunBench, Scored, paired_p
 from recdistill.config import section
 from recdistill.ensembles import BASELINE_MEMBERS, EaseMember, EnsembleSpec
 from recdistill.evaluate import evaluate
-from recdistill.pipeline import choose_ensemble, fit_baselines
-from recdistill.stage import VALID_METRICS
+from recdistill.pipeline import choose_ensemble
+from recdistill.stage import VALID_METRICS, StageSpec
 
 TEACHER = "teacher"
 
@@ -39,6 +40,20 @@ def scored(label: str, ranker, bench: RunBench, valid_ranker=None) -> Scored:
     valid = evaluate(valid_ranker or ranker, bench.store, "valid", name=label)
     test = evaluate(ranker, bench.store, "test", name=label)
     return Scored(label, ranker, {m: float(np.mean(valid[m])) for m in METRICS}, test, 0.0)
+
+
+def taught_by(stage: StageSpec, source: str, mixes: set[str]) -> StageSpec:
+    """``stage`` with every score term that learns from the teacher or an ensemble of the
+    config learning from ``source`` instead."""
+    return dataclasses.replace(
+        stage,
+        losses=tuple(
+            dataclasses.replace(term, source=source)
+            if term.source in mixes and term.scored
+            else term
+            for term in stage.losses
+        ),
+    )
 
 
 def main() -> None:
@@ -52,17 +67,18 @@ def main() -> None:
     args = parser.parse_args()
     bench = RunBench(args.config, args.data, args.run)
     metric = section(bench.config, "train").get("valid_metric", VALID_METRICS[0])
-    baselines, _ = fit_baselines(bench.store, bench.config, metric)
     spec = EnsembleSpec("ensemble", tuple(args.members), steps=args.steps)
     members = {
-        name: EaseMember.of(baselines[name]) if name in BASELINE_MEMBERS else bench.teacher(name)
+        name: EaseMember.of(bench.baselines[name])
+        if name in BASELINE_MEMBERS
+        else bench.teacher(name)
         for name in spec.members
     }
     ensemble, _ = choose_ensemble(spec, members, {}, bench.store, metric, cache=None)
     rows = [scored("ensemble", ensemble, bench)]
     for name in spec.members:
         if name in BASELINE_MEMBERS:
-            ease = baselines[name]
+            ease = bench.baselines[name]
             rows.append(scored(name, ease, bench, valid_ranker=ease.scoring(bench.store)))
         else:
             rows.append(scored(name, bench.teacher(name).model, bench))
@@ -90,24 +106,15 @@ def main() -> None:
     if not args.student:
         return
     stage = bench.stages["student"]
-    from_ensemble = dataclasses.replace(
-        stage,
-        losses=tuple(
-            dataclasses.replace(term, source="ensemble")
-            if term.source == TEACHER and term.scored
-            else term
-            for term in stage.losses
-        ),
-    )
-    preset = bench.presets[stage.model]
-    teachers = {name: bench.teacher(name) for name in stage.teachers}
-    single = bench.fit("from the teacher", stage, preset, teachers)
-    mixed = bench.fit(
-        "from the ensemble",
-        from_ensemble,
-        preset,
-        {**{n: t for n, t in teachers.items() if n != TEACHER}, "ensemble": ensemble},
-    )
+    mixes = {TEACHER, *section(bench.config, "ensembles")}
+
+    def student(label: str, source: str) -> Scored:
+        taught = taught_by(stage, source, mixes)
+        teachers = {n: ensemble if n == "ensemble" else bench.teacher(n) for n in taught.teachers}
+        return bench.fit(label, taught, bench.presets[stage.model], teachers)
+
+    single = student("from the teacher", TEACHER)
+    mixed = student("from the ensemble", "ensemble")
     print("\n| student | valid NDCG@10 | valid full | test NDCG@10 | test full |")
     print("|---|---:|---:|---:|---:|")
     for row in (single, mixed):

@@ -8,11 +8,12 @@ In the spirit of teacher-assistant distillation (Mirzadeh et al., AAAI 2020). Fo
 trained from labels alone and three ways from the run's stages:
 
 - **labels alone**: the student stage's label terms only (where distillation has to beat);
-- **direct**: the config's ``student`` stage learning from the teacher alone (its terms
-  from other sources left out);
-- **via bag**: the same stage learning from the teacher and the run's ``intermediate`` (the
+- **direct**: the config's ``student`` stage learning from its source alone (the teacher,
+  or an ensemble of the config at the weights the run chose), its intermediate terms left
+  out;
+- **via bag**: the same stage learning from that source and the run's ``intermediate`` (the
   config's bag intermediate): the student stage's own terms if it has intermediate ones,
-  else each of its teacher score terms repeated against the intermediate at
+  else each of its other score terms repeated against the intermediate at
   ``--intermediate-weight``;
 - **via sequence**: the same, with a sequence intermediate in its place, trained here with
   the config's ``intermediate`` stage (it reads the order as the teacher does, with fewer
@@ -37,7 +38,7 @@ from recdistill.models import TwoTowerSpec
 from recdistill.stage import LABELS, StageSpec
 from recdistill.teachers import FrozenTeacher
 
-TEACHER, INTERMEDIATE = "teacher", "intermediate"
+INTERMEDIATE = "intermediate"
 
 
 def sequence_intermediate(bench: RunBench, dim: int) -> tuple[TwoTowerSpec, Scored, FrozenTeacher]:
@@ -61,16 +62,16 @@ def sequence_intermediate(bench: RunBench, dim: int) -> tuple[TwoTowerSpec, Scor
 
 
 def staged_and_direct(student: StageSpec, weight: float) -> tuple[StageSpec, StageSpec]:
-    """The student stage learning from the teacher and the intermediate, and from the
-    teacher alone."""
-    teacher_terms = tuple(t for t in student.losses if t.source in (LABELS, TEACHER))
-    direct = dataclasses.replace(student, losses=teacher_terms)
+    """The student stage learning from its source and the intermediate, and from its
+    source alone."""
+    direct_terms = tuple(t for t in student.losses if t.source != INTERMEDIATE)
+    direct = dataclasses.replace(student, losses=direct_terms)
     if INTERMEDIATE in student.teachers:
         return student, direct
     repeated = tuple(
         dataclasses.replace(t, source=INTERMEDIATE, weight=weight)
         for t in student.losses
-        if t.source == TEACHER and t.scored
+        if t.source not in (LABELS, INTERMEDIATE) and t.scored
     )
     return dataclasses.replace(student, losses=student.losses + repeated), direct
 
@@ -108,7 +109,8 @@ def main() -> None:
         for kind, frozen in intermediates.items():
             teachers = None
             if frozen is not None:
-                teachers = {TEACHER: bench.teacher(TEACHER), INTERMEDIATE: frozen}
+                sources = (n for n in student.teachers if n != INTERMEDIATE)
+                teachers = {**{n: bench.teacher(n) for n in sources}, INTERMEDIATE: frozen}
             staged = bench.fit(f"w{width} {kind}", student, preset, teachers)
             rows.append((width, staged, scratch, alone))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +17,16 @@ import torch
 from safetensors.torch import load_file
 from scipy import stats
 
-from recdistill.config import history_length, load_config
+from recdistill.config import history_length, load_config, section
 from recdistill.data.feature_store import FeatureStore
+from recdistill.ensembles import BASELINE_MEMBERS, EaseMember, EnsembleTeacher
 from recdistill.evaluate import evaluate
 from recdistill.layout import RunLayout
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
-from recdistill.pipeline import model_presets, stages_from
-from recdistill.stage import StageSpec
-from recdistill.teachers import FrozenTeacher
+from recdistill.pipeline import ensembles_from, fit_baselines, model_presets, stages_from
+from recdistill.stage import VALID_METRICS, StageSpec
+from recdistill.summary import RunSummary, read_summary
+from recdistill.teachers import FrozenTeacher, Teacher
 from recdistill.train import Trainer
 
 METRICS = ("ndcg@10", "full_ndcg@10")
@@ -62,15 +65,41 @@ class RunBench:
         self.stages = {stage.name: stage for stage in stages_from(self.config)}
         self.store = FeatureStore(self.data, history_length=history_length(self.config))
         self.space = FeatureSpace(self.store.user_features, self.store.cardinalities())
-        self._teachers: dict[str, FrozenTeacher] = {}
+        self._teachers: dict[str, Teacher] = {}
 
-    def teacher(self, name: str) -> FrozenTeacher:
-        """Stage ``name`` of the run, frozen (its states cached in its stage directory)."""
+    @cached_property
+    def baselines(self) -> dict[str, Any]:
+        """The config's baselines, their settings chosen on validation as a run chooses them."""
+        metric = section(self.config, "train").get("valid_metric", VALID_METRICS[0])
+        return fit_baselines(self.store, self.config, metric)[0]
+
+    def teacher(self, name: str) -> Teacher:
+        """Stage ``name`` of the run, frozen, or the config's ensemble ``name`` at the weights
+        the run chose (what they compute per train row cached in their run directory)."""
         if name not in self._teachers:
-            model = TwoTower(self.presets[self.stages[name].model], self.space)
-            stage = RunLayout(self.run).stage(name)
-            model.load_state_dict(load_file(str(stage.weights)))
-            self._teachers[name] = FrozenTeacher(name, model, self.store, cache=stage.root)
+            layout = RunLayout(self.run)
+            ensembles = {spec.name: spec for spec in ensembles_from(self.config)}
+            if name in ensembles:
+                chosen = read_summary(layout.summary, RunSummary).models[name].weights
+                members = {
+                    member: EaseMember.of(self.baselines[member])
+                    if member in BASELINE_MEMBERS
+                    else self.teacher(member)
+                    for member in ensembles[name].members
+                }
+                self._teachers[name] = EnsembleTeacher(
+                    name,
+                    members,
+                    tuple(chosen[member] for member in members),
+                    self.store,
+                    cache=layout.stage(name).root,
+                )
+            else:
+                model = TwoTower(self.presets[self.stages[name].model], self.space)
+                model.load_state_dict(load_file(str(layout.stage(name).weights)))
+                self._teachers[name] = FrozenTeacher(
+                    name, model, self.store, cache=layout.stage(name).root
+                )
         return self._teachers[name]
 
     def fit(
@@ -78,7 +107,7 @@ class RunBench:
         label: str,
         stage: StageSpec,
         preset: TwoTowerSpec,
-        teachers: dict[str, FrozenTeacher] | None = None,
+        teachers: dict[str, Teacher] | None = None,
     ) -> Scored:
         """Train ``stage`` on a fresh ``preset`` model from its teachers (by default the
         run's stages it names) and score it."""
