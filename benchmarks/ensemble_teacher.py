@@ -26,7 +26,7 @@ import numpy as np
 from students import METRICS, RunBench, Scored, paired_p
 
 from recdistill.config import section
-from recdistill.ensembles import BASELINE_MEMBERS, EaseMember, EnsembleSpec
+from recdistill.ensembles import BASELINE_MEMBERS, EnsembleSpec
 from recdistill.evaluate import evaluate
 from recdistill.pipeline import choose_ensemble
 from recdistill.stage import VALID_METRICS, StageSpec
@@ -68,12 +68,7 @@ def main() -> None:
     bench = RunBench(args.config, args.data, args.run)
     metric = section(bench.config, "train").get("valid_metric", VALID_METRICS[0])
     spec = EnsembleSpec("ensemble", tuple(args.members), steps=args.steps)
-    members = {
-        name: EaseMember.of(bench.baselines[name])
-        if name in BASELINE_MEMBERS
-        else bench.teacher(name)
-        for name in spec.members
-    }
+    members = {name: bench.member(name) for name in spec.members}
     ensemble, _ = choose_ensemble(spec, members, {}, bench.store, metric, cache=None)
     rows = [scored("ensemble", ensemble, bench)]
     for name in spec.members:

@@ -73,6 +73,12 @@ class RunBench:
         metric = section(self.config, "train").get("valid_metric", VALID_METRICS[0])
         return fit_baselines(self.store, self.config, metric)[0]
 
+    def member(self, name: str) -> Any:
+        """What ``name`` brings to an ensemble: a baseline's EASE member or a frozen stage."""
+        return (
+            EaseMember.of(self.baselines[name]) if name in BASELINE_MEMBERS else self.teacher(name)
+        )
+
     def teacher(self, name: str) -> Teacher:
         """Stage ``name`` of the run, frozen, or the config's ensemble ``name`` at the weights
         the run chose (what they compute per train row cached in their run directory)."""
@@ -81,12 +87,7 @@ class RunBench:
             ensembles = {spec.name: spec for spec in ensembles_from(self.config)}
             if name in ensembles:
                 chosen = read_summary(layout.summary, RunSummary).models[name].weights
-                members = {
-                    member: EaseMember.of(self.baselines[member])
-                    if member in BASELINE_MEMBERS
-                    else self.teacher(member)
-                    for member in ensembles[name].members
-                }
+                members = {member: self.member(member) for member in ensembles[name].members}
                 self._teachers[name] = EnsembleTeacher(
                     name,
                     members,
