@@ -42,7 +42,11 @@ class StageObjective(nn.Module):
             )
         users, items = self.model.towers(batch)
         scores = self.model.score(users, items, batch)
-        ranked_scores = {name: self.model(lists) for name, (lists, _) in ranked.items()}
+        # The ranked lists belong to the batch's own users: their tower output is shared.
+        ranked_scores = {
+            name: self.model.score(users, self.model.item_tower(lists.items), lists)
+            for name, (lists, _) in ranked.items()
+        }
         total = scores.new_zeros(())
         for term in self.losses:
             fn = LOSSES[term.fn]

@@ -9,7 +9,7 @@ from recdistill.config import load_config, section, spec_from
 from recdistill.data.batches import TrainLists, TrainSequences
 from recdistill.data.feature_store import FeatureStore
 from recdistill.losses import LOSSES
-from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
+from recdistill.models import Dropout, FeatureSpace, TwoTower, TwoTowerSpec
 from tests.conftest import PROJECT, run_docstring_example
 
 
@@ -125,6 +125,26 @@ def test_sequence_positions_see_only_themselves_and_older_items(store):
     torch.testing.assert_close(outputs[0, 0], model.user_tower(kjt([5, 9, 2, 7]))[0])
     # Position 1 is the user vector the history had before item 5 arrived.
     torch.testing.assert_close(outputs[0, 1], model.user_tower(kjt([9, 2, 7]))[0])
+
+
+def test_dropout_zeroes_a_share_p_and_rescales_the_rest_in_training_only(store):
+    torch.manual_seed(0)
+    dropout = Dropout(0.3)
+    x = torch.full((200_000,), 2.0, requires_grad=True)
+    y = dropout(x)
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - 0.3) < 0.005
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 2.0 / 0.7))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.7)
+    assert dropout.eval()(x) is x
+    assert Dropout(0.0)(x) is x
+    encoder = TwoTower(sequence_spec(dropout=0.1), space_of(store)).user_tower.sequence
+    assert all(
+        isinstance(module, Dropout)
+        for module in encoder.modules()
+        if "Dropout" in type(module).__name__
+    )
 
 
 def test_an_empty_history_gives_finite_vectors_and_gradients(store):
