@@ -139,6 +139,10 @@ def test_dropout_zeroes_a_share_p_and_rescales_the_rest_in_training_only(store):
     torch.testing.assert_close(x.grad, kept.float() / 0.7)
     assert dropout.eval()(x) is x
     assert Dropout(0.0)(x) is x
+    # Any shape, its element count a multiple of four or not; each element drawn anew.
+    odd = Dropout(0.5)(torch.ones(3, 5, 7))
+    assert odd.shape == (3, 5, 7) and set(odd.unique().tolist()) == {0.0, 2.0}
+    assert not torch.equal(Dropout(0.5)(torch.ones(1000)), Dropout(0.5)(torch.ones(1000)))
     encoder = TwoTower(sequence_spec(dropout=0.1), space_of(store)).user_tower.sequence
     assert all(
         isinstance(module, Dropout)
@@ -232,6 +236,8 @@ def test_train_sequences_predict_each_train_item_from_the_items_before_it(store)
         ({"embedding_dim": 2, "tower": (2,), "heads": 4}, "cannot have 4 heads"),
         ({"readout": "mean"}, "unknown readout 'mean'"),
         ({"recent_length": 3}, "a sequence encoder already reads the order"),
+        ({"dropout": 1.0}, "dropout must be at least 0 and below 1, not 1.0"),
+        ({"dropout": -0.1}, "dropout must be at least 0 and below 1, not -0.1"),
     ],
 )
 def test_bad_sequence_specs_are_refused_with_a_message(overrides, message):
