@@ -1,6 +1,6 @@
 """Which distillation pays: each loss family on training lists and on RRD lists.
 
-A student (the config's ``student`` stage and preset) learns from a finished run's teacher
+A student (the config's student stage and preset) learns from a finished run's reference teacher
 with ``softmax_ce`` on the labels plus one distillation term, either on the training lists
 (one positive, sampled negatives, the teacher asked about the list's moment) or on RRD lists
 (``lists`` of the config's ``student`` stage, or RRD's defaults: 40 items sampled from the
@@ -48,13 +48,13 @@ def main() -> None:
     args = parser.parse_args()
 
     bench = RunBench(args.config, args.data, args.run)
-    student = bench.stages["student"]
+    student = bench.stages[bench.roles.student]
     lists = student.lists or ListSpec()
     preset = bench.presets[student.model]
     metric = student.valid_metric
     base = dataclasses.replace(student, losses=(LABELS_TERM,), lists=None)
     started = time.perf_counter()
-    rows = [bench.fit("labels alone (student_scratch)", base, preset)]
+    rows = [bench.fit("labels alone", base, preset)]
     for label, fn, on_training, on_rrd in families(lists):
         if args.families and fn not in args.families:
             continue
@@ -66,7 +66,7 @@ def main() -> None:
                 continue  # feature MSE compares tower outputs: no lists involved
             best: Scored | None = None
             for weight in args.weights:
-                term = LossTerm(fn, "teacher", weight, dict(options))
+                term = LossTerm(fn, bench.roles.reference, weight, dict(options))
                 stage = dataclasses.replace(base, losses=(LABELS_TERM, term), lists=spec)
                 scored = bench.fit(f"{label}, {kind} (weight {weight:g})", stage, preset)
                 if best is None or scored.valid[metric] > best.valid[metric]:
@@ -74,7 +74,8 @@ def main() -> None:
             rows.append(best)
     scratch = rows[0]
     print(
-        f"\nstudent of {args.config} learning from {args.run}/teacher; RRD lists: {lists}; "
+        f"\nstudent of {args.config} learning from {args.run}/{bench.roles.reference}; "
+        f"RRD lists: {lists}; "
         f"weights chosen on validation {metric} among {args.weights} "
         f"({time.perf_counter() - started:.0f} s)\n"
     )

@@ -2,7 +2,7 @@
 student it teaches against the student the single teacher teaches.
 
     .venv/bin/python benchmarks/ensemble_teacher.py --config configs/ml100k.toml \\
-        --data data/ml100k --run runs/ml100k [--members teacher ease_recency] [--steps 4] [--student]
+        --data data/ml100k --run runs/ml100k [--members STAGE ease_recency] [--steps 4] [--student]
 
 The ensemble (recdistill/ensembles.py) mixes the run's frozen stages and the config's EASE
 baselines (their settings chosen on validation, as a run chooses them); every weight of its
@@ -25,13 +25,10 @@ from pathlib import Path
 import numpy as np
 from students import METRICS, RunBench, Scored, paired_p
 
-from recdistill.config import section
 from recdistill.ensembles import BASELINE_MEMBERS, EnsembleSpec
 from recdistill.evaluate import evaluate
 from recdistill.pipeline import choose_ensemble
-from recdistill.stage import VALID_METRICS, StageSpec
-
-TEACHER = "teacher"
+from recdistill.stage import StageSpec
 
 
 def scored(label: str, ranker, bench: RunBench, valid_ranker=None) -> Scored:
@@ -61,13 +58,17 @@ def main() -> None:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--run", type=Path, required=True)
-    parser.add_argument("--members", nargs="+", default=[TEACHER, "ease_recency"])
+    parser.add_argument(
+        "--members", nargs="+", help="default: the run's reference teacher and ease_recency"
+    )
     parser.add_argument("--steps", type=int, default=4, help="the weight grid's step is 1/steps")
     parser.add_argument("--student", action="store_true", help="also train the two students")
     args = parser.parse_args()
     bench = RunBench(args.config, args.data, args.run)
-    metric = section(bench.config, "train").get("valid_metric", VALID_METRICS[0])
-    spec = EnsembleSpec("ensemble", tuple(args.members), steps=args.steps)
+    metric = bench.config.valid_metric
+    teacher = bench.roles.reference
+    members = args.members or [teacher, BASELINE_MEMBERS[-1]]
+    spec = EnsembleSpec("ensemble", tuple(members), steps=args.steps)
     members = {name: bench.member(name) for name in spec.members}
     ensemble, _ = choose_ensemble(spec, members, {}, bench.store, metric, cache=None)
     rows = [scored("ensemble", ensemble, bench)]
@@ -100,15 +101,15 @@ def main() -> None:
         )
     if not args.student:
         return
-    stage = bench.stages["student"]
-    mixes = {TEACHER, *section(bench.config, "ensembles")}
+    stage = bench.stages[bench.roles.student]
+    mixes = {teacher, *bench.config.ensembles}
 
     def student(label: str, source: str) -> Scored:
         taught = taught_by(stage, source, mixes)
         teachers = {n: ensemble if n == "ensemble" else bench.teacher(n) for n in taught.teachers}
         return bench.fit(label, taught, bench.presets[stage.model], teachers)
 
-    single = student("from the teacher", TEACHER)
+    single = student("from the teacher", teacher)
     mixed = student("from the ensemble", "ensemble")
     print("\n| student | valid NDCG@10 | valid full | test NDCG@10 | test full |")
     print("|---|---:|---:|---:|---:|")

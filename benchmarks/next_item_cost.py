@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 from synthetic_scale import generated_world, peak_gib
 
-from recdistill.config import history_length, load_config
+from recdistill.config import load_run_config
 from recdistill.data.batches import FeatureStore
 from recdistill.models import FeatureSpace, TwoTower
-from recdistill.pipeline import model_presets, stages_from
 from recdistill.stage import LossTerm, StageSpec
 from recdistill.train import Trainer
 
@@ -62,11 +61,11 @@ def seconds_per_step(trainer: Trainer, batches: int) -> float:
 
 
 def measure(config_path: Path, data: Path, scratch: Path, batches: int, negatives: int) -> None:
-    config = load_config(config_path)
-    stage = next(s for s in stages_from(config) if s.name == "teacher")
-    preset = model_presets(config)[stage.model]
-    store = FeatureStore(data, history_length=history_length(config))
-    space = FeatureSpace(store.user_features, store.cardinalities())
+    config = load_run_config(config_path)
+    stage = config.stage(config.roles.reference)
+    preset = config.models[stage.model]
+    store = FeatureStore(data, history_length=config.history_length)
+    space = FeatureSpace.of(store)
     print(
         f"\n{data}: {len(store.users) - 1:,} users, {len(store.items) - 1:,} items, "
         f"{store.train_rows:,} train rows; teacher {preset.embedding_dim}-d, "

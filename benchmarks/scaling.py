@@ -26,26 +26,23 @@ from synthetic_scale import ITEMS, MEAN_ACTIVITY, measure_one, peak_gib
 
 PROJECT = Path(__file__).resolve().parents[1]
 CONFIG = PROJECT / "configs" / "synthetic.toml"
-STAGE = "teacher"
 
 
 def train(data: Path, steps: int) -> dict | None:
     """Train the teacher for ``steps`` batches per rank; rank 0 returns the measurements."""
     from recdistill import distributed
-    from recdistill.config import history_length, load_config, section, spec_from
+    from recdistill.config import load_run_config
     from recdistill.data.batches import FeatureStore
-    from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
-    from recdistill.pipeline import stages_from
+    from recdistill.models import FeatureSpace, TwoTower
     from recdistill.train import Trainer
 
     world = distributed.world()
-    config = load_config(CONFIG)
-    stage = next(s for s in stages_from(config) if s.name == STAGE)
-    preset = spec_from(TwoTowerSpec, section(config, "models")[stage.model], stage.model)
+    config = load_run_config(CONFIG)
+    stage = config.stage(config.roles.reference)
     started = time.perf_counter()
-    store = FeatureStore(data, history_length=history_length(config))
+    store = FeatureStore(data, history_length=config.history_length)
     load_seconds = time.perf_counter() - started
-    model = TwoTower(preset, FeatureSpace(store.user_features, store.cardinalities()))
+    model = TwoTower(config.models[stage.model], FeatureSpace.of(store))
     with tempfile.TemporaryDirectory() as scratch:
         stats = Trainer(stage, model, {}, store, Path(scratch)).train_epoch(0, max_batches=steps)
     peaks = distributed.all_gather_json(peak_gib(), world) if world.distributed else [peak_gib()]
@@ -103,10 +100,10 @@ def main() -> None:
 
 def batch_description() -> str:
     """What one step of the teacher's stage trains on, from the config."""
-    from recdistill.config import load_config
-    from recdistill.pipeline import stages_from
+    from recdistill.config import load_run_config
 
-    stage = next(s for s in stages_from(load_config(CONFIG)) if s.name == STAGE)
+    config = load_run_config(CONFIG)
+    stage = config.stage(config.roles.reference)
     unit = "next-item windows" if stage.objective == "next_item" else "lists"
     return f"{stage.batch_size:,} {unit}"
 

@@ -9,8 +9,8 @@ candidates for real users of the test lists on one torch thread (as served by de
   routing, ranking, JSON), as its ``/metrics`` histogram and impression log record it.
 
 Both item-tower modes are measured: run per request (the server's default) and
-precomputed at load (``--precompute-items``). Ratios are teacher / model p50 and p99 in the
-same run (the first model measured when ``--models`` leaves the teacher out).
+precomputed at load (``--precompute-items``). Ratios are the run's reference teacher / model
+p50 and p99 in the same run (the first model measured when ``--models`` leaves it out).
 
 Each model is labelled with its user encoder: ``teacher[seq]`` reads the history through a
 sequence encoder (self-attention over its ``max_length`` most recent items; the request's
@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 import torch
 
 from recdistill.artifact import Artifact, export_artifact, load_artifact
+from recdistill.config import load_run_config
 from recdistill.layout import IMPRESSIONS, DataLayout, RunLayout
 from recdistill.online import OnlineRanker
 from recdistill.summary import read_summary
@@ -42,9 +43,7 @@ from serving.app import create_app
 from serving.impressions import read_impressions
 from serving.settings import ServerSettings
 
-MODELS = ("teacher", "intermediate", "student")
 SIZES = (100, 500, 1000)
-REFERENCE = "teacher"
 ENCODER_TAGS = {"sequence": "seq", "bag": "bag"}
 
 
@@ -121,15 +120,21 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=Path("runs/ml100k"))
     parser.add_argument("--requests", type=int, default=300, help="timed requests per cell")
     parser.add_argument(
-        "--models", nargs="+", default=list(MODELS), help="the run's models to measure"
+        "--models",
+        nargs="+",
+        help="the run's models to measure (default: its reference teacher and distilled stages)",
     )
     parser.add_argument(
         "--sizes", nargs="+", type=int, default=list(SIZES), help="candidates per request"
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    config = load_run_config(RunLayout(args.run).config)
+    reference = config.roles.reference
+    distilled = [stage.name for stage in config.stages if stage.teachers]
+    models = args.models or [reference, *distilled]
     scratch = Path(tempfile.mkdtemp(prefix="serving-latency-"))
-    artifacts = {name: scratch / name for name in args.models}
+    artifacts = {name: scratch / name for name in models}
     for name, directory in artifacts.items():
         export_artifact(args.run, name, directory)
     labels = {}
@@ -139,7 +144,7 @@ def main() -> None:
         artifact = load_artifact(directory)
         labels[name] = label(artifact)
         print(f"  {legend(artifact)}")
-    reference = REFERENCE if REFERENCE in artifacts else args.models[0]
+    reference = reference if reference in artifacts else models[0]
     ratio = f"{reference}/model p50"
     header = f"{'items':<12}{'model':<20}{'cands':>6}{'ranker p50':>12}{'p99':>8}"
     header += f"{'server p50':>12}{'p99':>8}{ratio:>19}{'p99':>7}"
@@ -149,7 +154,7 @@ def main() -> None:
         for size in args.sizes:
             bodies = requests_for(run_data, size, args.requests)
             results = {}
-            for name in args.models:
+            for name in models:
                 ranker = OnlineRanker(load_artifact(artifacts[name]), precompute_items=precompute)
                 for body in bodies[:20]:
                     ranker.rank(body["user_id"], np.asarray(body["candidates"]))

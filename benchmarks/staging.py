@@ -38,15 +38,15 @@ from recdistill.models import TwoTowerSpec
 from recdistill.stage import LABELS, StageSpec
 from recdistill.teachers import FrozenTeacher
 
-INTERMEDIATE = "intermediate"
 
-
-def sequence_intermediate(bench: RunBench, dim: int) -> tuple[TwoTowerSpec, Scored, FrozenTeacher]:
+def sequence_intermediate(
+    bench: RunBench, intermediate: str, dim: int
+) -> tuple[TwoTowerSpec, Scored, FrozenTeacher]:
     """A small sequence intermediate distilled from the teacher with the config's
-    intermediate stage, frozen to teach."""
-    teacher = bench.presets[bench.stages["teacher"].model]
+    intermediate stage, frozen to teach in its place."""
+    teacher = bench.config.preset(bench.roles.reference)
     preset = dataclasses.replace(
-        bench.presets[bench.stages["intermediate"].model],
+        bench.config.preset(intermediate),
         embedding_dim=dim,
         tower=(2 * dim, dim),
         user_encoder="sequence",
@@ -56,22 +56,23 @@ def sequence_intermediate(bench: RunBench, dim: int) -> tuple[TwoTowerSpec, Scor
         recent_length=0,
         user_table=True,
     )
-    stage = bench.stages["intermediate"]
-    scored = bench.fit("sequence intermediate", stage, preset)
-    return preset, scored, FrozenTeacher(INTERMEDIATE, scored.model, bench.store)
+    scored = bench.fit("sequence intermediate", bench.stages[intermediate], preset)
+    return preset, scored, FrozenTeacher(intermediate, scored.model, bench.store)
 
 
-def staged_and_direct(student: StageSpec, weight: float) -> tuple[StageSpec, StageSpec]:
+def staged_and_direct(
+    student: StageSpec, intermediate: str, weight: float
+) -> tuple[StageSpec, StageSpec]:
     """The student stage learning from its source and the intermediate, and from its
     source alone."""
-    direct_terms = tuple(t for t in student.losses if t.source != INTERMEDIATE)
+    direct_terms = tuple(t for t in student.losses if t.source != intermediate)
     direct = dataclasses.replace(student, losses=direct_terms)
-    if INTERMEDIATE in student.teachers:
+    if intermediate in student.teachers:
         return student, direct
     repeated = tuple(
-        dataclasses.replace(t, source=INTERMEDIATE, weight=weight)
+        dataclasses.replace(t, source=intermediate, weight=weight)
         for t in student.losses
-        if t.source not in (LABELS, INTERMEDIATE) and t.scored
+        if t.source not in (LABELS, intermediate) and t.scored
     )
     return dataclasses.replace(student, losses=student.losses + repeated), direct
 
@@ -85,18 +86,27 @@ def main() -> None:
     parser.add_argument("--sequence-dim", type=int, default=32)
     parser.add_argument("--no-sequence", action="store_true")
     parser.add_argument("--intermediate-weight", type=float, default=0.5)
+    parser.add_argument(
+        "--intermediate",
+        help="the stage between (default: the first distilled stage but the student)",
+    )
     args = parser.parse_args()
 
     started = time.perf_counter()
     bench = RunBench(args.config, args.data, args.run)
-    student, direct = staged_and_direct(bench.stages["student"], args.intermediate_weight)
+    intermediate = args.intermediate or next(
+        s.name for s in bench.config.stages if s.teachers and s.name != bench.roles.student
+    )
+    student, direct = staged_and_direct(
+        bench.stages[bench.roles.student], intermediate, args.intermediate_weight
+    )
     labels_alone = dataclasses.replace(
         student, losses=tuple(t for t in student.losses if t.source == LABELS), lists=None
     )
     intermediates = {"via bag": None}
     rows = []
     if not args.no_sequence:
-        _, scored, frozen = sequence_intermediate(bench, args.sequence_dim)
+        _, scored, frozen = sequence_intermediate(bench, intermediate, args.sequence_dim)
         intermediates["via sequence"] = frozen
         rows.append((None, scored, None, None))
     for width in args.widths:
@@ -109,8 +119,8 @@ def main() -> None:
         for kind, frozen in intermediates.items():
             teachers = None
             if frozen is not None:
-                sources = (n for n in student.teachers if n != INTERMEDIATE)
-                teachers = {**{n: bench.teacher(n) for n in sources}, INTERMEDIATE: frozen}
+                sources = (n for n in student.teachers if n != intermediate)
+                teachers = {**{n: bench.teacher(n) for n in sources}, intermediate: frozen}
             staged = bench.fit(f"w{width} {kind}", student, preset, teachers)
             rows.append((width, staged, scratch, alone))
 

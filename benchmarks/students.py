@@ -13,21 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from safetensors.torch import load_file
 from scipy import stats
 
-from recdistill.config import history_length, load_config, section
+from recdistill.config import RunConfig, load_run_config
 from recdistill.data.feature_store import FeatureStore
 from recdistill.ensembles import BASELINE_MEMBERS, EaseMember, EnsembleTeacher
 from recdistill.evaluate import evaluate
 from recdistill.layout import RunLayout
-from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
-from recdistill.pipeline import ensembles_from, fit_baselines, model_presets, stages_from
-from recdistill.stage import VALID_METRICS, StageSpec
+from recdistill.models import TwoTower, TwoTowerSpec
+from recdistill.pipeline import fit_baselines
+from recdistill.recipe import load_stage_model, train_stage
+from recdistill.stage import StageSpec
 from recdistill.summary import RunSummary, read_summary
 from recdistill.teachers import FrozenTeacher, Teacher
-from recdistill.train import Trainer
 
 METRICS = ("ndcg@10", "full_ndcg@10")
 
@@ -57,21 +55,20 @@ class RunBench:
     config_path: Path
     data: Path
     run: Path
-    config: dict[str, Any] = field(init=False)
+    config: RunConfig = field(init=False)
 
     def __post_init__(self) -> None:
-        self.config = load_config(self.config_path)
-        self.presets = model_presets(self.config)
-        self.stages = {stage.name: stage for stage in stages_from(self.config)}
-        self.store = FeatureStore(self.data, history_length=history_length(self.config))
-        self.space = FeatureSpace(self.store.user_features, self.store.cardinalities())
+        self.config = load_run_config(self.config_path)
+        self.presets = self.config.models
+        self.stages = {stage.name: stage for stage in self.config.stages}
+        self.roles = self.config.roles
+        self.store = FeatureStore(self.data, history_length=self.config.history_length)
         self._teachers: dict[str, Teacher] = {}
 
     @cached_property
     def baselines(self) -> dict[str, Any]:
         """The config's baselines, their settings chosen on validation as a run chooses them."""
-        metric = section(self.config, "train").get("valid_metric", VALID_METRICS[0])
-        return fit_baselines(self.store, self.config, metric)[0]
+        return fit_baselines(self.store, self.config)[0]
 
     def member(self, name: str) -> Any:
         """What ``name`` brings to an ensemble: a baseline's EASE member or a frozen stage."""
@@ -84,7 +81,7 @@ class RunBench:
         the run chose (what they compute per train row cached in their run directory)."""
         if name not in self._teachers:
             layout = RunLayout(self.run)
-            ensembles = {spec.name: spec for spec in ensembles_from(self.config)}
+            ensembles = self.config.ensembles
             if name in ensembles:
                 chosen = read_summary(layout.summary, RunSummary).models[name].weights
                 members = {member: self.member(member) for member in ensembles[name].members}
@@ -96,8 +93,7 @@ class RunBench:
                     cache=layout.stage(name).root,
                 )
             else:
-                model = TwoTower(self.presets[self.stages[name].model], self.space)
-                model.load_state_dict(load_file(str(layout.stage(name).weights)))
+                model = load_stage_model(self.run, name, self.store)
                 self._teachers[name] = FrozenTeacher(
                     name, model, self.store, cache=layout.stage(name).root
                 )
@@ -114,10 +110,10 @@ class RunBench:
         run's stages it names) and score it."""
         if teachers is None:
             teachers = {name: self.teacher(name) for name in stage.teachers}
-        torch.manual_seed(stage.seed)
-        model = TwoTower(preset, self.space)
         with tempfile.TemporaryDirectory() as scratch:
-            result = Trainer(stage, model, teachers, self.store, Path(scratch)).fit()
+            model, result = train_stage(
+                stage, stage.model, preset, teachers, self.store, Path(scratch)
+            )
         print(
             f"  {label}: valid "
             + "  ".join(f"{name} {value:.4f}" for name, value in result.valid.items())

@@ -23,13 +23,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from recdistill.config import history_length, load_config
+from recdistill.config import RunConfig, load_toml, parse_run_config
 from recdistill.data.batches import FeatureStore
-from recdistill.models import FeatureSpace, TwoTower
-from recdistill.pipeline import model_presets, stages_from
-from recdistill.train import Trainer
+from recdistill.recipe import train_stage
 
 
 def merged(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
@@ -43,19 +39,18 @@ def merged(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_variant(
-    config: dict[str, Any], data: Path, stage_name: str, epochs: int | None
+    config: RunConfig, data: Path, stage_name: str | None, epochs: int | None
 ) -> dict[str, Any]:
-    presets = model_presets(config)
-    stage = next(s for s in stages_from(config) if s.name == stage_name)
+    stage = config.stage(stage_name or config.roles.reference)
     if stage.teachers:
-        raise ValueError(f"[stages.{stage_name}] learns from {list(stage.teachers)}: not alone")
+        raise ValueError(f"{stage.where} learns from {list(stage.teachers)}: not alone")
     if epochs is not None:
         stage = dataclasses.replace(stage, epochs=epochs)
-    store = FeatureStore(data, history_length=history_length(config))
-    torch.manual_seed(stage.seed)
-    model = TwoTower(presets[stage.model], FeatureSpace(store.user_features, store.cardinalities()))
+    store = FeatureStore(data, history_length=config.history_length)
     with tempfile.TemporaryDirectory() as scratch:
-        result = Trainer(stage, model, {}, store, Path(scratch)).fit()
+        model, result = train_stage(
+            stage, stage.model, config.models[stage.model], {}, store, Path(scratch)
+        )
     return {
         "params": model.parameter_count(),
         "metric": stage.valid_metric,
@@ -70,18 +65,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--stage", default="teacher")
+    parser.add_argument("--stage", help="default: the config's reference teacher")
     parser.add_argument("--variant", action="append", default=[], help="TOML, dotted keys")
     parser.add_argument("--epochs", type=int, help="cap every variant's epochs")
     args = parser.parse_args()
-    base = load_config(args.config)
+    base = load_toml(args.config)
     rows = []
     for snippet in args.variant or [""]:
         change = tomllib.loads(snippet)
-        row = train_variant(merged(base, change), args.data, args.stage, args.epochs)
+        config = parse_run_config(merged(base, change))
+        row = train_variant(config, args.data, args.stage, args.epochs)
         rows.append((" ".join(snippet.split()) or "(config as is)", row))
         print(f"{rows[-1][0]}: valid {row['valid']}", flush=True)
-    print(f"\n{args.config}, stage {args.stage}, {args.data}; best epoch by valid {row['metric']}")
+    stage = args.stage or config.roles.reference
+    print(f"\n{args.config}, stage {stage}, {args.data}; best epoch by valid {row['metric']}")
     print(
         "| variant | params | valid NDCG@10 | valid full NDCG@10 | best epoch | epochs run | train s |"
     )

@@ -27,27 +27,25 @@ import numpy as np
 import torch
 from synthetic_scale import generated_world, peak_gib
 
-from recdistill.config import history_length, load_config
+from recdistill.config import load_run_config
 from recdistill.data.batches import FeatureStore, TrainLists
 from recdistill.models import FeatureSpace, TwoTower
-from recdistill.pipeline import model_presets, stages_from
 from recdistill.ranked_lists import ListSpec, rrd_lists
 from recdistill.teachers import FrozenTeacher
 
 
 def measure(config_path: Path, data: Path, scratch: Path, batches: int) -> None:
-    config = load_config(config_path)
-    stages = {stage.name: stage for stage in stages_from(config)}
-    preset = model_presets(config)[stages["teacher"].model]
-    student = stages["student"]
+    config = load_run_config(config_path)
+    preset = config.preset(config.roles.reference)
+    student = config.stage(config.roles.student)
     loaded = time.perf_counter()
-    store = FeatureStore(data, history_length=history_length(config))
+    store = FeatureStore(data, history_length=config.history_length)
     load_seconds = time.perf_counter() - loaded
     after_load = peak_gib()
     torch.manual_seed(0)
-    model = TwoTower(preset, FeatureSpace(store.user_features, store.cardinalities()))
+    model = TwoTower(preset, FeatureSpace.of(store))
     started = time.perf_counter()
-    teacher = FrozenTeacher("teacher", model, store, cache=scratch)
+    teacher = FrozenTeacher(config.roles.reference, model, store, cache=scratch)
     state_seconds = time.perf_counter() - started
     after_states = peak_gib()
     lists = student.lists or ListSpec()

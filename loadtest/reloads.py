@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx2
 
-from loadtest.runner import read_manifest
+from recdistill.artifact import read_manifest
 
 GOOD, CORRUPT, OUTSIDE = "good", "corrupt", "outside"
 EXPECTED_STATUS = {GOOD: 200, CORRUPT: 422, OUTSIDE: 403}
@@ -64,7 +64,7 @@ class Reloader:
         self._client = client
         self._model = model
         self._serving = serving
-        self._versions = {path: read_manifest(path)["version"] for path in good}
+        self._versions = {path: read_manifest(path).version for path in good}
         self._good = itertools.cycle(good)
         self._corrupt = corrupt
         self._outside = outside

@@ -12,7 +12,6 @@ Locust (one process) the second, so they do not compete.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -21,7 +20,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from loadtest.client_stats import ClientStats
 from loadtest.server_metrics import (
@@ -31,7 +29,8 @@ from loadtest.server_metrics import (
     scrape_rank_latency,
 )
 from loadtest.workload import Workload
-from recdistill.layout import ArtifactLayout, LoadTestLayout
+from recdistill.artifact import read_manifest
+from recdistill.layout import LoadTestLayout
 from serving.process import ServerProcess, running_server
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -221,15 +220,7 @@ def gate_problems(client: ClientStats, p99_budget_ms: float) -> list[str]:
 
 
 def artifact_name(artifact: Path) -> str:
-    return read_manifest(artifact)["name"]
-
-
-def read_manifest(artifact: Path) -> dict[str, Any]:
-    """The artifact's ``manifest.json`` (name, version, ...), read without loading the model."""
-    manifest = ArtifactLayout(Path(artifact)).manifest
-    if not manifest.is_file():
-        raise FileNotFoundError(f"{manifest} not found: is {artifact} an exported artifact?")
-    return json.loads(manifest.read_text())
+    return read_manifest(artifact).name
 
 
 def format_table(results: list[LoadTestResult]) -> str:

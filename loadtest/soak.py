@@ -34,7 +34,6 @@ from loadtest.runner import (
     LoadTestResult,
     LoadTestSettings,
     plan_cores,
-    read_manifest,
     run_load_test,
     serve_artifact,
 )
@@ -49,6 +48,7 @@ from loadtest.soak_stats import (
     minute_rows,
     reload_counts,
 )
+from recdistill.artifact import read_manifest
 from recdistill.layout import ArtifactLayout, SoakLayout
 from serving.middleware import ADMIN_TOKEN_ENV
 
@@ -143,8 +143,8 @@ def run_soak(settings: SoakSettings, progress: Callable[[str], None]) -> SoakRes
             manifest = read_manifest(root.a)
             reloader = Reloader(
                 admin,
-                model=manifest["name"],
-                serving=manifest["version"],
+                model=manifest.name,
+                serving=manifest.version,
                 good=(root.b, root.a),
                 corrupt=root.corrupt,
                 outside=settings.artifacts[0].resolve(),

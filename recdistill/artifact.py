@@ -37,26 +37,36 @@ import hashlib
 import json
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from pydantic import ConfigDict, ValidationError, with_config
 from safetensors import SafetensorError
 from safetensors.numpy import save_file
 from safetensors.torch import load_file
 
 from recdistill.baselines import Ease
-from recdistill.config import history_length, load_config, section, spec_from
+from recdistill.config import load_run_config
 from recdistill.data.feature_store import FeatureStore
 from recdistill.data.tables import atomic_output_dir, read_meta, write_json
 from recdistill.ensembles import BASELINE_MEMBERS, EaseMember
 from recdistill.layout import ArtifactLayout, DataLayout, RunLayout
-from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
+from recdistill.models import FeatureSpace, TwoTower
 from recdistill.quantize import QuantizationSpec, load_plain_state, plain_state, quantize
-from recdistill.summary import BaselineModel, ChosenModel, EnsembleModel, read_summary
+from recdistill.recipe import StageRecord, read_record
+from recdistill.summary import (
+    BaselineModel,
+    ChosenModel,
+    EnsembleModel,
+    TrainedModel,
+    from_json,
+    read_summary,
+    to_json,
+)
 
 # 2: towers read pooled features by key, so int8 weights of format 1 (whose first layer
 # was permuted to torchrec's int8 feature order) no longer fit.
@@ -74,6 +84,25 @@ MEMBERS = "members"
 
 class ArtifactError(ValueError):
     """An artifact that is missing, corrupt or inconsistent."""
+
+
+@with_config(ConfigDict(extra="forbid"))
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """``manifest.json``: what the artifact is and the SHA-256 of each of its files;
+    ``version`` hashes those hashes. ``role`` is the model's role in the run it was exported
+    from (``reference``, ``student`` or ``scratch``; None for the others)."""
+
+    format: int
+    name: str
+    kind: str
+    version: str
+    params: int
+    quantization: dict[str, bool] | None = None
+    files: dict[str, str]
+    exported_from: dict[str, str] = field(default_factory=dict)
+    offline_metrics: dict[str, float] = field(default_factory=dict)
+    role: str | None = None
 
 
 @dataclass
@@ -106,9 +135,7 @@ class Artifact:
         }
 
 
-def export_artifact(
-    run: Path, model_name: str, out: Path, *, data: Path | None = None
-) -> dict[str, Any]:
+def export_artifact(run: Path, model_name: str, out: Path, *, data: Path | None = None) -> Manifest:
     """Write the artifact of ``model_name`` from run directory ``run``; returns the manifest.
 
     ``data`` overrides the data directory recorded in the run's ``summary.json``. A model whose
@@ -119,12 +146,12 @@ def export_artifact(
 
 def _export(
     run: Path, model_name: str, out: Path, data: Path | None, *, as_member: bool
-) -> dict[str, Any]:
+) -> Manifest:
     """:func:`export_artifact`; ``as_member``, also an EASE baseline, as an ensemble's member
     (it reads the history the ensemble's member reads, not the baseline's whole history)."""
     layout = RunLayout(Path(run))
     summary = read_summary(layout.summary)
-    config = load_config(layout.config)
+    config = load_run_config(layout.config)
     data = Path(data or summary.data)
     read_meta(data)
     exportable = [
@@ -135,12 +162,15 @@ def _export(
         raise ValueError(
             f"cannot export {model_name!r} from {layout.root}; exportable: {exportable}"
         )
-    length = history_length(config)
-    store = FeatureStore(data, history_length=length)
     entry = summary.models.get(model_name)
+    record = None
+    if isinstance(entry, TrainedModel | ChosenModel):
+        record = read_record(layout.stage(model_name))
+    length = config.history_length if record is None else record.history_length
+    store = FeatureStore(data, history_length=length)
     quantization = None
-    if isinstance(entry, ChosenModel) and entry.quantization is not None:
-        quantization = dataclasses.asdict(entry.quantization)
+    if record is not None and record.quantization is not None:
+        quantization = dataclasses.asdict(record.quantization)
 
     with atomic_output_dir(out) as scratch:
         artifact = ArtifactLayout(scratch)
@@ -166,7 +196,7 @@ def _export(
             spec_json = {"kind": kind, "history_length": length, "members": list(entry.weights)}
         else:
             kind = TWO_TOWER
-            spec = spec_from(TwoTowerSpec, section(config, f"models.{entry.preset}"), entry.preset)
+            spec = record.model
             weights = layout.stage(model_name).weights
             _check_finite(_read_weights(weights), f"cannot export {model_name!r} from {weights}")
             shutil.copyfile(weights, artifact.weights)
@@ -186,26 +216,27 @@ def _export(
             for path in sorted(scratch.rglob("*"))
             if path.is_file()
         }
-        manifest = {
-            "format": FORMAT,
-            "name": model_name,
-            "kind": kind,
-            "version": _version(files),
-            "params": params,
-            "quantization": quantization,
-            "files": files,
-            "exported_from": {"run": str(layout.root), "data": str(data)},
-            "offline_metrics": {} if entry is None else entry.metrics,
-        }
-        write_json(artifact.manifest, manifest)
+        manifest = Manifest(
+            format=FORMAT,
+            name=model_name,
+            kind=kind,
+            version=_version(files),
+            params=params,
+            quantization=quantization,
+            files=files,
+            exported_from={"run": str(layout.root), "data": str(data)},
+            offline_metrics={} if entry is None else entry.metrics,
+            role=None if config.roles is None else config.roles.role_of(model_name),
+        )
+        write_json(artifact.manifest, to_json(manifest))
     return manifest
 
 
 def load_artifact(directory: Path) -> Artifact:
     directory = Path(directory)
     layout = ArtifactLayout(directory)
-    manifest = _read_manifest(layout)
-    for name, expected in manifest["files"].items():
+    manifest = read_manifest(directory)
+    for name, expected in manifest.files.items():
         path = directory / name
         if not path.is_file():
             raise ArtifactError(f"artifact {directory} is incomplete: {name} is missing")
@@ -215,7 +246,7 @@ def load_artifact(directory: Path) -> Artifact:
                 f"artifact {directory} is corrupt: {name} has SHA-256 {actual[:12]}…, "
                 f"the manifest says {expected[:12]}…"
             )
-    if _version(manifest["files"]) != manifest["version"]:
+    if _version(manifest.files) != manifest.version:
         raise ArtifactError(f"artifact {directory}: version does not match the file hashes")
 
     spec_json = json.loads(layout.spec.read_text())
@@ -228,13 +259,13 @@ def load_artifact(directory: Path) -> Artifact:
     weights = _read_weights(layout.weights)
     _check_finite(weights, f"artifact {directory}")
     model, counts, quantization, ease, members = None, None, None, None, None
-    if manifest["kind"] == POPULARITY:
+    if manifest.kind == POPULARITY:
         counts = weights.get(COUNTS)
         if counts is None or counts.shape != (len(store.items),):
             raise ArtifactError(
                 f"artifact {directory}: expected {COUNTS} of shape ({len(store.items)},)"
             )
-    elif manifest["kind"] == EASE:
+    elif manifest.kind == EASE:
         items = len(store.items)
         matrix = weights.get(EASE_WEIGHTS)
         if matrix is None or matrix.shape != (items, items):
@@ -243,7 +274,7 @@ def load_artifact(directory: Path) -> Artifact:
             )
         half_life = spec_json["half_life"]
         ease = EaseMember(matrix, math.inf if half_life is None else half_life)
-    elif manifest["kind"] == ENSEMBLE:
+    elif manifest.kind == ENSEMBLE:
         names = spec_json["members"]
         member_weights = weights.get(MEMBER_WEIGHTS)
         if member_weights is None or member_weights.shape != (len(names),):
@@ -266,24 +297,30 @@ def load_artifact(directory: Path) -> Artifact:
                 f"do not match the feature snapshot's {store.cardinalities()}"
             )
         try:
-            spec = spec_from(TwoTowerSpec, spec_json["model"], f"{layout.spec.name} model")
-        except (TypeError, ValueError) as error:
-            raise ArtifactError(f"artifact {directory}: {error}") from error
-        model = TwoTower(spec, FeatureSpace(store.user_features, store.cardinalities()))
-        if spec_json.get("quantization") is not None:
-            quantization = spec_from(
-                QuantizationSpec, spec_json["quantization"], f"{layout.spec} quantization"
+            record = from_json(
+                StageRecord,
+                {
+                    "preset": manifest.name,
+                    "model": spec_json["model"],
+                    "history_length": spec_json["history_length"],
+                    "quantization": spec_json.get("quantization"),
+                },
             )
+        except ValidationError as error:
+            raise ArtifactError(f"artifact {directory}: {layout.spec.name}: {error}") from error
+        model = TwoTower(record.model, FeatureSpace.of(store))
+        quantization = record.quantization
+        if quantization is not None:
             model = quantize(model, quantization)
         _check_shapes(directory, plain_state(model), weights)
         load_plain_state(model, weights)
         model.eval()
     return Artifact(
         directory=directory,
-        name=manifest["name"],
-        kind=manifest["kind"],
-        version=manifest["version"],
-        params=manifest["params"],
+        name=manifest.name,
+        kind=manifest.kind,
+        version=manifest.version,
+        params=manifest.params,
         store=store.known_at("test"),
         model=model,
         counts=counts,
@@ -293,24 +330,26 @@ def load_artifact(directory: Path) -> Artifact:
     )
 
 
-def _read_manifest(layout: ArtifactLayout) -> dict[str, Any]:
-    path = layout.manifest
+def read_manifest(directory: Path) -> Manifest:
+    """The artifact's ``manifest.json``, checked, read without loading the model."""
+    path = ArtifactLayout(Path(directory)).manifest
+    if not Path(directory).is_dir():
+        raise ArtifactError(f"artifact {directory} not found")
     if not path.is_file():
         raise ArtifactError(
-            f"{layout.root} is not an artifact: {path.name} is missing "
+            f"{directory} is not an artifact: {path.name} is missing "
             "(create one with `recdistill export`)"
         )
     try:
-        manifest = json.loads(path.read_text())
+        manifest = from_json(Manifest, json.loads(path.read_text()))
     except json.JSONDecodeError as error:
         raise ArtifactError(f"{path} is not valid JSON: {error}") from error
-    missing = {"format", "name", "kind", "version", "params", "files"} - set(manifest)
-    if missing:
-        raise ArtifactError(f"{path} lacks {sorted(missing)}")
-    if manifest["format"] != FORMAT:
-        raise ArtifactError(f"{path}: format {manifest['format']}, this version reads {FORMAT}")
-    if manifest["kind"] not in (TWO_TOWER, POPULARITY, EASE, ENSEMBLE):
-        raise ArtifactError(f"{path}: unknown kind {manifest['kind']!r}")
+    except ValidationError as error:
+        raise ArtifactError(f"{path}: {error}") from error
+    if manifest.format != FORMAT:
+        raise ArtifactError(f"{path}: format {manifest.format}, this version reads {FORMAT}")
+    if manifest.kind not in (TWO_TOWER, POPULARITY, EASE, ENSEMBLE):
+        raise ArtifactError(f"{path}: unknown kind {manifest.kind!r}")
     return manifest
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
+from typing import Any, TypeVar
 
-from recdistill.config import load_config, section, spec_from
 from recdistill.errors import TrainingDiverged
 from recdistill.layout import RunLayout, SweepLayout
 from serving.settings import ServerSettings
 
+Spec = TypeVar("Spec")
 EXAMPLES = """commands:
   recdistill data synthetic --out data/synthetic [--users N --items M --seed S]
   recdistill data movielens --path ../shared/datasets/ml-100k --out data/ml100k
@@ -165,22 +167,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _data_synthetic(args: argparse.Namespace) -> None:
-    from recdistill.data.prepare import SplitSpec, prepare
+    from recdistill.config import load_run_config
+    from recdistill.data.prepare import prepare
     from recdistill.data.summary import describe
-    from recdistill.data.synthetic import SyntheticSpec, generate
+    from recdistill.data.synthetic import generate
     from recdistill.data.tables import atomic_output_dir
 
-    config = load_config(args.config)
-    spec = spec_from(
-        SyntheticSpec,
-        section(config, "data.synthetic"),
-        "[data.synthetic]",
+    data = load_run_config(args.config).data
+    spec = _overridden(
+        data.synthetic,
         users=args.users,
         items=args.items,
         mean_activity=args.mean_activity,
         seed=args.seed,
     )
-    split = spec_from(SplitSpec, section(config, "data.split"), "[data.split]", seed=args.seed)
+    split = _overridden(data.split, seed=args.seed)
     with atomic_output_dir(args.out) as scratch:
         generate(spec, scratch)
         prepare(scratch, split)
@@ -188,14 +189,13 @@ def _data_synthetic(args: argparse.Namespace) -> None:
 
 
 def _data_movielens(args: argparse.Namespace) -> None:
+    from recdistill.config import load_run_config
     from recdistill.data.movielens import read_movielens
-    from recdistill.data.prepare import SplitSpec, prepare
+    from recdistill.data.prepare import prepare
     from recdistill.data.summary import describe
     from recdistill.data.tables import atomic_output_dir, write_raw
 
-    split = spec_from(
-        SplitSpec, section(load_config(args.config), "data.split"), "[data.split]", seed=args.seed
-    )
+    split = _overridden(load_run_config(args.config).data.split, seed=args.seed)
     raw = read_movielens(args.path)
     with atomic_output_dir(args.out) as scratch:
         write_raw(scratch, raw)
@@ -204,10 +204,11 @@ def _data_movielens(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from recdistill.config import load_run_config
     from recdistill.distributed import world
     from recdistill.pipeline import run, summary_table
 
-    summary = run(args.config, args.data, args.out, resume=args.resume)
+    summary = run(load_run_config(args.config), args.data, args.out, resume=args.resume)
     if world().is_main:
         print(summary_table(summary))
         print(f"\nwrote {RunLayout(args.out).summary}")
@@ -227,12 +228,8 @@ def _report(args: argparse.Namespace) -> None:
     from recdistill.report import build_report
     from recdistill.segments import SliceSpec
 
-    spec = spec_from(
-        SliceSpec,
-        {},
-        "report",
-        min_users=args.min_users,
-        retention_threshold=args.retention_threshold,
+    spec = _overridden(
+        SliceSpec(), min_users=args.min_users, retention_threshold=args.retention_threshold
     )
     print(f"wrote {build_report(args.run, spec)}")
 
@@ -242,8 +239,8 @@ def _export(args: argparse.Namespace) -> None:
 
     manifest = export_artifact(args.run, args.model, args.out, data=args.data)
     print(
-        f"wrote {args.out}: {manifest['name']} ({manifest['kind']}), "
-        f"version {manifest['version']}, {manifest['params']:,} parameters"
+        f"wrote {args.out}: {manifest.name} ({manifest.kind}), "
+        f"version {manifest.version}, {manifest.params:,} parameters"
     )
 
 
@@ -279,6 +276,11 @@ def _serve(args: argparse.Namespace) -> None:
         access_log=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
+
+
+def _overridden(spec: Spec, **options: Any) -> Spec:
+    """``spec`` with the options given on the command line (those not None)."""
+    return dataclasses.replace(spec, **{k: v for k, v in options.items() if v is not None})
 
 
 def _abtest(args: argparse.Namespace) -> None:

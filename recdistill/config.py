@@ -1,21 +1,133 @@
-"""TOML configs mapped onto the dataclass specs that build everything."""
+"""Configs as frozen, typed trees: parsed from TOML and validated here, once.
+
+A run's config (``recdistill train``) is a :class:`RunConfig`; a sweep's a :class:`SweepConfig`,
+built from the same parts; an A/B experiment's an
+:class:`~recdistill.abtest.spec.ExperimentSpec`. Every error names its TOML table. A
+``RunConfig`` can be built in Python and written back to TOML (:meth:`RunConfig.to_toml`): a
+run directory holds its config resolved so, every default and role written out.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import tomllib
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from recdistill import toml_writer
+from recdistill.abtest.spec import (
+    TABLES,
+    AnalysisSpec,
+    ClickSpec,
+    ExperimentSpec,
+    SimulationSpec,
+)
+from recdistill.data.prepare import SplitSpec
+from recdistill.data.synthetic_world import SyntheticSpec
+from recdistill.ensembles import EnsembleSpec
 from recdistill.layout import DEFAULT_HISTORY_LENGTH
+from recdistill.models import TwoTowerSpec
+from recdistill.quantize import QuantizationSpec
+from recdistill.ranked_lists import ListSpec
+from recdistill.roles import REFERENCE, STUDENT, Roles, check_roles, check_stages, derive_roles
+from recdistill.routing import Arm, Routing
+from recdistill.stage import LossTerm, StageSpec
+from recdistill.summary import SelectionSpec
 
 Spec = TypeVar("Spec")
-# The [train] key that shapes the features rather than a stage.
 HISTORY_LENGTH = "history_length"
+# The [train] keys that are every stage's defaults.
+STAGE_DEFAULTS = tuple(
+    f.name for f in dataclasses.fields(StageSpec) if f.name not in ("name", "model", "losses")
+)
+# How each stage of a run starts, before its [stages.*] table.
+NO_STAGE = StageSpec(name="", model="", losses=())
+EASE_L2 = (100.0, 300.0, 1000.0)
+EASE_HALF_LIVES = (1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0)  # in items of the user's history
 
 
-def load_config(path: Path | None) -> dict[str, Any]:
-    """The parsed TOML at ``path``, or an empty config when no path is given."""
+@dataclass(frozen=True)
+class DataConfig:
+    """``[data.synthetic]`` (the generated world) and ``[data.split]``."""
+
+    synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
+    split: SplitSpec = field(default_factory=SplitSpec)
+
+
+@dataclass(frozen=True)
+class TrainDefaults:
+    """``[train]``: the history features hold and what every stage starts from (its
+    ``valid_metric`` is also the run's, for the baselines and ensembles validation tunes)."""
+
+    history_length: int = DEFAULT_HISTORY_LENGTH
+    stage: StageSpec = NO_STAGE
+
+    @property
+    def valid_metric(self) -> str:
+        return self.stage.valid_metric
+
+    def stage_of(
+        self, name: str, model: str, losses: tuple[LossTerm, ...], **table: Any
+    ) -> StageSpec:
+        """Stage ``name``: these defaults, then ``table``'s keys (as in ``[stages.NAME]``)."""
+        return replace(self.stage, name=name, model=model, losses=losses, **table)
+
+
+@dataclass(frozen=True)
+class BaselineGrids:
+    """``[baselines.ease] l2`` and ``[baselines.ease_recency] half_life``: the settings
+    validation chooses among."""
+
+    ease_l2: tuple[float, ...] = EASE_L2
+    half_lives: tuple[float, ...] = EASE_HALF_LIVES
+
+    def __post_init__(self) -> None:
+        if not self.ease_l2 or not self.half_lives:
+            raise ValueError("[baselines.*]: a baseline's grid is empty")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything ``recdistill train`` does, typed; build it in Python or :func:`load_run_config`."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    models: dict[str, TwoTowerSpec] = field(default_factory=dict)
+    train: TrainDefaults = field(default_factory=TrainDefaults)
+    stages: tuple[StageSpec, ...] = ()
+    ensembles: dict[str, EnsembleSpec] = field(default_factory=dict)
+    baselines: BaselineGrids = field(default_factory=BaselineGrids)
+    roles: Roles | None = None
+
+    def __post_init__(self) -> None:
+        if self.stages:
+            check_stages(self.stages, self.models, self.ensembles, self.history_length)
+            roles = derive_roles(self.stages, self.ensembles, self.roles)
+            check_roles(roles, self.stages, self.ensembles)
+            object.__setattr__(self, "roles", roles)
+
+    @property
+    def history_length(self) -> int:
+        return self.train.history_length
+
+    @property
+    def valid_metric(self) -> str:
+        return self.train.valid_metric
+
+    def stage(self, name: str) -> StageSpec:
+        return next(stage for stage in self.stages if stage.name == name)
+
+    def preset(self, stage: str) -> TwoTowerSpec:
+        """The model spec stage ``stage`` trains."""
+        return self.models[self.stage(stage).model]
+
+    def to_toml(self) -> str:
+        """The config resolved, as TOML that :func:`parse_run_config` reads back equal."""
+        return toml_writer.dumps(_run_tables(self))
+
+
+def load_toml(path: Path | None) -> dict[str, Any]:
+    """The parsed TOML at ``path``, or an empty table when no path is given."""
     if path is None:
         return {}
     path = Path(path)
@@ -27,17 +139,269 @@ def load_config(path: Path | None) -> dict[str, Any]:
         raise ValueError(f"config {path}: {error}") from error
 
 
-def section(config: dict[str, Any], dotted: str) -> dict[str, Any]:
-    """The table at ``dotted`` (e.g. ``"data.split"``), empty when absent."""
-    table: Any = config
-    for key in dotted.split("."):
-        table = table.get(key, {}) if isinstance(table, dict) else {}
+def load_run_config(path: Path | None) -> RunConfig:
+    """The run config at ``path`` (a config without ``path``: every default)."""
+    return parse_run_config(load_toml(path))
+
+
+def parse_run_config(raw: dict[str, Any]) -> RunConfig:
+    defaults = _train_defaults(raw)
+    return RunConfig(
+        data=DataConfig(
+            synthetic=spec_from(SyntheticSpec, section(raw, "data.synthetic"), "[data.synthetic]"),
+            split=spec_from(SplitSpec, section(raw, "data.split"), "[data.split]"),
+        ),
+        models=model_presets(raw),
+        train=defaults,
+        stages=tuple(
+            _stage(defaults, name, table) for name, table in section(raw, "stages").items()
+        ),
+        ensembles={
+            name: spec_from(EnsembleSpec, table, f"[ensembles.{name}]", name=name)
+            for name, table in section(raw, "ensembles").items()
+        },
+        baselines=BaselineGrids(
+            ease_l2=tuple(section(raw, "baselines.ease").get("l2", EASE_L2)),
+            half_lives=tuple(
+                section(raw, "baselines.ease_recency").get("half_life", EASE_HALF_LIVES)
+            ),
+        ),
+        roles=spec_from(Roles, section(raw, "roles"), "[roles]") if "roles" in raw else None,
+    )
+
+
+def _train_defaults(raw: dict[str, Any]) -> TrainDefaults:
+    train = dict(section(raw, "train"))
+    length = train.pop(HISTORY_LENGTH, DEFAULT_HISTORY_LENGTH)
+    return TrainDefaults(
+        length, replace(NO_STAGE, **_stage_keys(train, "[train]", [HISTORY_LENGTH]))
+    )
+
+
+def model_presets(raw: dict[str, Any]) -> dict[str, TwoTowerSpec]:
+    """The ``[models.*]`` specs; a bad one is an error that names its table."""
+    presets = {}
+    for name, table in section(raw, "models").items():
+        where = f"[models.{name}]"
+        try:
+            presets[name] = spec_from(TwoTowerSpec, table, where)
+        except (TypeError, ValueError) as error:
+            raise ValueError(str(error) if str(error).startswith(where) else f"{where}: {error}")
+    return presets
+
+
+def loss_terms(terms: list[dict[str, Any]], where: str) -> tuple[LossTerm, ...]:
+    """``losses = [{fn, source, weight, **options}, ...]`` as loss terms."""
+    parsed = []
+    for term in terms:
+        term = dict(term)
+        fixed = {k: term.pop(k) for k in ("fn", "source", "weight") if k in term}
+        try:
+            parsed.append(LossTerm(**fixed, options=term))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{where}: {error}") from error
+    if not parsed:
+        raise ValueError(f"{where} has no losses")
+    return tuple(parsed)
+
+
+def _stage(defaults: TrainDefaults, name: str, table: dict[str, Any]) -> StageSpec:
+    where = f"[stages.{name}]"
+    table = dict(table)
+    losses = loss_terms(table.pop("losses", []), where)
+    if "model" not in table:
+        raise ValueError(f"{where} names no model preset (model = ...)")
+    model = table.pop("model")
+    return defaults.stage_of(name, model, losses, **_stage_keys(table, where))
+
+
+def _stage_keys(table: dict[str, Any], where: str, extra: list[str] = ()) -> dict[str, Any]:
+    """A stage's settings from ``[train]`` or ``[stages.NAME]`` (``lists`` as a ListSpec)."""
+    unknown = sorted(set(table) - set(STAGE_DEFAULTS))
+    if unknown:
+        valid = sorted([*STAGE_DEFAULTS, *extra])
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {valid}")
+    values = _tuples(table)
+    if "lists" in values:
+        values["lists"] = spec_from(ListSpec, table["lists"], f"{where} lists")
+    return values
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """``[sweep]``: where the teachers come from, what to search and how to measure it."""
+
+    base_run: str = ""
+    search: str = "grid"  # "grid": every preset × mix; "random": ``samples`` of them
+    samples: int = 0
+    seed: int = 0
+    min_segment_users: int = 100
+    latency_rounds: int = 5
+    latency_requests: int = 200  # timed requests per model and round
+
+    def __post_init__(self) -> None:
+        if not self.base_run:
+            raise ValueError('[sweep] needs base_run = "runs/X", the run whose teachers teach')
+        if self.search not in ("grid", "random"):
+            raise ValueError(f'[sweep] search = {self.search!r}; use "grid" or "random"')
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """``recdistill sweep``'s config: ``[sweep]``, the budget (``[selection]``), the int8 copy
+    (``[quantization]``), and a run config's ``[train]`` defaults and ``[models.*]`` presets,
+    each trained with every loss mix of ``[mixes]``."""
+
+    sweep: SweepSpec
+    selection: SelectionSpec = field(default_factory=SelectionSpec)
+    quantization: QuantizationSpec = field(default_factory=QuantizationSpec)
+    train: TrainDefaults = field(default_factory=TrainDefaults)
+    models: dict[str, TwoTowerSpec] = field(default_factory=dict)
+    mixes: dict[str, tuple[LossTerm, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.models or not self.mixes:
+            raise ValueError("a sweep config needs [models.*] presets and a [mixes] table")
+
+
+def load_sweep_config(path: Path) -> SweepConfig:
+    raw = load_toml(path)
+    return SweepConfig(
+        sweep=spec_from(SweepSpec, section(raw, "sweep"), "[sweep]"),
+        selection=spec_from(SelectionSpec, section(raw, "selection"), "[selection]"),
+        quantization=spec_from(QuantizationSpec, section(raw, "quantization"), "[quantization]"),
+        train=_train_defaults(raw),
+        models=model_presets(raw),
+        mixes={
+            name: loss_terms(terms, f"[mixes] {name}")
+            for name, terms in section(raw, "mixes").items()
+        },
+    )
+
+
+def load_routing(path: Path) -> Routing:
+    """The ``[ab]`` table of an experiment's config: what ``recdistill serve --ab`` reads."""
+    return routing_from(section(load_toml(path), "ab"))
+
+
+def load_experiment(path: Path, **simulation_overrides: Any) -> ExperimentSpec:
+    """The experiment of the TOML at ``path``; ``simulation_overrides`` (not None) win.
+
+    Unset, ``[analysis] ship`` is the arm serving a run's student against the arm serving
+    its reference teacher, as their artifacts' manifests name their roles."""
+    raw = load_toml(path)
+    unknown = sorted(set(raw) - set(TABLES))
+    if unknown:
+        raise ValueError(f"{path}: unknown table(s) {unknown}; valid tables are {list(TABLES)}")
+    if "ab" not in raw:
+        raise ValueError(f"{path}: no [ab] table (salt and arms)")
+    routing = routing_from(section(raw, "ab"))
+    artifacts = {name: Path(directory) for name, directory in section(raw, "artifacts").items()}
+    for arm in routing.arms:
+        if arm.model not in artifacts:
+            raise ValueError(
+                f"{path}: arm {arm.name!r} serves model {arm.model!r}, which [artifacts] does "
+                f"not list (it lists {sorted(artifacts)})"
+            )
+    simulation_table = section(raw, "simulation")
+    if "data" not in simulation_table:
+        raise ValueError(f"{path}: [simulation] needs `data`, the data directory")
+    analysis = spec_from(AnalysisSpec, section(raw, "analysis"), "[analysis]")
+    if not analysis.ship:
+        analysis = replace(analysis, ship=_ship_by_role(path, routing, artifacts))
+    arms = [arm.name for arm in routing.arms]
+    for role, name in [("control", analysis.control), *zip(("ship", "ship"), analysis.ship)]:
+        if name not in arms:
+            raise ValueError(f"{path}: [analysis] {role} arm {name!r} is not an arm of [ab] {arms}")
+    return ExperimentSpec(
+        routing=routing,
+        artifacts=artifacts,
+        simulation=spec_from(
+            SimulationSpec, simulation_table, "[simulation]", **simulation_overrides
+        ),
+        clicks=spec_from(ClickSpec, section(raw, "clicks"), "[clicks]"),
+        analysis=analysis,
+    )
+
+
+def _ship_by_role(path: Path, routing: Routing, artifacts: dict[str, Path]) -> tuple[str, str]:
+    from recdistill.artifact import read_manifest
+
+    arm_of = {read_manifest(artifacts[arm.model]).role: arm.name for arm in routing.arms}
+    if STUDENT not in arm_of or REFERENCE not in arm_of:
+        raise ValueError(
+            f"{path}: no arm serves both a run's student and its reference teacher: "
+            "set [analysis] ship = [treatment arm, baseline arm]"
+        )
+    return arm_of[STUDENT], arm_of[REFERENCE]
+
+
+def routing_from(table: dict[str, Any], where: str = "[ab]") -> Routing:
+    """``{"salt": ..., "arms": {name: {"model": ..., "share": ...}}}`` (TOML ``[ab]``)."""
+    unknown = sorted(set(table) - {"salt", "arms"})
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are ['arms', 'salt']")
+    if "salt" not in table or not isinstance(table["salt"], str):
+        raise ValueError(f"{where}: give a string salt")
+    arms = []
+    for name, arm in table.get("arms", {}).items():
+        missing = {"model", "share"} - set(arm)
+        if missing or set(arm) - {"model", "share"}:
+            raise ValueError(f"{where}.arms.{name}: give exactly `model` and `share`")
+        arms.append(Arm(name, str(arm["model"]), float(arm["share"])))
+    return Routing(salt=table["salt"], arms=tuple(arms))
+
+
+def _run_tables(config: RunConfig) -> dict[tuple[str, ...], dict[str, Any]]:
+    """The config as TOML tables, by header."""
+    tables = {
+        ("data", "synthetic"): _fields(config.data.synthetic),
+        ("data", "split"): _fields(config.data.split),
+        **{("models", name): _fields(spec) for name, spec in config.models.items()},
+        ("train",): {HISTORY_LENGTH: config.history_length, **_stage_table(config.train.stage)},
+        ("baselines", "ease"): {"l2": config.baselines.ease_l2},
+        ("baselines", "ease_recency"): {"half_life": config.baselines.half_lives},
+        **{
+            ("ensembles", name): _fields(spec, skip=("name",))
+            for name, spec in config.ensembles.items()
+        },
+    }
+    if config.roles is not None:
+        tables["roles",] = _fields(config.roles)
+    for stage in config.stages:
+        tables["stages", stage.name] = {
+            "model": stage.model,
+            **_stage_table(stage),
+            "losses": [
+                {"fn": t.fn, "source": t.source, "weight": t.weight, **t.options}
+                for t in stage.losses
+            ],
+        }
+    return tables
+
+
+def _stage_table(stage: StageSpec) -> dict[str, Any]:
+    table = _fields(stage, skip=("name", "model", "losses"))
+    if stage.lists is not None:
+        table["lists"] = _fields(stage.lists)
     return table
 
 
-def history_length(config: dict[str, Any]) -> int:
-    """Items of history the features of a run of ``config`` hold."""
-    return section(config, "train").get(HISTORY_LENGTH, DEFAULT_HISTORY_LENGTH)
+def _fields(spec: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A dataclass's fields as TOML values (TOML has no null: a None field is left out)."""
+    return {
+        f.name: getattr(spec, f.name)
+        for f in dataclasses.fields(spec)
+        if f.name not in skip and getattr(spec, f.name) is not None
+    }
+
+
+def section(raw: dict[str, Any], dotted: str) -> dict[str, Any]:
+    """The table at ``dotted`` (e.g. ``"data.split"``), empty when absent."""
+    table: Any = raw
+    for key in dotted.split("."):
+        table = table.get(key, {}) if isinstance(table, dict) else {}
+    return table
 
 
 def spec_from(cls: type[Spec], table: dict[str, Any], where: str, **overrides: Any) -> Spec:
@@ -45,10 +409,18 @@ def spec_from(cls: type[Spec], table: dict[str, Any], where: str, **overrides: A
 
     Unknown keys are an error that names ``where`` (e.g. ``"[data.split]"``) and the valid keys.
     """
-    names = [field.name for field in dataclasses.fields(cls)]
+    names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(table) - set(names))
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {names}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
+    values = _tuples(table)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return cls(**values)
+
+
+def _tuples(table: dict[str, Any]) -> dict[str, Any]:
+    return {k: _tuple(v) for k, v in table.items()}
+
+
+def _tuple(value: Any) -> Any:
+    return tuple(_tuple(v) for v in value) if isinstance(value, list) else value

@@ -12,7 +12,7 @@ feature snapshot are themselves layouts (:class:`StageLayout`, :class:`Candidate
     runs/<name>/                 RunLayout
         config.toml summary.json per_user.parquet scores_test.safetensors
         <stage>/                 StageLayout
-            checkpoint.pt model.safetensors log.jsonl train_<states|top<depth>>_<teacher>_<fp>.npy
+            checkpoint.pt model.safetensors log.jsonl stage.json train_<states|top<depth>>_<teacher>_<fp>.npy
         report/                  ReportLayout: index.html report.md segments.parquet
     runs/<sweep>/                SweepLayout: a run's layout (best/, best_int8/ are its stages)
         <candidate>/             CandidateLayout: a stage + result.json model_int8.safetensors
@@ -52,6 +52,7 @@ SCORES = "scores_test.safetensors"
 REPORT = "report"
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.safetensors"
+STAGE_RECORD = "stage.json"
 LOG = "log.jsonl"
 INT8_WEIGHTS = "model_int8.safetensors"
 RESULT = "result.json"
@@ -123,12 +124,14 @@ class ReportLayout:
 
 @dataclass(frozen=True)
 class StageLayout:
-    """A trained model's directory in a run: its checkpoint, best weights and epoch log."""
+    """A trained model's directory in a run: its checkpoint, best weights, epoch log and the
+    record of its model's spec."""
 
     root: Path
     checkpoint = _File(CHECKPOINT)
     weights = _File(WEIGHTS)
     log = _File(LOG)
+    record = _File(STAGE_RECORD)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ The history is read by one of two user encoders, chosen per preset:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -116,6 +117,11 @@ class FeatureSpace:
 
     user_features: tuple[str, ...]
     cardinalities: dict[str, int]
+
+    @classmethod
+    def of(cls, store: Any) -> FeatureSpace:
+        """The features of a :class:`~recdistill.data.feature_store.FeatureStore`."""
+        return cls(store.user_features, store.cardinalities())
 
 
 class Dropout(nn.Module):
@@ -340,7 +346,7 @@ class TwoTower(nn.Module):
     of candidate lists::
 
         store = FeatureStore(Path("data/synthetic"))
-        model = TwoTower(TwoTowerSpec(), FeatureSpace(store.user_features, store.cardinalities()))
+        model = TwoTower(TwoTowerSpec(), FeatureSpace.of(store))
         batch = next(iter(CandidateLists(store, "test", batch_size=64)))
         scores = model(batch)  # [64, 100]: each list's candidates, the held-out item first
     """

@@ -10,7 +10,6 @@ run's files and hands the summary to the others.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from functools import cache, partial
 from pathlib import Path
@@ -19,15 +18,14 @@ from typing import Any, TypeVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from safetensors.numpy import save_file
 from scipy import stats
 
 from recdistill import distributed
 from recdistill.baselines import Ease, Popularity
-from recdistill.config import HISTORY_LENGTH, history_length, load_config, section, spec_from
+from recdistill.config import RunConfig
 from recdistill.data.feature_store import FeatureStore
-from recdistill.data.tables import read_meta
+from recdistill.data.tables import atomic_write, read_meta
 from recdistill.ensembles import BASELINE_MEMBERS, EaseMember, EnsembleSpec, EnsembleTeacher
 from recdistill.evaluate import (
     ScoredLists,
@@ -38,8 +36,9 @@ from recdistill.evaluate import (
 )
 from recdistill.layout import RunLayout
 from recdistill.metrics import coverage_at
-from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
-from recdistill.stage import VALID_METRICS, LossTerm, StageSpec
+from recdistill.recipe import train_stage
+from recdistill.roles import Roles
+from recdistill.stage import VALID_METRICS
 from recdistill.summary import (
     BaselineModel,
     Comparison,
@@ -54,99 +53,26 @@ from recdistill.summary import (
     write_summary,
 )
 from recdistill.teachers import FrozenTeacher, Teacher
-from recdistill.train import Trainer
 
-STAGE_KEYS = {f.name for f in StageSpec.__dataclass_fields__.values()} - {"name", "losses"}
-# Grids searched on validation NDCG@10 when the config's [baselines.*] tables give none.
-EASE_L2 = [100.0, 300.0, 1000.0]
-EASE_HALF_LIVES = [1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0]  # in items of the user's history
-# (model, reference) pairs whose per-user NDCG@10 is compared in summary.json.
-COMPARISONS = (
-    ("student", "teacher"),
-    ("student", "student_scratch"),
-    ("teacher", "student_scratch"),
-    ("student", "student_direct"),
-    ("intermediate", "teacher"),
-    ("teacher", "ease"),
-    ("teacher", "ease_recency"),
-    ("student", "ease_recency"),
-    ("teacher", "popularity"),
-)
 Tuned = TypeVar("Tuned")
 
 
-def model_presets(config: dict[str, Any]) -> dict[str, TwoTowerSpec]:
-    """The config's ``[models.*]`` specs; a bad one is an error that names its table."""
-    presets = {}
-    for name, table in section(config, "models").items():
-        try:
-            presets[name] = spec_from(TwoTowerSpec, table, f"[models.{name}]")
-        except ValueError as error:
-            where = f"[models.{name}]"
-            raise ValueError(str(error) if str(error).startswith(where) else f"{where}: {error}")
-    return presets
-
-
-def stages_from(config: dict[str, Any]) -> list[StageSpec]:
-    train = section(config, "train")
-    unknown = sorted(set(train) - STAGE_KEYS - {HISTORY_LENGTH})
-    if unknown:
-        raise ValueError(
-            f"[train]: unknown key(s) {unknown}; valid keys are "
-            f"{sorted(STAGE_KEYS | {HISTORY_LENGTH})}"
-        )
-    defaults = {k: v for k, v in train.items() if k in STAGE_KEYS}
-    stages = []
-    for name, table in section(config, "stages").items():
-        table = dict(table)
-        terms = []
-        for term in table.pop("losses", []):
-            term = dict(term)
-            fixed = {k: term.pop(k) for k in ("fn", "source", "weight") if k in term}
-            try:
-                terms.append(LossTerm(**fixed, options=term))
-            except ValueError as error:
-                raise ValueError(f"[stages.{name}]: {error}") from error
-        if not terms:
-            raise ValueError(f"[stages.{name}] has no losses")
-        stages.append(
-            spec_from(
-                StageSpec, {**defaults, **table}, f"[stages.{name}]", name=name, losses=tuple(terms)
-            )
-        )
-    if not stages:
+def run(config: RunConfig, data: Path, out: Path, *, resume: bool = False) -> RunSummary:
+    """Train every stage of ``config`` on ``data`` into run directory ``out``, score every
+    model and write ``summary.json``; ``resume`` continues from the stages' checkpoints."""
+    if not config.stages:
         raise ValueError("the config has no [stages.*] tables")
-    return stages
-
-
-def ensembles_from(config: dict[str, Any]) -> list[EnsembleSpec]:
-    """The config's ``[ensembles.*]`` specs."""
-    return [
-        spec_from(EnsembleSpec, dict(table), f"[ensembles.{name}]", name=name)
-        for name, table in section(config, "ensembles").items()
-    ]
-
-
-def run(config_path: Path, data: Path, out: Path, *, resume: bool = False) -> RunSummary:
-    config = load_config(config_path)
     world = distributed.world()
     layout = RunLayout(Path(out))
     if not resume and layout.has_checkpoints():
         raise ValueError(f"{out} already holds a run; pass --resume to continue it")
-    presets = model_presets(config)
-    stages = stages_from(config)
-    ensembles = {spec.name: spec for spec in ensembles_from(config)}
-    length = history_length(config)
-    _check_stages(stages, presets, length, ensembles)
     meta = read_meta(data)
-    store = FeatureStore(data, history_length=length)
-    space = FeatureSpace(store.user_features, store.cardinalities())
+    store = FeatureStore(data, history_length=config.history_length)
     layout.root.mkdir(parents=True, exist_ok=True)
     if world.is_main:
-        shutil.copyfile(config_path, layout.config)
-    metric = section(config, "train").get("valid_metric", VALID_METRICS[0])
+        atomic_write(layout.config, lambda path: path.write_text(config.to_toml()))
     # Fitted when an ensemble needs them as members, else once training is over.
-    baselines = cache(partial(fit_baselines, store, config, metric))
+    baselines = cache(partial(fit_baselines, store, config))
 
     models: dict[str, Any] = {}
     # A trained stage, frozen once as the teacher of every later stage that learns from it,
@@ -158,25 +84,30 @@ def run(config_path: Path, data: Path, out: Path, *, resume: bool = False) -> Ru
     def teacher(name: str) -> Teacher:
         if name not in frozen:
             directory = layout.stage(name).root
-            if name in ensembles:
-                spec = ensembles[name]
+            if name in config.ensembles:
+                spec = config.ensembles[name]
                 members = {
                     m: EaseMember.of(baselines()[0][m]) if m in BASELINE_MEMBERS else teacher(m)
                     for m in spec.members
                 }
                 frozen[name], entries[name] = choose_ensemble(
-                    spec, members, models, store, metric, directory
+                    spec, members, models, store, config.valid_metric, directory
                 )
             else:
                 frozen[name] = FrozenTeacher(name, models[name], store, cache=directory)
         return frozen[name]
 
-    for stage in stages:
+    for stage in config.stages:
         teachers = {name: teacher(name) for name in stage.teachers}
-        torch.manual_seed(stage.seed)
-        model = TwoTower(presets[stage.model], space)
-        trainer = Trainer(stage, model, teachers, store, layout.stage(stage.name).root)
-        result = trainer.fit(resume=resume)
+        model, result = train_stage(
+            stage,
+            stage.model,
+            config.models[stage.model],
+            teachers,
+            store,
+            layout.stage(stage.name).root,
+            resume=resume,
+        )
         models[stage.name] = model
         training = Training(
             teachers=list(stage.teachers),
@@ -196,7 +127,7 @@ def run(config_path: Path, data: Path, out: Path, *, resume: bool = False) -> Ru
             multiply_adds=MultiplyAdds(**model.multiply_adds(meta["list_size"])),
             training=training,
         )
-    for name in ensembles:
+    for name in config.ensembles:
         models[name] = teacher(name)
 
     summary = None
@@ -204,17 +135,7 @@ def run(config_path: Path, data: Path, out: Path, *, resume: bool = False) -> Ru
         fitted, fitted_entries = baselines()
         models |= fitted
         entries |= fitted_entries
-        pairs = (
-            COMPARISONS
-            + tuple((name, member) for name, spec in ensembles.items() for member in spec.members)
-            + tuple(
-                (stage.name, name)
-                for stage in stages
-                for name in stage.teachers
-                if name in ensembles
-            )
-        )
-        scored, comparisons = _score_and_write(models, entries, store, layout, pairs)
+        scored, comparisons = _score_and_write(models, entries, store, layout, config.roles)
         summary = RunSummary(str(data), meta["source"], scored, comparisons)
         write_summary(layout.summary, summary)
     shared = distributed.broadcast_json(None if summary is None else to_json(summary), world)
@@ -222,19 +143,17 @@ def run(config_path: Path, data: Path, out: Path, *, resume: bool = False) -> Ru
 
 
 def fit_baselines(
-    store: FeatureStore, config: dict[str, Any], metric: str
+    store: FeatureStore, config: RunConfig
 ) -> tuple[dict[str, Any], dict[str, Callable[..., BaselineModel]]]:
-    """Popularity and the two EASE baselines, their settings chosen on validation ``metric``,
-    each scoring from the test-time histories; and their summary entries."""
+    """Popularity and the two EASE baselines, their settings chosen on the run's validation
+    metric, each scoring from the test-time histories; and their summary entries."""
+    metric = config.valid_metric
     ease = _best_on_valid(
-        store,
-        section(config, "baselines.ease").get("l2", EASE_L2),
-        lambda l2: Ease.fit(store, float(l2)),
-        metric,
+        store, config.baselines.ease_l2, lambda l2: Ease.fit(store, float(l2)), metric
     )
     recency = _best_on_valid(
         store,
-        section(config, "baselines.ease_recency").get("half_life", EASE_HALF_LIVES),
+        config.baselines.half_lives,
         lambda half_life: ease.scoring(store, float(half_life)),
         metric,
     )
@@ -298,15 +217,15 @@ def _score_and_write(
     entries: dict[str, Callable[..., TrainedModel | EnsembleModel | BaselineModel]],
     store: FeatureStore,
     layout: RunLayout,
-    pairs: tuple[tuple[str, str], ...],
+    roles: Roles,
 ) -> tuple[dict[str, TrainedModel | EnsembleModel | BaselineModel], dict[str, Comparison]]:
     """Score every model on the test lists and write the per-user metrics and scores;
-    returns the summary's models and the comparisons of ``pairs``."""
+    returns the summary's models and the comparisons of ``roles``."""
     scored = {name: score_lists(model, store, "test") for name, model in models.items()}
-    teacher = scored.get("teacher")
+    teacher = scored[roles.reference]
     per_user, summarised = {}, {}
     for name, model in models.items():
-        reference = None if name == "teacher" else teacher
+        reference = None if name == roles.reference else teacher
         per_user[name] = evaluate(
             model, store, "test", scored=scored[name], reference=reference, name=name
         )
@@ -318,79 +237,17 @@ def _score_and_write(
         summarised[name] = entries[name](metrics=metrics, latency_ms=latency)
     _write_per_user(per_user, layout.per_user)
     _write_scores(scored, store, layout.scores)
-    return summarised, _comparisons(per_user, pairs)
-
-
-def _check_stages(
-    stages: list[StageSpec],
-    presets: dict[str, TwoTowerSpec],
-    history_length: int,
-    ensembles: dict[str, EnsembleSpec],
-) -> None:
-    """Fail before any training if a stage names an unknown preset or a later teacher, an
-    ensemble a member the run does not have, or a stage asks of its model or its teacher
-    what they cannot do."""
-    names = {stage.name for stage in stages}
-    for spec in ensembles.values():
-        where = f"[ensembles.{spec.name}]"
-        if spec.name in names | {"popularity", *BASELINE_MEMBERS}:
-            raise ValueError(f"{where}: the run already has a model named {spec.name!r}")
-        unknown = [m for m in spec.members if m not in names and m not in BASELINE_MEMBERS]
-        if unknown:
-            raise ValueError(
-                f"{where}: unknown member(s) {unknown}; members are the run's stages and "
-                f"the baselines {list(BASELINE_MEMBERS)}"
-            )
-    for name, preset in presets.items():
-        if preset.is_sequence and preset.max_length > history_length:
-            raise ValueError(
-                f"[models.{name}] reads max_length = {preset.max_length} items, more than "
-                f"[train] history_length = {history_length} keeps"
-            )
-    trained: set[str] = set()
-    for stage in stages:
-        if stage.model not in presets:
-            raise ValueError(f"[stages.{stage.name}] uses unknown model preset {stage.model!r}")
-        preset = presets[stage.model]
-        if stage.objective == "next_item" and not (preset.is_sequence and preset.readout == "last"):
-            raise ValueError(
-                f"[stages.{stage.name}]: the next_item objective needs a sequence model read "
-                f"out at its last position; [models.{stage.model}] is not one"
-            )
-        baselines = [t for t in stage.teachers if t in BASELINE_MEMBERS]
-        if baselines:
-            raise ValueError(
-                f"[stages.{stage.name}] learns from {baselines}: a baseline teaches only as a "
-                "member of an [ensembles.*] table"
-            )
-        needed = [
-            member
-            for t in stage.teachers
-            for member in (ensembles[t].members if t in ensembles else (t,))
-            if member not in BASELINE_MEMBERS
-        ]
-        missing = [t for t in dict.fromkeys(needed) if t not in trained]
-        if missing:
-            raise ValueError(f"[stages.{stage.name}] learns from {missing}, not trained before it")
-        for term in stage.losses:
-            if term.fn == "feature_mse" and term.source in ensembles:
-                raise ValueError(
-                    f"[stages.{stage.name}]: feature_mse needs tower outputs; the ensemble "
-                    f"{term.source!r} has none"
-                )
-        trained.add(stage.name)
+    return summarised, _comparisons(per_user, roles.comparisons)
 
 
 def _best_on_valid(
-    store: FeatureStore, grid: list[float], build: Callable[[float], Tuned], metric: str
+    store: FeatureStore, grid: tuple[float, ...], build: Callable[[float], Tuned], metric: str
 ) -> Tuned:
     """The ranker of ``grid`` with the best validation ``metric`` (never looks at test); the
     first of equals wins.
 
     Only the best ranker so far is kept beside the one being scored.
     """
-    if not grid:
-        raise ValueError("a baseline's grid is empty")
     best, best_score = None, -np.inf
     for value in grid:
         ranker = build(value)

@@ -19,7 +19,9 @@ import pyarrow.parquet as pq
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from matplotlib.figure import Figure
 
+from recdistill.config import load_run_config
 from recdistill.layout import RunLayout
+from recdistill.roles import REFERENCE, SCRATCH
 from recdistill.segments import ALL, SliceSpec, slice_table, user_segments
 from recdistill.summary import RunSummary, TrainedModel, read_summary
 
@@ -31,8 +33,10 @@ def build_report(run: Path, spec: SliceSpec | None = None) -> Path:
         if not needed.exists():
             raise FileNotFoundError(f"{needed} not found: run `recdistill train` first")
     summary = read_summary(layout.summary, RunSummary)
+    roles = load_run_config(layout.config).roles
+    references = {REFERENCE: roles.reference, SCRATCH: roles.scratch}
     per_user = pq.read_table(layout.per_user).to_pandas()
-    table = slice_table(per_user, user_segments(Path(summary.data)), spec)
+    table = slice_table(per_user, user_segments(Path(summary.data)), spec, references)
     out = layout.report
     out.root.mkdir(exist_ok=True)
     table.to_parquet(out.segments, index=False)
@@ -48,6 +52,7 @@ def build_report(run: Path, spec: SliceSpec | None = None) -> Path:
         "threshold": spec.retention_threshold,
         "level": int(spec.level * 100),
         "min_users": spec.min_users,
+        "references": references,
         "headline": _headline(summary, key),
         "findings": _findings(key, spec),
         "flagged": key[key.get("flagged", False) == True].to_dict("records"),

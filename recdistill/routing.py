@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -46,22 +45,6 @@ class Routing:
     def single(cls, model: str) -> Routing:
         """All traffic to one model, the arm named after it."""
         return cls(salt="", arms=(Arm(model, model, 1.0),))
-
-    @classmethod
-    def from_config(cls, table: dict[str, Any], where: str = "[ab]") -> Routing:
-        """From ``{"salt": ..., "arms": {name: {"model": ..., "share": ...}}}`` (TOML ``[ab]``)."""
-        unknown = sorted(set(table) - {"salt", "arms"})
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are ['arms', 'salt']")
-        if "salt" not in table or not isinstance(table["salt"], str):
-            raise ValueError(f"{where}: give a string salt")
-        arms = []
-        for name, arm in table.get("arms", {}).items():
-            missing = {"model", "share"} - set(arm)
-            if missing or set(arm) - {"model", "share"}:
-                raise ValueError(f"{where}.arms.{name}: give exactly `model` and `share`")
-            arms.append(Arm(name, str(arm["model"]), float(arm["share"])))
-        return cls(salt=table["salt"], arms=tuple(arms))
 
     @property
     def bounds(self) -> np.ndarray:

@@ -4,8 +4,9 @@ A slice is one value of one segment column (``activity_tier = cold``, ``gender =
 held-out item's ``popularity_tier = tail``, or ``all``). Slices smaller than
 ``min_users`` are left out. For each slice and model: the mean of each metric with its
 bootstrap CI over users; for NDCG@10, the retention against the teacher with its paired
-bootstrap CI, and paired tests against the teacher and against ``student_scratch``
-(t-test and randomization test), Holm-corrected across the slices of each comparison.
+bootstrap CI, and paired tests against the teacher and against the student's labels-only
+twin (t-test and randomization test; the run's roles say which models those are),
+Holm-corrected across the slices of each comparison.
 Slices whose retention falls below ``retention_threshold`` are flagged.
 """
 
@@ -20,6 +21,7 @@ import pyarrow.parquet as pq
 
 from recdistill.data.tables import read_meta
 from recdistill.layout import DataLayout
+from recdistill.roles import REFERENCE, SCRATCH
 from recdistill.stats import (
     bootstrap_mean_ci,
     bootstrap_ratio_ci,
@@ -30,7 +32,6 @@ from recdistill.stats import (
 
 ALL = "all"
 HELD_OUT_TIER = "held_out_popularity_tier"
-REFERENCES = ("teacher", "student_scratch")
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,16 @@ def user_segments(data: Path, split: str = "test") -> pd.DataFrame:
     return segments.loc[held_out["user_id"]]
 
 
-def slice_table(per_user: pd.DataFrame, segments: pd.DataFrame, spec: SliceSpec) -> pd.DataFrame:
-    """One row per (segment, value, model, metric) with mean, CI, retention and tests."""
+def slice_table(
+    per_user: pd.DataFrame,
+    segments: pd.DataFrame,
+    spec: SliceSpec,
+    references: dict[str, str | None],
+) -> pd.DataFrame:
+    """One row per (segment, value, model, metric) with mean, CI, retention and tests.
+
+    ``references`` names the models playing each role (``REFERENCE``, ``SCRATCH``); the test
+    columns are named by role (``p_t_vs_reference``, ...)."""
     metrics = spec.metrics or tuple(c for c in per_user.columns if c not in ("model", "user_id"))
     wide = {
         metric: per_user.pivot(index="user_id", columns="model", values=metric)
@@ -96,12 +105,12 @@ def slice_table(per_user: pd.DataFrame, segments: pd.DataFrame, spec: SliceSpec)
                     "ci_high": high,
                 }
                 if metric == spec.key_metric:
-                    row |= _against_references(wide[metric], model, chosen, spec)
+                    row |= _against_references(wide[metric], model, chosen, spec, references)
                 rows.append(row)
     table = pd.DataFrame(rows)
-    for reference in REFERENCES:
+    for role in (REFERENCE, SCRATCH):
         for test in ("t", "randomization"):
-            column = f"p_{test}_vs_{reference}"
+            column = f"p_{test}_vs_{role}"
             if column not in table:  # a run without this reference: its tests are blank
                 table[column] = table[f"{column}_holm"] = np.nan
                 continue
@@ -113,19 +122,23 @@ def slice_table(per_user: pd.DataFrame, segments: pd.DataFrame, spec: SliceSpec)
 
 
 def _against_references(
-    frame: pd.DataFrame, model: str, chosen: np.ndarray, spec: SliceSpec
+    frame: pd.DataFrame,
+    model: str,
+    chosen: np.ndarray,
+    spec: SliceSpec,
+    references: dict[str, str | None],
 ) -> dict[str, float]:
     result: dict[str, float] = {}
     values = frame[model].to_numpy()[chosen]
-    for reference in REFERENCES:
+    for role, reference in references.items():
         if reference not in frame or reference == model:
             continue
         other = frame[reference].to_numpy()[chosen]
-        result[f"p_t_vs_{reference}"] = paired_t_test(values, other)
-        result[f"p_randomization_vs_{reference}"] = randomization_test(
+        result[f"p_t_vs_{role}"] = paired_t_test(values, other)
+        result[f"p_randomization_vs_{role}"] = randomization_test(
             values, other, permutations=spec.permutations, seed=spec.seed
         )
-        if reference == "teacher":
+        if role == REFERENCE:
             # Undefined (not infinite) where the teacher scores nothing in the slice.
             result["retention"] = float(values.mean() / other.mean()) if other.mean() else np.nan
             low, high = bootstrap_ratio_ci(

@@ -1,7 +1,7 @@
 """What a training stage is: its model preset, its weighted loss terms and its schedule.
 
 A stage learns from labels and/or the frozen models of earlier stages (its teachers); the
-config's ``[stages.*]`` tables become :class:`StageSpec` objects (``pipeline.stages_from``).
+config's ``[stages.*]`` tables become :class:`StageSpec` objects (``recdistill.config``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from recdistill.config import spec_from
 from recdistill.losses import LOSSES
 from recdistill.ranked_lists import ListSpec
 
@@ -92,18 +91,14 @@ class StageSpec:
     lists: ListSpec | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.lists, dict):
-            object.__setattr__(
-                self, "lists", spec_from(ListSpec, self.lists, f"[stages.{self.name}] lists")
-            )
         if self.lists is not None and not self.ranked_sources:
             raise ValueError(
-                f"[stages.{self.name}]: lists are ranked by a teacher, but no loss of this "
+                f"{self.where}: lists are ranked by a teacher, but no loss of this "
                 "stage learns from a teacher's scores"
             )
         if self.valid_metric not in VALID_METRICS:
             raise ValueError(
-                f"[stages.{self.name}]: unknown valid_metric {self.valid_metric!r}; "
+                f"{self.where}: unknown valid_metric {self.valid_metric!r}; "
                 f"choose one of {list(VALID_METRICS)}"
             )
         if self.lists is not None:
@@ -114,47 +109,47 @@ class StageSpec:
                     and not (1 <= term.options.get("top_k", 0) <= self.lists.top)
                 ):
                     raise ValueError(
-                        f"[stages.{self.name}]: listmle on teacher-ranked lists orders the "
+                        f"{self.where}: listmle on teacher-ranked lists orders the "
                         f"sampled top items only: give it top_k ≤ lists.top ({self.lists.top})"
                     )
         if self.schedule not in SCHEDULES:
             raise ValueError(
-                f"[stages.{self.name}]: unknown schedule {self.schedule!r}; "
-                f"choose one of {list(SCHEDULES)}"
+                f"{self.where}: unknown schedule {self.schedule!r}; choose one of {list(SCHEDULES)}"
             )
         if not 0 <= self.warmup_epochs <= self.epochs:
             raise ValueError(
-                f"[stages.{self.name}]: warmup_epochs must be between 0 and epochs "
+                f"{self.where}: warmup_epochs must be between 0 and epochs "
                 f"({self.epochs}), not {self.warmup_epochs}"
             )
         if any(t.fn == "gbce" and "sampling_rate" in t.options for t in self.losses):
             raise ValueError(
-                f"[stages.{self.name}]: gbce's sampling_rate is the stage's own (its negatives "
+                f"{self.where}: gbce's sampling_rate is the stage's own (its negatives "
                 "over the catalogue): set t alone"
             )
         if self.clip_norm is not None and not self.clip_norm > 0:
-            raise ValueError(
-                f"[stages.{self.name}]: clip_norm must be positive, not {self.clip_norm}"
-            )
+            raise ValueError(f"{self.where}: clip_norm must be positive, not {self.clip_norm}")
         if self.objective not in OBJECTIVES:
             raise ValueError(
-                f"[stages.{self.name}]: unknown objective {self.objective!r}; "
+                f"{self.where}: unknown objective {self.objective!r}; "
                 f"choose one of {list(OBJECTIVES)}"
             )
         if self.scored_items not in SCORED_ITEMS:
             raise ValueError(
-                f"[stages.{self.name}]: unknown scored_items {self.scored_items!r}; "
+                f"{self.where}: unknown scored_items {self.scored_items!r}; "
                 f"choose one of {list(SCORED_ITEMS)}"
             )
         if self.scored_items == "all" and self.objective != "next_item":
-            raise ValueError(
-                f'[stages.{self.name}]: scored_items = "all" is for the next_item objective'
-            )
+            raise ValueError(f'{self.where}: scored_items = "all" is for the next_item objective')
         if self.objective == "next_item" and self.teachers:
             raise ValueError(
-                f"[stages.{self.name}]: the next_item objective learns from labels only; "
+                f"{self.where}: the next_item objective learns from labels only; "
                 f"it cannot distil from {list(self.teachers)}"
             )
+
+    @property
+    def where(self) -> str:
+        """The config table the stage comes from (``[train]`` for the stages' defaults)."""
+        return f"[stages.{self.name}]" if self.name else "[train]"
 
     def learning_rate_at(self, progress: float) -> float:
         """The Adam learning rate of the step that ends ``progress`` epochs into the stage

@@ -26,6 +26,8 @@ from recdistill.ranked_lists import ListSpec
 # a model has varies: agreement with the teacher (``kendall_tau``, ...) only beside a teacher.
 Metrics = dict[str, float]
 
+# What a sweep's latency is measured on: elapsed time, or the scoring thread's CPU time.
+CLOCKS = ("wall", "cpu")
 # A field a file leaves out when it has no value (a baseline's hyperparameters).
 _OMITTED_WHEN_NONE = Field(exclude_if=lambda value: value is None)
 # Unknown keys are errors: they also tell the kinds of model entry apart when reading.
@@ -222,6 +224,10 @@ class SelectionSpec:
     # "wall": elapsed time; "cpu": the scoring thread's CPU time, which time spent waiting
     # while other processes hold the cores does not inflate. Both are measured and reported.
     latency_clock: str = "wall"
+
+    def __post_init__(self) -> None:
+        if self.latency_clock not in CLOCKS:
+            raise ValueError(f"[selection] latency_clock must be one of {list(CLOCKS)}")
 
     def p99(self, latency_ms: dict[str, Any]) -> float:
         return latency_ms[self.latency_clock]["p99"]

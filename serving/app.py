@@ -50,7 +50,7 @@ from prometheus_client import (
 )
 
 from recdistill.artifact import load_artifact
-from recdistill.config import load_config, section
+from recdistill.config import load_routing
 from recdistill.online import OnlineRanker
 from recdistill.routing import Routing
 from serving.impressions import ImpressionLog
@@ -344,7 +344,7 @@ def routing_for(settings: ServerSettings, models: set[str]) -> Routing:
         if len(models) > 1:
             raise ValueError("several artifacts need an A/B config (--ab) to route between them")
         return Routing.single(next(iter(models)))
-    routing = Routing.from_config(section(load_config(Path(settings.ab_config)), "ab"))
+    routing = load_routing(Path(settings.ab_config))
     unknown = sorted({arm.model for arm in routing.arms} - models)
     if unknown:
         raise ValueError(f"A/B arms use {unknown}, which no --artifact provides ({sorted(models)})")

@@ -3,10 +3,12 @@ from pathlib import Path
 
 import pytest
 
+from recdistill.config import load_run_config
 from recdistill.data.prepare import SplitSpec, prepare
 from recdistill.data.synthetic import SyntheticSpec, generate
 from recdistill.layout import RunLayout
 from recdistill.quantize import QuantizationSpec
+from recdistill.recipe import StageRecord, write_record
 from recdistill.summary import (
     ChosenModel,
     ClockLatency,
@@ -142,8 +144,9 @@ def build_synthetic(directory: Path, spec: SyntheticSpec = SMALL_WORLD) -> Path:
 def write_sweep_summary(
     run: Path, data: Path, models: dict[str, tuple[str, int, QuantizationSpec | None]]
 ) -> None:
-    """``run``'s summary as ``recdistill sweep`` writes it, with ``models`` (name: preset,
-    parameter count, quantization) chosen and every measurement zero."""
+    """``run``'s summary as ``recdistill sweep`` writes it, with ``models`` (name: preset of
+    ``run``'s config, parameter count, quantization) chosen and every measurement zero, and
+    each model's stage record."""
     latency = ClockLatency(0.0, Latency(0.0, 0.0), Latency(0.0, 0.0))
     segment = SegmentScore("all", "all", 0, 0.0, 0.0, 0.0, [0.0, 0.0])
     chosen = {
@@ -154,7 +157,14 @@ def write_sweep_summary(
     }
     selection = Selection(chosen=None, frontier=[], within_budget=[])
     summary = SweepSummary(str(data), "synthetic", "", "grid", 0, selection, chosen, {})
-    write_summary(RunLayout(run).summary, summary)
+    layout = RunLayout(run)
+    write_summary(layout.summary, summary)
+    config = load_run_config(layout.config)
+    for name, (preset, _, quantization) in models.items():
+        stage = layout.stage(name)
+        stage.root.mkdir(exist_ok=True)
+        record = StageRecord(preset, config.models[preset], config.history_length, quantization)
+        write_record(stage, record)
 
 
 @pytest.fixture(scope="session")

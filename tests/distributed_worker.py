@@ -83,7 +83,7 @@ def main(data: Path, out: Path, feature_dim: int, encoder: str, embedding_dim: i
     torch.manual_seed(0)
     model = TwoTower(
         spec(feature_dim, encoder, embedding_dim),
-        FeatureSpace(store.user_features, store.cardinalities()),
+        FeatureSpace.of(store),
     )
     trainer = Trainer(stage(encoder), model, {}, store, out / "stage")
     stats = trainer.train_epoch(0, max_batches=STEPS)

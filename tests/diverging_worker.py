@@ -28,7 +28,7 @@ def main(data: Path, out: Path) -> None:
     world = distributed.world()
     store = FeatureStore(data, history_length=10)
     torch.manual_seed(0)
-    model = TwoTower(spec(feature_dim=2), FeatureSpace(store.user_features, store.cardinalities()))
+    model = TwoTower(spec(feature_dim=2), FeatureSpace.of(store))
     trainer = Trainer(replace(STAGE, epochs=2), model, {}, store, out / "stage")
     poisoned_call = len(trainer.lists) + BAD_BATCH
     softmax_ce, calls = LOSSES["softmax_ce"], 0

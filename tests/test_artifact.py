@@ -44,8 +44,8 @@ def test_the_version_is_a_content_hash(tiny_run, tmp_path):
     first = export_artifact(run, "student", tmp_path / "a")
     second = export_artifact(run, "student", tmp_path / "b")
     other = export_artifact(run, "intermediate", tmp_path / "c")
-    assert first["version"] == second["version"] != other["version"]
-    assert first["version"] == _version(first["files"])
+    assert first.version == second.version != other.version
+    assert first.version == _version(first.files)
 
 
 def test_loaded_weights_are_the_trained_ones(tiny_artifacts, tiny_run):

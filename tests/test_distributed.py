@@ -240,7 +240,7 @@ def test_sharded_scores_equal_a_single_process_model_with_the_same_weights(
     torch.manual_seed(0)
     model = TwoTower(
         spec(feature_dim, encoder, embedding_dim),
-        FeatureSpace(store.user_features, store.cardinalities()),
+        FeatureSpace.of(store),
     )
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     weights = load_file(str(tmp_path / "weights.safetensors"))

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from recdistill.artifact import ArtifactError, load_artifact
 from recdistill.baselines import Ease, ease_weights, history_matrix
 from recdistill.cli import main
+from recdistill.config import load_run_config
 from recdistill.data.batches import CandidateLists, FeatureStore
 from recdistill.data.feature_store import Jagged
 from recdistill.ensembles import EaseMember, EnsembleSpec, EnsembleTeacher, standardised
@@ -281,5 +282,5 @@ def test_a_bad_ensemble_stops_the_run_before_training(synthetic_dir, tmp_path, c
     config = tmp_path / "c.toml"
     config.write_text(ONE_STAGE + ENSEMBLE_RUN.replace(*change))
     with pytest.raises(ValueError, match=re.escape(message)):
-        run(config, synthetic_dir, tmp_path / "out")
+        run(load_run_config(config), synthetic_dir, tmp_path / "out")
     assert not list((tmp_path / "out").glob("*/log.jsonl"))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from recdistill.config import load_config, section, spec_from
+from recdistill.config import load_run_config
 from recdistill.data.batches import TrainLists, TrainSequences
 from recdistill.data.feature_store import FeatureStore
 from recdistill.losses import LOSSES
@@ -19,7 +19,7 @@ def store(synthetic_dir):
 
 
 def space_of(store):
-    return FeatureSpace(store.user_features, store.cardinalities())
+    return FeatureSpace.of(store)
 
 
 def test_scores_are_dot_products_of_the_towers_plus_item_bias(store):
@@ -69,10 +69,11 @@ def test_student_preset_is_tiny_next_to_the_teacher(ml100k, tmp_path):
 
     main(["data", "movielens", "--path", str(ml100k), "--out", str(tmp_path / "d")])
     space = space_of(FeatureStore(tmp_path / "d"))
-    config = load_config(PROJECT / "configs" / "ml100k.toml")
+    config = load_run_config(PROJECT / "configs" / "ml100k.toml")
+    roles = config.roles
     models = {
-        name: TwoTower(spec_from(TwoTowerSpec, section(config, f"models.{name}"), name), space)
-        for name in ("teacher", "student")
+        name: TwoTower(config.preset(stage), space)
+        for name, stage in (("teacher", roles.reference), ("student", roles.student))
     }
     teacher, student = models["teacher"], models["student"]
     assert teacher.parameter_count() >= 20 * student.parameter_count()
@@ -250,7 +251,7 @@ def test_recent_bag_pools_the_newest_items_in_the_history_table(store):
     spec = TwoTowerSpec(
         embedding_dim=4, tower=(4,), feature_dim=2, recent_length=2, user_table=False
     )
-    model = TwoTower(spec, FeatureSpace(store.user_features, store.cardinalities())).eval()
+    model = TwoTower(spec, FeatureSpace.of(store)).eval()
     kjt = store.user_kjt(np.array([1, 2, 3]), np.array([5, 9, 2, 7, 3]), np.array([3, 0, 2]))
     pooled = model.user_tower.pooled(kjt)
     table = model.user_tower.embeddings.embedding_bags["table_history"].weight

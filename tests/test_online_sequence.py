@@ -63,7 +63,7 @@ def trained(request, store) -> TwoTower:
         embedding_dim=8, tower=(8,), feature_dim=2, user_encoder="sequence",
         max_length=MAX_LENGTH, layers=1, heads=2, readout=request.param,
     )  # fmt: skip
-    model = TwoTower(spec, FeatureSpace(store.user_features, store.cardinalities()))
+    model = TwoTower(spec, FeatureSpace.of(store))
     with torch.no_grad():
         torch.nn.init.normal_(model.item_bias.weight, std=0.1)
         if spec.readout == "attention":
@@ -79,9 +79,9 @@ def run(trained, synthetic_dir, tmp_path_factory):
     params = trained.parameter_count()
     models = {"teacher": ("sequence", params, None), "teacher_int8": ("sequence", params, INT8)}
     write_sweep_summary(directory, synthetic_dir, models)
-    (directory / "teacher").mkdir()
+    (directory / "teacher").mkdir(exist_ok=True)
     save_file(trained.state_dict(), directory / "teacher" / WEIGHTS)
-    (directory / "teacher_int8").mkdir()
+    (directory / "teacher_int8").mkdir(exist_ok=True)
     save_file(plain_state(quantize(trained, INT8)), directory / "teacher_int8" / WEIGHTS)
     return directory
 
@@ -238,7 +238,7 @@ def test_no_history_gives_finite_scores(rankers, store, recent):
 def test_the_artifact_round_trips(run, artifact_dir, rankers, store, tmp_path):
     again = export_artifact(run, "teacher", tmp_path / "again")
     manifest = json.loads((artifact_dir / MANIFEST).read_text())
-    assert again["version"] == manifest["version"]
+    assert again.version == manifest["version"]
     reloaded = OnlineRanker(load_artifact(tmp_path / "again"))
     items = store.items.values[:50]
     for user, recent in ((int(store.users.values[3]), []), (-7, store.items.values[:3])):

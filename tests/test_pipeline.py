@@ -6,8 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from recdistill.cli import main
+from recdistill.config import load_run_config, parse_run_config
 from recdistill.losses import LOSSES
-from recdistill.pipeline import run, stages_from
+from recdistill.pipeline import run
 from recdistill.train import Trainer
 from tests.conftest import ONE_STAGE, TINY
 
@@ -86,9 +87,9 @@ def test_a_bad_data_directory_leaves_no_run_behind(tmp_path, capsys):
 
 def test_stage_order_and_teachers_are_checked_before_training(synthetic_dir, tmp_path):
     with pytest.raises(ValueError, match="has no losses"):
-        stages_from({"stages": {"a": {"model": "m"}}})
+        parse_run_config({"stages": {"a": {"model": "m"}}})
     with pytest.raises(ValueError, match=r"\[train\]: unknown key\(s\) \['learning_rat'\]"):
-        stages_from({"train": {"learning_rat": 1.0}, "stages": {}})
+        parse_run_config({"train": {"learning_rat": 1.0}, "stages": {}})
     config = tmp_path / "c.toml"
     for broken, message in [
         ('source = "intermediate"', "learns from ['nobody']"),
@@ -98,7 +99,7 @@ def test_stage_order_and_teachers_are_checked_before_training(synthetic_dir, tmp
             TINY.replace(broken, broken.replace("intermediate", "nobody").replace("big", "huge"))
         )
         with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-            run(config, synthetic_dir, tmp_path / "out")
+            run(load_run_config(config), synthetic_dir, tmp_path / "out")
         assert not list((tmp_path / "out").glob("*/log.jsonl"))
 
 
@@ -121,7 +122,7 @@ def test_bad_sequence_configs_stop_before_training(synthetic_dir, tmp_path, chan
     config = tmp_path / "c.toml"
     config.write_text(TINY.replace(*change, 1))
     with pytest.raises(ValueError, match=re.escape(message)):
-        run(config, synthetic_dir, tmp_path / "out")
+        run(load_run_config(config), synthetic_dir, tmp_path / "out")
     assert not list((tmp_path / "out").glob("*/log.jsonl"))
 
 

@@ -136,7 +136,7 @@ def int8_run(request, tiny_run, student, tmp_path_factory):
     summary = read_summary(RunLayout(run).summary)
     entry = summary.models["student"]
     write_sweep_summary(copy, summary.data, {"student_int8": (entry.preset, entry.params, spec)})
-    (copy / "student_int8").mkdir()
+    (copy / "student_int8").mkdir(exist_ok=True)
     save_file(plain_state(quantize(student, spec)), copy / "student_int8" / WEIGHTS)
     return copy, spec
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from recdistill.config import parse_run_config
 from recdistill.data.batches import FeatureStore, TrainLists
 from recdistill.losses import listmle_loss
-from recdistill.pipeline import stages_from
 from recdistill.ranked_lists import ListSpec, rrd_lists
 from recdistill.stage import LossTerm
 from recdistill.teachers import FrozenTeacher
@@ -184,7 +184,9 @@ def test_lists_are_checked():
         stage(lists=ListSpec(top=10), losses=(LossTerm("listmle", "teacher", 1.0, {"top_k": 20}),))
     stage(lists=ListSpec(top=10), losses=(LossTerm("listmle", "teacher", 1.0, {"top_k": 10}),))
     config = {
+        "models": {"small": {}},
         "stages": {
+            "teacher": {"model": "small", "losses": [{"fn": "softmax_ce"}]},
             "student": {
                 "model": "small",
                 "lists": {"depth": 100, "teacher_top": 5},
@@ -193,9 +195,9 @@ def test_lists_are_checked():
         }
     }
     with pytest.raises(ValueError, match=r"lists: unknown key\(s\) \['teacher_top'\]"):
-        stages_from(config)
+        parse_run_config(config)
     config["stages"]["student"]["lists"] = {"depth": 100}
-    assert stages_from(config)[0].lists == ListSpec(depth=100)
+    assert parse_run_config(config).stage("student").lists == ListSpec(depth=100)
     for bad in ({"top": 0}, {"top": 600}, {"uniform": -1}, {"temperature": 0.0}):
         with pytest.raises(ValueError, match="lists need"):
             ListSpec(**bad)

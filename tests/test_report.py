@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from recdistill.cli import main
+from recdistill.roles import REFERENCE
 from recdistill.segments import ALL, SliceSpec, slice_table
 
 
@@ -53,7 +54,7 @@ def test_slices_retention_flags_and_holm(report):
     student, ratio = student[defined], (student["mean"] / teacher["mean"])[defined]
     assert np.allclose(student["retention"], ratio)
     assert (student["flagged"] == (student["retention"] < 0.95)).all()
-    assert (student["p_t_vs_teacher_holm"] >= student["p_t_vs_teacher"] - 1e-12).all()
+    assert (student["p_t_vs_reference_holm"] >= student["p_t_vs_reference"] - 1e-12).all()
     assert (student["retention_ci_low"] <= student["retention"]).all()
     assert teacher["retention"].isna().all()
 
@@ -73,6 +74,7 @@ def test_min_users_and_threshold_are_honoured():
         per_user,
         segments,
         SliceSpec(metrics=("ndcg@10",), min_users=30, replicates=200, permutations=200),
+        {REFERENCE: "teacher"},
     )
     assert set(zip(table["segment"], table["value"])) == {(ALL, ALL), ("tier", "a")}
     assert table.loc[table["model"] == "student", "flagged"].all()

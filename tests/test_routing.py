@@ -3,6 +3,7 @@ import hashlib
 import numpy as np
 import pytest
 
+from recdistill.config import routing_from
 from recdistill.routing import BUCKETS, Routing, bucket
 
 CONFIG = {
@@ -21,7 +22,7 @@ def test_bucket_is_sha256_of_salt_and_user_mod_10000():
 
 
 def test_assignment_is_deterministic_and_matches_the_bucket_ranges():
-    routing = Routing.from_config(CONFIG)
+    routing = routing_from(CONFIG)
     users = np.arange(5_000)
     first, second = routing.arms_of(users), routing.arms_of(users)
     np.testing.assert_array_equal(first, second)
@@ -33,14 +34,14 @@ def test_assignment_is_deterministic_and_matches_the_bucket_ranges():
 
 
 def test_shares_hold_within_one_percent_over_100k_users():
-    routing = Routing.from_config(CONFIG)
+    routing = routing_from(CONFIG)
     counts = np.bincount(routing.arms_of(np.arange(100_000)), minlength=3) / 100_000
     np.testing.assert_allclose(counts, [0.2, 0.3, 0.5], atol=0.01)
 
 
 def test_a_new_salt_reshuffles_users():
-    a = Routing.from_config(CONFIG).arms_of(np.arange(2_000))
-    b = Routing.from_config({**CONFIG, "salt": "exp-2"}).arms_of(np.arange(2_000))
+    a = routing_from(CONFIG).arms_of(np.arange(2_000))
+    b = routing_from({**CONFIG, "salt": "exp-2"}).arms_of(np.arange(2_000))
     # Independent assignments agree with probability 0.2² + 0.3² + 0.5² = 0.38.
     assert abs(np.mean(a == b) - 0.38) < 0.04
 
@@ -70,4 +71,4 @@ def test_single_model_routing_sends_everyone_to_it():
 )
 def test_bad_configs_are_refused_with_a_reason(table, message):
     with pytest.raises(ValueError, match=message):
-        Routing.from_config(table)
+        routing_from(table)

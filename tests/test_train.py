@@ -23,7 +23,7 @@ def store(synthetic_dir):
 
 def fresh_model(store, seed=0, spec=SMALL):
     torch.manual_seed(seed)
-    return TwoTower(spec, FeatureSpace(store.user_features, store.cardinalities()))
+    return TwoTower(spec, FeatureSpace.of(store))
 
 
 def stage(**overrides):

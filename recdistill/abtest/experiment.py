@@ -11,9 +11,10 @@ import pandas as pd
 from recdistill.abtest.analysis import ALL, Analysis, analyse
 from recdistill.abtest.report import findings, write_report
 from recdistill.abtest.simulate import Server, simulate
-from recdistill.abtest.spec import ExperimentSpec, load_experiment
+from recdistill.abtest.spec import ExperimentSpec
 from recdistill.abtest.world import World
 from recdistill.artifact import load_artifact
+from recdistill.config import load_experiment
 from recdistill.data.tables import atomic_output_dir
 from recdistill.layout import AbTestLayout
 from recdistill.online import OnlineRanker

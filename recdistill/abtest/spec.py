@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from recdistill.config import load_config, section, spec_from
 from recdistill.routing import Routing
 
 TABLES = ("ab", "artifacts", "simulation", "clicks", "analysis")
@@ -98,7 +96,7 @@ class AnalysisSpec:
     """
 
     control: str = "control"
-    ship: tuple[str, str] = ("student", "teacher")
+    ship: tuple[str, ...] = ()  # unset: the student's arm and the reference teacher's
     metric: str = "ctr"
     alpha: float = 0.05
     margin: float = 0.02
@@ -112,7 +110,7 @@ class AnalysisSpec:
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
             raise ValueError(f"[analysis]: metric must be one of {list(METRICS)}")
-        if len(self.ship) != 2 or self.ship[0] == self.ship[1]:
+        if self.ship and (len(self.ship) != 2 or self.ship[0] == self.ship[1]):
             raise ValueError("[analysis]: ship is [treatment, baseline], two different arms")
         if not (0 < self.alpha < 1 and 0 < self.power < 1 and 0 < self.srm_alpha < 1):
             raise ValueError("[analysis]: alpha, power and srm_alpha must be in (0, 1)")
@@ -142,37 +140,3 @@ class ExperimentSpec:
         if tuple(self.analysis.ship) not in pairs:
             pairs.append(tuple(self.analysis.ship))
         return pairs
-
-
-def load_experiment(path: Path, **simulation_overrides: Any) -> ExperimentSpec:
-    """The experiment of the TOML at ``path``; ``simulation_overrides`` (not None) win."""
-    config = load_config(Path(path))
-    unknown = sorted(set(config) - set(TABLES))
-    if unknown:
-        raise ValueError(f"{path}: unknown table(s) {unknown}; valid tables are {list(TABLES)}")
-    if "ab" not in config:
-        raise ValueError(f"{path}: no [ab] table (salt and arms)")
-    routing = Routing.from_config(section(config, "ab"))
-    artifacts = {name: Path(directory) for name, directory in section(config, "artifacts").items()}
-    for arm in routing.arms:
-        if arm.model not in artifacts:
-            raise ValueError(
-                f"{path}: arm {arm.name!r} serves model {arm.model!r}, which [artifacts] does "
-                f"not list (it lists {sorted(artifacts)})"
-            )
-    simulation_table = section(config, "simulation")
-    if "data" not in simulation_table:
-        raise ValueError(f"{path}: [simulation] needs `data`, the data directory")
-    simulation = spec_from(SimulationSpec, simulation_table, "[simulation]", **simulation_overrides)
-    analysis = spec_from(AnalysisSpec, section(config, "analysis"), "[analysis]")
-    arms = [arm.name for arm in routing.arms]
-    for role, name in [("control", analysis.control), *zip(("ship", "ship"), analysis.ship)]:
-        if name not in arms:
-            raise ValueError(f"{path}: [analysis] {role} arm {name!r} is not an arm of [ab] {arms}")
-    return ExperimentSpec(
-        routing=routing,
-        artifacts=artifacts,
-        simulation=simulation,
-        clicks=spec_from(ClickSpec, section(config, "clicks"), "[clicks]"),
-        analysis=analysis,
-    )

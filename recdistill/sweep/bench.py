@@ -12,14 +12,14 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from recdistill.config import load_config, section, spec_from
 from recdistill.data.feature_store import FeatureStore
 from recdistill.evaluate import evaluate
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
 from recdistill.quantize import QuantizationSpec, load_plain_state, quantize
+from recdistill.recipe import load_stage_model
+from recdistill.roles import REFERENCE
 from recdistill.segments import SliceSpec, slice_table, user_segments
-from recdistill.summary import RunSummary, read_summary
-from recdistill.sweep.plan import METRIC, REFERENCE, Plan
+from recdistill.sweep.plan import METRIC, Plan
 from recdistill.teachers import FrozenTeacher
 
 
@@ -29,21 +29,13 @@ class Bench:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.store = FeatureStore(plan.data, history_length=plan.history_length)
-        self.space = FeatureSpace(self.store.user_features, self.store.cardinalities())
+        self.space = FeatureSpace.of(self.store)
 
     @cached_property
     def teachers(self) -> dict[str, TwoTower]:
-        base = self.plan.base
-        config = load_config(base.config)
-        summary = read_summary(base.summary, RunSummary)
-        names = {REFERENCE, *(t for c in self.plan.candidates for t in c.stage.teachers)}
-        teachers = {}
-        for name in sorted(names):
-            preset = summary.models[name].preset
-            table = section(config, f"models.{preset}")
-            spec = spec_from(TwoTowerSpec, table, f"{base.root}: [models.{preset}]")
-            teachers[name] = self.load(spec, base.stage(name).weights)
-        return teachers
+        plan = self.plan
+        names = {plan.reference, *(t for c in plan.candidates for t in c.stage.teachers)}
+        return {name: load_stage_model(plan.base.root, name, self.store) for name in sorted(names)}
 
     @cached_property
     def frozen(self) -> dict[str, FrozenTeacher]:
@@ -59,7 +51,7 @@ class Bench:
 
     @cached_property
     def reference(self) -> pd.DataFrame:
-        return self._per_user(self.teachers[REFERENCE], REFERENCE)
+        return self._per_user(self.teachers[self.plan.reference], REFERENCE)
 
     def load(
         self, spec: TwoTowerSpec, weights: Path, quantization: QuantizationSpec | None = None
@@ -75,7 +67,9 @@ class Bench:
         """Validation NDCG@10 and the teacher's NDCG@10 retained in every large segment."""
         per_user = self._per_user(model, "candidate")
         spec = SliceSpec(metrics=(METRIC,), min_users=self.plan.sweep.min_segment_users)
-        table = slice_table(pd.concat([self.reference, per_user]), self.segments, spec)
+        table = slice_table(
+            pd.concat([self.reference, per_user]), self.segments, spec, {REFERENCE: REFERENCE}
+        )
         teacher = table[table["model"] == REFERENCE].set_index(["segment", "value"])["mean"]
         segments = [
             {

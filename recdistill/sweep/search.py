@@ -21,13 +21,12 @@ from safetensors.torch import save_file
 
 from recdistill.data.tables import atomic_write, write_json
 from recdistill.layout import CandidateLayout, SweepLayout
-from recdistill.models import TwoTower
 from recdistill.quantize import plain_state, quantize
+from recdistill.recipe import train_stage
 from recdistill.stage import LossTerm
 from recdistill.sweep.bench import Bench, one_torch_thread
 from recdistill.sweep.latency import measure_latency
 from recdistill.sweep.plan import METRIC, Candidate, Plan
-from recdistill.train import Trainer
 
 
 def search(plan: Plan, *, jobs: int = 1) -> list[dict[str, Any]]:
@@ -60,9 +59,15 @@ def search_one(bench: Bench, candidate: Candidate) -> dict[str, Any]:
     layout = _layout(bench.plan, candidate.name)
     # Teachers first: building them (once per process) draws on the RNG the seed below fixes.
     teachers = {name: bench.frozen[name] for name in candidate.stage.teachers}
-    torch.manual_seed(candidate.stage.seed)
-    model = TwoTower(candidate.model, bench.space)
-    trained = Trainer(candidate.stage, model, teachers, bench.store, layout.root).fit(resume=True)
+    model, trained = train_stage(
+        candidate.stage,
+        candidate.architecture,
+        candidate.model,
+        teachers,
+        bench.store,
+        layout.root,
+        resume=True,
+    )
     int8 = quantize(model, bench.plan.quantization)
     atomic_write(layout.int8_weights, lambda path: save_file(plain_state(int8), str(path)))
     result = {

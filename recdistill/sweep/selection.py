@@ -20,6 +20,7 @@ import numpy as np
 from recdistill.data.tables import read_meta
 from recdistill.evaluate import evaluate, mean_metrics
 from recdistill.layout import SweepLayout
+from recdistill.recipe import StageRecord, write_record
 from recdistill.summary import (
     CandidateResult,
     ChosenModel,
@@ -104,6 +105,12 @@ def finalize(plan: Plan, results: list[dict[str, Any]], choice: Choice) -> dict[
             chosen = layout.stage(name)
             chosen.root.mkdir()
             shutil.copyfile(weights, chosen.weights)
+            write_record(
+                chosen,
+                StageRecord(
+                    candidate.architecture, candidate.model, plan.history_length, quantization
+                ),
+            )
             models[name] = ChosenModel(
                 preset=candidate.architecture,
                 candidate=candidate.name,

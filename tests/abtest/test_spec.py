@@ -3,10 +3,8 @@ from pathlib import Path
 import pytest
 
 from recdistill.abtest.experiment import load_rankers
-from recdistill.abtest.spec import load_experiment
 from recdistill.cli import main
-from recdistill.config import load_config
-from recdistill.routing import Routing
+from recdistill.config import load_experiment, load_routing
 from serving.app import routing_for
 from serving.settings import ServerSettings
 from tests.conftest import ab_table
@@ -47,7 +45,7 @@ def test_the_default_config_parses_and_routes_the_server():
     ]
     settings = ServerSettings(artifacts=(), ab_config=str(config))
     assert routing_for(settings, {"popularity", "teacher", "student"}) == experiment.routing
-    assert Routing.from_config(load_config(config)["ab"]) == experiment.routing
+    assert load_routing(config) == experiment.routing
 
 
 @pytest.mark.parametrize(
@@ -82,3 +80,19 @@ def test_an_artifact_must_hold_the_model_its_name_says(tmp_path, tiny_artifacts,
     experiment = load_experiment(write(tmp_path, CONFIG, data=synthetic_dir, **swapped))
     with pytest.raises(ValueError, match="holds the model 'teacher'"):
         load_rankers(experiment)
+
+
+def test_without_a_ship_pair_the_student_is_judged_against_the_reference_teacher(
+    tmp_path, tiny_artifacts, synthetic_dir
+):
+    arms = ab_table("s", control=("popularity", 0.4), fast=("student", 0.3), big=("teacher", 0.3))
+    listed = "\n".join(
+        f'{name} = "{tiny_artifacts[name]}"' for name in ("popularity", "student", "teacher")
+    )
+    path = tmp_path / "ab.toml"
+    path.write_text(f'{arms}\n[artifacts]\n{listed}\n\n[simulation]\ndata = "{synthetic_dir}"\n')
+    assert load_experiment(path).analysis.ship == ("fast", "big")
+    without_teacher = ab_table("s", control=("popularity", 0.5), fast=("student", 0.5))
+    path.write_text(path.read_text().replace(arms, without_teacher))
+    with pytest.raises(ValueError, match=r"set \[analysis\] ship"):
+        load_experiment(path)

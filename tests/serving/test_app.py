@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.numpy import load_file
 
-from recdistill.routing import Routing
+from recdistill.config import routing_from
 from serving.app import create_app
 from serving.middleware import ADMIN_TOKEN_ENV
 from serving.settings import ServerSettings
@@ -273,7 +273,7 @@ def test_every_ranked_response_is_logged(single, lists):
 
 def test_ab_routing_follows_the_hash_buckets(ab, lists):
     client, log = ab
-    routing = Routing.from_config({"salt": "test-salt", "arms": {
+    routing = routing_from({"salt": "test-salt", "arms": {
         "control": {"model": "popularity", "share": 0.2},
         "teacher": {"model": "teacher", "share": 0.3},
         "student": {"model": "student", "share": 0.5},
