@@ -51,8 +51,9 @@ from safetensors.torch import load_file
 from recdistill.baselines import Ease
 from recdistill.config import history_length, load_config, section, spec_from
 from recdistill.data.feature_store import FeatureStore
-from recdistill.data.tables import atomic_output_dir, read_meta, write_json
+from recdistill.data.tables import read_meta
 from recdistill.ensembles import BASELINE_MEMBERS, EaseMember
+from recdistill.files import atomic_output_dir, write_json
 from recdistill.layout import ArtifactLayout, DataLayout, RunLayout
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
 from recdistill.quantize import QuantizationSpec, load_plain_state, plain_state, quantize

@@ -168,7 +168,7 @@ def _data_synthetic(args: argparse.Namespace) -> None:
     from recdistill.data.prepare import SplitSpec, prepare
     from recdistill.data.summary import describe
     from recdistill.data.synthetic import SyntheticSpec, generate
-    from recdistill.data.tables import atomic_output_dir
+    from recdistill.files import atomic_output_dir
 
     config = load_config(args.config)
     spec = spec_from(
@@ -191,7 +191,8 @@ def _data_movielens(args: argparse.Namespace) -> None:
     from recdistill.data.movielens import read_movielens
     from recdistill.data.prepare import SplitSpec, prepare
     from recdistill.data.summary import describe
-    from recdistill.data.tables import atomic_output_dir, write_raw
+    from recdistill.data.tables import write_raw
+    from recdistill.files import atomic_output_dir
 
     split = spec_from(
         SplitSpec, section(load_config(args.config), "data.split"), "[data.split]", seed=args.seed

@@ -14,7 +14,7 @@ from recdistill.abtest.simulate import Server, simulate
 from recdistill.abtest.spec import ExperimentSpec, load_experiment
 from recdistill.abtest.world import World
 from recdistill.artifact import load_artifact
-from recdistill.data.tables import atomic_output_dir
+from recdistill.files import atomic_output_dir
 from recdistill.layout import AbTestLayout
 from recdistill.online import OnlineRanker
 from serving.process import running_server
