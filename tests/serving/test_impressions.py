@@ -1,6 +1,6 @@
 import pytest
 
-from recdistill.data.movielens import DataFormatError
+from recdistill.errors import DataFormatError
 from serving.impressions import ImpressionLog, read_impressions
 
 
