@@ -35,12 +35,12 @@ import pyarrow.parquet as pq
 import torch
 
 from recdistill.artifact import Artifact, export_artifact, load_artifact
+from recdistill.impressions import read_impressions
 from recdistill.layout import IMPRESSIONS, DataLayout, RunLayout
 from recdistill.online import OnlineRanker
+from recdistill.server import ServerSettings
 from recdistill.summary import read_summary
 from serving.app import create_app
-from serving.impressions import read_impressions
-from serving.settings import ServerSettings
 
 MODELS = ("teacher", "intermediate", "student")
 SIZES = (100, 500, 1000)

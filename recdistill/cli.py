@@ -9,7 +9,7 @@ from pathlib import Path
 from recdistill.config import load_config, section, spec_from
 from recdistill.errors import TrainingDiverged
 from recdistill.layout import RunLayout, SweepLayout
-from serving.settings import ServerSettings
+from recdistill.server import GRACEFUL_SHUTDOWN_S, SETTINGS_ENV, ServerSettings
 
 EXAMPLES = """commands:
   recdistill data synthetic --out data/synthetic [--users N --items M --seed S]
@@ -254,8 +254,7 @@ def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from recdistill.artifact import load_artifact
-    from serving.app import SETTINGS_ENV, routing_for
-    from serving.process import GRACEFUL_SHUTDOWN_S
+    from recdistill.routing import routing_for
 
     settings = ServerSettings(
         artifacts=tuple(str(path) for path in args.artifact),

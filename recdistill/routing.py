@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from recdistill.config import load_config, section
+from recdistill.server import ServerSettings
 
 BUCKETS = 10_000
 
@@ -81,3 +85,16 @@ class Routing:
 def bucket(salt: str, user_id: int) -> int:
     digest = hashlib.sha256(f"{salt}:{user_id}".encode()).digest()
     return int.from_bytes(digest, "big") % BUCKETS
+
+
+def routing_for(settings: ServerSettings, models: set[str]) -> Routing:
+    """The A/B routing of ``settings`` over the served ``models``, checked against them."""
+    if settings.ab_config is None:
+        if len(models) > 1:
+            raise ValueError("several artifacts need an A/B config (--ab) to route between them")
+        return Routing.single(next(iter(models)))
+    routing = Routing.from_config(section(load_config(Path(settings.ab_config)), "ab"))
+    unknown = sorted({arm.model for arm in routing.arms} - models)
+    if unknown:
+        raise ValueError(f"A/B arms use {unknown}, which no --artifact provides ({sorted(models)})")
+    return routing

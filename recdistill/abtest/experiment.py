@@ -17,7 +17,7 @@ from recdistill.artifact import load_artifact
 from recdistill.files import atomic_output_dir
 from recdistill.layout import AbTestLayout
 from recdistill.online import OnlineRanker
-from serving.process import running_server
+from recdistill.server import running_server
 
 SUMMARY_COLUMNS = {
     "arm": "arm",

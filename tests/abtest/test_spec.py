@@ -6,9 +6,8 @@ from recdistill.abtest.experiment import load_rankers
 from recdistill.abtest.spec import load_experiment
 from recdistill.cli import main
 from recdistill.config import load_config
-from recdistill.routing import Routing
-from serving.app import routing_for
-from serving.settings import ServerSettings
+from recdistill.routing import Routing, routing_for
+from recdistill.server import ServerSettings
 from tests.conftest import ab_table
 
 PROJECT = Path(__file__).resolve().parents[2]
