@@ -36,12 +36,12 @@ import torch
 
 from recdistill.artifact import Artifact, export_artifact, load_artifact
 from recdistill.config import load_run_config
+from recdistill.impressions import read_impressions
 from recdistill.layout import IMPRESSIONS, DataLayout, RunLayout
 from recdistill.online import OnlineRanker
+from recdistill.server import ServerSettings
 from recdistill.summary import read_summary
 from serving.app import create_app
-from serving.impressions import read_impressions
-from serving.settings import ServerSettings
 
 SIZES = (100, 500, 1000)
 ENCODER_TAGS = {"sequence": "seq", "bag": "bag"}

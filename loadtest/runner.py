@@ -31,7 +31,7 @@ from loadtest.server_metrics import (
 from loadtest.workload import Workload
 from recdistill.artifact import read_manifest
 from recdistill.layout import LoadTestLayout
-from serving.process import ServerProcess, running_server
+from recdistill.server import ServerProcess, running_server
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 MAX_GENERATOR_CPU = 0.9

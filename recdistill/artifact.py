@@ -52,8 +52,9 @@ from safetensors.torch import load_file
 from recdistill.baselines import Ease
 from recdistill.config import load_run_config
 from recdistill.data.feature_store import FeatureStore
-from recdistill.data.tables import atomic_output_dir, read_meta, write_json
+from recdistill.data.tables import read_meta
 from recdistill.ensembles import BASELINE_MEMBERS, EaseMember
+from recdistill.files import atomic_output_dir, write_json
 from recdistill.layout import ArtifactLayout, DataLayout, RunLayout
 from recdistill.models import FeatureSpace, TwoTower
 from recdistill.quantize import QuantizationSpec, load_plain_state, plain_state, quantize

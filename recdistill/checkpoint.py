@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from recdistill.data.tables import atomic_write
+from recdistill.files import atomic_write
 from recdistill.stage import StageSpec
 
 # Checkpoints of other formats (or none) are refused rather than resumed differently.

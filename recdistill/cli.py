@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 from recdistill.errors import TrainingDiverged
 from recdistill.layout import RunLayout, SweepLayout
-from serving.settings import ServerSettings
+from recdistill.server import GRACEFUL_SHUTDOWN_S, SETTINGS_ENV, ServerSettings, routing_for
 
 Spec = TypeVar("Spec")
 EXAMPLES = """commands:
@@ -171,7 +171,7 @@ def _data_synthetic(args: argparse.Namespace) -> None:
     from recdistill.data.prepare import prepare
     from recdistill.data.summary import describe
     from recdistill.data.synthetic import generate
-    from recdistill.data.tables import atomic_output_dir
+    from recdistill.files import atomic_output_dir
 
     data = load_run_config(args.config).data
     spec = _overridden(
@@ -193,7 +193,8 @@ def _data_movielens(args: argparse.Namespace) -> None:
     from recdistill.data.movielens import read_movielens
     from recdistill.data.prepare import prepare
     from recdistill.data.summary import describe
-    from recdistill.data.tables import atomic_output_dir, write_raw
+    from recdistill.data.tables import write_raw
+    from recdistill.files import atomic_output_dir
 
     split = _overridden(load_run_config(args.config).data.split, seed=args.seed)
     raw = read_movielens(args.path)
@@ -250,8 +251,6 @@ def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from recdistill.artifact import load_artifact
-    from serving.app import SETTINGS_ENV, routing_for
-    from serving.process import GRACEFUL_SHUTDOWN_S
 
     settings = ServerSettings(
         artifacts=tuple(str(path) for path in args.artifact),

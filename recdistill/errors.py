@@ -1,5 +1,28 @@
-"""Errors that are not a bad input (those are ValueErrors) but that the CLI still reports as
-one clear line. Kept free of heavy imports: the CLI catches them before torch is loaded."""
+"""The project's own errors, each reported by the CLI as one clear line: a malformed input
+file (a ValueError, like every bad input) and failures that are not a bad input. Kept free of
+heavy imports: the CLI catches them before torch is loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class DataFormatError(ValueError):
+    """A malformed input file: ``str(error)`` reads ``<path> line <n>: <problem>``.
+
+    ``line`` is ``None`` when the problem concerns the whole file (e.g. it is empty).
+    """
+
+    def __init__(self, path: Path, line: int | None, problem: str) -> None:
+        # Passing all three to ValueError keeps the error picklable (args rebuild it).
+        super().__init__(path, line, problem)
+        self.path = path
+        self.line = line
+        self.problem = problem
+
+    def __str__(self) -> str:
+        where = str(self.path) if self.line is None else f"{self.path} line {self.line}"
+        return f"{where}: {self.problem}"
 
 
 class TrainingDiverged(RuntimeError):

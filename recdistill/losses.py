@@ -12,7 +12,7 @@ slot) give finite losses and gradients. A target (teacher score or label) that i
 ±inf in a valid entry is a ValueError: a diverged teacher must not silently drop or reorder
 lists. Sorting by the teacher is stable: ties keep their original order. ``LOSSES`` maps
 config names to the functions. Each docstring ends with a worked example, run as a doctest
-by ``tests/test_losses.py``.
+by ``tests/test_losses_values.py``.
 """
 
 from __future__ import annotations

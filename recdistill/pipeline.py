@@ -25,7 +25,7 @@ from recdistill import distributed
 from recdistill.baselines import Ease, Popularity
 from recdistill.config import RunConfig
 from recdistill.data.feature_store import FeatureStore
-from recdistill.data.tables import atomic_write, read_meta
+from recdistill.data.tables import read_meta
 from recdistill.ensembles import BASELINE_MEMBERS, EaseMember, EnsembleSpec, EnsembleTeacher
 from recdistill.evaluate import (
     ScoredLists,
@@ -34,6 +34,7 @@ from recdistill.evaluate import (
     score_lists,
     scoring_latency_ms,
 )
+from recdistill.files import atomic_write
 from recdistill.layout import RunLayout
 from recdistill.metrics import coverage_at
 from recdistill.recipe import train_stage

@@ -18,7 +18,7 @@ from pydantic import ConfigDict, with_config
 from safetensors.torch import load_file
 
 from recdistill.data.feature_store import FeatureStore
-from recdistill.data.tables import write_json
+from recdistill.files import write_json
 from recdistill.layout import RunLayout, StageLayout
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
 from recdistill.quantize import QuantizationSpec, load_plain_state, quantize

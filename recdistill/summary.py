@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, TypeAdapter, with_config
 
-from recdistill.data.tables import write_json
+from recdistill.files import write_json
 from recdistill.quantize import QuantizationSpec
 from recdistill.ranked_lists import ListSpec
 

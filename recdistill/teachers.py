@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from recdistill import distributed
 from recdistill.data.feature_store import UNKNOWN, FeatureStore, RankingBatch
-from recdistill.data.tables import atomic_write
+from recdistill.files import atomic_write
 from recdistill.models import TwoTower
 
 TeacherOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]

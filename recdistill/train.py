@@ -39,9 +39,9 @@ from recdistill import distributed
 from recdistill.checkpoint import load_checkpoint, save_checkpoint, trim_log
 from recdistill.data.batches import TrainLists, TrainSequences
 from recdistill.data.feature_store import FeatureStore, RankingBatch, SequenceBatch
-from recdistill.data.tables import atomic_write
 from recdistill.errors import TrainingDiverged
 from recdistill.evaluate import evaluate
+from recdistill.files import atomic_write
 from recdistill.layout import StageLayout
 from recdistill.models import TwoTower
 from recdistill.objective import StageObjective

@@ -50,10 +50,10 @@ from prometheus_client import (
 )
 
 from recdistill.artifact import load_artifact
-from recdistill.config import load_routing
+from recdistill.impressions import ImpressionLog
 from recdistill.online import OnlineRanker
 from recdistill.routing import Routing
-from serving.impressions import ImpressionLog
+from recdistill.server import SETTINGS_ENV, ServerSettings, routing_for
 from serving.middleware import AdminAuth, BodySizeLimit, RequestCounter
 from serving.schemas import (
     RankRequest,
@@ -64,9 +64,7 @@ from serving.schemas import (
     error_responses,
     invalid_request,
 )
-from serving.settings import ServerSettings
 
-SETTINGS_ENV = "RECDISTILL_SERVE_SETTINGS"
 # Fine at the low end, where a healthy student lives, so p99 can be read off the histogram.
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075,
@@ -336,19 +334,6 @@ def _load_all(settings: ServerSettings) -> dict[str, OnlineRanker]:
             raise ValueError(f"two artifacts are both named {ranker.name!r}")
         rankers[ranker.name] = ranker
     return rankers
-
-
-def routing_for(settings: ServerSettings, models: set[str]) -> Routing:
-    """The A/B routing of ``settings`` over the served ``models``, checked against them."""
-    if settings.ab_config is None:
-        if len(models) > 1:
-            raise ValueError("several artifacts need an A/B config (--ab) to route between them")
-        return Routing.single(next(iter(models)))
-    routing = load_routing(Path(settings.ab_config))
-    unknown = sorted({arm.model for arm in routing.arms} - models)
-    if unknown:
-        raise ValueError(f"A/B arms use {unknown}, which no --artifact provides ({sorted(models)})")
-    return routing
 
 
 def _warm_up(ranker: OnlineRanker, max_candidates: int) -> None:

@@ -15,7 +15,7 @@ from loadtest.runner import (
 )
 from loadtest.server_metrics import bucket_difference, histogram_quantile, rank_latency_buckets
 from loadtest.workload import RankCall, Workload, check_ranking
-from serving.process import running_server
+from recdistill.server import running_server
 
 CALL = RankCall(kind="known", body={"user_id": 1, "candidates": [10, 11, 12], "k": 2})
 

@@ -22,8 +22,8 @@ from recdistill.layout import MANIFEST, SPEC, WEIGHTS
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
 from recdistill.online import OnlineRanker
 from recdistill.quantize import QuantizationSpec, plain_state, quantize
+from recdistill.server import ServerSettings
 from serving.app import create_app
-from serving.settings import ServerSettings
 from tests.conftest import write_sweep_summary
 from tests.test_artifact import _refresh_hashes
 

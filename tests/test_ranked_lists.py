@@ -191,8 +191,8 @@ def test_lists_are_checked():
                 "model": "small",
                 "lists": {"depth": 100, "teacher_top": 5},
                 "losses": [{"fn": "listnet", "source": "teacher"}],
-            }
-        }
+            },
+        },
     }
     with pytest.raises(ValueError, match=r"lists: unknown key\(s\) \['teacher_top'\]"):
         parse_run_config(config)

@@ -15,10 +15,10 @@ from recdistill.abtest.spec import ExperimentSpec
 from recdistill.abtest.world import World
 from recdistill.artifact import load_artifact
 from recdistill.config import load_experiment
-from recdistill.data.tables import atomic_output_dir
+from recdistill.files import atomic_output_dir
 from recdistill.layout import AbTestLayout
 from recdistill.online import OnlineRanker
-from serving.process import running_server
+from recdistill.server import running_server
 
 SUMMARY_COLUMNS = {
     "arm": "arm",

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from recdistill.abtest.analysis import ALL, Analysis
 from recdistill.abtest.spec import METRICS, ExperimentSpec
-from recdistill.data.tables import write_json
+from recdistill.files import write_json
 from recdistill.layout import AbTestLayout
 from recdistill.report import bars_with_ci, figure_png, template_environment
 

@@ -29,8 +29,8 @@ import pandas as pd
 
 from recdistill.abtest.spec import ExperimentSpec
 from recdistill.abtest.world import World
+from recdistill.impressions import read_impressions
 from recdistill.metrics import top_k
-from serving.impressions import read_impressions
 
 EXPERIMENT, PRE = "experiment", "pre"
 

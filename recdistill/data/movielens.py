@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from recdistill.data.tables import INTERACTIONS_SCHEMA, RawDataset
+from recdistill.errors import DataFormatError
 
 ML100K_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
@@ -61,24 +62,6 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 _Row = tuple[int, list[str]]
 """A non-blank line of a file: its 1-based line number and its raw fields."""
-
-
-class DataFormatError(ValueError):
-    """A malformed input file: ``str(error)`` reads ``<path> line <n>: <problem>``.
-
-    ``line`` is ``None`` when the problem concerns the whole file (e.g. it is empty).
-    """
-
-    def __init__(self, path: Path, line: int | None, problem: str) -> None:
-        # Passing all three to ValueError keeps the error picklable (args rebuild it).
-        super().__init__(path, line, problem)
-        self.path = path
-        self.line = line
-        self.problem = problem
-
-    def __str__(self) -> str:
-        where = str(self.path) if self.line is None else f"{self.path} line {self.line}"
-        return f"{where}: {self.problem}"
 
 
 def read_movielens(path: Path) -> RawDataset:

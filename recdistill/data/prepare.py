@@ -16,7 +16,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from recdistill.data.sampling import pair_keys, sample_unseen
-from recdistill.data.tables import INTERACTIONS_SCHEMA, SPLITS, read_meta, rows_of_ids, write_json
+from recdistill.data.tables import INTERACTIONS_SCHEMA, SPLITS, read_meta, rows_of_ids
+from recdistill.files import write_json
 from recdistill.layout import DataLayout
 
 ACTIVITY_TIERS = ("cold", "light", "medium", "heavy")

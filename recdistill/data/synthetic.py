@@ -55,7 +55,7 @@ from recdistill.data.synthetic_world import (
     World,
     build_world,
 )
-from recdistill.data.tables import write_json
+from recdistill.files import write_json
 from recdistill.layout import DataLayout
 
 SOURCE = "synthetic"

@@ -13,11 +13,6 @@ A data directory (its files are named in :class:`~recdistill.layout.DataLayout`)
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from recdistill.files import write_json
 from recdistill.layout import DataLayout
 
 INTERACTIONS_SCHEMA = pa.schema(
@@ -79,10 +75,6 @@ def rows_of_ids(ids: np.ndarray, wanted: np.ndarray, where: str) -> np.ndarray:
     return rows
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-
-
 def read_meta(directory: Path) -> dict[str, Any]:
     path = DataLayout(Path(directory)).meta
     if not path.exists():
@@ -91,34 +83,3 @@ def read_meta(directory: Path) -> dict[str, Any]:
             "(create one with `recdistill data synthetic` or `recdistill data movielens`)"
         )
     return json.loads(path.read_text())
-
-
-@contextmanager
-def atomic_output_dir(out: Path) -> Iterator[Path]:
-    """Yield a scratch directory that replaces ``out`` only if the block succeeds.
-
-    On any exception the scratch directory is removed and an existing ``out`` is left
-    untouched, so a failed run never leaves half-written tables behind.
-    """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield scratch
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    previous = out.with_name(f".{out.name}.previous")
-    if out.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        os.replace(out, previous)
-    os.replace(scratch, out)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write`` a scratch file beside ``path``, then move it into place: a reader never
-    sees a half-written file."""
-    scratch = path.with_name(path.name + ".partial")
-    write(scratch)
-    os.replace(scratch, path)

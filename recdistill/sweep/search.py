@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from recdistill.data.tables import atomic_write, write_json
+from recdistill.files import atomic_write, write_json
 from recdistill.layout import CandidateLayout, SweepLayout
 from recdistill.quantize import plain_state, quantize
 from recdistill.recipe import train_stage

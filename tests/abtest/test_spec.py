@@ -5,8 +5,7 @@ import pytest
 from recdistill.abtest.experiment import load_rankers
 from recdistill.cli import main
 from recdistill.config import load_experiment, load_routing
-from serving.app import routing_for
-from serving.settings import ServerSettings
+from recdistill.server import ServerSettings, routing_for
 from tests.conftest import ab_table
 
 PROJECT = Path(__file__).resolve().parents[2]

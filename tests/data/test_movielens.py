@@ -5,8 +5,9 @@ import pyarrow as pa
 import pytest
 
 from recdistill.data import movielens
-from recdistill.data.movielens import DataFormatError, age_bucket, read_movielens
+from recdistill.data.movielens import age_bucket, read_movielens
 from recdistill.data.tables import INTERACTIONS_SCHEMA
+from recdistill.errors import DataFormatError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Licensed data: read in place, never copied into the project.

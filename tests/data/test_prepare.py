@@ -4,7 +4,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from recdistill.data.prepare import SplitSpec, prepare
-from recdistill.data.tables import RawDataset, atomic_output_dir, read_meta, write_raw
+from recdistill.data.tables import RawDataset, read_meta, write_raw
+from recdistill.files import atomic_output_dir
 
 
 def write_tiny(directory, rows, n_items=300, users=None):

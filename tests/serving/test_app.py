@@ -8,9 +8,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.numpy import load_file
 
 from recdistill.config import routing_from
+from recdistill.server import ServerSettings
 from serving.app import create_app
 from serving.middleware import ADMIN_TOKEN_ENV
-from serving.settings import ServerSettings
 from tests.conftest import ab_table
 
 AB = ab_table(

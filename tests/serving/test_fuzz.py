@@ -17,8 +17,8 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
+from recdistill.server import running_server
 from serving.middleware import ADMIN_TOKEN_ENV
-from serving.process import running_server
 
 pytestmark = pytest.mark.slow  # every test here starts a server
 

@@ -6,7 +6,7 @@ import httpx2
 import pytest
 
 from recdistill.cli import main
-from serving.process import running_server
+from recdistill.server import running_server
 from serving.quality import REPORTED, served_metrics
 from tests.conftest import ONE_STAGE
 

@@ -11,8 +11,8 @@ import httpx2
 import orjson
 import pytest
 
-from serving.impressions import read_impressions
-from serving.process import running_server
+from recdistill.impressions import read_impressions
+from recdistill.server import running_server
 
 pytestmark = pytest.mark.slow  # every test here starts a server
 

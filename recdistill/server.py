@@ -1,11 +1,17 @@
-"""Start ``recdistill serve`` as a child process and wait until it is ready.
+"""Starting a ranking server: its settings, the environment variable that carries them to the
+app, the graceful-shutdown time, and ``recdistill serve`` run as a ready child process.
 
-Used by the load test, the online A/B simulation and the tests, which all need a real
-server on a free port rather than an in-process app.
+``recdistill serve`` starts uvicorn on ``serving.app:app_from_environment``, named by its
+import string, with the settings as JSON in ``SETTINGS_ENV``; that string is the one place
+the library reaches the ``serving`` package, which it never imports. The load test, the
+online A/B simulation and the tests run a real server on a free port with
+:func:`running_server`. Importing this module loads neither torch nor httpx2, so the CLI
+reads its defaults fast.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -13,14 +19,46 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import httpx2
+from recdistill.layout import IMPRESSIONS
 
+if TYPE_CHECKING:
+    from recdistill.routing import Routing
+
+SETTINGS_ENV = "RECDISTILL_SERVE_SETTINGS"
 READY_TIMEOUT_S = 120.0
 # On SIGTERM, how long the requests in flight may take to finish before they are dropped.
 GRACEFUL_SHUTDOWN_S = 30
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    artifacts: tuple[str, ...]
+    ab_config: str | None = None
+    impressions: str = IMPRESSIONS
+    max_candidates: int = 1000
+    max_body_bytes: int = 64 * 1024
+    threads: int = 1
+    precompute_items: bool = False
+    artifact_root: str | None = None
+
+    def reload_root(self) -> Path:
+        """The directory reloads may load from: ``artifact_root``, or by default the
+        common parent directory of the served artifacts (symlinks and ``..`` resolved)."""
+        if self.artifact_root is not None:
+            return Path(self.artifact_root).resolve()
+        return Path(os.path.commonpath([Path(a).resolve().parent for a in self.artifacts]))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ServerSettings:
+        values = json.loads(text)
+        return cls(**{**values, "artifacts": tuple(values["artifacts"])})
 
 
 @dataclass(frozen=True)
@@ -86,6 +124,9 @@ def running_server(
 
 
 def _wait_ready(url: str, process: subprocess.Popen, log_path: Path) -> None:
+    # Imported here rather than at the top: it would more than double the CLI's start-up time.
+    import httpx2
+
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -105,3 +146,19 @@ def _wait_ready(url: str, process: subprocess.Popen, log_path: Path) -> None:
 
 def _tail(path: Path, lines: int = 20) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def routing_for(settings: ServerSettings, models: set[str]) -> Routing:
+    """The A/B routing of ``settings`` over the served ``models``, checked against them."""
+    from recdistill.config import load_routing
+    from recdistill.routing import Routing
+
+    if settings.ab_config is None:
+        if len(models) > 1:
+            raise ValueError("several artifacts need an A/B config (--ab) to route between them")
+        return Routing.single(next(iter(models)))
+    routing = load_routing(Path(settings.ab_config))
+    unknown = sorted({arm.model for arm in routing.arms} - models)
+    if unknown:
+        raise ValueError(f"A/B arms use {unknown}, which no --artifact provides ({sorted(models)})")
+    return routing

@@ -1,7 +1,7 @@
 import pytest
 
-from recdistill.data.movielens import DataFormatError
-from serving.impressions import ImpressionLog, read_impressions
+from recdistill.errors import DataFormatError
+from recdistill.impressions import ImpressionLog, read_impressions
 
 
 def test_the_log_reads_back_what_was_appended(tmp_path):

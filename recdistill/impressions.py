@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from recdistill.data.movielens import DataFormatError
+from recdistill.errors import DataFormatError
 
 
 class ImpressionLog:
