@@ -190,7 +190,8 @@ class Int8Result:
     quantization: QuantizationSpec
     valid: SegmentedValidScore
     artifact_bytes: int
-    latency_ms: ClockLatency
+    # Measured once every candidate is trained (None until then).
+    latency_ms: Annotated[ClockLatency | None, _OMITTED_WHEN_NONE] = None
 
 
 @with_config(_STRICT)
@@ -211,7 +212,8 @@ class CandidateResult:
     valid: SegmentedValidScore
     artifact_bytes: int
     int8: Int8Result
-    latency_ms: ClockLatency
+    # Measured once every candidate is trained (None until then).
+    latency_ms: Annotated[ClockLatency | None, _OMITTED_WHEN_NONE] = None
 
 
 @dataclass(frozen=True)
@@ -229,8 +231,8 @@ class SelectionSpec:
         if self.latency_clock not in CLOCKS:
             raise ValueError(f"[selection] latency_clock must be one of {list(CLOCKS)}")
 
-    def p99(self, latency_ms: dict[str, Any]) -> float:
-        return latency_ms[self.latency_clock]["p99"]
+    def p99(self, latency_ms: ClockLatency) -> float:
+        return latency_ms.on(self.latency_clock).p99
 
 
 @with_config(_STRICT)

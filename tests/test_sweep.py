@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -9,7 +10,19 @@ from recdistill.artifact import load_artifact
 from recdistill.cli import main
 from recdistill.layout import LOG, MANIFEST, RESULT, WEIGHTS
 from recdistill.online import OnlineRanker
-from recdistill.summary import SelectionSpec
+from recdistill.quantize import QuantizationSpec
+from recdistill.summary import (
+    CandidateResult,
+    CandidateTraining,
+    ClockLatency,
+    Int8Result,
+    Latency,
+    SegmentedValidScore,
+    SegmentScore,
+    SelectionSpec,
+    from_json,
+    to_json,
+)
 from recdistill.sweep.plan import load_plan
 from recdistill.sweep.search import search
 from recdistill.sweep.selection import finalize, meets, pareto_frontier, select
@@ -141,13 +154,24 @@ def test_the_report_plots_the_frontier_and_lists_every_candidate(tiny_sweep):
 
 
 def _result(name, ndcg, worst, p99, size):
-    latency = {"p50": p99 / 2, "p99": p99}
-    return {
-        "name": name,
-        "valid": {"ndcg@10": ndcg, "worst_segment": {"retention": worst}},
-        "latency_ms": {"wall": latency, "cpu": latency},
-        "artifact_bytes": size,
-    }
+    latency = Latency(p99 / 2, p99)
+    segment = SegmentScore("all", "all", 100, ndcg, ndcg, worst, [worst, worst])
+    valid = SegmentedValidScore(ndcg, segment, [segment])
+    return CandidateResult(
+        name=name,
+        architecture="s",
+        mix="m",
+        model={},
+        settings={},
+        losses=[],
+        params=0,
+        multiply_adds=0.0,
+        training=CandidateTraining(0, 1, 0.0),
+        valid=valid,
+        artifact_bytes=size,
+        int8=Int8Result(QuantizationSpec(), valid, size),
+        latency_ms=ClockLatency(0.0, latency, latency),
+    )
 
 
 def test_selection_takes_the_best_validation_ndcg_within_the_budget():
@@ -159,14 +183,16 @@ def test_selection_takes_the_best_validation_ndcg_within_the_budget():
         _result("small", 0.30, 0.96, 0.5, 50),
     ]
     budget = SelectionSpec(p99_ms=2.0, min_worst_segment_retention=0.95, max_artifact_bytes=500)
-    assert [r["name"] for r in results if meets(r, budget)] == ["good", "small"]
+    assert [r.name for r in results if meets(r, budget)] == ["good", "small"]
     assert select(results, budget).chosen == "good"
     assert select(results, SelectionSpec(p99_ms=0.1)).chosen is None
 
 
 def test_the_budget_reads_the_configured_clock():
     result = _result("x", 0.4, 1.0, 1.0, 10)
-    result["latency_ms"]["wall"] = {"p50": 1.0, "p99": 9.0}
+    result = dataclasses.replace(
+        result, latency_ms=dataclasses.replace(result.latency_ms, wall=Latency(1.0, 9.0))
+    )
     assert not meets(result, SelectionSpec(p99_ms=2.0, latency_clock="wall"))
     assert meets(result, SelectionSpec(p99_ms=2.0, latency_clock="cpu"))
 
@@ -251,8 +277,8 @@ def test_a_rerun_skips_finished_candidates_and_resumes_a_half_trained_one(
         json.loads(line)["epoch"] for line in (plan.out / second / LOG).read_text().splitlines()
     ]
     assert epochs == [0, 1]
-    assert json.loads(finished)["valid"] == results[0]["valid"]
-    assert all("latency_ms" in r for r in results)
+    assert from_json(CandidateResult, json.loads(finished)).valid == results[0].valid
+    assert all(r.latency_ms is not None for r in results)
 
     longer = load_plan(_config(tmp_path, run, epochs=3, samples=2), synthetic_dir, plan.out)
     with pytest.raises(ValueError, match="written for other settings"):
@@ -266,7 +292,7 @@ def test_parallel_jobs_train_the_same_students(tiny_run, tiny_sweep, synthetic_d
     results = search(plan, jobs=2)
     serial = json.loads((tiny_sweep / "summary.json").read_text())["candidates"]
     for result in results:
-        assert result["valid"] == serial[result["name"]]["valid"]
+        assert to_json(result.valid) == serial[result.name]["valid"]
 
 
 def test_configs_the_teachers_cannot_serve_are_refused(tiny_run, synthetic_dir, tmp_path):

@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import torch
@@ -19,6 +18,7 @@ from recdistill.quantize import QuantizationSpec, load_plain_state, quantize
 from recdistill.recipe import load_stage_model
 from recdistill.roles import REFERENCE
 from recdistill.segments import SliceSpec, slice_table, user_segments
+from recdistill.summary import SegmentedValidScore, SegmentScore
 from recdistill.sweep.plan import METRIC, Plan
 from recdistill.teachers import FrozenTeacher
 
@@ -63,7 +63,7 @@ class Bench:
         load_plain_state(model, load_file(str(weights)))
         return model.eval()
 
-    def validate(self, model: TwoTower) -> dict[str, Any]:
+    def validate(self, model: TwoTower) -> SegmentedValidScore:
         """Validation NDCG@10 and the teacher's NDCG@10 retained in every large segment."""
         per_user = self._per_user(model, "candidate")
         spec = SliceSpec(metrics=(METRIC,), min_users=self.plan.sweep.min_segment_users)
@@ -72,22 +72,22 @@ class Bench:
         )
         teacher = table[table["model"] == REFERENCE].set_index(["segment", "value"])["mean"]
         segments = [
-            {
-                "segment": row.segment,
-                "value": str(row.value),
-                "users": int(row.users),
-                METRIC: float(row.mean),
-                f"teacher_{METRIC}": float(teacher[row.segment, row.value]),
-                "retention": float(row.retention),
-                "retention_ci": [float(row.retention_ci_low), float(row.retention_ci_high)],
-            }
+            SegmentScore(
+                segment=row.segment,
+                value=str(row.value),
+                users=int(row.users),
+                ndcg=float(row.mean),
+                teacher_ndcg=float(teacher[row.segment, row.value]),
+                retention=float(row.retention),
+                retention_ci=[float(row.retention_ci_low), float(row.retention_ci_high)],
+            )
             for row in table[table["model"] == "candidate"].itertuples()
         ]
-        return {
-            METRIC: float(per_user[METRIC].mean()),
-            "worst_segment": min(segments, key=lambda s: s["retention"]),
-            "segments": segments,
-        }
+        return SegmentedValidScore(
+            ndcg=float(per_user[METRIC].mean()),
+            worst_segment=min(segments, key=lambda s: s.retention),
+            segments=segments,
+        )
 
     def _per_user(self, model: TwoTower, label: str) -> pd.DataFrame:
         per_user = evaluate(model, self.store, "valid", full_ranking=False)

@@ -10,7 +10,7 @@ a burst of load elsewhere moves one round, not the verdict.
 from __future__ import annotations
 
 import os
-from typing import Any
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from recdistill.artifact import TWO_TOWER, Artifact
 from recdistill.layout import DataLayout, SweepLayout
 from recdistill.online import OnlineRanker
+from recdistill.summary import CandidateResult, ClockLatency, Latency
 from recdistill.sweep.bench import Bench
 from recdistill.sweep.plan import CLOCKS, Candidate
 
@@ -25,16 +26,16 @@ WARM_UP_REQUESTS = 20
 VARIANTS = ("float", "int8")
 
 
-def measure_latency(bench: Bench, results: list[dict[str, Any]]) -> None:
-    """Add float and int8 ``latency_ms`` of ``OnlineRanker.rank`` to ``results``: p50 and p99
-    on each clock, and the machine's load average meanwhile."""
+def measure_latency(bench: Bench, results: list[CandidateResult]) -> list[CandidateResult]:
+    """``results`` with the float and int8 ``latency_ms`` of ``OnlineRanker.rank``: p50 and
+    p99 on each clock, and the machine's load average meanwhile."""
     plan = bench.plan
     lists = pq.read_table(DataLayout(plan.data).candidates("valid"))
     users = lists.column("user_id").to_numpy()
     candidates = np.array(lists.column("candidates").to_pylist(), dtype=np.int64)
     by_name = {c.name: c for c in plan.candidates}
     rankers = {
-        (r["name"], variant): _ranker(bench, by_name[r["name"]], variant, r["params"])
+        (r.name, variant): _ranker(bench, by_name[r.name], variant, r.params)
         for r in results
         for variant in VARIANTS
     }
@@ -55,15 +56,25 @@ def measure_latency(bench: Bench, results: list[dict[str, Any]]) -> None:
             for clock in CLOCKS:
                 rounds[key, clock].append(seconds[clock] * 1e3)
     load_average = os.getloadavg()[0]
-    for result in results:
-        for variant, target in zip(VARIANTS, (result, result["int8"])):
-            target["latency_ms"] = {"load_average": load_average}
-            for clock in CLOCKS:
-                times = rounds[(result["name"], variant), clock]
-                target["latency_ms"][clock] = {
-                    "p50": float(np.median(np.concatenate(times))),
-                    "p99": float(np.median([np.percentile(t, 99) for t in times])),
-                }
+
+    def latency(name: str, variant: str) -> ClockLatency:
+        on = {}
+        for clock in CLOCKS:
+            times = rounds[(name, variant), clock]
+            on[clock] = Latency(
+                p50=float(np.median(np.concatenate(times))),
+                p99=float(np.median([np.percentile(t, 99) for t in times])),
+            )
+        return ClockLatency(load_average=load_average, **on)
+
+    return [
+        replace(
+            result,
+            latency_ms=latency(result.name, "float"),
+            int8=replace(result.int8, latency_ms=latency(result.name, "int8")),
+        )
+        for result in results
+    ]
 
 
 def _ranker(bench: Bench, candidate: Candidate, variant: str, params: int) -> OnlineRanker:

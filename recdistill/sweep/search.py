@@ -2,8 +2,8 @@
 
 A candidate's result is written atomically to its ``result.json``; a candidate with a result
 for the same settings is skipped on a rerun, and a half-trained one resumes from its
-checkpoint. Results are plain JSON values (:class:`~recdistill.summary.CandidateResult`
-is their shape once their latency is measured).
+checkpoint. A result is a :class:`~recdistill.summary.CandidateResult`, its latency left
+out until every candidate is trained and timed.
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ from recdistill.layout import CandidateLayout, SweepLayout
 from recdistill.quantize import plain_state, quantize
 from recdistill.recipe import train_stage
 from recdistill.stage import LossTerm
+from recdistill.summary import CandidateResult, CandidateTraining, Int8Result, from_json, to_json
 from recdistill.sweep.bench import Bench, one_torch_thread
 from recdistill.sweep.latency import measure_latency
 from recdistill.sweep.plan import METRIC, Candidate, Plan
 
 
-def search(plan: Plan, *, jobs: int = 1) -> list[dict[str, Any]]:
+def search(plan: Plan, *, jobs: int = 1) -> list[CandidateResult]:
     """Every candidate's result (training, validation, int8, latency), resuming a stopped run."""
     plan.out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(plan.config, SweepLayout(plan.out).config)
@@ -46,15 +47,16 @@ def search(plan: Plan, *, jobs: int = 1) -> list[dict[str, Any]]:
                 for future in as_completed([pool.submit(_search_in_worker, c) for c in pending]):
                     _announce(future.result())
         results = [_finished(plan, c) for c in plan.candidates]
-        untimed = [r for r in results if "latency_ms" not in r]
+        untimed = [r for r in results if r.latency_ms is None]
         if untimed:
-            measure_latency(bench, untimed)
-            for result in untimed:
-                write_result(_layout(plan, result["name"]), result)
+            timed = {r.name: r for r in measure_latency(bench, untimed)}
+            for result in timed.values():
+                write_result(_layout(plan, result.name), result)
+            results = [timed.get(r.name, r) for r in results]
     return results
 
 
-def search_one(bench: Bench, candidate: Candidate) -> dict[str, Any]:
+def search_one(bench: Bench, candidate: Candidate) -> CandidateResult:
     """Train one candidate (or finish training it), score it and its int8 copy on validation."""
     layout = _layout(bench.plan, candidate.name)
     # Teachers first: building them (once per process) draws on the RNG the seed below fixes.
@@ -70,34 +72,30 @@ def search_one(bench: Bench, candidate: Candidate) -> dict[str, Any]:
     )
     int8 = quantize(model, bench.plan.quantization)
     atomic_write(layout.int8_weights, lambda path: save_file(plain_state(int8), str(path)))
-    result = {
-        "name": candidate.name,
-        "architecture": candidate.architecture,
-        "mix": candidate.mix,
-        "model": dataclasses.asdict(candidate.model),
-        "settings": _settings(bench.plan, candidate),
-        "losses": [_describe(term) for term in candidate.stage.losses],
-        "params": model.parameter_count(),
-        "multiply_adds": model.multiply_adds()["per_candidate"],
-        "training": {
-            "best_epoch": trained.best_epoch,
-            "epochs_run": trained.epochs_run,
-            "train_seconds": trained.seconds,
-        },
-        "valid": bench.validate(model),
-        "artifact_bytes": layout.weights.stat().st_size,
-        "int8": {
-            "quantization": dataclasses.asdict(bench.plan.quantization),
-            "valid": bench.validate(int8),
-            "artifact_bytes": layout.int8_weights.stat().st_size,
-        },
-    }
+    result = CandidateResult(
+        name=candidate.name,
+        architecture=candidate.architecture,
+        mix=candidate.mix,
+        model=dataclasses.asdict(candidate.model),
+        settings=_settings(bench.plan, candidate),
+        losses=[_describe(term) for term in candidate.stage.losses],
+        params=model.parameter_count(),
+        multiply_adds=model.multiply_adds()["per_candidate"],
+        training=CandidateTraining(trained.best_epoch, trained.epochs_run, trained.seconds),
+        valid=bench.validate(model),
+        artifact_bytes=layout.weights.stat().st_size,
+        int8=Int8Result(
+            quantization=bench.plan.quantization,
+            valid=bench.validate(int8),
+            artifact_bytes=layout.int8_weights.stat().st_size,
+        ),
+    )
     write_result(layout, result)
     return result
 
 
-def write_result(layout: CandidateLayout, result: dict[str, Any]) -> None:
-    atomic_write(layout.result, lambda path: write_json(path, result))
+def write_result(layout: CandidateLayout, result: CandidateResult) -> None:
+    atomic_write(layout.result, lambda path: write_json(path, to_json(result)))
 
 
 _WORKER_BENCH: Bench | None = None
@@ -109,7 +107,7 @@ def _start_worker(plan: Plan) -> None:
     _WORKER_BENCH = Bench(plan)
 
 
-def _search_in_worker(candidate: Candidate) -> dict[str, Any]:
+def _search_in_worker(candidate: Candidate) -> CandidateResult:
     return search_one(_WORKER_BENCH, candidate)
 
 
@@ -122,13 +120,13 @@ def _describe(term: LossTerm) -> str:
     return f"{term.weight:g}·{term.fn}({term.source}{options})"
 
 
-def _finished(plan: Plan, candidate: Candidate) -> dict[str, Any] | None:
+def _finished(plan: Plan, candidate: Candidate) -> CandidateResult | None:
     """The candidate's result, if it has one for these settings."""
     path = _layout(plan, candidate.name).result
     if not path.exists():
         return None
-    result = json.loads(path.read_text())
-    if result["settings"] != _settings(plan, candidate):
+    result = from_json(CandidateResult, json.loads(path.read_text()))
+    if result.settings != _settings(plan, candidate):
         raise ValueError(
             f"{path} was written for other settings of {candidate.name}; "
             "sweep into a fresh --out directory"
@@ -146,10 +144,10 @@ def _settings(plan: Plan, candidate: Candidate) -> dict[str, Any]:
     return json.loads(json.dumps({k: dataclasses.asdict(v) for k, v in settings.items()}))
 
 
-def _announce(result: dict[str, Any]) -> None:
+def _announce(result: CandidateResult) -> None:
     print(
-        f"{result['name']}: valid {METRIC} {result['valid'][METRIC]:.4f}, worst segment "
-        f"retention {result['valid']['worst_segment']['retention']:.3f}, "
-        f"int8 {result['int8']['valid'][METRIC]:.4f}",
+        f"{result.name}: valid {METRIC} {result.valid.ndcg:.4f}, worst segment "
+        f"retention {result.valid.worst_segment.retention:.3f}, "
+        f"int8 {result.int8.valid.ndcg:.4f}",
         file=sys.stderr,
     )

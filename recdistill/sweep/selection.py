@@ -28,12 +28,11 @@ from recdistill.summary import (
     SelectionSpec,
     SweepSummary,
     ValidScore,
-    from_json,
     to_json,
     write_summary,
 )
 from recdistill.sweep.bench import Bench, one_torch_thread
-from recdistill.sweep.plan import METRIC, Plan
+from recdistill.sweep.plan import Plan
 
 BEST, BEST_INT8 = "best", "best_int8"
 
@@ -45,33 +44,32 @@ class Choice:
     chosen: str | None
 
 
-def select(results: list[dict[str, Any]], budget: SelectionSpec) -> Choice:
+def select(results: list[CandidateResult], budget: SelectionSpec) -> Choice:
     """The frontier, the candidates within ``budget``, and the best of those on validation."""
     within = [r for r in results if meets(r, budget)]
-    chosen = max(within, key=lambda r: r["valid"][METRIC])["name"] if within else None
+    chosen = max(within, key=lambda r: r.valid.ndcg).name if within else None
     return Choice(
         frontier=tuple(pareto_frontier(results, budget)),
-        within_budget=tuple(r["name"] for r in within),
+        within_budget=tuple(r.name for r in within),
         chosen=chosen,
     )
 
 
-def meets(result: dict[str, Any], budget: SelectionSpec) -> bool:
+def meets(result: CandidateResult, budget: SelectionSpec) -> bool:
     return (
-        budget.p99(result["latency_ms"]) <= budget.p99_ms
-        and result["valid"]["worst_segment"]["retention"] >= budget.min_worst_segment_retention
+        budget.p99(result.latency_ms) <= budget.p99_ms
+        and result.valid.worst_segment.retention >= budget.min_worst_segment_retention
         and (
-            budget.max_artifact_bytes is None
-            or result["artifact_bytes"] <= budget.max_artifact_bytes
+            budget.max_artifact_bytes is None or result.artifact_bytes <= budget.max_artifact_bytes
         )
     )
 
 
-def pareto_frontier(results: list[dict[str, Any]], budget: SelectionSpec) -> list[str]:
+def pareto_frontier(results: list[CandidateResult], budget: SelectionSpec) -> list[str]:
     """Names of the candidates no other beats on quality, p99 latency and size at once
     (latency on the budget's clock)."""
     costs = {
-        r["name"]: np.array([-r["valid"][METRIC], budget.p99(r["latency_ms"]), r["artifact_bytes"]])
+        r.name: np.array([-r.valid.ndcg, budget.p99(r.latency_ms), r.artifact_bytes])
         for r in results
     }
     return [
@@ -81,12 +79,12 @@ def pareto_frontier(results: list[dict[str, Any]], budget: SelectionSpec) -> lis
     ]
 
 
-def finalize(plan: Plan, results: list[dict[str, Any]], choice: Choice) -> dict[str, Any]:
+def finalize(plan: Plan, results: list[CandidateResult], choice: Choice) -> dict[str, Any]:
     """Score the chosen student (float and int8) on test; write ``best``, ``best_int8`` and
     the summary, which is returned as written."""
     layout = SweepLayout(plan.out)
     source = read_meta(plan.data)["source"]
-    candidates = {r["name"]: from_json(CandidateResult, r) for r in results}
+    candidates = {r.name: r for r in results}
     for name in (BEST, BEST_INT8):
         shutil.rmtree(layout.stage(name).root, ignore_errors=True)
     models = {}
