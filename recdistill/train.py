@@ -19,14 +19,14 @@ tensors, so a run resumes at any world size. Frozen teachers stay whole on every
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -70,6 +70,46 @@ class EpochStats:
     examples: int
     loss_sum: float
     seconds: float
+
+
+@dataclass
+class TrainState:
+    """Where a stage stands after its last finished epoch, ``epoch`` (-1 before the first):
+    its best epoch so far and that epoch's validation metrics, the epochs since then
+    (``stale``), and the seconds and examples trained. A checkpoint holds it as a dict."""
+
+    epoch: int = -1
+    best_valid: float = -math.inf
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    best_epoch: int = -1
+    stale: int = 0
+    seconds: float = 0.0
+    examples: int = 0
+
+    def end_epoch(
+        self, epoch: int, stats: EpochStats, metrics: dict[str, float], valid_metric: str
+    ) -> bool:
+        """Count epoch ``epoch`` in; whether its ``valid_metric`` is the best so far."""
+        improved = metrics[valid_metric] > self.best_valid
+        if improved:
+            self.best_valid, self.best_metrics = metrics[valid_metric], metrics
+            self.best_epoch, self.stale = epoch, 0
+        else:
+            self.stale += 1
+        self.epoch = epoch
+        self.seconds += stats.seconds
+        self.examples += stats.examples
+        return improved
+
+    def result(self) -> StageResult:
+        return StageResult(
+            best_epoch=self.best_epoch,
+            best_valid=self.best_valid,
+            valid=self.best_metrics,
+            epochs_run=self.epoch + 1,
+            seconds=self.seconds,
+            examples_per_second=self.examples / max(self.seconds, 1e-9),
+        )
 
 
 class Trainer:
@@ -235,40 +275,18 @@ class Trainer:
         self.layout.root.mkdir(parents=True, exist_ok=True)
         state = self._restore() if resume else None
         if state is None:
-            state = {
-                "epoch": -1,
-                "best_valid": -math.inf,
-                "best_metrics": {},
-                "best_epoch": -1,
-                "stale": 0,
-                "seconds": 0.0,
-                "examples": 0,
-            }
+            state = TrainState()
             if main:
                 self.layout.log.write_text("")
-        epoch = state["epoch"] + 1
-        while epoch < spec.epochs and state["stale"] < spec.patience:
+        epoch = state.epoch + 1
+        while epoch < spec.epochs and state.stale < spec.patience:
             stats = self.train_epoch(epoch)
             self.gather_weights()
             metrics = self._validate()
-            improved = metrics[spec.valid_metric] > state["best_valid"]
-            if improved:
-                state.update(
-                    best_valid=metrics[spec.valid_metric],
-                    best_metrics=metrics,
-                    best_epoch=epoch,
-                    stale=0,
-                )
-                if main:
-                    self._save_best()
-            else:
-                state["stale"] += 1
-            state.update(
-                epoch=epoch,
-                seconds=state["seconds"] + stats.seconds,
-                examples=state["examples"] + stats.examples,
-            )
+            improved = state.end_epoch(epoch, stats, metrics, spec.valid_metric)
             if main:
+                if improved:
+                    self._save_best()
                 self._log(epoch, stats, metrics, improved)
             self._checkpoint(state)
             epoch += 1
@@ -276,14 +294,7 @@ class Trainer:
         distributed.barrier(self.world)
         self.model.load_state_dict(load_file(str(self.layout.weights)))
         self.model.eval()
-        return StageResult(
-            best_epoch=state["best_epoch"],
-            best_valid=state["best_valid"],
-            valid=state["best_metrics"],
-            epochs_run=state["epoch"] + 1,
-            seconds=state["seconds"],
-            examples_per_second=state["examples"] / max(state["seconds"], 1e-9),
-        )
+        return state.result()
 
     def gather_weights(self) -> None:
         """Bring the whole, current weights into ``model`` and the adapters on every rank."""
@@ -328,7 +339,7 @@ class Trainer:
         weights = {k: v.detach().clone().contiguous() for k, v in self.model.state_dict().items()}
         atomic_write(self.layout.weights, lambda path: save_file(weights, str(path)))
 
-    def _checkpoint(self, state: dict[str, Any]) -> None:
+    def _checkpoint(self, state: TrainState) -> None:
         embedding_optimizer = {}
         if self.world.distributed:
             embedding_optimizer = distributed.gather_state(
@@ -344,10 +355,10 @@ class Trainer:
             adapters=self.adapters.state_dict(),
             optimizer={name: adam[i] for i, name in enumerate(self.adam_parameters) if i in adam},
             embedding_optimizer=embedding_optimizer,
-            state=state,
+            state=dataclasses.asdict(state),
         )
 
-    def _restore(self) -> dict[str, Any] | None:
+    def _restore(self) -> TrainState | None:
         """Load the checkpoint, if any, into this process's share of the model.
 
         Optimizer state is matched by parameter name: state that this world size's
@@ -371,9 +382,9 @@ class Trainer:
             if name in payload["optimizer"]
         }
         self.optimizer.load_state_dict(adam)
-        state = payload["state"]
+        state = TrainState(**payload["state"])
         if self.world.is_main:
-            trim_log(self.layout.log, state["epoch"])
+            trim_log(self.layout.log, state.epoch)
         return state
 
 
