@@ -10,7 +10,8 @@ the stage before its step (:class:`TrainingDiverged`), leaving the last epoch's 
 as it was: resumed with a lower learning rate (the one change a resume accepts), the stage
 continues from there.
 
-Under ``torchrun`` the same code trains on every rank: the objective is wrapped by torchrec's
+Under ``torchrun`` the same code trains on every rank: the trainer's
+:class:`~recdistill.distributed.Replica` wraps the objective in torchrec's
 DistributedModelParallel (tables sharded, the rest data-parallel), each rank takes its own
 share of every epoch's batches, rank 0 alone evaluates and writes, and checkpoints hold whole
 tensors, so a run resumes at any world size. Frozen teachers stay whole on every rank.
@@ -18,7 +19,6 @@ tensors, so a run resumes at any world size. Frozen teachers stay whole on every
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import json
@@ -141,7 +141,7 @@ class Trainer:
         self.store = store
         self.teachers = teachers
         self.layout = StageLayout(Path(directory))
-        self.world = distributed.world()
+        self.replica = distributed.replica(distributed.world())
         # Feature distillation maps the student's tower outputs into each teacher's space;
         # the adapters are trained with the stage and are not part of the model.
         self.adapters = nn.ModuleDict(
@@ -154,18 +154,13 @@ class Trainer:
         # the catalogue's real items: item 0 stands for an unknown one
         items = len(store.items) - 1
         self.objective = StageObjective(model, self.adapters, spec.losses_for(items))
-        if self.world.distributed:
-            # Sharding rebuilds modules in place: shard a copy and keep ``model`` whole, for
-            # evaluation on rank 0 and as a teacher of later stages.
-            self.trained: nn.Module = distributed.shard(
-                copy.deepcopy(self.objective),
-                self.world,
-                learning_rate=spec.learning_rate,
-                adagrad_learning_rate=spec.table_adagrad_learning_rate,
-                weight_decay=spec.weight_decay,
-            )
-        else:
-            self.trained = self.objective
+        # ``model`` stays whole, for evaluation on rank 0 and as a teacher of later stages.
+        self.trained = self.replica.wrap(
+            self.objective,
+            learning_rate=spec.learning_rate,
+            adagrad_learning_rate=spec.table_adagrad_learning_rate,
+            weight_decay=spec.weight_decay,
+        )
         # Sharded tables are updated by their fused kernel in the backward pass; Adam
         # updates everything else.
         self.adam_parameters = dict(in_backward_optimizer_filter(self.trained.named_parameters()))
@@ -176,8 +171,8 @@ class Trainer:
             "batch_size": spec.batch_size,
             "negatives": spec.negatives,
             "seed": spec.seed,
-            "rank": self.world.rank,
-            "world_size": self.world.size,
+            "rank": self.replica.world.rank,
+            "world_size": self.replica.world.size,
         }
         if spec.objective == "next_item":
             if not model.spec.is_sequence:
@@ -195,7 +190,7 @@ class Trainer:
         """The stage's loss on ``batch``, global batch ``k`` of ``epoch``: its teacher-ranked
         lists are drawn from a generator seeded by both, so a resumed or sharded run draws
         the same ones."""
-        batch = batch.to(self.world.device)
+        batch = batch.to(self.replica.world.device)
         outputs: dict[str, TeacherOutputs] = {}
         ranked: dict[str, tuple[RankingBatch, torch.Tensor]] = {}
         for name, teacher in self.teachers.items():
@@ -210,7 +205,7 @@ class Trainer:
         """Train on epoch ``epoch``'s batches (only the first ``max_batches``, if given)."""
         # Dropout draws from a generator seeded by epoch and rank, so that resuming at an
         # epoch boundary replays it without the previous process's generator state.
-        torch.manual_seed(_seed_of(self.spec.seed, epoch, self.world.rank))
+        torch.manual_seed(_seed_of(self.spec.seed, epoch, self.replica.world.rank))
         self.trained.train()
         started = time.perf_counter()
         batches = len(self.lists) if max_batches is None else min(max_batches, len(self.lists))
@@ -220,11 +215,11 @@ class Trainer:
             desc=f"{self.spec.name} epoch {epoch}",
             unit="batch",
             leave=False,
-            disable=None if self.world.is_main else True,
+            disable=None if self.replica.is_main else True,
         )
         examples, loss_sum = 0, 0.0
         for index, batch in enumerate(progress):
-            loss = self.loss(batch, epoch, index * self.world.size + self.world.rank)
+            loss = self.loss(batch, epoch, self.replica.global_batch(index))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self._stop_if_diverged(loss, epoch, index)
@@ -237,7 +232,7 @@ class Trainer:
             examples += batch.examples
             loss_sum += loss.item() * batch.examples
             progress.set_postfix(loss=f"{loss.item():.4f}")
-        examples, loss_sum = distributed.all_sum([examples, loss_sum], self.world)
+        examples, loss_sum = self.replica.all_sum([examples, loss_sum])
         return EpochStats(int(examples), loss_sum, time.perf_counter() - started)
 
     def _stop_if_diverged(self, loss: torch.Tensor, epoch: int, batch: int) -> None:
@@ -251,8 +246,7 @@ class Trainer:
         gradients = [p.grad for p in self.adam_parameters.values() if p.grad is not None]
         largest = torch.nn.utils.get_total_norm(gradients, norm_type=math.inf)
         bad_loss, bad_gradients = not torch.isfinite(loss), not torch.isfinite(largest)
-        anywhere = distributed.all_sum([float(bad_loss), float(bad_gradients)], self.world)
-        if not any(anywhere):
+        if not any(self.replica.all_sum([float(bad_loss), float(bad_gradients)])):
             return
         if bad_loss:
             problem = f"loss is {loss.item()}"
@@ -271,7 +265,7 @@ class Trainer:
         )
 
     def fit(self, *, resume: bool = False) -> StageResult:
-        spec, main = self.spec, self.world.is_main
+        spec, main = self.spec, self.replica.is_main
         self.layout.root.mkdir(parents=True, exist_ok=True)
         state = self._restore() if resume else None
         if state is None:
@@ -291,26 +285,24 @@ class Trainer:
             self._checkpoint(state)
             epoch += 1
 
-        distributed.barrier(self.world)
+        self.replica.barrier()
         self.model.load_state_dict(load_file(str(self.layout.weights)))
         self.model.eval()
         return state.result()
 
     def gather_weights(self) -> None:
         """Bring the whole, current weights into ``model`` and the adapters on every rank."""
-        if self.world.distributed:
-            self.objective.load_state_dict(
-                distributed.gather_state(self.trained.state_dict(), self.world)
-            )
+        self.replica.gather_weights(self.trained, self.objective)
 
     def _validate(self) -> dict[str, float]:
-        """Every validation metric a stage may select on (``VALID_METRICS``), by mean."""
-        metrics = None
-        if self.world.is_main:
-            self.model.eval()
-            valid = evaluate(self.model, self.store, "valid", name=self.spec.name)
-            metrics = {name: float(valid[name].mean()) for name in VALID_METRICS}
-        return distributed.broadcast_json(metrics, self.world)
+        """Every validation metric a stage may select on (``VALID_METRICS``), by mean,
+        evaluated on rank 0."""
+        return self.replica.from_main(self._evaluate)
+
+    def _evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        valid = evaluate(self.model, self.store, "valid", name=self.spec.name)
+        return {name: float(valid[name].mean()) for name in VALID_METRICS}
 
     def _log(
         self, epoch: int, stats: EpochStats, metrics: dict[str, float], improved: bool
@@ -340,12 +332,8 @@ class Trainer:
         atomic_write(self.layout.weights, lambda path: save_file(weights, str(path)))
 
     def _checkpoint(self, state: TrainState) -> None:
-        embedding_optimizer = {}
-        if self.world.distributed:
-            embedding_optimizer = distributed.gather_state(
-                distributed.fused_optimizer_state(self.trained), self.world
-            )
-        if not self.world.is_main:
+        fused_state = self.replica.gather_fused_state(self.trained)
+        if not self.replica.is_main:
             return
         adam = self.optimizer.state_dict()["state"]
         save_checkpoint(
@@ -354,7 +342,7 @@ class Trainer:
             model=self.model.state_dict(),
             adapters=self.adapters.state_dict(),
             optimizer={name: adam[i] for i, name in enumerate(self.adam_parameters) if i in adam},
-            embedding_optimizer=embedding_optimizer,
+            embedding_optimizer=fused_state,
             state=dataclasses.asdict(state),
         )
 
@@ -365,16 +353,12 @@ class Trainer:
         optimizers do not hold (the tables' Adam state when resuming a single-process run
         under torchrun, or the fused kernel's state the other way round) starts afresh.
         """
-        payload = load_checkpoint(self.layout.checkpoint, self.spec, announce=self.world.is_main)
+        payload = load_checkpoint(self.layout.checkpoint, self.spec, announce=self.replica.is_main)
         if payload is None:
             return None
         self.model.load_state_dict(payload["model"])
         self.adapters.load_state_dict(payload["adapters"])
-        if self.world.distributed:
-            distributed.load_state(self.trained.state_dict(), self.objective.state_dict())
-            saved = payload["embedding_optimizer"]
-            fused = distributed.fused_optimizer_state(self.trained)
-            distributed.load_state({k: v for k, v in fused.items() if k in saved}, saved)
+        self.replica.restore(self.trained, self.objective, payload["embedding_optimizer"])
         adam = self.optimizer.state_dict()
         adam["state"] = {
             i: payload["optimizer"][name]
@@ -383,7 +367,7 @@ class Trainer:
         }
         self.optimizer.load_state_dict(adam)
         state = TrainState(**payload["state"])
-        if self.world.is_main:
+        if self.replica.is_main:
             trim_log(self.layout.log, state.epoch)
         return state
 
