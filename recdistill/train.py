@@ -2,19 +2,22 @@
 
 The stage's spec is :class:`~recdistill.stage.StageSpec`, its loss one module
 (:class:`~recdistill.objective.StageObjective`), its checkpoint :mod:`recdistill.checkpoint`.
-Read top to bottom: :class:`Trainer`, whose :meth:`Trainer.fit` runs epochs of
-(score lists → weighted loss → step), evaluates NDCG@10 on the validation lists and on full
-ranking after each epoch, checkpoints, and stops early on the stage's ``valid_metric``. ``fit`` resumes from the checkpoint when asked and then
-continues to the same result as an uninterrupted run. A non-finite loss or gradient stops
-the stage before its step (:class:`TrainingDiverged`), leaving the last epoch's checkpoint
-as it was: resumed with a lower learning rate (the one change a resume accepts), the stage
-continues from there.
+Read top to bottom: :class:`Trainer` sets the stage up in named steps (the objective, which
+holds the model and its adapters; the frozen teachers, one :class:`StageTeachers`; this
+process's :class:`~recdistill.distributed.Replica`; the optimizers; the batches), then
+:meth:`Trainer.fit` runs epochs of (score lists → weighted loss → step), evaluates NDCG@10 on
+the validation lists and on full ranking after each epoch, keeps the best epoch's weights,
+checkpoints its :class:`TrainState`, and stops early on the stage's ``valid_metric``. ``fit``
+resumes from the checkpoint when asked and then continues to the same result as an
+uninterrupted run. A non-finite loss or gradient stops the stage before its step
+(:class:`TrainingDiverged`), leaving the last epoch's checkpoint as it was: resumed with a
+lower learning rate (the one change a resume accepts), the stage continues from there.
 
-Under ``torchrun`` the same code trains on every rank: the trainer's
-:class:`~recdistill.distributed.Replica` wraps the objective in torchrec's
-DistributedModelParallel (tables sharded, the rest data-parallel), each rank takes its own
-share of every epoch's batches, rank 0 alone evaluates and writes, and checkpoints hold whole
-tensors, so a run resumes at any world size. Frozen teachers stay whole on every rank.
+Under ``torchrun`` the same code trains on every rank: the replica wraps the objective in
+torchrec's DistributedModelParallel (tables sharded, the rest data-parallel), each rank takes
+its own share of every epoch's batches, rank 0 alone evaluates and writes, and checkpoints
+hold whole tensors, so a run resumes at any world size. Frozen teachers stay whole on every
+rank.
 """
 
 from __future__ import annotations
@@ -139,21 +142,10 @@ class Trainer:
         self.spec = spec
         self.model = model
         self.store = store
-        self.teachers = teachers
         self.layout = StageLayout(Path(directory))
         self.replica = distributed.replica(distributed.world())
-        # Feature distillation maps the student's tower outputs into each teacher's space;
-        # the adapters are trained with the stage and are not part of the model.
-        self.adapters = nn.ModuleDict(
-            {
-                term.source: nn.Linear(model.output_dim, teachers[term.source].output_dim)
-                for term in spec.losses
-                if term.fn == "feature_mse"
-            }
-        )
-        # the catalogue's real items: item 0 stands for an unknown one
-        items = len(store.items) - 1
-        self.objective = StageObjective(model, self.adapters, spec.losses_for(items))
+        self.objective = _stage_objective(spec, model, teachers, store)
+        self.teachers = StageTeachers(spec, teachers, store)
         # ``model`` stays whole, for evaluation on rank 0 and as a teacher of later stages.
         self.trained = self.replica.wrap(
             self.objective,
@@ -161,45 +153,30 @@ class Trainer:
             adagrad_learning_rate=spec.table_adagrad_learning_rate,
             weight_decay=spec.weight_decay,
         )
-        # Sharded tables are updated by their fused kernel in the backward pass; Adam
-        # updates everything else.
-        self.adam_parameters = dict(in_backward_optimizer_filter(self.trained.named_parameters()))
-        self.optimizer = torch.optim.Adam(
-            self.adam_parameters.values(), lr=spec.learning_rate, weight_decay=spec.weight_decay
-        )
-        sharing = {
-            "batch_size": spec.batch_size,
-            "negatives": spec.negatives,
-            "seed": spec.seed,
-            "rank": self.replica.world.rank,
-            "world_size": self.replica.world.size,
-        }
-        if spec.objective == "next_item":
-            if not model.spec.is_sequence:
-                raise ValueError(f"[stages.{spec.name}]: next_item needs a sequence user encoder")
-            self.lists = TrainSequences(
-                store,
-                max_length=model.spec.max_length,
-                all_items=spec.scored_items == "all",
-                **sharing,
-            )
-        else:
-            self.lists = TrainLists(store, **sharing)
+        self.adam_parameters, self.optimizer = _adam(self.trained, spec)
+        self.lists = _training_lists(spec, model, store, self.replica.world)
 
-    def loss(self, batch: RankingBatch | SequenceBatch, epoch: int, k: int) -> torch.Tensor:
-        """The stage's loss on ``batch``, global batch ``k`` of ``epoch``: its teacher-ranked
-        lists are drawn from a generator seeded by both, so a resumed or sharded run draws
-        the same ones."""
-        batch = batch.to(self.replica.world.device)
-        outputs: dict[str, TeacherOutputs] = {}
-        ranked: dict[str, tuple[RankingBatch, torch.Tensor]] = {}
-        for name, teacher in self.teachers.items():
-            users = teacher.users(batch)
-            outputs[name] = teacher.outputs(batch, users)
-            if self.spec.lists is not None and name in self.spec.ranked_sources:
-                rng = np.random.default_rng([self.spec.seed, epoch, k, 1])
-                ranked[name] = rrd_lists(batch, users, teacher, self.store, self.spec.lists, rng)
-        return self.trained(batch, outputs, ranked)
+    def fit(self, *, resume: bool = False) -> StageResult:
+        """Train until the stage's last epoch or its patience runs out, from the stage's
+        checkpoint if ``resume`` and there is one."""
+        spec = self.spec
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        state = self._start(resume)
+        epoch = state.epoch + 1
+        while epoch < spec.epochs and state.stale < spec.patience:
+            stats = self.train_epoch(epoch)
+            self.gather_weights()
+            metrics = self._validate()
+            improved = state.end_epoch(epoch, stats, metrics, spec.valid_metric)
+            if self.replica.is_main:
+                self._write_epoch(epoch, stats, metrics, improved)
+            self._checkpoint(state)
+            epoch += 1
+
+        self.replica.barrier()
+        self.model.load_state_dict(load_file(str(self.layout.weights)))
+        self.model.eval()
+        return state.result()
 
     def train_epoch(self, epoch: int, *, max_batches: int | None = None) -> EpochStats:
         """Train on epoch ``epoch``'s batches (only the first ``max_batches``, if given)."""
@@ -220,20 +197,30 @@ class Trainer:
         examples, loss_sum = 0, 0.0
         for index, batch in enumerate(progress):
             loss = self.loss(batch, epoch, self.replica.global_batch(index))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self._stop_if_diverged(loss, epoch, index)
-            if self.spec.clip_norm is not None:
-                nn.utils.clip_grad_norm_(self.adam_parameters.values(), self.spec.clip_norm)
-            rate = self.spec.learning_rate_at(epoch + (index + 1) / len(self.lists))
-            for group in self.optimizer.param_groups:
-                group["lr"] = rate
-            self.optimizer.step()
+            self._step(loss, epoch, index)
             examples += batch.examples
             loss_sum += loss.item() * batch.examples
             progress.set_postfix(loss=f"{loss.item():.4f}")
         examples, loss_sum = self.replica.all_sum([examples, loss_sum])
         return EpochStats(int(examples), loss_sum, time.perf_counter() - started)
+
+    def loss(self, batch: RankingBatch | SequenceBatch, epoch: int, k: int) -> torch.Tensor:
+        """The stage's loss on ``batch``, global batch ``k`` of ``epoch``."""
+        batch = batch.to(self.replica.world.device)
+        return self.trained(batch, *self.teachers.answer(batch, epoch, k))
+
+    def _step(self, loss: torch.Tensor, epoch: int, index: int) -> None:
+        """Step on ``loss``, this rank's batch ``index`` of ``epoch``, at the learning rate of
+        the step's place in the stage."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._stop_if_diverged(loss, epoch, index)
+        if self.spec.clip_norm is not None:
+            nn.utils.clip_grad_norm_(self.adam_parameters.values(), self.spec.clip_norm)
+        rate = self.spec.learning_rate_at(epoch + (index + 1) / len(self.lists))
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
+        self.optimizer.step()
 
     def _stop_if_diverged(self, loss: torch.Tensor, epoch: int, batch: int) -> None:
         """Raise :class:`TrainingDiverged` on every rank, before the step, when any rank's loss
@@ -264,32 +251,6 @@ class Trainer:
             f"{kept}: lower the learning rate and rerun with --resume"
         )
 
-    def fit(self, *, resume: bool = False) -> StageResult:
-        spec, main = self.spec, self.replica.is_main
-        self.layout.root.mkdir(parents=True, exist_ok=True)
-        state = self._restore() if resume else None
-        if state is None:
-            state = TrainState()
-            if main:
-                self.layout.log.write_text("")
-        epoch = state.epoch + 1
-        while epoch < spec.epochs and state.stale < spec.patience:
-            stats = self.train_epoch(epoch)
-            self.gather_weights()
-            metrics = self._validate()
-            improved = state.end_epoch(epoch, stats, metrics, spec.valid_metric)
-            if main:
-                if improved:
-                    self._save_best()
-                self._log(epoch, stats, metrics, improved)
-            self._checkpoint(state)
-            epoch += 1
-
-        self.replica.barrier()
-        self.model.load_state_dict(load_file(str(self.layout.weights)))
-        self.model.eval()
-        return state.result()
-
     def gather_weights(self) -> None:
         """Bring the whole, current weights into ``model`` and the adapters on every rank."""
         self.replica.gather_weights(self.trained, self.objective)
@@ -304,9 +265,15 @@ class Trainer:
         valid = evaluate(self.model, self.store, "valid", name=self.spec.name)
         return {name: float(valid[name].mean()) for name in VALID_METRICS}
 
-    def _log(
+    def _write_epoch(
         self, epoch: int, stats: EpochStats, metrics: dict[str, float], improved: bool
     ) -> None:
+        """Keep the weights if ``improved``, and log the epoch."""
+        if improved:
+            weights = {
+                k: v.detach().clone().contiguous() for k, v in self.model.state_dict().items()
+            }
+            atomic_write(self.layout.weights, lambda path: save_file(weights, str(path)))
         record = {
             "stage": self.spec.name,
             "epoch": epoch,
@@ -327,9 +294,14 @@ class Trainer:
             file=sys.stderr,
         )
 
-    def _save_best(self) -> None:
-        weights = {k: v.detach().clone().contiguous() for k, v in self.model.state_dict().items()}
-        atomic_write(self.layout.weights, lambda path: save_file(weights, str(path)))
+    def _start(self, resume: bool) -> TrainState:
+        """The checkpoint's state if ``resume`` and there is one, else a fresh state and log."""
+        state = self._restore() if resume else None
+        if state is None:
+            state = TrainState()
+            if self.replica.is_main:
+                self.layout.log.write_text("")
+        return state
 
     def _checkpoint(self, state: TrainState) -> None:
         fused_state = self.replica.gather_fused_state(self.trained)
@@ -340,7 +312,7 @@ class Trainer:
             self.layout.checkpoint,
             self.spec,
             model=self.model.state_dict(),
-            adapters=self.adapters.state_dict(),
+            adapters=self.objective.adapters.state_dict(),
             optimizer={name: adam[i] for i, name in enumerate(self.adam_parameters) if i in adam},
             embedding_optimizer=fused_state,
             state=dataclasses.asdict(state),
@@ -357,7 +329,7 @@ class Trainer:
         if payload is None:
             return None
         self.model.load_state_dict(payload["model"])
-        self.adapters.load_state_dict(payload["adapters"])
+        self.objective.adapters.load_state_dict(payload["adapters"])
         self.replica.restore(self.trained, self.objective, payload["embedding_optimizer"])
         adam = self.optimizer.state_dict()
         adam["state"] = {
@@ -370,6 +342,82 @@ class Trainer:
         if self.replica.is_main:
             trim_log(self.layout.log, state.epoch)
         return state
+
+
+class StageTeachers:
+    """The frozen teachers a stage learns from, asked together about each batch."""
+
+    def __init__(self, spec: StageSpec, teachers: dict[str, Teacher], store: FeatureStore):
+        self.teachers = teachers
+        self.store = store
+        self.list_spec = spec.lists
+        self.ranked_sources = () if spec.lists is None else spec.ranked_sources
+        self.seed = spec.seed
+
+    def answer(
+        self, batch: RankingBatch | SequenceBatch, epoch: int, k: int
+    ) -> tuple[dict[str, TeacherOutputs], dict[str, tuple[RankingBatch, torch.Tensor]]]:
+        """Every teacher's outputs on ``batch``, global batch ``k`` of ``epoch``, and the
+        teacher-ranked lists (with the teacher's scores on them) of the teachers the stage
+        draws lists from. Each teacher's lists are drawn from a generator seeded by the
+        stage's seed, ``epoch`` and ``k``, so a resumed or sharded run draws the same ones."""
+        outputs: dict[str, TeacherOutputs] = {}
+        ranked: dict[str, tuple[RankingBatch, torch.Tensor]] = {}
+        for name, teacher in self.teachers.items():
+            users = teacher.users(batch)
+            outputs[name] = teacher.outputs(batch, users)
+            if name in self.ranked_sources:
+                rng = np.random.default_rng([self.seed, epoch, k, 1])
+                ranked[name] = rrd_lists(batch, users, teacher, self.store, self.list_spec, rng)
+        return outputs, ranked
+
+
+def _stage_objective(
+    spec: StageSpec, model: TwoTower, teachers: dict[str, Teacher], store: FeatureStore
+) -> StageObjective:
+    """The stage's weighted loss around ``model`` and its feature-distillation adapters,
+    which map the model's tower outputs into each teacher's space: they are trained with
+    the stage and are not part of the model."""
+    adapters = nn.ModuleDict(
+        {
+            term.source: nn.Linear(model.output_dim, teachers[term.source].output_dim)
+            for term in spec.losses
+            if term.fn == "feature_mse"
+        }
+    )
+    # the catalogue's real items: item 0 stands for an unknown one
+    items = len(store.items) - 1
+    return StageObjective(model, adapters, spec.losses_for(items))
+
+
+def _adam(trained: nn.Module, spec: StageSpec) -> tuple[dict[str, nn.Parameter], torch.optim.Adam]:
+    """The parameters Adam updates, by name, and Adam: sharded tables are updated by their
+    fused kernel in the backward pass, Adam updates everything else."""
+    parameters = dict(in_backward_optimizer_filter(trained.named_parameters()))
+    optimizer = torch.optim.Adam(
+        parameters.values(), lr=spec.learning_rate, weight_decay=spec.weight_decay
+    )
+    return parameters, optimizer
+
+
+def _training_lists(
+    spec: StageSpec, model: TwoTower, store: FeatureStore, world: distributed.World
+) -> TrainLists | TrainSequences:
+    """This rank's share of every epoch's batches: next-item windows or ranking lists."""
+    sharing = {
+        "batch_size": spec.batch_size,
+        "negatives": spec.negatives,
+        "seed": spec.seed,
+        "rank": world.rank,
+        "world_size": world.size,
+    }
+    if spec.objective != "next_item":
+        return TrainLists(store, **sharing)
+    if not model.spec.is_sequence:
+        raise ValueError(f"[stages.{spec.name}]: next_item needs a sequence user encoder")
+    return TrainSequences(
+        store, max_length=model.spec.max_length, all_items=spec.scored_items == "all", **sharing
+    )
 
 
 def _seed_of(*numbers: int) -> int:
