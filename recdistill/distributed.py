@@ -6,6 +6,11 @@ so that its embedding tables are sharded table-wise by torchrec's planner and ev
 else is data-parallel. :func:`gather_state` and :func:`load_state` turn sharded state into
 whole tensors and back, so a checkpoint written by one world size loads into any other.
 
+A trainer holds one :class:`Replica` (:func:`replica`), which hides the world size: under
+``torchrun`` a :class:`ShardedReplica` shards the module it trains and runs the collectives;
+in a single process a :class:`Replica` trains the module as it is and every collective is the
+identity.
+
 Without ``torchrun`` (or with one process) nothing here starts a process group and every
 collective helper is a no-op.
 """
@@ -13,13 +18,14 @@ collective helper is a no-op.
 from __future__ import annotations
 
 import atexit
+import copy
 import gc
 import json
 import logging
 import os
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -293,20 +299,6 @@ def _region(metadata: ShardMetadata) -> tuple[slice, ...]:
     )
 
 
-def barrier(world: World) -> None:
-    if world.distributed:
-        dist.barrier()
-
-
-def all_sum(values: list[float], world: World) -> list[float]:
-    """Element-wise sums of ``values`` over ranks."""
-    if not world.distributed:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=world.device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
 def broadcast_json(value: Any, world: World) -> Any:
     """Rank 0's ``value`` (anything JSON can hold) on every rank."""
     if not world.distributed:
@@ -337,3 +329,94 @@ def _bytes_tensor(payload: bytes, length: int, world: World) -> torch.Tensor:
     tensor = torch.zeros(length, dtype=torch.uint8)
     tensor[: len(payload)] = torch.tensor(list(payload), dtype=torch.uint8)
     return tensor.to(world.device)
+
+
+class Replica:
+    """This process's part in training one module, the world size hidden from the trainer.
+
+    This class is a single process's: the module trains as it is, its weights are always
+    whole and every collective is the identity. :class:`ShardedReplica` is a rank's under
+    ``torchrun``.
+    """
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process evaluates and writes (rank 0)."""
+        return self.world.is_main
+
+    def global_batch(self, index: int) -> int:
+        """The place of this rank's batch ``index`` among every rank's batches of an epoch."""
+        return index * self.world.size + self.world.rank
+
+    def wrap(self, module: nn.Module, **fused_optimizer: float) -> nn.Module:
+        """The module to train in place of ``module``, which stays whole: ``module`` itself.
+        ``fused_optimizer`` holds the sharded tables' rates, as :func:`shard` takes them."""
+        return module
+
+    def gather_weights(self, trained: nn.Module, whole: nn.Module) -> None:
+        """Bring ``trained``'s current weights into ``whole``: they are already there."""
+
+    def gather_fused_state(self, trained: nn.Module) -> dict[str, torch.Tensor]:
+        """The fused kernel's optimizer state of ``trained``'s tables, whole: none, as no
+        table is sharded."""
+        return {}
+
+    def restore(
+        self, trained: nn.Module, whole: nn.Module, fused_state: Mapping[str, torch.Tensor]
+    ) -> None:
+        """Load ``whole``'s weights and the whole ``fused_state`` into ``trained``: its
+        weights are ``whole``'s and it has no fused state."""
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums of ``values`` over ranks."""
+        return values
+
+    def from_main(self, compute: Callable[[], Any]) -> Any:
+        """``compute()``, run on rank 0 alone, on every rank (anything JSON can hold)."""
+        return compute()
+
+    def barrier(self) -> None:
+        """Wait until every rank is here."""
+
+
+class ShardedReplica(Replica):
+    """A rank's part under ``torchrun``: the module trains sharded (:func:`shard`) and the
+    collectives run over the process group."""
+
+    def wrap(self, module: nn.Module, **fused_optimizer: float) -> nn.Module:
+        # Sharding rebuilds modules in place: shard a copy and keep ``module`` whole.
+        return shard(copy.deepcopy(module), self.world, **fused_optimizer)
+
+    def gather_weights(self, trained: nn.Module, whole: nn.Module) -> None:
+        whole.load_state_dict(gather_state(trained.state_dict(), self.world))
+
+    def gather_fused_state(self, trained: nn.Module) -> dict[str, torch.Tensor]:
+        return gather_state(fused_optimizer_state(trained), self.world)
+
+    def restore(
+        self, trained: nn.Module, whole: nn.Module, fused_state: Mapping[str, torch.Tensor]
+    ) -> None:
+        """Each rank fills its shards; fused state the checkpoint does not hold (a single
+        process's holds none) starts afresh."""
+        load_state(trained.state_dict(), whole.state_dict())
+        fused = fused_optimizer_state(trained)
+        load_state({k: v for k, v in fused.items() if k in fused_state}, fused_state)
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.world.device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def from_main(self, compute: Callable[[], Any]) -> Any:
+        return broadcast_json(compute() if self.is_main else None, self.world)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+def replica(world: World) -> Replica:
+    """This process's :class:`Replica`: a sharded one when ``world`` has several processes."""
+    return ShardedReplica(world) if world.distributed else Replica(world)

@@ -2,31 +2,34 @@
 
 The stage's spec is :class:`~recdistill.stage.StageSpec`, its loss one module
 (:class:`~recdistill.objective.StageObjective`), its checkpoint :mod:`recdistill.checkpoint`.
-Read top to bottom: :class:`Trainer`, whose :meth:`Trainer.fit` runs epochs of
-(score lists → weighted loss → step), evaluates NDCG@10 on the validation lists and on full
-ranking after each epoch, checkpoints, and stops early on the stage's ``valid_metric``. ``fit`` resumes from the checkpoint when asked and then
-continues to the same result as an uninterrupted run. A non-finite loss or gradient stops
-the stage before its step (:class:`TrainingDiverged`), leaving the last epoch's checkpoint
-as it was: resumed with a lower learning rate (the one change a resume accepts), the stage
-continues from there.
+Read top to bottom: :class:`Trainer` sets the stage up in named steps (the objective, which
+holds the model and its adapters; the frozen teachers, one :class:`StageTeachers`; this
+process's :class:`~recdistill.distributed.Replica`; the optimizers; the batches), then
+:meth:`Trainer.fit` runs epochs of (score lists → weighted loss → step), evaluates NDCG@10 on
+the validation lists and on full ranking after each epoch, keeps the best epoch's weights,
+checkpoints its :class:`TrainState`, and stops early on the stage's ``valid_metric``. ``fit``
+resumes from the checkpoint when asked and then continues to the same result as an
+uninterrupted run. A non-finite loss or gradient stops the stage before its step
+(:class:`TrainingDiverged`), leaving the last epoch's checkpoint as it was: resumed with a
+lower learning rate (the one change a resume accepts), the stage continues from there.
 
-Under ``torchrun`` the same code trains on every rank: the objective is wrapped by torchrec's
-DistributedModelParallel (tables sharded, the rest data-parallel), each rank takes its own
-share of every epoch's batches, rank 0 alone evaluates and writes, and checkpoints hold whole
-tensors, so a run resumes at any world size. Frozen teachers stay whole on every rank.
+Under ``torchrun`` the same code trains on every rank: the replica wraps the objective in
+torchrec's DistributedModelParallel (tables sharded, the rest data-parallel), each rank takes
+its own share of every epoch's batches, rank 0 alone evaluates and writes, and checkpoints
+hold whole tensors, so a run resumes at any world size. Frozen teachers stay whole on every
+rank.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import itertools
 import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -72,6 +75,46 @@ class EpochStats:
     seconds: float
 
 
+@dataclass
+class TrainState:
+    """Where a stage stands after its last finished epoch, ``epoch`` (-1 before the first):
+    its best epoch so far and that epoch's validation metrics, the epochs since then
+    (``stale``), and the seconds and examples trained. A checkpoint holds it as a dict."""
+
+    epoch: int = -1
+    best_valid: float = -math.inf
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    best_epoch: int = -1
+    stale: int = 0
+    seconds: float = 0.0
+    examples: int = 0
+
+    def end_epoch(
+        self, epoch: int, stats: EpochStats, metrics: dict[str, float], valid_metric: str
+    ) -> bool:
+        """Count epoch ``epoch`` in; whether its ``valid_metric`` is the best so far."""
+        improved = metrics[valid_metric] > self.best_valid
+        if improved:
+            self.best_valid, self.best_metrics = metrics[valid_metric], metrics
+            self.best_epoch, self.stale = epoch, 0
+        else:
+            self.stale += 1
+        self.epoch = epoch
+        self.seconds += stats.seconds
+        self.examples += stats.examples
+        return improved
+
+    def result(self) -> StageResult:
+        return StageResult(
+            best_epoch=self.best_epoch,
+            best_valid=self.best_valid,
+            valid=self.best_metrics,
+            epochs_run=self.epoch + 1,
+            seconds=self.seconds,
+            examples_per_second=self.examples / max(self.seconds, 1e-9),
+        )
+
+
 class Trainer:
     """Trains ``model`` for one stage, on labels and/or the frozen ``teachers``' scores.
 
@@ -99,78 +142,47 @@ class Trainer:
         self.spec = spec
         self.model = model
         self.store = store
-        self.teachers = teachers
         self.layout = StageLayout(Path(directory))
-        self.world = distributed.world()
-        # Feature distillation maps the student's tower outputs into each teacher's space;
-        # the adapters are trained with the stage and are not part of the model.
-        self.adapters = nn.ModuleDict(
-            {
-                term.source: nn.Linear(model.output_dim, teachers[term.source].output_dim)
-                for term in spec.losses
-                if term.fn == "feature_mse"
-            }
+        self.replica = distributed.replica(distributed.world())
+        self.objective = _stage_objective(spec, model, teachers, store)
+        self.teachers = StageTeachers(spec, teachers, store)
+        # ``model`` stays whole, for evaluation on rank 0 and as a teacher of later stages.
+        self.trained = self.replica.wrap(
+            self.objective,
+            learning_rate=spec.learning_rate,
+            adagrad_learning_rate=spec.table_adagrad_learning_rate,
+            weight_decay=spec.weight_decay,
         )
-        # the catalogue's real items: item 0 stands for an unknown one
-        items = len(store.items) - 1
-        self.objective = StageObjective(model, self.adapters, spec.losses_for(items))
-        if self.world.distributed:
-            # Sharding rebuilds modules in place: shard a copy and keep ``model`` whole, for
-            # evaluation on rank 0 and as a teacher of later stages.
-            self.trained: nn.Module = distributed.shard(
-                copy.deepcopy(self.objective),
-                self.world,
-                learning_rate=spec.learning_rate,
-                adagrad_learning_rate=spec.table_adagrad_learning_rate,
-                weight_decay=spec.weight_decay,
-            )
-        else:
-            self.trained = self.objective
-        # Sharded tables are updated by their fused kernel in the backward pass; Adam
-        # updates everything else.
-        self.adam_parameters = dict(in_backward_optimizer_filter(self.trained.named_parameters()))
-        self.optimizer = torch.optim.Adam(
-            self.adam_parameters.values(), lr=spec.learning_rate, weight_decay=spec.weight_decay
-        )
-        sharing = {
-            "batch_size": spec.batch_size,
-            "negatives": spec.negatives,
-            "seed": spec.seed,
-            "rank": self.world.rank,
-            "world_size": self.world.size,
-        }
-        if spec.objective == "next_item":
-            if not model.spec.is_sequence:
-                raise ValueError(f"[stages.{spec.name}]: next_item needs a sequence user encoder")
-            self.lists = TrainSequences(
-                store,
-                max_length=model.spec.max_length,
-                all_items=spec.scored_items == "all",
-                **sharing,
-            )
-        else:
-            self.lists = TrainLists(store, **sharing)
+        self.adam_parameters, self.optimizer = _adam(self.trained, spec)
+        self.lists = _training_lists(spec, model, store, self.replica.world)
 
-    def loss(self, batch: RankingBatch | SequenceBatch, epoch: int, k: int) -> torch.Tensor:
-        """The stage's loss on ``batch``, global batch ``k`` of ``epoch``: its teacher-ranked
-        lists are drawn from a generator seeded by both, so a resumed or sharded run draws
-        the same ones."""
-        batch = batch.to(self.world.device)
-        outputs: dict[str, TeacherOutputs] = {}
-        ranked: dict[str, tuple[RankingBatch, torch.Tensor]] = {}
-        for name, teacher in self.teachers.items():
-            users = teacher.users(batch)
-            outputs[name] = teacher.outputs(batch, users)
-            if self.spec.lists is not None and name in self.spec.ranked_sources:
-                rng = np.random.default_rng([self.spec.seed, epoch, k, 1])
-                ranked[name] = rrd_lists(batch, users, teacher, self.store, self.spec.lists, rng)
-        return self.trained(batch, outputs, ranked)
+    def fit(self, *, resume: bool = False) -> StageResult:
+        """Train until the stage's last epoch or its patience runs out, from the stage's
+        checkpoint if ``resume`` and there is one."""
+        spec = self.spec
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        state = self._start(resume)
+        epoch = state.epoch + 1
+        while epoch < spec.epochs and state.stale < spec.patience:
+            stats = self.train_epoch(epoch)
+            self.gather_weights()
+            metrics = self._validate()
+            improved = state.end_epoch(epoch, stats, metrics, spec.valid_metric)
+            if self.replica.is_main:
+                self._write_epoch(epoch, stats, metrics, improved)
+            self._checkpoint(state)
+            epoch += 1
+
+        self.replica.barrier()
+        self.model.load_state_dict(load_file(str(self.layout.weights)))
+        self.model.eval()
+        return state.result()
 
     def train_epoch(self, epoch: int, *, max_batches: int | None = None) -> EpochStats:
         """Train on epoch ``epoch``'s batches (only the first ``max_batches``, if given)."""
         # Dropout draws from a generator seeded by epoch and rank, so that resuming at an
         # epoch boundary replays it without the previous process's generator state.
-        torch.manual_seed(_seed_of(self.spec.seed, epoch, self.world.rank))
+        torch.manual_seed(_seed_of(self.spec.seed, epoch, self.replica.world.rank))
         self.trained.train()
         started = time.perf_counter()
         batches = len(self.lists) if max_batches is None else min(max_batches, len(self.lists))
@@ -180,25 +192,35 @@ class Trainer:
             desc=f"{self.spec.name} epoch {epoch}",
             unit="batch",
             leave=False,
-            disable=None if self.world.is_main else True,
+            disable=None if self.replica.is_main else True,
         )
         examples, loss_sum = 0, 0.0
         for index, batch in enumerate(progress):
-            loss = self.loss(batch, epoch, index * self.world.size + self.world.rank)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self._stop_if_diverged(loss, epoch, index)
-            if self.spec.clip_norm is not None:
-                nn.utils.clip_grad_norm_(self.adam_parameters.values(), self.spec.clip_norm)
-            rate = self.spec.learning_rate_at(epoch + (index + 1) / len(self.lists))
-            for group in self.optimizer.param_groups:
-                group["lr"] = rate
-            self.optimizer.step()
+            loss = self.loss(batch, epoch, self.replica.global_batch(index))
+            self._step(loss, epoch, index)
             examples += batch.examples
             loss_sum += loss.item() * batch.examples
             progress.set_postfix(loss=f"{loss.item():.4f}")
-        examples, loss_sum = distributed.all_sum([examples, loss_sum], self.world)
+        examples, loss_sum = self.replica.all_sum([examples, loss_sum])
         return EpochStats(int(examples), loss_sum, time.perf_counter() - started)
+
+    def loss(self, batch: RankingBatch | SequenceBatch, epoch: int, k: int) -> torch.Tensor:
+        """The stage's loss on ``batch``, global batch ``k`` of ``epoch``."""
+        batch = batch.to(self.replica.world.device)
+        return self.trained(batch, *self.teachers.answer(batch, epoch, k))
+
+    def _step(self, loss: torch.Tensor, epoch: int, index: int) -> None:
+        """Step on ``loss``, this rank's batch ``index`` of ``epoch``, at the learning rate of
+        the step's place in the stage."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._stop_if_diverged(loss, epoch, index)
+        if self.spec.clip_norm is not None:
+            nn.utils.clip_grad_norm_(self.adam_parameters.values(), self.spec.clip_norm)
+        rate = self.spec.learning_rate_at(epoch + (index + 1) / len(self.lists))
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
+        self.optimizer.step()
 
     def _stop_if_diverged(self, loss: torch.Tensor, epoch: int, batch: int) -> None:
         """Raise :class:`TrainingDiverged` on every rank, before the step, when any rank's loss
@@ -211,8 +233,7 @@ class Trainer:
         gradients = [p.grad for p in self.adam_parameters.values() if p.grad is not None]
         largest = torch.nn.utils.get_total_norm(gradients, norm_type=math.inf)
         bad_loss, bad_gradients = not torch.isfinite(loss), not torch.isfinite(largest)
-        anywhere = distributed.all_sum([float(bad_loss), float(bad_gradients)], self.world)
-        if not any(anywhere):
+        if not any(self.replica.all_sum([float(bad_loss), float(bad_gradients)])):
             return
         if bad_loss:
             problem = f"loss is {loss.item()}"
@@ -230,80 +251,29 @@ class Trainer:
             f"{kept}: lower the learning rate and rerun with --resume"
         )
 
-    def fit(self, *, resume: bool = False) -> StageResult:
-        spec, main = self.spec, self.world.is_main
-        self.layout.root.mkdir(parents=True, exist_ok=True)
-        state = self._restore() if resume else None
-        if state is None:
-            state = {
-                "epoch": -1,
-                "best_valid": -math.inf,
-                "best_metrics": {},
-                "best_epoch": -1,
-                "stale": 0,
-                "seconds": 0.0,
-                "examples": 0,
-            }
-            if main:
-                self.layout.log.write_text("")
-        epoch = state["epoch"] + 1
-        while epoch < spec.epochs and state["stale"] < spec.patience:
-            stats = self.train_epoch(epoch)
-            self.gather_weights()
-            metrics = self._validate()
-            improved = metrics[spec.valid_metric] > state["best_valid"]
-            if improved:
-                state.update(
-                    best_valid=metrics[spec.valid_metric],
-                    best_metrics=metrics,
-                    best_epoch=epoch,
-                    stale=0,
-                )
-                if main:
-                    self._save_best()
-            else:
-                state["stale"] += 1
-            state.update(
-                epoch=epoch,
-                seconds=state["seconds"] + stats.seconds,
-                examples=state["examples"] + stats.examples,
-            )
-            if main:
-                self._log(epoch, stats, metrics, improved)
-            self._checkpoint(state)
-            epoch += 1
-
-        distributed.barrier(self.world)
-        self.model.load_state_dict(load_file(str(self.layout.weights)))
-        self.model.eval()
-        return StageResult(
-            best_epoch=state["best_epoch"],
-            best_valid=state["best_valid"],
-            valid=state["best_metrics"],
-            epochs_run=state["epoch"] + 1,
-            seconds=state["seconds"],
-            examples_per_second=state["examples"] / max(state["seconds"], 1e-9),
-        )
-
     def gather_weights(self) -> None:
         """Bring the whole, current weights into ``model`` and the adapters on every rank."""
-        if self.world.distributed:
-            self.objective.load_state_dict(
-                distributed.gather_state(self.trained.state_dict(), self.world)
-            )
+        self.replica.gather_weights(self.trained, self.objective)
 
     def _validate(self) -> dict[str, float]:
-        """Every validation metric a stage may select on (``VALID_METRICS``), by mean."""
-        metrics = None
-        if self.world.is_main:
-            self.model.eval()
-            valid = evaluate(self.model, self.store, "valid", name=self.spec.name)
-            metrics = {name: float(valid[name].mean()) for name in VALID_METRICS}
-        return distributed.broadcast_json(metrics, self.world)
+        """Every validation metric a stage may select on (``VALID_METRICS``), by mean,
+        evaluated on rank 0."""
+        return self.replica.from_main(self._evaluate)
 
-    def _log(
+    def _evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        valid = evaluate(self.model, self.store, "valid", name=self.spec.name)
+        return {name: float(valid[name].mean()) for name in VALID_METRICS}
+
+    def _write_epoch(
         self, epoch: int, stats: EpochStats, metrics: dict[str, float], improved: bool
     ) -> None:
+        """Keep the weights if ``improved``, and log the epoch."""
+        if improved:
+            weights = {
+                k: v.detach().clone().contiguous() for k, v in self.model.state_dict().items()
+            }
+            atomic_write(self.layout.weights, lambda path: save_file(weights, str(path)))
         record = {
             "stage": self.spec.name,
             "epoch": epoch,
@@ -324,46 +294,43 @@ class Trainer:
             file=sys.stderr,
         )
 
-    def _save_best(self) -> None:
-        weights = {k: v.detach().clone().contiguous() for k, v in self.model.state_dict().items()}
-        atomic_write(self.layout.weights, lambda path: save_file(weights, str(path)))
+    def _start(self, resume: bool) -> TrainState:
+        """The checkpoint's state if ``resume`` and there is one, else a fresh state and log."""
+        state = self._restore() if resume else None
+        if state is None:
+            state = TrainState()
+            if self.replica.is_main:
+                self.layout.log.write_text("")
+        return state
 
-    def _checkpoint(self, state: dict[str, Any]) -> None:
-        embedding_optimizer = {}
-        if self.world.distributed:
-            embedding_optimizer = distributed.gather_state(
-                distributed.fused_optimizer_state(self.trained), self.world
-            )
-        if not self.world.is_main:
+    def _checkpoint(self, state: TrainState) -> None:
+        fused_state = self.replica.gather_fused_state(self.trained)
+        if not self.replica.is_main:
             return
         adam = self.optimizer.state_dict()["state"]
         save_checkpoint(
             self.layout.checkpoint,
             self.spec,
             model=self.model.state_dict(),
-            adapters=self.adapters.state_dict(),
+            adapters=self.objective.adapters.state_dict(),
             optimizer={name: adam[i] for i, name in enumerate(self.adam_parameters) if i in adam},
-            embedding_optimizer=embedding_optimizer,
-            state=state,
+            embedding_optimizer=fused_state,
+            state=dataclasses.asdict(state),
         )
 
-    def _restore(self) -> dict[str, Any] | None:
+    def _restore(self) -> TrainState | None:
         """Load the checkpoint, if any, into this process's share of the model.
 
         Optimizer state is matched by parameter name: state that this world size's
         optimizers do not hold (the tables' Adam state when resuming a single-process run
         under torchrun, or the fused kernel's state the other way round) starts afresh.
         """
-        payload = load_checkpoint(self.layout.checkpoint, self.spec, announce=self.world.is_main)
+        payload = load_checkpoint(self.layout.checkpoint, self.spec, announce=self.replica.is_main)
         if payload is None:
             return None
         self.model.load_state_dict(payload["model"])
-        self.adapters.load_state_dict(payload["adapters"])
-        if self.world.distributed:
-            distributed.load_state(self.trained.state_dict(), self.objective.state_dict())
-            saved = payload["embedding_optimizer"]
-            fused = distributed.fused_optimizer_state(self.trained)
-            distributed.load_state({k: v for k, v in fused.items() if k in saved}, saved)
+        self.objective.adapters.load_state_dict(payload["adapters"])
+        self.replica.restore(self.trained, self.objective, payload["embedding_optimizer"])
         adam = self.optimizer.state_dict()
         adam["state"] = {
             i: payload["optimizer"][name]
@@ -371,10 +338,86 @@ class Trainer:
             if name in payload["optimizer"]
         }
         self.optimizer.load_state_dict(adam)
-        state = payload["state"]
-        if self.world.is_main:
-            trim_log(self.layout.log, state["epoch"])
+        state = TrainState(**payload["state"])
+        if self.replica.is_main:
+            trim_log(self.layout.log, state.epoch)
         return state
+
+
+class StageTeachers:
+    """The frozen teachers a stage learns from, asked together about each batch."""
+
+    def __init__(self, spec: StageSpec, teachers: dict[str, Teacher], store: FeatureStore):
+        self.teachers = teachers
+        self.store = store
+        self.list_spec = spec.lists
+        self.ranked_sources = () if spec.lists is None else spec.ranked_sources
+        self.seed = spec.seed
+
+    def answer(
+        self, batch: RankingBatch | SequenceBatch, epoch: int, k: int
+    ) -> tuple[dict[str, TeacherOutputs], dict[str, tuple[RankingBatch, torch.Tensor]]]:
+        """Every teacher's outputs on ``batch``, global batch ``k`` of ``epoch``, and the
+        teacher-ranked lists (with the teacher's scores on them) of the teachers the stage
+        draws lists from. Each teacher's lists are drawn from a generator seeded by the
+        stage's seed, ``epoch`` and ``k``, so a resumed or sharded run draws the same ones."""
+        outputs: dict[str, TeacherOutputs] = {}
+        ranked: dict[str, tuple[RankingBatch, torch.Tensor]] = {}
+        for name, teacher in self.teachers.items():
+            users = teacher.users(batch)
+            outputs[name] = teacher.outputs(batch, users)
+            if name in self.ranked_sources:
+                rng = np.random.default_rng([self.seed, epoch, k, 1])
+                ranked[name] = rrd_lists(batch, users, teacher, self.store, self.list_spec, rng)
+        return outputs, ranked
+
+
+def _stage_objective(
+    spec: StageSpec, model: TwoTower, teachers: dict[str, Teacher], store: FeatureStore
+) -> StageObjective:
+    """The stage's weighted loss around ``model`` and its feature-distillation adapters,
+    which map the model's tower outputs into each teacher's space: they are trained with
+    the stage and are not part of the model."""
+    adapters = nn.ModuleDict(
+        {
+            term.source: nn.Linear(model.output_dim, teachers[term.source].output_dim)
+            for term in spec.losses
+            if term.fn == "feature_mse"
+        }
+    )
+    # the catalogue's real items: item 0 stands for an unknown one
+    items = len(store.items) - 1
+    return StageObjective(model, adapters, spec.losses_for(items))
+
+
+def _adam(trained: nn.Module, spec: StageSpec) -> tuple[dict[str, nn.Parameter], torch.optim.Adam]:
+    """The parameters Adam updates, by name, and Adam: sharded tables are updated by their
+    fused kernel in the backward pass, Adam updates everything else."""
+    parameters = dict(in_backward_optimizer_filter(trained.named_parameters()))
+    optimizer = torch.optim.Adam(
+        parameters.values(), lr=spec.learning_rate, weight_decay=spec.weight_decay
+    )
+    return parameters, optimizer
+
+
+def _training_lists(
+    spec: StageSpec, model: TwoTower, store: FeatureStore, world: distributed.World
+) -> TrainLists | TrainSequences:
+    """This rank's share of every epoch's batches: next-item windows or ranking lists."""
+    sharing = {
+        "batch_size": spec.batch_size,
+        "negatives": spec.negatives,
+        "seed": spec.seed,
+        "rank": world.rank,
+        "world_size": world.size,
+    }
+    if spec.objective != "next_item":
+        return TrainLists(store, **sharing)
+    if not model.spec.is_sequence:
+        raise ValueError(f"[stages.{spec.name}]: next_item needs a sequence user encoder")
+    return TrainSequences(
+        store, max_length=model.spec.max_length, all_items=spec.scored_items == "all", **sharing
+    )
 
 
 def _seed_of(*numbers: int) -> int:

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import recdistill.data.prepare
+from recdistill import distributed
 from recdistill.data.batches import CandidateLists, TrainLists, TrainSequences
 from recdistill.data.feature_store import ITEM_KEYS, FeatureStore
 from recdistill.models import FeatureSpace, TwoTower
@@ -185,6 +186,26 @@ def test_ranks_take_equal_disjoint_shares_of_the_same_batches(chunked_store):
         mine = list(share.epoch(3))
         assert len(mine) == len(share)
         assert rows_of(mine, chunked_store) == rows_of(whole[rank::3][: len(share)], chunked_store)
+
+
+def test_a_single_process_replica_trains_the_module_itself_and_needs_no_collective():
+    replica = distributed.replica(distributed.World())
+    module = torch.nn.Linear(2, 1)
+    rates = {"learning_rate": 0.1, "adagrad_learning_rate": 0.1, "weight_decay": 0.0}
+    assert replica.wrap(module, **rates) is module
+    assert replica.gather_fused_state(module) == {}
+    assert replica.all_sum([3, 0.5]) == [3, 0.5]
+    assert replica.from_main(lambda: {"ndcg@10": 0.25}) == {"ndcg@10": 0.25}
+    assert replica.is_main and [replica.global_batch(k) for k in range(3)] == [0, 1, 2]
+
+
+def test_the_ranks_of_a_sharded_replica_take_turns_at_an_epochs_batches():
+    ranks = [distributed.replica(distributed.World(rank=r, size=2)) for r in range(2)]
+    assert all(isinstance(replica, distributed.ShardedReplica) for replica in ranks)
+    assert [[replica.global_batch(k) for k in range(3)] for replica in ranks] == [
+        [0, 2, 4],
+        [1, 3, 5],
+    ]
 
 
 # 2: feature tables replicated, the others sharded; 8: every table sharded, so that the

@@ -11,7 +11,7 @@ from recdistill.losses import LOSSES
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
 from recdistill.stage import LossTerm, StageSpec
 from recdistill.teachers import FrozenTeacher
-from recdistill.train import Trainer
+from recdistill.train import EpochStats, StageResult, Trainer, TrainState
 
 SMALL = TwoTowerSpec(embedding_dim=8, tower=(8,), feature_dim=2, dropout=0.2)
 
@@ -251,6 +251,28 @@ def test_resume_drops_log_lines_of_epochs_the_checkpoint_does_not_hold(store, tm
     torch.save(payload, tmp_path / "checkpoint.pt")
     Trainer(stage(epochs=2), fresh_model(store), {}, store, tmp_path).fit(resume=True)
     assert [r["epoch"] for r in log_of(tmp_path)] == [0, 1]
+
+
+def test_the_train_state_keeps_the_best_epoch_and_counts_the_epochs_since():
+    state, stats = TrainState(), EpochStats(examples=10, loss_sum=5.0, seconds=2.0)
+    assert state.end_epoch(0, stats, {"ndcg@10": 0.3, "full_ndcg@10": 0.1}, "ndcg@10")
+    assert not state.end_epoch(1, stats, {"ndcg@10": 0.2, "full_ndcg@10": 0.4}, "ndcg@10")
+    assert (state.epoch, state.best_epoch, state.stale) == (1, 0, 1)
+    assert state.result() == StageResult(
+        best_epoch=0,
+        best_valid=0.3,
+        valid={"ndcg@10": 0.3, "full_ndcg@10": 0.1},
+        epochs_run=2,
+        seconds=4.0,
+        examples_per_second=5.0,
+    )
+
+
+def test_the_checkpoint_holds_the_train_state_as_the_dict_older_runs_wrote(store, tmp_path):
+    Trainer(stage(epochs=1), fresh_model(store), {}, store, tmp_path).fit()
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]
+    assert " ".join(state) == "epoch best_valid best_metrics best_epoch stale seconds examples"
+    assert TrainState(**state).epoch == 0
 
 
 def test_checkpoints_of_another_format_are_refused(store, tmp_path):
