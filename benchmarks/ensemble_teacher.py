@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--student", action="store_true", help="also train the two students")
     args = parser.parse_args()
     bench = RunBench(args.config, args.data, args.run)
-    metric = bench.config.valid_metric
+    metric = bench.config.train.valid_metric
     teacher = bench.roles.reference
     members = args.members or [teacher, BASELINE_MEMBERS[-1]]
     spec = EnsembleSpec("ensemble", tuple(members), steps=args.steps)

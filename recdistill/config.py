@@ -110,10 +110,6 @@ class RunConfig:
     def history_length(self) -> int:
         return self.train.history_length
 
-    @property
-    def valid_metric(self) -> str:
-        return self.train.valid_metric
-
     def stage(self, name: str) -> StageSpec:
         return next(stage for stage in self.stages if stage.name == name)
 

@@ -92,7 +92,7 @@ def run(config: RunConfig, data: Path, out: Path, *, resume: bool = False) -> Ru
                     for m in spec.members
                 }
                 frozen[name], entries[name] = choose_ensemble(
-                    spec, members, models, store, config.valid_metric, directory
+                    spec, members, models, store, config.train.valid_metric, directory
                 )
             else:
                 frozen[name] = FrozenTeacher(name, models[name], store, cache=directory)
@@ -148,7 +148,7 @@ def fit_baselines(
 ) -> tuple[dict[str, Any], dict[str, Callable[..., BaselineModel]]]:
     """Popularity and the two EASE baselines, their settings chosen on the run's validation
     metric, each scoring from the test-time histories; and their summary entries."""
-    metric = config.valid_metric
+    metric = config.train.valid_metric
     ease = _best_on_valid(
         store, config.baselines.ease_l2, lambda l2: Ease.fit(store, float(l2)), metric
     )

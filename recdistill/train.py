@@ -119,15 +119,15 @@ class Trainer:
     """Trains ``model`` for one stage, on labels and/or the frozen ``teachers``' scores.
 
     :meth:`fit` leaves the best validation epoch's weights in ``model`` and the stage's log,
-    checkpoint and best weights in ``directory``. ``recdistill.pipeline.run`` trains each
-    stage of a config this way::
+    checkpoint and best weights in ``directory``. Stages are trained through
+    :func:`recdistill.recipe.train_stage`, which seeds the stage, builds its model and records
+    its spec before it calls this::
 
         store = FeatureStore(Path("data/synthetic"))
-        space = FeatureSpace(store.user_features, store.cardinalities())
-        student = TwoTower(TwoTowerSpec(embedding_dim=8, tower=(16,)), space)
-        spec = StageSpec("student", "small", (LossTerm("listnet", source="teacher"),))
-        teachers = {"teacher": FrozenTeacher("teacher", teacher, store, cache=Path("runs/x/teacher"))}
-        result = Trainer(spec, student, teachers, store, Path("runs/x/student")).fit()
+        model = TwoTower(TwoTowerSpec(embedding_dim=8, tower=(16,)), FeatureSpace.of(store))
+        spec = StageSpec("small", "tiny", (LossTerm("listnet", source="big"),))
+        teachers = {"big": FrozenTeacher("big", big, store, cache=Path("runs/x/big"))}
+        result = Trainer(spec, model, teachers, store, Path("runs/x/small")).fit()
         result.best_epoch, result.best_valid  # the epoch kept and its validation NDCG@10
     """
 
