@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx2
 
-from recdistill.artifact import read_manifest
+from recdistill.manifest import read_manifest
 
 GOOD, CORRUPT, OUTSIDE = "good", "corrupt", "outside"
 EXPECTED_STATUS = {GOOD: 200, CORRUPT: 422, OUTSIDE: 403}

@@ -29,8 +29,8 @@ from loadtest.server_metrics import (
     scrape_rank_latency,
 )
 from loadtest.workload import Workload
-from recdistill.artifact import read_manifest
 from recdistill.layout import LoadTestLayout
+from recdistill.manifest import read_manifest
 from recdistill.server import ServerProcess, running_server
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")

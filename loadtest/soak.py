@@ -48,8 +48,8 @@ from loadtest.soak_stats import (
     minute_rows,
     reload_counts,
 )
-from recdistill.artifact import read_manifest
 from recdistill.layout import ArtifactLayout, SoakLayout
+from recdistill.manifest import read_manifest
 from serving.middleware import ADMIN_TOKEN_ENV
 
 MEMORY_SAMPLE_S = 2.0

@@ -37,14 +37,14 @@ import hashlib
 import json
 import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from pydantic import ConfigDict, ValidationError, with_config
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.numpy import save_file
 from safetensors.torch import load_file
@@ -54,8 +54,18 @@ from recdistill.config import load_run_config
 from recdistill.data.feature_store import FeatureStore
 from recdistill.data.tables import read_meta
 from recdistill.ensembles import BASELINE_MEMBERS, EaseMember
+from recdistill.errors import ArtifactError
 from recdistill.files import atomic_output_dir, write_json
 from recdistill.layout import ArtifactLayout, DataLayout, RunLayout
+from recdistill.manifest import (
+    EASE,
+    ENSEMBLE,
+    FORMAT,
+    POPULARITY,
+    TWO_TOWER,
+    Manifest,
+    read_manifest,
+)
 from recdistill.models import FeatureSpace, TwoTower
 from recdistill.quantize import QuantizationSpec, load_plain_state, plain_state, quantize
 from recdistill.recipe import StageRecord, read_record
@@ -69,41 +79,10 @@ from recdistill.summary import (
     to_json,
 )
 
-# 2: towers read pooled features by key, so int8 weights of format 1 (whose first layer
-# was permuted to torchrec's int8 feature order) no longer fit.
-# 3: the feature snapshot holds the validation split, the newest item of served histories.
-FORMAT = 3
-TWO_TOWER = "two_tower"
-POPULARITY = "popularity"
-EASE = "ease"
-ENSEMBLE = "ensemble"
 COUNTS = "item_train_counts"
 EASE_WEIGHTS = "ease_weights"
 MEMBER_WEIGHTS = "member_weights"
 MEMBERS = "members"
-
-
-class ArtifactError(ValueError):
-    """An artifact that is missing, corrupt or inconsistent."""
-
-
-@with_config(ConfigDict(extra="forbid"))
-@dataclass(frozen=True, kw_only=True)
-class Manifest:
-    """``manifest.json``: what the artifact is and the SHA-256 of each of its files;
-    ``version`` hashes those hashes. ``role`` is the model's role in the run it was exported
-    from (``reference``, ``student`` or ``scratch``; None for the others)."""
-
-    format: int
-    name: str
-    kind: str
-    version: str
-    params: int
-    quantization: dict[str, bool] | None = None
-    files: dict[str, str]
-    exported_from: dict[str, str] = field(default_factory=dict)
-    offline_metrics: dict[str, float] = field(default_factory=dict)
-    role: str | None = None
 
 
 @dataclass
@@ -329,29 +308,6 @@ def load_artifact(directory: Path) -> Artifact:
         ease=ease,
         members=members,
     )
-
-
-def read_manifest(directory: Path) -> Manifest:
-    """The artifact's ``manifest.json``, checked, read without loading the model."""
-    path = ArtifactLayout(Path(directory)).manifest
-    if not Path(directory).is_dir():
-        raise ArtifactError(f"artifact {directory} not found")
-    if not path.is_file():
-        raise ArtifactError(
-            f"{directory} is not an artifact: {path.name} is missing "
-            "(create one with `recdistill export`)"
-        )
-    try:
-        manifest = from_json(Manifest, json.loads(path.read_text()))
-    except json.JSONDecodeError as error:
-        raise ArtifactError(f"{path} is not valid JSON: {error}") from error
-    except ValidationError as error:
-        raise ArtifactError(f"{path}: {error}") from error
-    if manifest.format != FORMAT:
-        raise ArtifactError(f"{path}: format {manifest.format}, this version reads {FORMAT}")
-    if manifest.kind not in (TWO_TOWER, POPULARITY, EASE, ENSEMBLE):
-        raise ArtifactError(f"{path}: unknown kind {manifest.kind!r}")
-    return manifest
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 A run's config (``recdistill train``) is a :class:`RunConfig`; a sweep's a :class:`SweepConfig`,
 built from the same parts; an A/B experiment's an
-:class:`~recdistill.abtest.spec.ExperimentSpec`. Every error names its TOML table. A
+:class:`~recdistill.ab_spec.ExperimentSpec`. Every error names its TOML table. A
 ``RunConfig`` can be built in Python and written back to TOML (:meth:`RunConfig.to_toml`): a
 run directory holds its config resolved so, every default and role written out.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from recdistill import toml_writer
-from recdistill.abtest.spec import (
+from recdistill.ab_spec import (
     TABLES,
     AnalysisSpec,
     ClickSpec,
@@ -321,7 +321,7 @@ def load_experiment(path: Path, **simulation_overrides: Any) -> ExperimentSpec:
 
 
 def _ship_by_role(path: Path, routing: Routing, artifacts: dict[str, Path]) -> tuple[str, str]:
-    from recdistill.artifact import read_manifest
+    from recdistill.manifest import read_manifest
 
     arm_of = {read_manifest(artifacts[arm.model]).role: arm.name for arm in routing.arms}
     if STUDENT not in arm_of or REFERENCE not in arm_of:

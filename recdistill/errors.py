@@ -1,5 +1,5 @@
 """The project's own errors, each reported by the CLI as one clear line: a malformed input
-file (a ValueError, like every bad input) and failures that are not a bad input. Kept free of
+file or artifact (ValueErrors, like every bad input) and failures that are not a bad input. Kept free of
 heavy imports: the CLI catches them before torch is loaded."""
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ class DataFormatError(ValueError):
     def __str__(self) -> str:
         where = str(self.path) if self.line is None else f"{self.path} line {self.line}"
         return f"{where}: {self.problem}"
+
+
+class ArtifactError(ValueError):
+    """An artifact that is missing, corrupt or inconsistent."""
 
 
 class TrainingDiverged(RuntimeError):

@@ -5,8 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from recdistill.artifact import ArtifactError, _sha256, _version, export_artifact, load_artifact
+from recdistill.artifact import _sha256, _version, export_artifact, load_artifact
 from recdistill.cli import main
+from recdistill.errors import ArtifactError
 from recdistill.layout import MANIFEST, WEIGHTS
 
 

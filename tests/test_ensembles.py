@@ -9,13 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from recdistill.artifact import ArtifactError, load_artifact
+from recdistill.artifact import load_artifact
 from recdistill.baselines import Ease, ease_weights, history_matrix
 from recdistill.cli import main
 from recdistill.config import load_run_config
 from recdistill.data.batches import CandidateLists, FeatureStore
 from recdistill.data.feature_store import Jagged
 from recdistill.ensembles import EaseMember, EnsembleSpec, EnsembleTeacher, standardised
+from recdistill.errors import ArtifactError
 from recdistill.online import OnlineRanker
 from recdistill.pipeline import run
 from recdistill.teachers import FrozenTeacher

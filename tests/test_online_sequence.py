@@ -15,8 +15,9 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
-from recdistill.artifact import ArtifactError, export_artifact, load_artifact
+from recdistill.artifact import export_artifact, load_artifact
 from recdistill.data.feature_store import UNKNOWN, FeatureStore
+from recdistill.errors import ArtifactError
 from recdistill.evaluate import score_lists
 from recdistill.layout import MANIFEST, SPEC, WEIGHTS
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec

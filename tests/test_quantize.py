@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from recdistill.artifact import ArtifactError, export_artifact, load_artifact
+from recdistill.artifact import export_artifact, load_artifact
 from recdistill.data.feature_store import UNKNOWN, FeatureStore
+from recdistill.errors import ArtifactError
 from recdistill.evaluate import evaluate, score_lists
 from recdistill.layout import MANIFEST, WEIGHTS, RunLayout
 from recdistill.models import TwoTower, with_recent

@@ -35,8 +35,8 @@ import pandas as pd
 from scipy import stats
 from statsmodels.stats.power import NormalIndPower
 
+from recdistill.ab_spec import METRICS, AnalysisSpec, ExperimentSpec
 from recdistill.abtest.simulate import EXPERIMENT
-from recdistill.abtest.spec import METRICS, AnalysisSpec, ExperimentSpec
 from recdistill.stats import holm
 
 ALL = "all"

@@ -8,10 +8,10 @@ from typing import Any
 
 import pandas as pd
 
+from recdistill.ab_spec import ExperimentSpec
 from recdistill.abtest.analysis import ALL, Analysis, analyse
 from recdistill.abtest.report import findings, write_report
 from recdistill.abtest.simulate import Server, simulate
-from recdistill.abtest.spec import ExperimentSpec
 from recdistill.abtest.world import World
 from recdistill.artifact import load_artifact
 from recdistill.config import load_experiment

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from recdistill.ab_spec import METRICS, ExperimentSpec
 from recdistill.abtest.analysis import ALL, Analysis
-from recdistill.abtest.spec import METRICS, ExperimentSpec
 from recdistill.files import write_json
 from recdistill.layout import AbTestLayout
 from recdistill.report import bars_with_ci, figure_png, template_environment

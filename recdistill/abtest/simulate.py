@@ -27,7 +27,7 @@ import httpx2
 import numpy as np
 import pandas as pd
 
-from recdistill.abtest.spec import ExperimentSpec
+from recdistill.ab_spec import ExperimentSpec
 from recdistill.abtest.world import World
 from recdistill.impressions import read_impressions
 from recdistill.metrics import top_k

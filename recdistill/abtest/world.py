@@ -9,7 +9,7 @@ The truth is an oracle ``relevance(user_ids, item_ids)`` (external IDs, broadcas
   lifts on real data are lifts under that assumption.
 
 Relevance becomes a click probability through the position-based model of
-:class:`~recdistill.abtest.spec.ClickSpec`.
+:class:`~recdistill.ab_spec.ClickSpec`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from scipy.special import expit
 
-from recdistill.abtest.spec import ClickSpec, SimulationSpec
+from recdistill.ab_spec import ClickSpec, SimulationSpec
 from recdistill.baselines import ease_scores
 from recdistill.data.feature_store import Vocabulary
 from recdistill.data.synthetic_truth import GroundTruth

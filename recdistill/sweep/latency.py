@@ -15,8 +15,9 @@ from dataclasses import replace
 import numpy as np
 import pyarrow.parquet as pq
 
-from recdistill.artifact import TWO_TOWER, Artifact
+from recdistill.artifact import Artifact
 from recdistill.layout import DataLayout, SweepLayout
+from recdistill.manifest import TWO_TOWER
 from recdistill.online import OnlineRanker
 from recdistill.summary import CandidateResult, ClockLatency, Latency
 from recdistill.sweep.bench import Bench

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from recdistill.abtest.spec import AnalysisSpec, ClickSpec, ExperimentSpec, SimulationSpec
+from recdistill.ab_spec import AnalysisSpec, ClickSpec, ExperimentSpec, SimulationSpec
 from recdistill.abtest.world import World
 from recdistill.routing import Arm, Routing
 

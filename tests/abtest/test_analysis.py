@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 import statsmodels.api as sm
 
+from recdistill.ab_spec import SimulationSpec
 from recdistill.abtest.analysis import SampleRatioMismatch, analyse, compare
 from recdistill.abtest.simulate import simulate
-from recdistill.abtest.spec import SimulationSpec
 from recdistill.abtest.world import World
 from tests.abtest.conftest import experiment
 

@@ -5,8 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 from scipy.special import expit
 
+from recdistill.ab_spec import ClickSpec, SimulationSpec
 from recdistill.abtest.simulate import plan_requests, simulate
-from recdistill.abtest.spec import ClickSpec, SimulationSpec
 from recdistill.abtest.world import EaseOracle, World, load_oracle
 from recdistill.artifact import load_artifact
 from recdistill.data.synthetic_truth import GroundTruth

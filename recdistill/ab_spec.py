@@ -1,4 +1,5 @@
-"""The experiment config: one TOML file for ``recdistill abtest`` and ``recdistill serve --ab``.
+"""The experiment config's tables: one TOML file for ``recdistill abtest`` and ``recdistill
+serve --ab``, read by :func:`recdistill.config.load_experiment`.
 
 The server reads only ``[ab]`` (the salt and the arms, see :mod:`recdistill.routing`); the
 simulator also reads ``[artifacts]`` (served model name → artifact directory),
