@@ -147,7 +147,7 @@ def parse_run_config(raw: dict[str, Any]) -> RunConfig:
             synthetic=spec_from(SyntheticSpec, section(raw, "data.synthetic"), "[data.synthetic]"),
             split=spec_from(SplitSpec, section(raw, "data.split"), "[data.split]"),
         ),
-        models=model_presets(raw),
+        models=_model_presets(raw),
         train=defaults,
         stages=tuple(
             _stage(defaults, name, table) for name, table in section(raw, "stages").items()
@@ -170,11 +170,11 @@ def _train_defaults(raw: dict[str, Any]) -> TrainDefaults:
     train = dict(section(raw, "train"))
     length = train.pop(HISTORY_LENGTH, DEFAULT_HISTORY_LENGTH)
     return TrainDefaults(
-        length, replace(NO_STAGE, **_stage_keys(train, "[train]", [HISTORY_LENGTH]))
+        length, replace(NO_STAGE, **_stage_keys(train, "[train]", (HISTORY_LENGTH,)))
     )
 
 
-def model_presets(raw: dict[str, Any]) -> dict[str, TwoTowerSpec]:
+def _model_presets(raw: dict[str, Any]) -> dict[str, TwoTowerSpec]:
     """The ``[models.*]`` specs; a bad one is an error that names its table."""
     presets = {}
     for name, table in section(raw, "models").items():
@@ -186,7 +186,7 @@ def model_presets(raw: dict[str, Any]) -> dict[str, TwoTowerSpec]:
     return presets
 
 
-def loss_terms(terms: list[dict[str, Any]], where: str) -> tuple[LossTerm, ...]:
+def _loss_terms(terms: list[dict[str, Any]], where: str) -> tuple[LossTerm, ...]:
     """``losses = [{fn, source, weight, **options}, ...]`` as loss terms."""
     parsed = []
     for term in terms:
@@ -204,14 +204,14 @@ def loss_terms(terms: list[dict[str, Any]], where: str) -> tuple[LossTerm, ...]:
 def _stage(defaults: TrainDefaults, name: str, table: dict[str, Any]) -> StageSpec:
     where = f"[stages.{name}]"
     table = dict(table)
-    losses = loss_terms(table.pop("losses", []), where)
+    losses = _loss_terms(table.pop("losses", []), where)
     if "model" not in table:
         raise ValueError(f"{where} names no model preset (model = ...)")
     model = table.pop("model")
     return defaults.stage_of(name, model, losses, **_stage_keys(table, where))
 
 
-def _stage_keys(table: dict[str, Any], where: str, extra: list[str] = ()) -> dict[str, Any]:
+def _stage_keys(table: dict[str, Any], where: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """A stage's settings from ``[train]`` or ``[stages.NAME]`` (``lists`` as a ListSpec)."""
     unknown = sorted(set(table) - set(STAGE_DEFAULTS))
     if unknown:
@@ -267,9 +267,9 @@ def load_sweep_config(path: Path) -> SweepConfig:
         selection=spec_from(SelectionSpec, section(raw, "selection"), "[selection]"),
         quantization=spec_from(QuantizationSpec, section(raw, "quantization"), "[quantization]"),
         train=_train_defaults(raw),
-        models=model_presets(raw),
+        models=_model_presets(raw),
         mixes={
-            name: loss_terms(terms, f"[mixes] {name}")
+            name: _loss_terms(terms, f"[mixes] {name}")
             for name, terms in section(raw, "mixes").items()
         },
     )
