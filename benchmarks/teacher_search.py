@@ -16,26 +16,15 @@ presets in configs/ are chosen.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
 
-from recdistill.config import RunConfig, load_toml, parse_run_config
+from recdistill.config import RunConfig, load_run_config
 from recdistill.data.batches import FeatureStore
 from recdistill.recipe import train_stage
-
-
-def merged(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
-    result = copy.deepcopy(base)
-    for key, value in change.items():
-        if isinstance(value, dict) and isinstance(result.get(key), dict):
-            result[key] = merged(result[key], value)
-        else:
-            result[key] = value
-    return result
 
 
 def train_variant(
@@ -69,11 +58,10 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], help="TOML, dotted keys")
     parser.add_argument("--epochs", type=int, help="cap every variant's epochs")
     args = parser.parse_args()
-    base = load_toml(args.config)
     rows = []
     for snippet in args.variant or [""]:
         change = tomllib.loads(snippet)
-        config = parse_run_config(merged(base, change))
+        config = load_run_config(args.config, change)
         row = train_variant(config, args.data, args.stage, args.epochs)
         rows.append((" ".join(snippet.split()) or "(config as is)", row))
         print(f"{rows[-1][0]}: valid {row['valid']}", flush=True)

@@ -135,9 +135,18 @@ def load_toml(path: Path | None) -> dict[str, Any]:
         raise ValueError(f"config {path}: {error}") from error
 
 
-def load_run_config(path: Path | None) -> RunConfig:
-    """The run config at ``path`` (a config without ``path``: every default)."""
-    return parse_run_config(load_toml(path))
+def load_run_config(path: Path | None, changes: dict[str, Any] | None = None) -> RunConfig:
+    """The run config at ``path`` (a config without ``path``: every default), with the
+    tables of ``changes`` (e.g. ``{"models": {"teacher": {"layers": 1}}}``) merged over it."""
+    return parse_run_config(_merged(load_toml(path), changes or {}))
+
+
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in changes.items():
+        both = isinstance(value, dict) and isinstance(base.get(key), dict)
+        merged[key] = _merged(base[key], value) if both else value
+    return merged
 
 
 def parse_run_config(raw: dict[str, Any]) -> RunConfig:
