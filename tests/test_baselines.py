@@ -6,6 +6,7 @@ import pytest
 from recdistill import evaluate as evaluate_module
 from recdistill import pipeline
 from recdistill.baselines import Ease, ease_scores, ease_weights, history_matrix
+from recdistill.config import parse_run_config
 from recdistill.data.batches import CandidateLists
 from recdistill.data.feature_store import FeatureStore, Jagged
 from recdistill.evaluate import evaluate
@@ -119,9 +120,10 @@ def test_half_life_and_l2_are_chosen_on_validation_only(store, monkeypatch):
     assert np.allclose(recency.scores.numpy(), expected, atol=1e-5)
 
 
-def test_an_empty_grid_is_an_error(store, ease):
-    with pytest.raises(ValueError, match="grid is empty"):
-        pipeline._best_on_valid(store, [], lambda h: ease.scoring(store, h), "ndcg@10")
+def test_an_empty_grid_is_an_error():
+    for table in ({"ease": {"l2": []}}, {"ease_recency": {"half_life": []}}):
+        with pytest.raises(ValueError, match=r"\[baselines.\*\]: a baseline's grid is empty"):
+            parse_run_config({"baselines": table})
 
 
 def test_test_time_ease_reads_the_validation_item_as_the_newest(store, ease):
