@@ -1,7 +1,8 @@
 """Every metric per user segment, with bootstrap CIs, retention and paired tests.
 
 A slice is one value of one segment column (``activity_tier = cold``, ``gender = F``, the
-held-out item's ``popularity_tier = tail``, or ``all``). Slices smaller than
+held-out item's ``popularity_tier = tail`` or one of its genres, ``held_out_genre = Drama``,
+or ``all``); an item of two genres puts its user in both genres' slices. Slices smaller than
 ``min_users`` are left out. For each slice and model: the mean of each metric with its
 bootstrap CI over users; for NDCG@10, the retention against the teacher with its paired
 bootstrap CI, and paired tests against the teacher and against the student's labels-only
@@ -32,6 +33,7 @@ from recdistill.stats import (
 
 ALL = "all"
 HELD_OUT_TIER = "held_out_popularity_tier"
+HELD_OUT_GENRE = "held_out_genre"
 
 
 @dataclass(frozen=True)
@@ -46,16 +48,20 @@ class SliceSpec:
     seed: int = 0
 
 
-def user_segments(data: Path, split: str = "test") -> pd.DataFrame:
-    """Per evaluated user, the value of every segment column (as strings), by ``user_id``."""
+def user_segments(data: Path, split: str = "test", *, genres: bool = False) -> pd.DataFrame:
+    """Per evaluated user, the value of every segment column (as strings), by ``user_id``;
+    with ``genres``, also the held-out item's genres (a tuple: the user is in each one's
+    slice)."""
     layout = DataLayout(Path(data))
     meta = read_meta(layout.root)
     users = pq.read_table(layout.users).to_pandas().set_index("user_id")
     segments = users[meta["user_segments"]].astype(str)
-    held_out = pq.read_table(layout.split(split)).to_pandas()
-    tiers = pq.read_table(layout.items).to_pandas().set_index("item_id")["popularity_tier"]
-    segments[HELD_OUT_TIER] = held_out.set_index("user_id")["item_id"].map(tiers)
-    return segments.loc[held_out["user_id"]]
+    held_out = pq.read_table(layout.split(split)).to_pandas().set_index("user_id")["item_id"]
+    items = pq.read_table(layout.items).to_pandas().set_index("item_id")
+    segments[HELD_OUT_TIER] = held_out.map(items["popularity_tier"])
+    if genres:
+        segments[HELD_OUT_GENRE] = held_out.map(items["genres"].map(tuple))
+    return segments.loc[held_out.index]
 
 
 def slice_table(
@@ -77,8 +83,7 @@ def slice_table(
     segments = segments.reindex(users)
     slices = [(ALL, ALL, np.ones(len(users), dtype=bool))]
     for column in segments.columns:
-        for value in sorted(segments[column].dropna().unique()):
-            chosen = (segments[column] == value).to_numpy()
+        for value, chosen in _members(segments[column]):
             if chosen.sum() >= spec.min_users:
                 slices.append((column, value, chosen))
 
@@ -119,6 +124,14 @@ def slice_table(
     if "retention" in table:
         table["flagged"] = table["retention"] < spec.retention_threshold
     return table
+
+
+def _members(column: pd.Series) -> list[tuple[str, np.ndarray]]:
+    """Each value of a segment column and who has it; a user whose value is a tuple (the
+    held-out item's genres) has each of its values."""
+    sets = column.map(lambda v: set(v) if isinstance(v, tuple) else {v} if pd.notna(v) else set())
+    values = sorted(set().union(*sets))
+    return [(value, np.array([value in held for held in sets])) for value in values]
 
 
 def _against_references(

@@ -93,3 +93,35 @@ def test_summary_carries_latency_and_fidelity(tiny_run):
     assert -1 <= student["metrics"]["kendall_tau"] <= 1
     assert 0 <= student["metrics"]["overlap@10"] <= 1
     assert "kendall_tau" not in summary["models"]["teacher"]["metrics"]
+
+
+def test_an_item_of_two_genres_puts_its_user_in_both_slices():
+    rng = np.random.default_rng(0)
+    users = np.arange(90)
+    per_user = pd.DataFrame(
+        {
+            "user_id": np.tile(users, 2),
+            "model": ["teacher"] * 90 + ["student"] * 90,
+            "ndcg@10": rng.random(180),
+        }
+    )
+    genres = [("Drama",)] * 30 + [("Comedy", "Drama")] * 30 + [("Comedy",)] * 20 + [()] * 10
+    segments = pd.DataFrame({"held_out_genre": genres}, index=users)
+    table = slice_table(
+        per_user,
+        segments,
+        SliceSpec(metrics=("ndcg@10",), min_users=25, replicates=50, permutations=50),
+        {REFERENCE: "teacher"},
+    )
+    sizes = table[table["model"] == "student"].set_index("value")["users"]
+    assert sizes.to_dict() == {ALL: 90, "Comedy": 50, "Drama": 60}
+    drama = per_user[(per_user["model"] == "student") & (per_user["user_id"] < 60)]
+    mean = table[(table["model"] == "student") & (table["value"] == "Drama")]["mean"].item()
+    assert mean == pytest.approx(drama["ndcg@10"].mean())
+
+
+def test_the_report_slices_the_held_out_item_s_genres(report):
+    segments = pd.read_parquet(report / "segments.parquet")
+    genres = segments[segments["segment"] == "held_out_genre"]
+    assert len(genres["value"].unique()) >= 2 and (genres["users"] >= 30).all()
+    assert "held_out_genre" in (report / "index.html").read_text()
