@@ -111,9 +111,7 @@ class RunBench:
         if teachers is None:
             teachers = {name: self.teacher(name) for name in stage.teachers}
         with tempfile.TemporaryDirectory() as scratch:
-            model, result = train_stage(
-                stage, stage.model, preset, teachers, self.store, Path(scratch)
-            )
+            model, result = train_stage(stage, preset, teachers, self.store, Path(scratch))
         print(
             f"  {label}: valid "
             + "  ".join(f"{name} {value:.4f}" for name, value in result.valid.items())

@@ -37,9 +37,7 @@ def train_variant(
         stage = dataclasses.replace(stage, epochs=epochs)
     store = FeatureStore(data, history_length=config.history_length)
     with tempfile.TemporaryDirectory() as scratch:
-        model, result = train_stage(
-            stage, stage.model, config.models[stage.model], {}, store, Path(scratch)
-        )
+        model, result = train_stage(stage, config.models[stage.model], {}, store, Path(scratch))
     return {
         "params": model.parameter_count(),
         "metric": stage.valid_metric,

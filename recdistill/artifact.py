@@ -66,9 +66,9 @@ from recdistill.manifest import (
     Manifest,
     read_manifest,
 )
-from recdistill.models import FeatureSpace, TwoTower
+from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
 from recdistill.quantize import QuantizationSpec, load_plain_state, plain_state, quantize
-from recdistill.recipe import StageRecord, read_record
+from recdistill.recipe import read_record
 from recdistill.summary import (
     BaselineModel,
     ChosenModel,
@@ -277,19 +277,11 @@ def load_artifact(directory: Path) -> Artifact:
                 f"do not match the feature snapshot's {store.cardinalities()}"
             )
         try:
-            record = from_json(
-                StageRecord,
-                {
-                    "preset": manifest.name,
-                    "model": spec_json["model"],
-                    "history_length": spec_json["history_length"],
-                    "quantization": spec_json.get("quantization"),
-                },
-            )
+            spec = from_json(TwoTowerSpec, spec_json["model"])
+            quantization = from_json(QuantizationSpec | None, spec_json.get("quantization"))
         except ValidationError as error:
             raise ArtifactError(f"artifact {directory}: {layout.spec.name}: {error}") from error
-        model = TwoTower(record.model, FeatureSpace.of(store))
-        quantization = record.quantization
+        model = TwoTower(spec, FeatureSpace.of(store))
         if quantization is not None:
             model = quantize(model, quantization)
         _check_shapes(directory, plain_state(model), weights)

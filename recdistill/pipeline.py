@@ -102,7 +102,6 @@ def run(config: RunConfig, data: Path, out: Path, *, resume: bool = False) -> Ru
         teachers = {name: teacher(name) for name in stage.teachers}
         model, result = train_stage(
             stage,
-            stage.model,
             config.models[stage.model],
             teachers,
             store,

@@ -42,7 +42,6 @@ class StageRecord:
 
 def train_stage(
     stage: StageSpec,
-    preset: str,
     spec: TwoTowerSpec,
     teachers: dict[str, Teacher],
     store: FeatureStore,
@@ -50,11 +49,11 @@ def train_stage(
     *,
     resume: bool = False,
 ) -> tuple[TwoTower, StageResult]:
-    """Train ``stage`` on a fresh model of ``spec`` (preset ``preset``) from ``teachers``;
-    returns the model at its best validation epoch and how training went."""
+    """Train ``stage`` on a fresh model of ``spec`` (its preset ``stage.model``) from
+    ``teachers``; returns the model at its best validation epoch and how training went."""
     layout = StageLayout(Path(directory))
     layout.root.mkdir(parents=True, exist_ok=True)
-    write_record(layout, StageRecord(preset, spec, store.history_length))
+    write_record(layout, StageRecord(stage.model, spec, store.history_length))
     torch.manual_seed(stage.seed)
     model = TwoTower(spec, FeatureSpace.of(store))
     result = Trainer(stage, model, teachers, store, layout.root).fit(resume=resume)
@@ -82,8 +81,19 @@ def load_stage_model(run: Path, name: str, store: FeatureStore) -> TwoTower:
             f"{layout.root} was trained on {record.history_length} items of history; "
             f"the features hold {store.history_length}"
         )
-    model = TwoTower(record.model, FeatureSpace.of(store))
-    if record.quantization is not None:
-        model = quantize(model, record.quantization)
-    load_plain_state(model, load_file(str(layout.weights)))
+    return load_model(record.model, store, layout.weights, record.quantization)
+
+
+def load_model(
+    spec: TwoTowerSpec,
+    store: FeatureStore,
+    weights: Path,
+    quantization: QuantizationSpec | None = None,
+) -> TwoTower:
+    """A model of ``spec`` on ``store``'s features with the weights in ``weights``
+    (int8 codes when ``quantization`` says so), in eval mode."""
+    model = TwoTower(spec, FeatureSpace.of(store))
+    if quantization is not None:
+        model = quantize(model, quantization)
+    load_plain_state(model, load_file(str(weights)))
     return model.eval()

@@ -59,16 +59,22 @@ def test_slices_retention_flags_and_holm(report):
     assert teacher["retention"].isna().all()
 
 
+def teacher_and_student(teacher: np.ndarray, student: np.ndarray) -> pd.DataFrame:
+    """Per-user NDCG@10 of a teacher and a student over users 0, 1, ..."""
+    users = np.arange(len(teacher))
+    return pd.DataFrame(
+        {
+            "user_id": np.tile(users, 2),
+            "model": ["teacher"] * len(users) + ["student"] * len(users),
+            "ndcg@10": np.concatenate([teacher, student]),
+        }
+    )
+
+
 def test_min_users_and_threshold_are_honoured():
     rng = np.random.default_rng(0)
     users = np.arange(100)
-    per_user = pd.DataFrame(
-        {
-            "user_id": np.tile(users, 2),
-            "model": ["teacher"] * 100 + ["student"] * 100,
-            "ndcg@10": np.concatenate([rng.random(100), rng.random(100) * 0.5]),
-        }
-    )
+    per_user = teacher_and_student(rng.random(100), rng.random(100) * 0.5)
     segments = pd.DataFrame({"tier": ["a"] * 80 + ["b"] * 20}, index=users)
     table = slice_table(
         per_user,
@@ -98,13 +104,7 @@ def test_summary_carries_latency_and_fidelity(tiny_run):
 def test_an_item_of_two_genres_puts_its_user_in_both_slices():
     rng = np.random.default_rng(0)
     users = np.arange(90)
-    per_user = pd.DataFrame(
-        {
-            "user_id": np.tile(users, 2),
-            "model": ["teacher"] * 90 + ["student"] * 90,
-            "ndcg@10": rng.random(180),
-        }
-    )
+    per_user = teacher_and_student(rng.random(90), rng.random(90))
     genres = [("Drama",)] * 30 + [("Comedy", "Drama")] * 30 + [("Comedy",)] * 20 + [()] * 10
     segments = pd.DataFrame({"held_out_genre": genres}, index=users)
     table = slice_table(

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file
 
 from recdistill.data.feature_store import FeatureStore
 from recdistill.evaluate import evaluate
-from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
-from recdistill.quantize import QuantizationSpec, load_plain_state, quantize
-from recdistill.recipe import load_stage_model
+from recdistill.models import TwoTower, TwoTowerSpec
+from recdistill.quantize import QuantizationSpec
+from recdistill.recipe import load_model, load_stage_model
 from recdistill.roles import REFERENCE
 from recdistill.segments import SliceSpec, slice_table, user_segments
 from recdistill.summary import SegmentedValidScore, SegmentScore
@@ -29,7 +28,6 @@ class Bench:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.store = FeatureStore(plan.data, history_length=plan.history_length)
-        self.space = FeatureSpace.of(self.store)
 
     @cached_property
     def teachers(self) -> dict[str, TwoTower]:
@@ -57,11 +55,7 @@ class Bench:
         self, spec: TwoTowerSpec, weights: Path, quantization: QuantizationSpec | None = None
     ) -> TwoTower:
         """A model from its weights file, rebuilt as ``load_artifact`` does."""
-        model = TwoTower(spec, self.space)
-        if quantization is not None:
-            model = quantize(model, quantization)
-        load_plain_state(model, load_file(str(weights)))
-        return model.eval()
+        return load_model(spec, self.store, weights, quantization)
 
     def validate(self, model: TwoTower) -> SegmentedValidScore:
         """Validation NDCG@10 and the teacher's NDCG@10 retained in every large segment."""

@@ -63,7 +63,6 @@ def search_one(bench: Bench, candidate: Candidate) -> CandidateResult:
     teachers = {name: bench.frozen[name] for name in candidate.stage.teachers}
     model, trained = train_stage(
         candidate.stage,
-        candidate.architecture,
         candidate.model,
         teachers,
         bench.store,
