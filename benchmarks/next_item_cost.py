@@ -27,7 +27,7 @@ from recdistill.config import load_run_config
 from recdistill.data.batches import FeatureStore
 from recdistill.models import FeatureSpace, TwoTower
 from recdistill.stage import LossTerm, StageSpec
-from recdistill.train import Trainer
+from recdistill.trainer import Trainer
 
 
 def variants(stage: StageSpec, negatives: int) -> dict[str, StageSpec]:

@@ -34,7 +34,7 @@ def train(data: Path, steps: int) -> dict | None:
     from recdistill.config import load_run_config
     from recdistill.data.batches import FeatureStore
     from recdistill.models import FeatureSpace, TwoTower
-    from recdistill.train import Trainer
+    from recdistill.trainer import Trainer
 
     world = distributed.world()
     config = load_run_config(CONFIG)

@@ -52,7 +52,7 @@ from safetensors.torch import load_file
 from recdistill.baselines import Ease
 from recdistill.config import load_run_config
 from recdistill.data.feature_store import FeatureStore
-from recdistill.data.tables import read_meta
+from recdistill.data.tables import EXTERNAL_ID, read_meta
 from recdistill.ensembles import BASELINE_MEMBERS, EaseMember
 from recdistill.errors import ArtifactError
 from recdistill.files import atomic_output_dir, write_json
@@ -342,9 +342,13 @@ def _write_features(data: DataLayout, out: DataLayout) -> None:
     out.root.mkdir()
     meta = read_meta(data.root)
     write_json(out.meta, {"source": meta["source"], "user_features": meta["user_features"]})
-    users = pq.read_table(data.users, columns=["user_id", *meta["user_features"]])
-    pq.write_table(users, out.users)
-    pq.write_table(pq.read_table(data.items, columns=["item_id", "genres"]), out.items)
+    for source, target, columns in (
+        (data.users, out.users, ["user_id", *meta["user_features"]]),
+        (data.items, out.items, ["item_id", "genres"]),
+    ):
+        if EXTERNAL_ID in pq.read_schema(source).names:
+            columns.append(EXTERNAL_ID)
+        pq.write_table(pq.read_table(source, columns=columns), target)
     for split in ("train", "valid"):
         columns = ["user_id", "item_id", "timestamp"]
         pq.write_table(pq.read_table(data.split(split), columns=columns), out.split(split))

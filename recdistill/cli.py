@@ -67,6 +67,45 @@ def _parser() -> argparse.ArgumentParser:
     movielens.add_argument("--seed", type=int, help="seed of the candidate sampling")
     movielens.set_defaults(handler=_data_movielens)
 
+    imported = sources.add_parser(
+        "import",
+        help="read your own interaction log (CSV, Parquet or JSON Lines) and feature tables",
+        description="Read an interaction log into a data directory (docs/data.md, "
+        '"Your own data"). Repeated events of a (user, item) pair count once, the latest kept.',
+    )
+    imported.add_argument(
+        "--interactions", type=Path, required=True, help="log file (.csv, .parquet, .jsonl)"
+    )
+    imported.add_argument("--user", required=True, help="column of the user ID")
+    imported.add_argument("--item", required=True, help="column of the item ID")
+    imported.add_argument("--time", required=True, help="column of the timestamp")
+    imported.add_argument(
+        "--time-unit",
+        default="auto",
+        help="s, ms or iso (%(default)s: numbers from 1e11 up as ms, below as s, text as iso)",
+    )
+    imported.add_argument("--rating", help="column of an explicit rating")
+    imported.add_argument("--min-rating", type=float, help="keep rows rated at least this")
+    imported.add_argument(
+        "--k-core", type=int, default=1, help="drop users and items with fewer partners"
+    )
+    imported.add_argument("--users", type=Path, help="table of user features")
+    imported.add_argument("--user-key", help="its user ID column (default: --user)")
+    imported.add_argument(
+        "--user-features", help="comma-separated categorical columns (default: all others)"
+    )
+    imported.add_argument("--items", type=Path, help="table of item features")
+    imported.add_argument("--item-key", help="its item ID column (default: --item)")
+    imported.add_argument("--item-categories", help="column of the item's categories")
+    imported.add_argument("--item-title", help="column of the item's display name")
+    imported.add_argument(
+        "--list-separator", default="|", help="joins categories in text (%(default)s)"
+    )
+    imported.add_argument("--out", type=Path, required=True, help="data directory to write")
+    imported.add_argument("--config", type=Path, help="TOML with a [data.split] table")
+    imported.add_argument("--seed", type=int, help="seed of the candidate sampling")
+    imported.set_defaults(handler=_data_import)
+
     train = commands.add_parser(
         "train", help="train teacher, intermediate and students; score baselines; summary.json"
     )
@@ -204,12 +243,47 @@ def _data_movielens(args: argparse.Namespace) -> None:
     print(describe(args.out))
 
 
-def _train(args: argparse.Namespace) -> None:
+def _data_import(args: argparse.Namespace) -> None:
+    from recdistill.api import prepare_data
     from recdistill.config import load_run_config
-    from recdistill.distributed import world
-    from recdistill.pipeline import run, summary_table
+    from recdistill.data.importer import ItemTable, UserTable
+    from recdistill.data.summary import describe
 
-    summary = run(load_run_config(args.config), args.data, args.out, resume=args.resume)
+    users = items = None
+    if args.users is not None:
+        features = tuple(args.user_features.split(",")) if args.user_features else ()
+        users = UserTable(args.users, args.user_key or args.user, features)
+    if args.items is not None:
+        items = ItemTable(
+            args.items,
+            args.item_key or args.item,
+            categories=args.item_categories,
+            title=args.item_title,
+            separator=args.list_separator,
+        )
+    prepare_data(
+        args.interactions,
+        args.out,
+        user=args.user,
+        item=args.item,
+        time=args.time,
+        rating=args.rating,
+        min_rating=args.min_rating,
+        time_unit=args.time_unit,
+        users=users,
+        items=items,
+        k_core=args.k_core,
+        split=_overridden(load_run_config(args.config).data.split, seed=args.seed),
+    )
+    print(describe(args.out))
+
+
+def _train(args: argparse.Namespace) -> None:
+    from recdistill.api import train
+    from recdistill.distributed import world
+    from recdistill.pipeline import summary_table
+
+    summary = train(args.config, args.data, args.out, resume=args.resume)
     if world().is_main:
         print(summary_table(summary))
         print(f"\nwrote {RunLayout(args.out).summary}")
@@ -226,13 +300,10 @@ def _sweep(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from recdistill.report import build_report
-    from recdistill.segments import SliceSpec
+    from recdistill.api import report
 
-    spec = _overridden(
-        SliceSpec(), min_users=args.min_users, retention_threshold=args.retention_threshold
-    )
-    print(f"wrote {build_report(args.run, spec)}")
+    page = report(args.run, min_users=args.min_users, retention_threshold=args.retention_threshold)
+    print(f"wrote {page}")
 
 
 def _export(args: argparse.Namespace) -> None:

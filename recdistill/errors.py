@@ -10,18 +10,22 @@ from pathlib import Path
 class DataFormatError(ValueError):
     """A malformed input file: ``str(error)`` reads ``<path> line <n>: <problem>``.
 
-    ``line`` is ``None`` when the problem concerns the whole file (e.g. it is empty).
+    ``line`` is ``None`` when the problem concerns the whole file (e.g. it is empty);
+    ``unit`` is ``"row"`` for files without lines (Parquet) and DataFrames.
     """
 
-    def __init__(self, path: Path, line: int | None, problem: str) -> None:
-        # Passing all three to ValueError keeps the error picklable (args rebuild it).
-        super().__init__(path, line, problem)
+    def __init__(
+        self, path: Path | str, line: int | None, problem: str, unit: str = "line"
+    ) -> None:
+        # Passing every argument to ValueError keeps the error picklable (args rebuild it).
+        super().__init__(path, line, problem, unit)
         self.path = path
         self.line = line
         self.problem = problem
+        self.unit = unit
 
     def __str__(self) -> str:
-        where = str(self.path) if self.line is None else f"{self.path} line {self.line}"
+        where = str(self.path) if self.line is None else f"{self.path} {self.unit} {self.line}"
         return f"{where}: {self.problem}"
 
 

@@ -92,13 +92,16 @@ class OnlineRanker:
 
     @torch.inference_mode()
     def rank(
-        self, user_id: int, candidates: np.ndarray, recent_items: np.ndarray | None = None
+        self, user_id: int | str, candidates: np.ndarray, recent_items: np.ndarray | None = None
     ) -> Ranking:
-        """Sort ``candidates`` (distinct external item IDs) for ``user_id``."""
+        """Sort ``candidates`` (distinct external item IDs, integers or strings as the data
+        has them) for ``user_id``."""
         store = self.store
-        candidates = np.asarray(candidates, dtype=np.int64)
-        items = store.items.index(candidates)
-        user = int(store.users.index(np.array([user_id]))[0])
+        candidates = np.asarray(candidates)
+        items = store.items.index(store.item_ids.lookup(candidates))
+        user = int(store.users.index(store.user_ids.lookup(np.array([user_id])))[0])
+        if recent_items is not None and len(recent_items):
+            recent_items = store.item_ids.lookup(np.asarray(recent_items))
         scores = self.scores(user, items, recent_items)
         order = torch.sort(scores, descending=True, stable=True).indices.numpy()
         return Ranking(

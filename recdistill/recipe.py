@@ -25,7 +25,7 @@ from recdistill.quantize import QuantizationSpec, load_plain_state, quantize
 from recdistill.stage import StageSpec
 from recdistill.summary import from_json, to_json
 from recdistill.teachers import Teacher
-from recdistill.train import StageResult, Trainer
+from recdistill.trainer import StageResult, Trainer
 
 
 @with_config(ConfigDict(extra="forbid"))

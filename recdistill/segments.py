@@ -1,8 +1,9 @@
 """Every metric per user segment, with bootstrap CIs, retention and paired tests.
 
 A slice is one value of one segment column (``activity_tier = cold``, ``gender = F``, the
-held-out item's ``popularity_tier = tail`` or one of its genres, ``held_out_genre = Drama``,
-or ``all``); an item of two genres puts its user in both genres' slices. Slices smaller than
+held-out item's ``popularity_tier = tail`` or one of its categories (the items table's
+``genres``: ``held_out_category = Drama``), or ``all``); an item of two categories puts its
+user in both categories' slices. Slices smaller than
 ``min_users`` are left out. For each slice and model: the mean of each metric with its
 bootstrap CI over users; for NDCG@10, the retention against the teacher with its paired
 bootstrap CI, and paired tests against the teacher and against the student's labels-only
@@ -33,7 +34,7 @@ from recdistill.stats import (
 
 ALL = "all"
 HELD_OUT_TIER = "held_out_popularity_tier"
-HELD_OUT_GENRE = "held_out_genre"
+HELD_OUT_CATEGORY = "held_out_category"
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,10 @@ class SliceSpec:
     seed: int = 0
 
 
-def user_segments(data: Path, split: str = "test", *, genres: bool = False) -> pd.DataFrame:
+def user_segments(data: Path, split: str = "test", *, categories: bool = False) -> pd.DataFrame:
     """Per evaluated user, the value of every segment column (as strings), by ``user_id``;
-    with ``genres``, also the held-out item's genres (a tuple: the user is in each one's
-    slice)."""
+    with ``categories``, also the held-out item's categories (a tuple: the user is in each
+    one's slice)."""
     layout = DataLayout(Path(data))
     meta = read_meta(layout.root)
     users = pq.read_table(layout.users).to_pandas().set_index("user_id")
@@ -59,8 +60,8 @@ def user_segments(data: Path, split: str = "test", *, genres: bool = False) -> p
     held_out = pq.read_table(layout.split(split)).to_pandas().set_index("user_id")["item_id"]
     items = pq.read_table(layout.items).to_pandas().set_index("item_id")
     segments[HELD_OUT_TIER] = held_out.map(items["popularity_tier"])
-    if genres:
-        segments[HELD_OUT_GENRE] = held_out.map(items["genres"].map(tuple))
+    if categories:
+        segments[HELD_OUT_CATEGORY] = held_out.map(items["genres"].map(tuple))
     return segments.loc[held_out.index]
 
 

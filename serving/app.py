@@ -178,6 +178,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             )
         arm = state.routing.arm_of(body.user_id)
         ranker = state.rankers[arm.model]
+        _require_id_kinds(body, ranker)
         ranking = ranker.rank(
             body.user_id, np.asarray(body.candidates), np.asarray(body.recent_items)
         )
@@ -334,6 +335,22 @@ def _load_all(settings: ServerSettings) -> dict[str, OnlineRanker]:
             raise ValueError(f"two artifacts are both named {ranker.name!r}")
         rankers[ranker.name] = ranker
     return rankers
+
+
+def _require_id_kinds(body: RankRequest, ranker: OnlineRanker) -> None:
+    """A 422 unless the request's IDs are strings where the model's data has string IDs and
+    integers where it has integer ones."""
+    for what, ids, textual in (
+        ("user_id", [body.user_id], ranker.store.user_ids.names is not None),
+        (
+            "item IDs",
+            [*body.candidates, *body.recent_items],
+            ranker.store.item_ids.names is not None,
+        ),
+    ):
+        if any(isinstance(value, str) != textual for value in ids):
+            kind = "strings" if textual else "integers"
+            raise HTTPException(422, f"{what}: the model {ranker.name!r} has {kind} as IDs")
 
 
 def _warm_up(ranker: OnlineRanker, max_candidates: int) -> None:

@@ -14,7 +14,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-ExternalId = Annotated[int, Field(strict=True, ge=-(2**63), le=2**63 - 1)]
+# An ID as the data has it: an integer, or a string for data imported with string IDs.
+ExternalId = (
+    Annotated[int, Field(strict=True, ge=-(2**63), le=2**63 - 1)]
+    | Annotated[str, Field(min_length=1, max_length=256)]
+)
 
 
 class RankRequest(BaseModel):
@@ -29,7 +33,7 @@ class RankRequest(BaseModel):
 
     @field_validator("candidates")
     @classmethod
-    def _distinct(cls, candidates: list[int]) -> list[int]:
+    def _distinct(cls, candidates: list[int | str]) -> list[int | str]:
         if len(set(candidates)) != len(candidates):
             raise ValueError("candidates must be distinct")
         return candidates
@@ -48,7 +52,7 @@ class ReloadRequest(BaseModel):
 class RankedItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    item_id: int
+    item_id: int | str
     score: float
 
 
@@ -60,7 +64,7 @@ class RankResponse(BaseModel):
     version: str
     arm: str
     cold_start: bool
-    unknown_items: list[int]
+    unknown_items: list[int | str]
     items: list[RankedItem]
 
 

@@ -28,7 +28,7 @@ from recdistill.data.batches import CandidateLists, TrainSequences
 from recdistill.data.feature_store import FeatureStore, SequenceBatch
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
 from recdistill.stage import LossTerm, StageSpec
-from recdistill.train import Trainer
+from recdistill.trainer import Trainer
 
 SEQUENCE = "sequence"
 

@@ -19,7 +19,7 @@ from recdistill.data.batches import FeatureStore
 from recdistill.errors import TrainingDiverged
 from recdistill.losses import LOSSES
 from recdistill.models import FeatureSpace, TwoTower
-from recdistill.train import Trainer
+from recdistill.trainer import Trainer
 
 BAD_BATCH = 2
 

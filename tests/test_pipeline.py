@@ -9,7 +9,7 @@ from recdistill.cli import main
 from recdistill.config import load_run_config, parse_run_config
 from recdistill.losses import LOSSES
 from recdistill.pipeline import run
-from recdistill.train import Trainer
+from recdistill.trainer import Trainer
 from tests.conftest import ONE_STAGE, TINY
 
 MODELS = [

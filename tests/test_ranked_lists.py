@@ -11,7 +11,7 @@ from recdistill.losses import listmle_loss
 from recdistill.ranked_lists import ListSpec, rrd_lists
 from recdistill.stage import LossTerm
 from recdistill.teachers import FrozenTeacher
-from recdistill.train import Trainer
+from recdistill.trainer import Trainer
 from tests.test_train import fresh_model, log_of, stage
 
 

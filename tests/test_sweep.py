@@ -26,7 +26,7 @@ from recdistill.summary import (
 from recdistill.sweep.plan import load_plan
 from recdistill.sweep.search import search
 from recdistill.sweep.selection import finalize, meets, pareto_frontier, select
-from recdistill.train import Trainer
+from recdistill.trainer import Trainer
 
 TEST_FILES = ("test.parquet", "candidates_test.parquet")
 

@@ -13,9 +13,9 @@ from matplotlib.figure import Figure
 
 from recdistill.ab_spec import METRICS, ExperimentSpec
 from recdistill.abtest.analysis import ALL, Analysis
+from recdistill.evaluation_report import bars_with_ci, figure_png, template_environment
 from recdistill.files import write_json
 from recdistill.layout import AbTestLayout
-from recdistill.report import bars_with_ci, figure_png, template_environment
 
 
 def write_report(

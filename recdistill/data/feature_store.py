@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recdistill.data.ids import IdCodes
 from recdistill.data.sampling import pair_keys
 from recdistill.data.tables import read_meta
 from recdistill.layout import DEFAULT_HISTORY_LENGTH, DataLayout
@@ -153,6 +154,9 @@ class FeatureStore:
         self.user_features: tuple[str, ...] = tuple(meta["user_features"])
         self.users = Vocabulary.of(users.column("user_id").to_numpy())
         self.items = Vocabulary.of(items.column("item_id").to_numpy())
+        # The user's own IDs, for data imported with string IDs.
+        self.user_ids = IdCodes.of_table(users, "user_id")
+        self.item_ids = IdCodes.of_table(items, "item_id")
 
         self.feature_vocabularies: dict[str, Vocabulary] = {}
         self.user_codes: dict[str, np.ndarray] = {}

@@ -72,6 +72,17 @@ def prepare(directory: Path, spec: SplitSpec) -> dict:
     item_ids = items.column("item_id").to_numpy()
 
     splits = _write_splits(layout, user_ids, item_ids, spec.seed)
+    if not splits.evaluated.any():
+        raise ValueError(
+            f"no user has the {MIN_INTERACTIONS} distinct items an evaluation needs "
+            "(train, validation and test)"
+        )
+    if splits.user_counts.max() + spec.negatives > len(item_ids):
+        raise ValueError(
+            f"a user has chosen {splits.user_counts.max()} of the {len(item_ids)} items, too "
+            f"few left to sample {spec.negatives} unseen candidates per list: lower negatives "
+            "in [data.split]"
+        )
     _write_candidates(layout, splits, user_ids, item_ids, spec)
     activity_thresholds = _write_segments(layout, users, items, splits, spec)
 

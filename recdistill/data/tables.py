@@ -34,6 +34,9 @@ INTERACTIONS_SCHEMA = pa.schema(
 )
 
 SPLITS = ("train", "valid", "test")
+# The users and items tables of data imported with string IDs keep the user's own ID here,
+# beside the integer code that ``user_id`` / ``item_id`` hold.
+EXTERNAL_ID = "external_id"
 
 
 @dataclass(frozen=True)

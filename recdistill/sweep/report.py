@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from recdistill.evaluation_report import figure_png, template_environment
 from recdistill.layout import SweepLayout
-from recdistill.report import figure_png, template_environment
 from recdistill.segments import ALL
 from recdistill.summary import CandidateResult, Selection, SweepSummary, read_summary
 from recdistill.sweep.plan import CLOCKS, METRIC

@@ -36,7 +36,9 @@ def build_report(run: Path, spec: SliceSpec | None = None) -> Path:
     roles = load_run_config(layout.config).roles
     references = {REFERENCE: roles.reference, SCRATCH: roles.scratch}
     per_user = pq.read_table(layout.per_user).to_pandas()
-    table = slice_table(per_user, user_segments(Path(summary.data), genres=True), spec, references)
+    table = slice_table(
+        per_user, user_segments(Path(summary.data), categories=True), spec, references
+    )
     out = layout.report
     out.root.mkdir(exist_ok=True)
     table.to_parquet(out.segments, index=False)

@@ -11,7 +11,7 @@ from recdistill.losses import LOSSES
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
 from recdistill.stage import LossTerm, StageSpec
 from recdistill.teachers import FrozenTeacher
-from recdistill.train import EpochStats, StageResult, Trainer, TrainState
+from recdistill.trainer import EpochStats, StageResult, Trainer, TrainState
 
 SMALL = TwoTowerSpec(embedding_dim=8, tower=(8,), feature_dim=2, dropout=0.2)
 

@@ -106,7 +106,7 @@ def test_an_item_of_two_genres_puts_its_user_in_both_slices():
     users = np.arange(90)
     per_user = teacher_and_student(rng.random(90), rng.random(90))
     genres = [("Drama",)] * 30 + [("Comedy", "Drama")] * 30 + [("Comedy",)] * 20 + [()] * 10
-    segments = pd.DataFrame({"held_out_genre": genres}, index=users)
+    segments = pd.DataFrame({"held_out_category": genres}, index=users)
     table = slice_table(
         per_user,
         segments,
@@ -122,6 +122,6 @@ def test_an_item_of_two_genres_puts_its_user_in_both_slices():
 
 def test_the_report_slices_the_held_out_item_s_genres(report):
     segments = pd.read_parquet(report / "segments.parquet")
-    genres = segments[segments["segment"] == "held_out_genre"]
+    genres = segments[segments["segment"] == "held_out_category"]
     assert len(genres["value"].unique()) >= 2 and (genres["users"] >= 30).all()
-    assert "held_out_genre" in (report / "index.html").read_text()
+    assert "held_out_category" in (report / "index.html").read_text()
