@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from recdistill.config import load_run_config
 from recdistill.layout import RunLayout
 from recdistill.roles import REFERENCE, SCRATCH
-from recdistill.segments import ALL, SliceSpec, slice_table, user_segments
+from recdistill.segments import ALL, HELD_OUT_CATEGORY, SliceSpec, slice_table, user_segments
 from recdistill.summary import RunSummary, TrainedModel, read_summary
 
 
@@ -131,7 +131,16 @@ def _findings(key: pd.DataFrame, spec: SliceSpec) -> list[str]:
             if flagged
             else f"no slice below {spec.retention_threshold:.0%}"
         )
-        lines.append(f"{model}: lost most on " + "; ".join(parts) + f" — {verdict}.")
+        line = f"{model}: lost most on " + "; ".join(parts) + f" — {verdict}."
+        categories = group[group["segment"] == HELD_OUT_CATEGORY]
+        if len(categories):
+            low = categories.loc[categories["retention"].idxmin()]
+            high = categories.loc[categories["retention"].idxmax()]
+            line += (
+                f" Across the held-out item's {len(categories)} categories: retention "
+                f"{low.retention:.1%} ({low.value}) to {high.retention:.1%} ({high.value})."
+            )
+        lines.append(line)
     return lines
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from recdistill.cli import main
 from recdistill.roles import REFERENCE
-from recdistill.segments import ALL, SliceSpec, slice_table
+from recdistill.segments import ALL, SliceSpec, slice_table, user_segments
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +120,26 @@ def test_an_item_of_two_genres_puts_its_user_in_both_slices():
     assert mean == pytest.approx(drama["ndcg@10"].mean())
 
 
-def test_the_report_slices_the_held_out_item_s_genres(report):
+def test_the_report_slices_the_held_out_item_s_categories(report):
     segments = pd.read_parquet(report / "segments.parquet")
     genres = segments[segments["segment"] == "held_out_category"]
     assert len(genres["value"].unique()) >= 2 and (genres["users"] >= 30).all()
     assert "held_out_category" in (report / "index.html").read_text()
+    assert "Across the held-out item's" in (report / "report.md").read_text()
+
+
+def test_ml100k_slices_the_held_out_movie_s_genres(ml100k_dir):
+    segments = user_segments(ml100k_dir, categories=True)
+    rng = np.random.default_rng(0)
+    per_user = teacher_and_student(rng.random(len(segments)), rng.random(len(segments)))
+    per_user["user_id"] = np.tile(segments.index.to_numpy(), 2)
+    spec = SliceSpec(metrics=("ndcg@10",), min_users=30, replicates=20, permutations=20)
+    table = slice_table(per_user, segments, spec, {REFERENCE: "teacher"})
+    genres = table[(table["segment"] == "held_out_category") & (table["model"] == "student")]
+    users = genres.set_index("value")["users"]
+    assert {"Drama", "Comedy", "Action", "Thriller", "Romance"} <= set(users.index)
+
+    test = pd.read_parquet(ml100k_dir / "test.parquet")
+    items = pd.read_parquet(ml100k_dir / "items.parquet").set_index("item_id")["genres"]
+    held_out_genres = test["item_id"].map(items).map(list)
+    assert users["Drama"] == sum("Drama" in genres for genres in held_out_genres)
