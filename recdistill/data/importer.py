@@ -1,5 +1,5 @@
 """Read a user's own interaction log, and optional user and item tables, into the canonical
-tables (a :class:`RawDataset`), as ``recdistill data import`` and :func:`recdistill.prepare_data` do.
+tables (a :class:`RawDataset`), for ``recdistill data import`` and ``recdistill.prepare_data``.
 
 Sources are CSV (with a header), Parquet or JSON Lines files, told apart by their suffix, or
 pandas DataFrames. The rules, stated once:
@@ -159,8 +159,8 @@ def import_interactions(interactions: Source, spec: ImportSpec) -> Imported:
         optional = (spec.items.categories, spec.items.title)
         wanted_items = [spec.items.key, *(c for c in optional if c is not None)]
         item_source = _Table.load(spec.items.source, wanted_items, "items")
-    user_codes = _catalogue(users, kept, user_source, spec.users, "user", notes)
-    item_codes = _catalogue(items, kept, item_source, spec.items, "item", notes)
+    user_codes = _catalogue(users, kept, user_source, spec.users, "user")
+    item_codes = _catalogue(items, kept, item_source, spec.items, "item")
     user_features, user_table = _user_table(spec.users, user_source, user_codes, notes)
     return Imported(
         raw=RawDataset(
@@ -188,7 +188,6 @@ def _catalogue(
     source: _Table | None,
     table: UserTable | ItemTable | None,
     who: str,
-    notes: list[str],
 ) -> IdCodes:
     """The users (items) of the kept interactions, and those of the feature table that the
     log never mentions (a catalogue item nobody chose yet); those the k-core or the minimum
@@ -200,10 +199,9 @@ def _catalogue(
     listed = source.ids(table.key)
     known = in_log.encode(listed) >= 0
     if not known.any():
+        first = source.frame[table.key].iloc[0]
         raise source.error(
-            0,
-            table.key,
-            f"no {who} ID of this table has an interaction (first: {source.frame[table.key].iloc[0]!r})",
+            0, table.key, f"no {who} ID of this table has an interaction (first: {first!r})"
         )
     unseen = listed[~known]
     if in_log.names is not None:
