@@ -19,6 +19,8 @@ DEMO_DATA := data/synthetic
 DEMO_RUN := runs/synthetic
 DEMO_ARTIFACTS := artifacts/synthetic
 SERVED := popularity teacher student
+# `make demo TRACK=1` also logs the run to MLflow (./mlruns; docs/experiment-tracking.md).
+TRACK :=
 
 .PHONY: demo test loadtest venv clean
 
@@ -34,7 +36,8 @@ $(INSTALLED): pyproject.toml Makefile
 demo: $(INSTALLED)
 	$(BIN)/recdistill data synthetic --config $(DEMO_CONFIG) --out $(DEMO_DATA)
 	rm -rf $(DEMO_RUN)
-	$(BIN)/recdistill train --config $(DEMO_CONFIG) --data $(DEMO_DATA) --out $(DEMO_RUN)
+	$(BIN)/recdistill train --config $(DEMO_CONFIG) --data $(DEMO_DATA) --out $(DEMO_RUN) \
+	    $(if $(TRACK),--track)
 	$(BIN)/recdistill report --run $(DEMO_RUN)
 	for model in $(SERVED); do \
 	    $(BIN)/recdistill export --run $(DEMO_RUN) --model $$model --out $(DEMO_ARTIFACTS)/$$model || exit 1; \
