@@ -136,7 +136,7 @@ class Tracker:
         from mlflow.entities import Metric, Param
         from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
-        logged = [Param(_name(k), _param_value(v)) for k, v in flatten(params or {}).items()]
+        logged = [Param(_name(k), _param_value(v)) for k, v in _flatten(params or {}).items()]
         for start in range(0, len(logged), MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(run_id, params=logged[start : start + MAX_PARAMS_TAGS_PER_BATCH])
         now = int(time.time() * 1000)
@@ -209,7 +209,7 @@ def _started(spec: TrackingSpec, layout: RunLayout, config: Path) -> Tracker:
 def _continued(layout: RunLayout) -> Tracker:
     """The recorded run, running again, with its finished children; a child cut short (its
     process died while logging it) is deleted, to be logged anew."""
-    record = read_record(layout)
+    record = _read_record(layout)
     client = _client(record.uri)
     experiment_id = client.get_run(record.run_id).info.experiment_id
     client.update_run(record.run_id, status="RUNNING")
@@ -222,14 +222,16 @@ def _continued(layout: RunLayout) -> Tracker:
     return Tracker(client, record.run_id, experiment_id, children)
 
 
-def read_record(layout: RunLayout) -> TrackingRecord:
+def _read_record(layout: RunLayout) -> TrackingRecord:
     return TrackingRecord(**json.loads(layout.tracking.read_text()))
 
 
-def log_stage(tracker: Tracker, stage: StageSpec, model: TwoTowerSpec, logs: StageLayout) -> None:
+def log_stage(
+    tracker: Tracker, stage: StageSpec, model: TwoTowerSpec, directory: StageLayout
+) -> None:
     """A finished stage as a child run: its spec and its model's as params, and each epoch's
     training loss and validation metrics (``log.jsonl``) as metrics at step = epoch."""
-    epochs = [json.loads(line) for line in logs.log.read_text().splitlines()]
+    epochs = [json.loads(line) for line in directory.log.read_text().splitlines()]
     tracker.log_child(
         stage.name,
         params={"stage": dataclasses.asdict(stage), "model": dataclasses.asdict(model)},
@@ -267,7 +269,7 @@ def log_sweep(tracker: Tracker, layout: RunLayout, summary: SweepSummary) -> Non
 def log_report(layout: RunLayout) -> None:
     """Add the run's report to its MLflow run, if it was tracked (it has ``tracking.json``)."""
     if layout.tracking.exists():
-        record, report = read_record(layout), layout.report.root
+        record, report = _read_record(layout), layout.report.root
         _client(record.uri).log_artifacts(record.run_id, str(report), report.name)
 
 
@@ -290,12 +292,12 @@ def _candidate_metrics(result: CandidateResult) -> dict[str, float]:
     return metrics
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``tree``'s leaves by dotted key (``stages.student.lists.depth``); a list is a leaf."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict) and value:
-            flat |= flatten(value, f"{prefix}{key}.")
+            flat |= _flatten(value, f"{prefix}{key}.")
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -323,7 +325,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _context_tags(tags: dict[str, str]) -> dict[str, str]:
-    """``tags`` and those MLflow's own runs carry (user, source)."""
+    """``tags`` and those MLflow's own runs carry (user, source, git commit)."""
     from mlflow.tracking.context.registry import resolve_tags
 
     return resolve_tags(tags)
