@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 from typing import Any, TypeVar
 
-from recdistill.errors import TrainingDiverged
+from recdistill.errors import MissingExtra, TrainingDiverged
 from recdistill.layout import RunLayout, SweepLayout
 from recdistill.server import GRACEFUL_SHUTDOWN_S, SETTINGS_ENV, ServerSettings, routing_for
 
 Spec = TypeVar("Spec")
+TRACK_HELP = "log to MLflow, whatever [tracking] says (docs/experiment-tracking.md)"
 EXAMPLES = """commands:
   recdistill data synthetic --out data/synthetic [--users N --items M --seed S]
   recdistill data movielens --path ../shared/datasets/ml-100k --out data/ml100k
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.handler(args)
-    except (ValueError, KeyError, FileNotFoundError, TrainingDiverged) as error:
+    except (ValueError, KeyError, FileNotFoundError, TrainingDiverged, MissingExtra) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"recdistill: error: {message}", file=sys.stderr)
         return 2
@@ -113,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--data", type=Path, required=True, help="data directory")
     train.add_argument("--out", type=Path, required=True, help="run directory to write")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoints")
+    train.add_argument("--track", action="store_true", help=TRACK_HELP)
     train.set_defaults(handler=_train)
 
     sweep = commands.add_parser(
@@ -125,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--jobs", type=int, default=1, help="candidates trained in parallel (%(default)s)"
     )
+    sweep.add_argument("--track", action="store_true", help=TRACK_HELP)
     sweep.set_defaults(handler=_sweep)
 
     report = commands.add_parser(
@@ -280,10 +283,12 @@ def _data_import(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from recdistill.api import train
+    from recdistill.config import load_run_config
     from recdistill.distributed import world
     from recdistill.pipeline import summary_table
 
-    summary = train(args.config, args.data, args.out, resume=args.resume)
+    tracked = {"tracking": {"enabled": True}} if args.track else None
+    summary = train(load_run_config(args.config, tracked), args.data, args.out, resume=args.resume)
     if world().is_main:
         print(summary_table(summary))
         print(f"\nwrote {RunLayout(args.out).summary}")
@@ -293,7 +298,7 @@ def _sweep(args: argparse.Namespace) -> None:
     from recdistill.sweep import run_sweep
     from recdistill.sweep.report import candidates_table
 
-    summary = run_sweep(args.config, args.data, args.out, jobs=args.jobs)
+    summary = run_sweep(args.config, args.data, args.out, jobs=args.jobs, track=args.track)
     print(candidates_table(summary))
     layout = SweepLayout(args.out)
     print(f"\nwrote {layout.summary} and {layout.report.index}")

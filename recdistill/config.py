@@ -34,6 +34,7 @@ from recdistill.roles import REFERENCE, STUDENT, Roles, check_roles, check_stage
 from recdistill.routing import Arm, Routing
 from recdistill.stage import LossTerm, StageSpec
 from recdistill.summary import SelectionSpec
+from recdistill.tracking import TrackingSpec
 
 Spec = TypeVar("Spec")
 HISTORY_LENGTH = "history_length"
@@ -98,6 +99,7 @@ class RunConfig:
     ensembles: dict[str, EnsembleSpec] = field(default_factory=dict)
     baselines: BaselineGrids = field(default_factory=BaselineGrids)
     roles: Roles | None = None
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
 
     def __post_init__(self) -> None:
         if self.stages:
@@ -172,6 +174,7 @@ def parse_run_config(raw: dict[str, Any]) -> RunConfig:
             ),
         ),
         roles=spec_from(Roles, section(raw, "roles"), "[roles]") if "roles" in raw else None,
+        tracking=spec_from(TrackingSpec, section(raw, "tracking"), "[tracking]"),
     )
 
 
@@ -255,7 +258,7 @@ class SweepSpec:
 class SweepConfig:
     """``recdistill sweep``'s config: ``[sweep]``, the budget (``[selection]``), the int8 copy
     (``[quantization]``), and a run config's ``[train]`` defaults and ``[models.*]`` presets,
-    each trained with every loss mix of ``[mixes]``."""
+    each trained with every loss mix of ``[mixes]``; ``[tracking]`` as a run config's."""
 
     sweep: SweepSpec
     selection: SelectionSpec = field(default_factory=SelectionSpec)
@@ -263,6 +266,7 @@ class SweepConfig:
     train: TrainDefaults = field(default_factory=TrainDefaults)
     models: dict[str, TwoTowerSpec] = field(default_factory=dict)
     mixes: dict[str, tuple[LossTerm, ...]] = field(default_factory=dict)
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
 
     def __post_init__(self) -> None:
         if not self.models or not self.mixes:
@@ -281,6 +285,7 @@ def load_sweep_config(path: Path) -> SweepConfig:
             name: _loss_terms(terms, f"[mixes] {name}")
             for name, terms in section(raw, "mixes").items()
         },
+        tracking=spec_from(TrackingSpec, section(raw, "tracking"), "[tracking]"),
     )
 
 
@@ -373,6 +378,7 @@ def _run_tables(config: RunConfig) -> dict[tuple[str, ...], dict[str, Any]]:
     }
     if config.roles is not None:
         tables["roles",] = _fields(config.roles)
+    tables["tracking",] = _fields(config.tracking)
     for stage in config.stages:
         tables["stages", stage.name] = {
             "model": stage.model,

@@ -35,3 +35,8 @@ class ArtifactError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """A stage's loss or gradients stopped being finite; its weights were not stepped."""
+
+
+class MissingExtra(ImportError):
+    """A feature asked for needs an optional dependency that is not installed: the message
+    says which extra installs it."""

@@ -2,7 +2,8 @@
 
 Reads a run (``summary.json``, ``per_user.parquet``, the stages' logs) and its data
 directory's segments; writes ``report/index.html`` (one self-contained file, plots
-embedded), ``report/report.md`` and ``report/segments.parquet``.
+embedded), ``report/report.md`` and ``report/segments.parquet``, and adds them to the run's
+MLflow run if the run was tracked.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from recdistill.layout import RunLayout
 from recdistill.roles import REFERENCE, SCRATCH
 from recdistill.segments import ALL, HELD_OUT_CATEGORY, SliceSpec, slice_table, user_segments
 from recdistill.summary import RunSummary, TrainedModel, read_summary
+from recdistill.tracking import log_report
 
 
 def build_report(run: Path, spec: SliceSpec | None = None) -> Path:
@@ -69,6 +71,7 @@ def build_report(run: Path, spec: SliceSpec | None = None) -> Path:
     environment = template_environment()
     out.index.write_text(environment.get_template("report.html.j2").render(context))
     out.markdown.write_text(environment.get_template("report.md.j2").render(context))
+    log_report(layout)
     return out.index
 
 

@@ -11,6 +11,7 @@ feature snapshot are themselves layouts (:class:`StageLayout`, :class:`Candidate
         truth.safetensors truth.json                  (synthetic data only)
     runs/<name>/                 RunLayout
         config.toml summary.json per_user.parquet scores_test.safetensors
+        tracking.json            (tracked runs only: their MLflow run and its store)
         <stage>/                 StageLayout
             checkpoint.pt model.safetensors log.jsonl stage.json train_<states|top<depth>>_<teacher>_<fp>.npy
         report/                  ReportLayout: index.html report.md segments.parquet
@@ -56,6 +57,7 @@ STAGE_RECORD = "stage.json"
 LOG = "log.jsonl"
 INT8_WEIGHTS = "model_int8.safetensors"
 RESULT = "result.json"
+TRACKING = "tracking.json"
 # A report directory
 REPORT_HTML = "index.html"
 REPORT_MARKDOWN = "report.md"
@@ -143,6 +145,8 @@ class RunLayout:
     summary = _File(SUMMARY)
     per_user = _File(PER_USER)
     scores = _File(SCORES)
+    # The MLflow run the directory is logged to, when tracking is on (recdistill.tracking).
+    tracking = _File(TRACKING)
 
     @property
     def report(self) -> ReportLayout:

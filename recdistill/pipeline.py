@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from safetensors.numpy import save_file
 from scipy import stats
 
-from recdistill import distributed
+from recdistill import distributed, tracking
 from recdistill.baselines import Ease, Popularity
 from recdistill.config import RunConfig
 from recdistill.data.feature_store import FeatureStore
@@ -60,7 +60,8 @@ Tuned = TypeVar("Tuned")
 
 def run(config: RunConfig, data: Path, out: Path, *, resume: bool = False) -> RunSummary:
     """Train every stage of ``config`` on ``data`` into run directory ``out``, score every
-    model and write ``summary.json``; ``resume`` continues from the stages' checkpoints."""
+    model and write ``summary.json``; ``resume`` continues from the stages' checkpoints.
+    With ``[tracking]`` on, the run is logged to MLflow as it goes (:mod:`recdistill.tracking`)."""
     if not config.stages:
         raise ValueError("the config has no [stages.*] tables")
     world = distributed.world()
@@ -72,72 +73,78 @@ def run(config: RunConfig, data: Path, out: Path, *, resume: bool = False) -> Ru
     layout.root.mkdir(parents=True, exist_ok=True)
     if world.is_main:
         atomic_write(layout.config, lambda path: path.write_text(config.to_toml()))
-    # Fitted when an ensemble needs them as members, else once training is over.
-    baselines = cache(partial(fit_baselines, store, config))
+    with tracking.tracked_run(config.tracking, layout, layout.config, resume=resume) as tracker:
+        # Fitted when an ensemble needs them as members, else once training is over.
+        baselines = cache(partial(fit_baselines, store, config))
 
-    models: dict[str, Any] = {}
-    # A trained stage, frozen once as the teacher of every later stage that learns from it,
-    # and each ensemble, built once from its trained members.
-    frozen: dict[str, Teacher] = {}
-    # Each model's summary entry, waiting for its test metrics and latency.
-    entries: dict[str, Callable[..., TrainedModel | EnsembleModel | BaselineModel]] = {}
+        models: dict[str, Any] = {}
+        # A trained stage, frozen once as the teacher of every later stage that learns from it,
+        # and each ensemble, built once from its trained members.
+        frozen: dict[str, Teacher] = {}
+        # Each model's summary entry, waiting for its test metrics and latency.
+        entries: dict[str, Callable[..., TrainedModel | EnsembleModel | BaselineModel]] = {}
 
-    def teacher(name: str) -> Teacher:
-        if name not in frozen:
-            directory = layout.stage(name).root
-            if name in config.ensembles:
-                spec = config.ensembles[name]
-                members = {
-                    m: EaseMember.of(baselines()[0][m]) if m in BASELINE_MEMBERS else teacher(m)
-                    for m in spec.members
-                }
-                frozen[name], entries[name] = choose_ensemble(
-                    spec, members, models, store, config.train.valid_metric, directory
-                )
-            else:
-                frozen[name] = FrozenTeacher(name, models[name], store, cache=directory)
-        return frozen[name]
+        def teacher(name: str) -> Teacher:
+            if name not in frozen:
+                directory = layout.stage(name).root
+                if name in config.ensembles:
+                    spec = config.ensembles[name]
+                    members = {
+                        m: EaseMember.of(baselines()[0][m]) if m in BASELINE_MEMBERS else teacher(m)
+                        for m in spec.members
+                    }
+                    frozen[name], entries[name] = choose_ensemble(
+                        spec, members, models, store, config.train.valid_metric, directory
+                    )
+                else:
+                    frozen[name] = FrozenTeacher(name, models[name], store, cache=directory)
+            return frozen[name]
 
-    for stage in config.stages:
-        teachers = {name: teacher(name) for name in stage.teachers}
-        model, result = train_stage(
-            stage,
-            config.models[stage.model],
-            teachers,
-            store,
-            layout.stage(stage.name).root,
-            resume=resume,
-        )
-        models[stage.name] = model
-        training = Training(
-            teachers=list(stage.teachers),
-            losses=[f"{t.weight:g}·{t.fn}({t.source})" for t in stage.losses],
-            lists=stage.lists,
-            best_epoch=result.best_epoch,
-            epochs_run=result.epochs_run,
-            valid_metric=stage.valid_metric,
-            valid=result.valid,
-            train_seconds=result.seconds,
-            examples_per_second=result.examples_per_second,
-        )
-        entries[stage.name] = partial(
-            TrainedModel,
-            preset=stage.model,
-            params=model.parameter_count(),
-            multiply_adds=MultiplyAdds(**model.multiply_adds(meta["list_size"])),
-            training=training,
-        )
-    for name in config.ensembles:
-        models[name] = teacher(name)
+        for stage in config.stages:
+            teachers = {name: teacher(name) for name in stage.teachers}
+            model, result = train_stage(
+                stage,
+                config.models[stage.model],
+                teachers,
+                store,
+                layout.stage(stage.name).root,
+                resume=resume,
+            )
+            models[stage.name] = model
+            training = Training(
+                teachers=list(stage.teachers),
+                losses=[f"{t.weight:g}·{t.fn}({t.source})" for t in stage.losses],
+                lists=stage.lists,
+                best_epoch=result.best_epoch,
+                epochs_run=result.epochs_run,
+                valid_metric=stage.valid_metric,
+                valid=result.valid,
+                train_seconds=result.seconds,
+                examples_per_second=result.examples_per_second,
+            )
+            entries[stage.name] = partial(
+                TrainedModel,
+                preset=stage.model,
+                params=model.parameter_count(),
+                multiply_adds=MultiplyAdds(**model.multiply_adds(meta["list_size"])),
+                training=training,
+            )
+            if tracker is not None:
+                stage_layout = layout.stage(stage.name)
+                tracking.log_stage(tracker, stage, config.models[stage.model], stage_layout)
+        for name in config.ensembles:
+            models[name] = teacher(name)
 
-    summary = None
-    if world.is_main:
-        fitted, fitted_entries = baselines()
-        models |= fitted
-        entries |= fitted_entries
-        scored, comparisons = _score_and_write(models, entries, store, layout, config.roles)
-        summary = RunSummary(str(data), meta["source"], scored, comparisons)
-        write_summary(layout.summary, summary)
+        summary = None
+        if world.is_main:
+            fitted, fitted_entries = baselines()
+            models |= fitted
+            entries |= fitted_entries
+            scored, comparisons = _score_and_write(models, entries, store, layout, config.roles)
+            summary = RunSummary(str(data), meta["source"], scored, comparisons)
+            write_summary(layout.summary, summary)
+            if tracker is not None:
+                tracking.log_run(tracker, layout, summary)
     shared = distributed.broadcast_json(None if summary is None else to_json(summary), world)
     return from_json(RunSummary, shared)
 

@@ -15,13 +15,19 @@ candidate is a model preset (``[models.*]``) with a loss mix (``[mixes]``), trai
    NDCG@10 within ``[selection]``, scores the choice on test and writes it as a run's models.
 4. :mod:`~recdistill.sweep.report` writes the HTML and Markdown report.
 
+With ``[tracking]`` on (or ``track``), the sweep is one MLflow run with a child run per
+candidate (:func:`recdistill.tracking.log_sweep`), logged once every candidate is measured.
+
 Nothing before the chosen student is scored on test reads the test split.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+from recdistill import tracking
+from recdistill.layout import SweepLayout
 from recdistill.summary import SweepSummary, from_json
 from recdistill.sweep.plan import load_plan
 from recdistill.sweep.report import build_sweep_report
@@ -29,9 +35,18 @@ from recdistill.sweep.search import search
 from recdistill.sweep.selection import finalize, select
 
 
-def run_sweep(config: Path, data: Path, out: Path, *, jobs: int = 1) -> SweepSummary:
+def run_sweep(
+    config: Path, data: Path, out: Path, *, jobs: int = 1, track: bool = False
+) -> SweepSummary:
+    """Run the sweep of ``config`` into ``out``; ``track`` turns ``[tracking]`` on."""
     plan = load_plan(config, data, out)
-    results = search(plan, jobs=jobs)
-    summary = from_json(SweepSummary, finalize(plan, results, select(results, plan.selection)))
-    build_sweep_report(plan.out)
+    spec = replace(plan.tracking, enabled=True) if track else plan.tracking
+    layout = SweepLayout(plan.out)
+    # A sweep directory always resumes: so does its MLflow run.
+    with tracking.tracked_run(spec, layout, plan.config, resume=True) as tracker:
+        results = search(plan, jobs=jobs)
+        summary = from_json(SweepSummary, finalize(plan, results, select(results, plan.selection)))
+        build_sweep_report(plan.out)
+        if tracker is not None:
+            tracking.log_sweep(tracker, layout, summary)
     return summary

@@ -14,6 +14,7 @@ from recdistill.models import TwoTowerSpec
 from recdistill.quantize import QuantizationSpec
 from recdistill.stage import StageSpec
 from recdistill.summary import RunSummary, SelectionSpec, read_summary
+from recdistill.tracking import TrackingSpec
 
 METRIC = "ndcg@10"
 # The clocks latency is measured on; ``[selection] latency_clock`` names the budget's.
@@ -43,6 +44,7 @@ class Plan:
     # The base run's reference teacher: a candidate's quality is a share of its own.
     reference: str
     candidates: tuple[Candidate, ...]
+    tracking: TrackingSpec
 
     @property
     def base(self) -> RunLayout:
@@ -92,4 +94,5 @@ def load_plan(config_path: Path, data: Path, out: Path) -> Plan:
         history_length=length,
         reference=reference,
         candidates=candidates,
+        tracking=config.tracking,
     )
