@@ -21,7 +21,7 @@ from recdistill.online import OnlineRanker
 from recdistill.pipeline import run
 from recdistill.teachers import FrozenTeacher
 from tests.conftest import ONE_STAGE
-from tests.test_train import fresh_model
+from tests.test_trainer import fresh_model
 
 # Longer than any history of the small world: a history bag then holds the whole history.
 WHOLE = 1000

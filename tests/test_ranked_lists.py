@@ -12,7 +12,7 @@ from recdistill.ranked_lists import ListSpec, rrd_lists
 from recdistill.stage import LossTerm
 from recdistill.teachers import FrozenTeacher
 from recdistill.trainer import Trainer
-from tests.test_train import fresh_model, log_of, stage
+from tests.test_trainer import fresh_model, log_of, stage
 
 
 @pytest.fixture(scope="module")

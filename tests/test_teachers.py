@@ -6,7 +6,7 @@ from recdistill import teachers
 from recdistill.data.batches import FeatureStore, TrainLists
 from recdistill.models import TwoTowerSpec
 from recdistill.teachers import FrozenTeacher
-from tests.test_train import fresh_model
+from tests.test_trainer import fresh_model
 
 HISTORY = 12
 
