@@ -203,10 +203,17 @@ class SequenceEncoder(nn.Module):
 
     def positions(self, features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
         history = self.embeddings(features)[HISTORY]
-        lengths = history.lengths().clamp(max=self.max_length, min=1)
         embedded = torch.ops.fbgemm.jagged_to_padded_dense(
             history.values(), [history.offsets()], [self.max_length], 0.0
         )
+        return self.attend(embedded, history.lengths())
+
+    def attend(
+        self, embedded: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every position's output from the history's embeddings ``[B, max_length, dim]``
+        (newest first, zero-padded) and the history lengths."""
+        lengths = lengths.clamp(max=self.max_length, min=1)
         slots = torch.arange(self.max_length, device=lengths.device)
         real = slots < lengths[:, None]
         # Positions count from the oldest item read, so that position j's output is exactly
@@ -222,7 +229,10 @@ class SequenceEncoder(nn.Module):
         return self.norm(self.attention(x, mask=blocked)), real
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        outputs, real = self.positions(features)
+        return self.read_out(*self.positions(features))
+
+    def read_out(self, outputs: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """The user vector ``[B, dim]`` from every position's output and the real ones."""
         if self.readout == "last":
             return outputs[:, 0]
         weights = (outputs @ self.query).masked_fill(~real, -torch.inf).softmax(dim=1)

@@ -41,6 +41,7 @@ import torch
 from recdistill.artifact import Artifact
 from recdistill.data.feature_store import UNKNOWN
 from recdistill.ensembles import standardised
+from recdistill.inference import PlainUserTower, supports
 from recdistill.quantize import set_unknown_row_to_mean
 
 MEAN_USER_SAMPLE = 10_000
@@ -73,9 +74,14 @@ class OnlineRanker:
         self.artifact = artifact
         self.store = artifact.store
         self.precompute_items = precompute_items
+        # Float two-towers rank one user at a time without jagged tensors (int8 ones keep the
+        # torchrec path: their bags are fbgemm's quantized tables).
+        self.plain_tower = None
         if artifact.model is not None:
             artifact.model.requires_grad_(False)
             self._prepare_fallbacks()
+            if supports(artifact.model.user_tower):
+                self.plain_tower = PlainUserTower(artifact.model.user_tower)
         # An ensemble's members score the whole catalogue for every request.
         self.members = {
             name: (OnlineRanker(member, precompute_items=True), weight)
@@ -134,7 +140,7 @@ class OnlineRanker:
         if user == UNKNOWN and not len(recent):
             user_vector = self.mean_user
         else:
-            user_vector = model.user_tower(self._user_features(user, recent))[0]
+            user_vector = self._user_vector(user, recent)
         if self.precompute_items:
             vectors, bias = self.item_vectors[item_rows], self.item_bias[item_rows]
         else:
@@ -187,13 +193,25 @@ class OnlineRanker:
         user_vectors[torch.as_tensor(users == UNKNOWN)] = self.mean_user
         return user_vectors @ self.item_vectors.T + self.item_bias
 
-    def _user_features(self, user: int, recent: np.ndarray):
+    def _history(self, user: int, recent: np.ndarray) -> np.ndarray:
+        """The items a request's user reads, newest first: its recent items, then the
+        snapshot's history, capped at the history length."""
         store = self.store
         history = store.history.values[
             store.history.offsets[user] : store.history.offsets[user + 1]
         ]
-        history = np.concatenate([recent, history])[: store.history_length]
-        return store.user_kjt(np.array([user]), history, np.array([len(history)]))
+        return np.concatenate([recent, history])[: store.history_length]
+
+    def _user_features(self, user: int, recent: np.ndarray):
+        history = self._history(user, recent)
+        return self.store.user_kjt(np.array([user]), history, np.array([len(history)]))
+
+    def _user_vector(self, user: int, recent: np.ndarray) -> torch.Tensor:
+        if self.plain_tower is None:
+            return self.artifact.model.user_tower(self._user_features(user, recent))[0]
+        codes = {name: int(self.store.user_codes[name][user]) for name in self.store.user_features}
+        history = torch.from_numpy(self._history(user, recent).astype(np.int64, copy=False))
+        return self.plain_tower(user, history, codes)
 
     def _prepare_fallbacks(self) -> None:
         model, store = self.artifact.model, self.store
