@@ -10,7 +10,13 @@ from typing import Any, TypeVar
 
 from recdistill.errors import MissingExtra, TrainingDiverged
 from recdistill.layout import RunLayout, SweepLayout
-from recdistill.server import GRACEFUL_SHUTDOWN_S, SETTINGS_ENV, ServerSettings, routing_for
+from recdistill.server import (
+    GRACEFUL_SHUTDOWN_S,
+    INFERENCE_PATHS,
+    SETTINGS_ENV,
+    ServerSettings,
+    routing_for,
+)
 
 Spec = TypeVar("Spec")
 TRACK_HELP = "log to MLflow, whatever [tracking] says (docs/experiment-tracking.md)"
@@ -190,8 +196,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--precompute-items",
-        action="store_true",
-        help="run the item tower once over the catalogue at load instead of per request",
+        action=argparse.BooleanOptionalAction,
+        default=ServerSettings.precompute_items,
+        help="run the item tower once over the catalogue at load; --no-precompute-items runs "
+        "it on each request's candidates, for catalogues too large to hold (on)",
+    )
+    serve.add_argument(
+        "--inference",
+        choices=INFERENCE_PATHS,
+        default=ServerSettings.inference,
+        help="the user tower as plain tensor ops on the model's weights, or through the "
+        "torchrec modules training uses, for comparison (%(default)s)",
+    )
+    serve.add_argument(
+        "--user-cache",
+        type=int,
+        default=ServerSettings.user_cache,
+        help="known users' vectors kept per model for requests without recent_items; "
+        "0 keeps none (%(default)s)",
     )
     serve.set_defaults(handler=_serve)
 
@@ -336,6 +358,8 @@ def _serve(args: argparse.Namespace) -> None:
         max_body_bytes=args.max_body_bytes,
         threads=args.threads,
         precompute_items=args.precompute_items,
+        inference=args.inference,
+        user_cache=args.user_cache,
         artifact_root=None if args.artifact_root is None else str(args.artifact_root),
     )
     # Bad artifacts or arms fail here, with their message, rather than inside a worker.

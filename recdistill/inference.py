@@ -3,28 +3,34 @@
 At batch size one, building ``KeyedJaggedTensor``s and running ``EmbeddingBagCollection``
 over them costs several times the model's own arithmetic. :class:`PlainUserTower` reads the
 same weight tensors (not copies: a row the server sets, such as the unknown user's mean, is
-seen by both) with plain indexing and means, then runs the tower's own sequence encoder and
-MLP. It is built from a trained :class:`~recdistill.models.Tower`, never trained itself;
-``tests/test_inference.py`` checks it against the torchrec path.
+seen by both) by row selection and means, then runs the tower's own sequence encoder (over
+the history's real items only: a single history needs no padding) and MLP. Row-wise int8
+tables are read the way fbgemm's kernels read them, ``code * scale + offset`` per row, and
+an int8 MLP is the tower's own dynamically quantized layers. It is built from a trained
+:class:`~recdistill.models.Tower`, never trained itself; ``tests/test_inference.py`` checks it
+against the torchrec path.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
+
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection
 
 from recdistill.models import HISTORY, RECENT, Tower
 
+# Given one row index, that row; given a tensor of them, those rows.
+Rows = Callable[[int | torch.Tensor], torch.Tensor]
 
-class PlainUserTower(nn.Module):
+
+class PlainUserTower:
     """One user's vector from their index, history (item indices, newest first) and
-    feature codes, as ``tower`` computes it from the user-side KJT."""
+    feature codes, as ``tower`` computes it from the user-side KJT. Call it in inference
+    mode."""
 
     def __init__(self, tower: Tower) -> None:
-        super().__init__()
-        if not supports(tower):
-            raise ValueError("the plain path reads float embedding bags only")
         collection = tower.embeddings
         table_of = {
             feature: config.name
@@ -32,7 +38,7 @@ class PlainUserTower(nn.Module):
             for feature in config.feature_names
         }
         self.keys = tower.keys
-        self.bags = [collection.embedding_bags[table_of[key]].weight for key in tower.keys]
+        self.rows = [_row_reader(collection.embedding_bags[table_of[key]]) for key in tower.keys]
         self.recent_length = tower.recent_length
         self.sequence = tower.sequence
         if self.sequence is not None:
@@ -40,35 +46,74 @@ class PlainUserTower(nn.Module):
             self.sequence_table = table.weight
         self.mlp = tower.mlp
 
-    @torch.inference_mode()
-    def forward(self, user: int, history: torch.Tensor, codes: dict[str, int]) -> torch.Tensor:
+    def __call__(self, user: int, history: torch.Tensor, codes: dict[str, int]) -> torch.Tensor:
         parts = []
-        for key, weight in zip(self.keys, self.bags):
+        for key, rows in zip(self.keys, self.rows):
             if key == HISTORY:
-                parts.append(_mean(weight, history))
+                parts.append(_mean(rows, history))
             elif key == RECENT:
-                parts.append(_mean(weight, history[: self.recent_length]))
+                parts.append(_mean(rows, history[: self.recent_length]))
             else:
-                parts.append(weight[user if key == "user_id" else codes[key]])
+                parts.append(rows(user if key == "user_id" else codes[key]))
         if self.sequence is not None:
             parts.append(self._sequence(history))
-        return self.mlp(torch.cat(parts))
+        return self.mlp(torch.cat(parts)[None])[0]
 
     def _sequence(self, history: torch.Tensor) -> torch.Tensor:
-        sequence = self.sequence
-        read = history[: sequence.max_length]
-        embedded = torch.zeros(1, sequence.max_length, self.sequence_table.shape[1])
-        embedded[0, : len(read)] = self.sequence_table[read]
-        outputs, real = sequence.attend(embedded, torch.tensor([len(read)]))
-        return sequence.read_out(outputs, real)[0]
+        read = history[: self.sequence.max_length]
+        if len(read):
+            embedded = torch.index_select(self.sequence_table, 0, read)[None]
+        else:
+            embedded = self.sequence_table.new_zeros(1, 1, self.sequence_table.shape[1])
+        outputs, real = self.sequence.attend(embedded, torch.tensor([len(read)]))
+        return self.sequence.read_out(outputs, real)[0]
 
 
-def supports(tower: Tower) -> bool:
-    """Whether ``tower``'s bags are float tables the plain path can read (not int8 ones)."""
-    return isinstance(tower.embeddings, EmbeddingBagCollection)
+def _row_reader(table: nn.Module) -> Rows:
+    """Rows of an embedding-bag table as float: a float table's own rows, or an int8 table's
+    codes times their row's scale plus its offset."""
+    if not hasattr(table, "weight_qscale"):
+        weight = table.weight
+        return lambda rows: weight[rows] if isinstance(rows, int) else weight.index_select(0, rows)
+    codes, scales, offsets = table.weight, table.weight_qscale, table.weight_qbias
+
+    def dequantized(rows: int | torch.Tensor) -> torch.Tensor:
+        if isinstance(rows, int):
+            return torch.addcmul(offsets[rows].float(), codes[rows].float(), scales[rows].float())
+        values, scale = codes.index_select(0, rows).float(), scales.index_select(0, rows).float()
+        return torch.addcmul(offsets.index_select(0, rows).float(), values, scale)
+
+    return dequantized
 
 
-def _mean(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    if not len(rows):
-        return weight.new_zeros(weight.shape[1])
-    return weight[rows].mean(0)
+def _mean(rows: Rows, index: torch.Tensor) -> torch.Tensor:
+    selected = rows(index)
+    if not len(index):
+        return selected.new_zeros(selected.shape[1])
+    return selected.mean(0)
+
+
+class UserVectorCache:
+    """The user vectors of the most recently ranked known users, for requests without
+    ``recent_items`` (the vector then depends on the user and the model alone). Least
+    recently used first out; ``capacity`` 0 keeps nothing. A reload builds a new ranker and
+    with it an empty cache, so no vector outlives its model version."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.vectors: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, user: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        vector = self.vectors.get(user)
+        if vector is not None:
+            self.hits += 1
+            self.vectors.move_to_end(user)
+            return vector
+        self.misses += 1
+        vector = compute()
+        if self.capacity:
+            self.vectors[user] = vector
+            if len(self.vectors) > self.capacity:
+                self.vectors.popitem(last=False)
+        return vector

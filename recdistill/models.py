@@ -211,10 +211,12 @@ class SequenceEncoder(nn.Module):
     def attend(
         self, embedded: torch.Tensor, lengths: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every position's output from the history's embeddings ``[B, max_length, dim]``
-        (newest first, zero-padded) and the history lengths."""
-        lengths = lengths.clamp(max=self.max_length, min=1)
-        slots = torch.arange(self.max_length, device=lengths.device)
+        """Every position's output from the history's embeddings ``[B, slots, dim]`` (newest
+        first, zero-padded; at most ``max_length`` slots: a single history needs no more than
+        its own length) and the history lengths."""
+        width = embedded.shape[1]
+        lengths = lengths.clamp(max=width, min=1)
+        slots = torch.arange(width, device=lengths.device)
         real = slots < lengths[:, None]
         # Positions count from the oldest item read, so that position j's output is exactly
         # the user vector of the history as it stood before item j - 1 arrived.
@@ -222,8 +224,8 @@ class SequenceEncoder(nn.Module):
         x = self.dropout(embedded + self.position(age_order)) * real[..., None]
         # A padding position attends to itself alone: no row of the mask is all blocked,
         # which would make its softmax (and every gradient through it) NaN.
-        allowed = (self.older & real[:, None, :]) | torch.eye(
-            self.max_length, dtype=torch.bool, device=lengths.device
+        allowed = (self.older[:width, :width] & real[:, None, :]) | torch.eye(
+            width, dtype=torch.bool, device=lengths.device
         )
         blocked = (~allowed).repeat_interleave(self.heads, dim=0)
         return self.norm(self.attention(x, mask=blocked)), real

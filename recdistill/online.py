@@ -2,8 +2,15 @@
 
 The two-tower path runs the user tower on the user's snapshot features (with any
 ``recent_items`` of the request put in front of the history) and the item tower on the
-candidates, then sorts by score. With ``precompute_items`` the item tower runs once over
-the catalogue at load instead; both give the same scores.
+candidates, then sorts by score. By default (``precompute_items``) the item tower runs once
+over the catalogue at load; without, it runs on each request's candidates (for catalogues too
+large to hold their vectors); both give the same scores.
+
+One request's user tower runs on :class:`~recdistill.inference.PlainUserTower`: the trained
+tower's own weights read without jagged tensors, several times faster at batch size one.
+``inference="torchrec"`` runs the torchrec modules instead, as training and evaluation do;
+the scores agree to 1e-5. A known user's vector for a request without ``recent_items`` is
+kept in a :class:`~recdistill.inference.UserVectorCache` of ``user_cache`` users.
 
 The history is the request's ``recent_items`` (most recent first) followed by the user's
 snapshot history (train and validation items, newest first: what the test lists were scored
@@ -41,8 +48,9 @@ import torch
 from recdistill.artifact import Artifact
 from recdistill.data.feature_store import UNKNOWN
 from recdistill.ensembles import standardised
-from recdistill.inference import PlainUserTower, supports
+from recdistill.inference import PlainUserTower, UserVectorCache
 from recdistill.quantize import set_unknown_row_to_mean
+from recdistill.server import INFERENCE_PATHS, USER_CACHE
 
 MEAN_USER_SAMPLE = 10_000
 LOAD_BATCH = 4096
@@ -64,23 +72,31 @@ class OnlineRanker:
 
     Example (``recdistill export`` wrote the artifact)::
 
-        ranker = OnlineRanker(load_artifact(Path("artifacts/student")), precompute_items=True)
+        ranker = OnlineRanker(load_artifact(Path("artifacts/student")))
         ranking = ranker.rank(42, np.array([10, 7, 3]), recent_items=np.array([5]))
         ranking.items, ranking.scores  # candidates best first, with their scores
         ranking.cold_start, ranking.unknown  # is user 42 new to the model; which candidates are
     """
 
-    def __init__(self, artifact: Artifact, *, precompute_items: bool = False) -> None:
+    def __init__(
+        self,
+        artifact: Artifact,
+        *,
+        precompute_items: bool = True,
+        inference: str = "plain",
+        user_cache: int = USER_CACHE,
+    ) -> None:
+        if inference not in INFERENCE_PATHS:
+            raise ValueError(f"inference must be one of {INFERENCE_PATHS}, not {inference!r}")
         self.artifact = artifact
         self.store = artifact.store
         self.precompute_items = precompute_items
-        # Float two-towers rank one user at a time without jagged tensors (int8 ones keep the
-        # torchrec path: their bags are fbgemm's quantized tables).
+        self.user_vectors = UserVectorCache(user_cache)
         self.plain_tower = None
         if artifact.model is not None:
             artifact.model.requires_grad_(False)
             self._prepare_fallbacks()
-            if supports(artifact.model.user_tower):
+            if inference == "plain":
                 self.plain_tower = PlainUserTower(artifact.model.user_tower)
         # An ensemble's members score the whole catalogue for every request.
         self.members = {
@@ -108,11 +124,11 @@ class OnlineRanker:
         user = int(store.users.index(store.user_ids.lookup(np.array([user_id])))[0])
         if recent_items is not None and len(recent_items):
             recent_items = store.item_ids.lookup(np.asarray(recent_items))
-        scores = self.scores(user, items, recent_items)
-        order = torch.sort(scores, descending=True, stable=True).indices.numpy()
+        scores = self.scores(user, items, recent_items).numpy()
+        order = np.argsort(-scores, kind="stable")
         return Ranking(
             items=candidates[order],
-            scores=scores.numpy()[order],
+            scores=scores[order],
             unknown=candidates[items == UNKNOWN],
             cold_start=user == UNKNOWN,
         )
@@ -136,20 +152,23 @@ class OnlineRanker:
             recent = recent[recent != UNKNOWN]
         if self.artifact.ease is not None:
             return self.artifact.ease.history_scores(self._user_features(user, recent))[0, items]
-        model, item_rows = self.artifact.model, torch.as_tensor(items)
-        if user == UNKNOWN and not len(recent):
+        model, item_rows = self.artifact.model, torch.from_numpy(items)
+        if len(recent):
+            user_vector = self._user_vector(user, recent)
+        elif user == UNKNOWN:
             user_vector = self.mean_user
         else:
-            user_vector = self._user_vector(user, recent)
+            user_vector = self.user_vectors.get(user, lambda: self._user_vector(user, recent))
         if self.precompute_items:
-            vectors, bias = self.item_vectors[item_rows], self.item_bias[item_rows]
+            vectors = self.item_vectors.index_select(0, item_rows)
+            bias = self.item_bias.index_select(0, item_rows)
         else:
             vectors = model.item_tower(self.store.item_kjt(items))
             bias = model.item_bias(item_rows).squeeze(-1)
             unknown = (item_rows == UNKNOWN)[:, None]
             vectors = torch.where(unknown, self.item_vectors[UNKNOWN], vectors)
             bias = torch.where(unknown[:, 0], self.item_bias[UNKNOWN], bias)
-        return vectors @ user_vector + bias
+        return torch.addmv(bias, vectors, user_vector)
 
     def score_lists(self, user_ids: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         """Scores ``[lists, C]`` of candidate lists ``[lists, C]`` for ``user_ids`` ``[lists]``

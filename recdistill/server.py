@@ -29,6 +29,11 @@ if TYPE_CHECKING:
     from recdistill.routing import Routing
 
 SETTINGS_ENV = "RECDISTILL_SERVE_SETTINGS"
+# How one request's user tower runs (recdistill.online): "plain" reads the trained weights
+# without jagged tensors; "torchrec" runs the modules training uses, for comparison.
+INFERENCE_PATHS = ("plain", "torchrec")
+# Known users' vectors an OnlineRanker keeps for requests without recent_items.
+USER_CACHE = 100_000
 READY_TIMEOUT_S = 120.0
 # On SIGTERM, how long the requests in flight may take to finish before they are dropped.
 GRACEFUL_SHUTDOWN_S = 30
@@ -42,7 +47,9 @@ class ServerSettings:
     max_candidates: int = 1000
     max_body_bytes: int = 64 * 1024
     threads: int = 1
-    precompute_items: bool = False
+    precompute_items: bool = True
+    inference: str = INFERENCE_PATHS[0]
+    user_cache: int = USER_CACHE
     artifact_root: str | None = None
 
     def reload_root(self) -> Path:

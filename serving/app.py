@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
@@ -48,6 +48,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from recdistill.artifact import load_artifact
 from recdistill.impressions import ImpressionLog
@@ -96,8 +97,9 @@ class ServiceState:
 class Telemetry:
     """The Prometheus metrics of one app (its own registry, so apps never collide)."""
 
-    def __init__(self) -> None:
+    def __init__(self, rankers: Callable[[], dict[str, OnlineRanker]]) -> None:
         self.registry = CollectorRegistry()
+        self.registry.register(UserCacheMetrics(rankers))
         self.requests = Counter(
             "recdistill_http_requests",
             "HTTP requests by route and status code.",
@@ -130,9 +132,40 @@ class Telemetry:
         self.model_info.labels(ranker.name, ranker.version).set(1)
 
 
+class UserCacheMetrics:
+    """Each served model version's user-vector cache, read when ``/metrics`` is scraped (a
+    reload starts a new cache, so the counts restart with the new version)."""
+
+    def __init__(self, rankers: Callable[[], dict[str, OnlineRanker]]) -> None:
+        self.rankers = rankers
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "version"]
+        lookups = CounterMetricFamily(
+            "recdistill_user_vector_cache_lookups",
+            "User-vector cache lookups (known users, no recent_items) by outcome.",
+            labels=[*labels, "outcome"],
+        )
+        hit_ratio = GaugeMetricFamily(
+            "recdistill_user_vector_cache_hit_ratio",
+            "Share of the cache's lookups that found the user's vector.",
+            labels=labels,
+        )
+        users = GaugeMetricFamily(
+            "recdistill_user_vector_cache_users", "User vectors held.", labels=labels
+        )
+        for ranker in self.rankers().values():
+            cache, model = ranker.user_vectors, [ranker.name, ranker.version]
+            lookups.add_metric([*model, "hit"], cache.hits)
+            lookups.add_metric([*model, "miss"], cache.misses)
+            hit_ratio.add_metric(model, cache.hits / max(1, cache.hits + cache.misses))
+            users.add_metric(model, len(cache.vectors))
+        yield from (lookups, hit_ratio, users)
+
+
 def create_app(settings: ServerSettings) -> FastAPI:
     state = ServiceState(settings)
-    telemetry = Telemetry()
+    telemetry = Telemetry(lambda: state.rankers)
     reload_root = settings.reload_root()
 
     @asynccontextmanager
@@ -321,7 +354,10 @@ def _yield_the_cpu() -> None:
 def _load_ranker(directory: Path | str, settings: ServerSettings) -> OnlineRanker:
     _return_freed_memory()
     ranker = OnlineRanker(
-        load_artifact(Path(directory)), precompute_items=settings.precompute_items
+        load_artifact(Path(directory)),
+        precompute_items=settings.precompute_items,
+        inference=settings.inference,
+        user_cache=settings.user_cache,
     )
     _warm_up(ranker, settings.max_candidates)
     return ranker

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from recdistill.data.feature_store import FeatureStore
-from recdistill.inference import PlainUserTower, supports
+from recdistill.inference import PlainUserTower, UserVectorCache
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
 from recdistill.quantize import QuantizationSpec, quantize
 
@@ -26,12 +26,15 @@ def store(synthetic_dir):
     return FeatureStore(synthetic_dir, history_length=10)
 
 
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
 @pytest.mark.parametrize("name", SPECS)
-def test_the_plain_user_tower_equals_the_torchrec_one(store, name):
+def test_the_plain_user_tower_equals_the_torchrec_one(store, name, int8):
     torch.manual_seed(0)
     model = TwoTower(SPECS[name], FeatureSpace.of(store)).eval()
     if SPECS[name].readout == "attention":
         torch.nn.init.normal_(model.user_tower.sequence.query)  # zeros would weigh all alike
+    if int8:
+        model = quantize(model, QuantizationSpec())
     plain = PlainUserTower(model.user_tower)
     rng = np.random.default_rng(0)
     known = [1, 2, 57, len(store.users) - 1]
@@ -40,19 +43,38 @@ def test_the_plain_user_tower_equals_the_torchrec_one(store, name):
         (0, np.array([], dtype=np.int64)),  # a cold user without recent items
         (0, rng.integers(1, len(store.items), size=4)),  # a cold user with recent items
         (5, rng.integers(1, len(store.items), size=14)[:10]),  # recent items before the history
+        (7, np.array([], dtype=np.int64)),  # a known user whose history is empty
     ]
     for user, history in cases:
         kjt = store.user_kjt(np.array([user]), history, np.array([len(history)]))
+        codes = {name: int(store.user_codes[name][user]) for name in store.user_features}
         with torch.inference_mode():
             expected = model.user_tower(kjt)[0]
-        codes = {name: int(store.user_codes[name][user]) for name in store.user_features}
-        got = plain(user, torch.as_tensor(history, dtype=torch.int64), codes)
+            got = plain(user, torch.as_tensor(history, dtype=torch.int64), codes)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
-def test_int8_towers_stay_on_the_torchrec_path(store):
-    model = TwoTower(SPECS["bag"], FeatureSpace.of(store)).eval()
-    assert supports(model.user_tower)
-    assert not supports(quantize(model, QuantizationSpec()).user_tower)
-    with pytest.raises(ValueError, match="float embedding bags"):
-        PlainUserTower(quantize(model, QuantizationSpec()).user_tower)
+def test_the_user_vector_cache_keeps_the_most_recently_used_users():
+    cache = UserVectorCache(capacity=2)
+    computed = []
+
+    def vector_of(user):
+        def compute():
+            computed.append(user)
+            return torch.full((2,), float(user))
+
+        return compute
+
+    for user in (1, 2, 1, 3, 2, 1):
+        assert cache.get(user, vector_of(user))[0] == user
+    # 1 and 2 fill it; 1 is a hit; 3 evicts 2 (least recently used); 2 evicts 1; 1 evicts 3.
+    assert computed == [1, 2, 3, 2, 1]
+    assert (cache.hits, cache.misses) == (1, 5)
+    assert list(cache.vectors) == [2, 1]
+
+
+def test_a_cache_of_capacity_zero_keeps_nothing():
+    cache = UserVectorCache(capacity=0)
+    for _ in range(3):
+        cache.get(1, lambda: torch.ones(2))
+    assert (cache.hits, cache.misses, len(cache.vectors)) == (0, 3, 0)
