@@ -1,23 +1,27 @@
-"""In-process serving latency per request: teacher vs intermediate vs student, side by side.
+"""In-process serving latency per request, beside its floor: teacher vs student, served the same way.
 
 Exports the run's models to a scratch directory, then times requests of 100, 500 and 1000
-candidates for real users of the test lists on one torch thread (as served by default):
+candidates for distinct real users of the test lists, on one torch thread and one BLAS thread
+(as a request is served):
 
-- ``ranker``: ``OnlineRanker.rank`` alone (ID mapping, both towers, sort);
+- ``numpy``: the floor of the ranker, ``serving_floor.NumpyReference``: the same weights in
+  plain numpy, user tower per request, item vectors precomputed, ID mapping and sort. Its
+  scores are checked against the ranker's (``max |Δ|``).
+- ``ranker``: ``OnlineRanker.rank`` as served (plain user tower, items precomputed), each
+  user's first request (its vector not cached yet); ``cached``: the same users again, their
+  vectors now in the user-vector cache; ``torchrec``: the training-time modules for both
+  towers on every request (``--inference torchrec --no-precompute-items``).
 - ``server``: the whole FastAPI app in-process, driven through an ASGI client without
   sockets, timed by the server itself from request received to response ready (validation,
-  routing, ranking, JSON), as its ``/metrics`` histogram and impression log record it.
+  routing, ranking, JSON, impression log), as its ``/metrics`` histogram records it; ``bare``:
+  ``serving_floor.bare_app``, parsing the same request and answering fixed bytes, timed the
+  same way (it does not depend on the model).
 
-Both item-tower modes are measured: run per request (the server's default) and
-precomputed at load (``--precompute-items``). Ratios are the run's reference teacher / model
-p50 and p99 in the same run (the first model measured when ``--models`` leaves it out).
+Every model is served the same way, so the last table's teacher / model p50 ratios compare
+models, not code paths. Each model is labelled with its user encoder: ``[seq]`` reads the
+history through self-attention, ``[bag]`` mean-pools it; a legend gives every model's spec.
 
-Each model is labelled with its user encoder: ``teacher[seq]`` reads the history through a
-sequence encoder (self-attention over its ``max_length`` most recent items; the request's
-``recent_items`` would enter at its front, at the same cost), ``[bag]`` mean-pools it. A
-legend above the table gives every model's encoder, spec and parameter count.
-
-    .venv/bin/python benchmarks/serving_latency.py --run runs/ml100k
+    .venv/bin/python benchmarks/serving_latency.py --run runs/synthetic
     .venv/bin/python benchmarks/serving_latency.py --run runs/ml100k --models teacher student
 """
 
@@ -27,12 +31,14 @@ import argparse
 import asyncio
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx2
 import numpy as np
 import pyarrow.parquet as pq
-import torch
+from fastapi import FastAPI
+from serving_floor import NumpyReference, bare_app, use_one_thread
 
 from recdistill.artifact import Artifact, export_artifact, load_artifact
 from recdistill.config import load_run_config
@@ -45,6 +51,7 @@ from serving.app import create_app
 
 SIZES = (100, 500, 1000)
 ENCODER_TAGS = {"sequence": "seq", "bag": "bag"}
+WARM_UP = 20
 
 
 def label(artifact: Artifact) -> str:
@@ -73,16 +80,19 @@ def legend(artifact: Artifact) -> str:
 
 
 def requests_for(data: Path, size: int, count: int, seed: int = 0) -> list[dict]:
-    """Test-list users with their candidates, padded with other catalogue items to ``size``."""
+    """Distinct test-list users (as many as there are, up to ``count``) with their
+    candidates, padded with other catalogue items to ``size``."""
     table = pq.read_table(DataLayout(data).candidates("test")).to_pydict()
     catalogue = np.unique(np.concatenate([np.asarray(c) for c in table["candidates"]]))
     rng = np.random.default_rng(seed)
+    rows = rng.permutation(len(table["user_id"]))[:count]
     bodies = []
-    for row in rng.integers(len(table["user_id"]), size=count):
+    for row in rows:
         own = np.asarray(table["candidates"][row])
         others = rng.permutation(np.setdiff1d(catalogue, own))[: size - len(own)]
-        bodies.append({"user_id": table["user_id"][row], "candidates": [*own, *others][:size]})
-    return [{**b, "candidates": [int(c) for c in b["candidates"]]} for b in bodies]
+        candidates = [int(c) for c in [*own, *others][:size]]
+        bodies.append({"user_id": int(table["user_id"][row]), "candidates": candidates})
+    return bodies
 
 
 def percentiles(seconds: list[float]) -> tuple[float, float]:
@@ -90,29 +100,74 @@ def percentiles(seconds: list[float]) -> tuple[float, float]:
     return float(p50), float(p99)
 
 
-def time_ranker(ranker: OnlineRanker, bodies: list[dict]) -> tuple[float, float]:
+def time_calls(rank: Callable[[int, np.ndarray], object], bodies: list[dict]) -> list[float]:
     seconds = []
     for body in bodies:
         candidates = np.asarray(body["candidates"])
         start = time.perf_counter()
-        ranker.rank(body["user_id"], candidates)
+        rank(body["user_id"], candidates)
         seconds.append(time.perf_counter() - start)
-    return percentiles(seconds)
+    return seconds
 
 
-async def time_server(settings: ServerSettings, bodies: list[dict]) -> tuple[float, float]:
+def largest_difference(
+    reference: NumpyReference, ranker: OnlineRanker, bodies: list[dict]
+) -> float:
+    difference = 0.0
+    for body in bodies:
+        _, expected = reference.rank(body["user_id"], np.asarray(body["candidates"]))
+        got = ranker.rank(body["user_id"], np.asarray(body["candidates"])).scores
+        difference = max(difference, float(np.abs(expected - got).max()))
+    return difference
+
+
+async def post_all(app: FastAPI, bodies: list[dict]) -> None:
+    transport = httpx2.ASGITransport(app=app)
+    async with httpx2.AsyncClient(transport=transport, base_url="http://bench") as client:
+        for body in bodies:
+            (await client.post("/rank", json=body)).raise_for_status()
+
+
+async def time_server(
+    settings: ServerSettings, warm_up: list[dict], bodies: list[dict]
+) -> list[float]:
+    """Server-side seconds per request of ``bodies``, from its impression log."""
     app = create_app(settings)
     log = Path(settings.impressions)
     async with app.router.lifespan_context(app):
-        transport = httpx2.ASGITransport(app=app)
-        async with httpx2.AsyncClient(transport=transport, base_url="http://bench") as client:
-            for body in bodies[:20]:
-                await client.post("/rank", json=body)
-            logged = len(read_impressions(log))
-            for body in bodies:
-                (await client.post("/rank", json=body)).raise_for_status()
-    latencies = [impression["latency_ms"] for impression in read_impressions(log)[logged:]]
-    return percentiles([ms / 1000 for ms in latencies])
+        await post_all(app, warm_up)
+        logged = len(read_impressions(log))
+        await post_all(app, bodies)
+    return [impression["latency_ms"] / 1000 for impression in read_impressions(log)[logged:]]
+
+
+async def time_bare_app(warm_up: list[dict], bodies: list[dict]) -> list[float]:
+    app = bare_app()
+    await post_all(app, warm_up)
+    del app.state.latencies[:]
+    await post_all(app, bodies)
+    return app.state.latencies
+
+
+def measure(directory: Path, bodies: list[dict], scratch: Path) -> dict[str, list[float] | float]:
+    """Every column of one model at one request size."""
+    artifact = load_artifact(directory)
+    warm_up, timed = bodies[:WARM_UP], bodies[WARM_UP:]
+    reference = NumpyReference(artifact)
+    ranker = OnlineRanker(load_artifact(directory))
+    torchrec = OnlineRanker(
+        load_artifact(directory), inference="torchrec", precompute_items=False, user_cache=0
+    )
+    for ranks in (reference.rank, ranker.rank, torchrec.rank):
+        time_calls(ranks, warm_up)
+    columns = {"difference": largest_difference(reference, ranker, warm_up)}
+    columns["numpy"] = time_calls(reference.rank, timed)
+    columns["ranker"] = time_calls(ranker.rank, timed)
+    columns["cached"] = time_calls(ranker.rank, timed)
+    columns["torchrec"] = time_calls(torchrec.rank, timed)
+    settings = ServerSettings(artifacts=(str(directory),), impressions=str(scratch / IMPRESSIONS))
+    columns["server"] = asyncio.run(time_server(settings, warm_up, timed))
+    return columns
 
 
 def main() -> None:
@@ -128,53 +183,62 @@ def main() -> None:
         "--sizes", nargs="+", type=int, default=list(SIZES), help="candidates per request"
     )
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    use_one_thread()
     config = load_run_config(RunLayout(args.run).config)
     reference = config.roles.reference
     distilled = [stage.name for stage in config.stages if stage.teachers]
     models = args.models or [reference, *distilled]
+    reference = reference if reference in models else models[0]
     scratch = Path(tempfile.mkdtemp(prefix="serving-latency-"))
     artifacts = {name: scratch / name for name in models}
     for name, directory in artifacts.items():
         export_artifact(args.run, name, directory)
-    labels = {}
+    labels = {name: label(load_artifact(directory)) for name, directory in artifacts.items()}
     run_data = Path(read_summary(RunLayout(args.run).summary).data)
-    print(f"run {args.run}, {args.requests} requests per cell, 1 torch thread; times in ms")
-    for name, directory in artifacts.items():
-        artifact = load_artifact(directory)
-        labels[name] = label(artifact)
-        print(f"  {legend(artifact)}")
-    reference = reference if reference in artifacts else models[0]
-    ratio = f"{reference}/model p50"
-    header = f"{'items':<12}{'model':<20}{'cands':>6}{'ranker p50':>12}{'p99':>8}"
-    header += f"{'server p50':>12}{'p99':>8}{ratio:>19}{'p99':>7}"
+    print(
+        f"run {args.run}, up to {args.requests} requests of distinct users per cell, "
+        "1 torch thread, 1 BLAS thread; p50 (p99) in ms"
+    )
+    for directory in artifacts.values():
+        print(f"  {legend(load_artifact(directory))}")
+    header = (
+        f"{'model':<20}{'cands':>6}{'numpy':>8}{'ranker':>16}{'×numpy':>8}{'cached':>8}"
+        f"{'torchrec':>10}{'×ranker':>8}{'server':>16}{'bare':>8}{'×bare':>7}{'max |Δ|':>9}"
+    )
     print(header)
-    for precompute in (False, True):
-        mode = "precomputed" if precompute else "per request"
-        for size in args.sizes:
-            bodies = requests_for(run_data, size, args.requests)
-            results = {}
-            for name in models:
-                ranker = OnlineRanker(load_artifact(artifacts[name]), precompute_items=precompute)
-                for body in bodies[:20]:
-                    ranker.rank(body["user_id"], np.asarray(body["candidates"]))
-                settings = ServerSettings(
-                    artifacts=(str(artifacts[name]),),
-                    impressions=str(scratch / IMPRESSIONS),
-                    precompute_items=precompute,
-                )
-                results[name] = (
-                    time_ranker(ranker, bodies),
-                    asyncio.run(time_server(settings, bodies)),
-                )
-            reference_p50, reference_p99 = results[reference][1]
-            shown = len(bodies[0]["candidates"])  # fewer than size in a smaller catalogue
-            for name, ((r50, r99), (s50, s99)) in results.items():
-                print(
-                    f"{mode:<12}{labels[name]:<20}{shown:>6}{r50:>12.3f}{r99:>8.3f}"
-                    f"{s50:>12.3f}{s99:>8.3f}"
-                    f"{reference_p50 / s50:>18.1f}×{reference_p99 / s99:>6.1f}×"
-                )
+    ratios = []
+    for size in args.sizes:
+        bodies = requests_for(run_data, size, args.requests + WARM_UP)
+        results = {name: measure(artifacts[name], bodies, scratch) for name in models}
+        bare, _ = percentiles(asyncio.run(time_bare_app(bodies[:WARM_UP], bodies[WARM_UP:])))
+        shown = len(bodies[0]["candidates"])  # fewer than size in a smaller catalogue
+        p50 = {}
+        for name, columns in results.items():
+            (numpy, _), (ranker, ranker99) = (
+                percentiles(columns["numpy"]),
+                percentiles(columns["ranker"]),
+            )
+            (cached, _), (torchrec, _) = (
+                percentiles(columns["cached"]),
+                percentiles(columns["torchrec"]),
+            )
+            server, server99 = percentiles(columns["server"])
+            p50[name] = (ranker, server)
+            print(
+                f"{labels[name]:<20}{shown:>6}{numpy:>8.3f}{ranker:>8.3f} ({ranker99:.3f})"
+                f"{ranker / numpy:>7.1f}×{cached:>8.3f}{torchrec:>10.3f}{torchrec / ranker:>7.1f}×"
+                f"{server:>8.3f} ({server99:.3f}){bare:>8.3f}{server / bare:>6.1f}×"
+                f"{columns['difference']:>9.1e}"
+            )
+        ratios.append((shown, p50))
+    print(f"\n{reference} / model p50, served the same way (ranker, server)")
+    for shown, p50 in ratios:
+        cells = "  ".join(
+            f"{labels[name]} {p50[reference][0] / ranker:.1f}× / {p50[reference][1] / server:.1f}×"
+            for name, (ranker, server) in p50.items()
+            if name != reference
+        )
+        print(f"  {shown:>5} candidates: {cells}")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ reshuffles everyone.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -46,21 +48,23 @@ class Routing:
         """All traffic to one model, the arm named after it."""
         return cls(salt="", arms=(Arm(model, model, 1.0),))
 
-    @property
-    def bounds(self) -> np.ndarray:
-        """The first bucket past each arm's range."""
-        return np.round(np.cumsum([arm.share for arm in self.arms]) * BUCKETS).astype(np.int64)
+    @cached_property
+    def bounds(self) -> tuple[int, ...]:
+        """The first bucket past each arm's range (computed once: every request reads it)."""
+        ends = np.round(np.cumsum([arm.share for arm in self.arms]) * BUCKETS)
+        return tuple(int(end) for end in ends)
 
-    def arm_of(self, user_id: int) -> Arm:
-        index = int(np.searchsorted(self.bounds, bucket(self.salt, user_id), side="right"))
-        return self.arms[index]
+    def arm_of(self, user_id: int | str) -> Arm:
+        if len(self.arms) == 1:
+            return self.arms[0]
+        return self.arms[bisect.bisect_right(self.bounds, bucket(self.salt, user_id))]
 
     def arms_of(self, user_ids: np.ndarray) -> np.ndarray:
         """Arm index per user id (vectorised over many users, for simulations)."""
         buckets = np.array([bucket(self.salt, int(u)) for u in user_ids], dtype=np.int64)
-        return np.searchsorted(self.bounds, buckets, side="right")
+        return np.searchsorted(np.asarray(self.bounds), buckets, side="right")
 
 
-def bucket(salt: str, user_id: int) -> int:
+def bucket(salt: str, user_id: int | str) -> int:
     digest = hashlib.sha256(f"{salt}:{user_id}".encode()).digest()
     return int.from_bytes(digest, "big") % BUCKETS

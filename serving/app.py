@@ -384,7 +384,7 @@ def _require_id_kinds(body: RankRequest, ranker: OnlineRanker) -> None:
             ranker.store.item_ids.names is not None,
         ),
     ):
-        if any(isinstance(value, str) != textual for value in ids):
+        if set(map(type, ids)) - {str if textual else int}:
             kind = "strings" if textual else "integers"
             raise HTTPException(422, f"{what}: the model {ranker.name!r} has {kind} as IDs")
 

@@ -354,6 +354,33 @@ def test_reload_swaps_the_model(reloadable, served, lists):
     )
 
 
+def _cache_lookups(client):
+    return {
+        (s.labels["version"], s.labels["outcome"]): s.value
+        for s in _samples(client, "recdistill_user_vector_cache_lookups")
+        if s.name.endswith("_total")
+    }
+
+
+def test_the_user_vector_cache_answers_repeat_users_and_restarts_on_reload(
+    reloadable, served, lists
+):
+    version = reloadable.get("/model").json()["models"][0]["version"]
+    first = reloadable.post("/rank", json=_request(lists, row=3)).json()
+    again = reloadable.post("/rank", json=_request(lists, row=3)).json()
+    assert again["items"] == first["items"]  # the cached vector ranks exactly as computed
+    with_recent = _request(lists, row=3, recent_items=[int(lists["candidates"][3][0])])
+    reloadable.post("/rank", json=with_recent)  # a session's items bypass the cache
+    assert _cache_lookups(reloadable) == {(version, "hit"): 1, (version, "miss"): 1}
+    (ratio,) = _samples(reloadable, "recdistill_user_vector_cache_hit_ratio")
+    assert ratio.value == 0.5
+    body = {"artifact": str(served / "intermediate"), "model": "student"}
+    assert reloadable.post("/admin/reload", json=body, headers=AUTH).status_code == 200
+    new = reloadable.get("/model").json()["models"][0]["version"]
+    reloadable.post("/rank", json=_request(lists, row=3))
+    assert _cache_lookups(reloadable) == {(new, "hit"): 0, (new, "miss"): 1}
+
+
 def test_a_failed_reload_keeps_the_old_model_serving(reloadable, served, lists):
     old = reloadable.post("/rank", json=_request(lists)).json()
     broken = served / "broken"
