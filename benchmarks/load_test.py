@@ -2,9 +2,11 @@
 
     .venv/bin/python benchmarks/load_test.py --artifacts artifacts/teacher artifacts/student \\
         [--users 1 2 4 8 16] [--run-time 20s] [--candidates 100] [--p99-ms 50] \\
-        [--precompute-items] [--out runs/load_benchmark]
+        [--workers 1] [--[no-]precompute-items] [--inference plain|torchrec] [--user-cache N] \\
+        [--out runs/load_benchmark]
 
-Every artifact gets its own server (one worker, on the server core) for the whole sweep; at
+Every artifact gets its own server (``--workers`` workers, on the server cores, with the
+``recdistill serve`` options given) for the whole sweep; at
 each user level the artifacts take turns, so a noisy neighbour hurts them alike. Prints one
 table of all runs, the p99 of each artifact over the last one's, and per artifact the
 highest user level whose run passed (p99 within budget, no failures) with its throughput.
@@ -33,7 +35,7 @@ def sweep(
     artifacts: dict[str, Path], user_levels: list[int], template: LoadTestSettings
 ) -> list[LoadTestResult]:
     """Run ``template``'s load on every artifact (by model name) at every user level."""
-    cores = plan_cores()
+    cores = plan_cores(template.workers)
     results = []
     with ExitStack() as servers:
         urls = {
@@ -42,7 +44,8 @@ def sweep(
                     artifact,
                     template.out / name,
                     cores,
-                    precompute_items=template.precompute_items,
+                    server_args=template.server_args,
+                    workers=template.workers,
                 )
             ).url
             for name, artifact in artifacts.items()
@@ -115,8 +118,11 @@ def main() -> None:
     template = load_settings(args, artifact=args.artifacts[0], out=args.out)
     results = sweep(artifacts, args.users, template)
     models = list(artifacts)
-    items = ", item vectors precomputed" if args.precompute_items else ""
-    print(f"\n/rank load test, {args.candidates} candidates, {args.run_time} s per run{items}")
+    server = " ".join(("--workers", str(template.workers), *template.server_args))
+    print(
+        f"\n/rank load test, {args.candidates} candidates, {args.run_time} s per run, "
+        f"server {server}"
+    )
     print(format_table(results))
     for result in results:
         for problem in result.problems:

@@ -2,10 +2,13 @@
 
     python -m loadtest --artifact artifacts/student --out runs/loadtest \\
         [--host URL] [--users 8] [--spawn-rate R] [--run-time 20s] [--candidates 100] \\
-        [--p99-ms 50] [--precompute-items]
+        [--p99-ms 50] [--workers 1] [--[no-]precompute-items] [--inference plain|torchrec] \\
+        [--user-cache N]
 
-Without ``--host`` it serves ``--artifact`` itself; with it, ``--artifact`` only supplies the
-users and items to sample requests from, and must be the artifact the host serves.
+Without ``--host`` it serves ``--artifact`` itself, with ``--workers`` and the
+``recdistill serve`` options given (the others at serve's defaults); with it, ``--artifact``
+only supplies the users and items to sample requests from, and must be the artifact the host
+serves.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 from pathlib import Path
 
 from loadtest.runner import LoadTestSettings, describe_outcome, format_table, run_load_test
+from recdistill.server import INFERENCE_PATHS
 
 DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s?)?")
 
@@ -42,11 +46,23 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--candidates", type=int, help="candidates per request (%(default)s)")
     parser.add_argument("--p99-ms", type=float, help="p99 latency budget (%(default)s)")
-    parser.add_argument(
-        "--precompute-items",
-        action="store_true",
-        help="start the server with --precompute-items (item tower once, at load)",
+    server = parser.add_argument_group(
+        "server", "when starting the server; options not given keep recdistill serve's defaults"
     )
+    server.add_argument(
+        "--workers",
+        type=int,
+        default=LoadTestSettings.workers,
+        help="the server's worker processes, each on a core of its own while the cores "
+        "outnumber them (%(default)s)",
+    )
+    server.add_argument(
+        "--precompute-items",
+        action=argparse.BooleanOptionalAction,
+        help="the item tower once, at load, or on each request's candidates",
+    )
+    server.add_argument("--inference", choices=INFERENCE_PATHS, help="the user tower's path")
+    server.add_argument("--user-cache", type=int, help="user vectors kept per model; 0: none")
     parser.set_defaults(
         run_time=LoadTestSettings.run_time_s,
         candidates=LoadTestSettings.candidates,
@@ -61,9 +77,22 @@ def load_settings(args: argparse.Namespace, **fields) -> LoadTestSettings:
         run_time_s=args.run_time,
         candidates=args.candidates,
         p99_budget_ms=args.p99_ms,
-        precompute_items=args.precompute_items,
+        server_args=server_args(args),
+        workers=args.workers,
         **fields,
     )
+
+
+def server_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """The ``recdistill serve`` options given among those of :func:`add_load_arguments`."""
+    options: list[str] = []
+    if args.precompute_items is not None:
+        options.append("--precompute-items" if args.precompute_items else "--no-precompute-items")
+    if args.inference is not None:
+        options += ["--inference", args.inference]
+    if args.user_cache is not None:
+        options += ["--user-cache", str(args.user_cache)]
+    return tuple(options)
 
 
 def main(argv: list[str] | None = None) -> int:

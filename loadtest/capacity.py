@@ -3,16 +3,24 @@
 A closed-loop run (users sending back to back) finds the most the server answers at all;
 fixed-rate runs then step down from that throughput until one holds the budget: p99 within
 it, no failures, a load generator with CPU to spare, and the offered rate actually achieved.
+What that rate costs in cores is :func:`serving_cost`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from loadtest.client_stats import ClientStats
-from loadtest.runner import MAX_GENERATOR_CPU, gate_problems
+from loadtest.runner import (
+    MAX_GENERATOR_CPU,
+    LoadTestResult,
+    LoadTestSettings,
+    gate_problems,
+    run_load_test,
+)
 
 CLOSED_LOOP_USERS = 4
 CLOSED_LOOP_S = 15
@@ -63,6 +71,21 @@ def fixed_rate(rps: float, seconds: int) -> Load:
     return Load(users=users, user_rps=rps / users, seconds=seconds)
 
 
+def run_load(template: LoadTestSettings, load: Load, out: Path) -> LoadTestResult:
+    """``template``'s load test with ``load``, its reports in a directory of ``out`` named
+    after the load."""
+    name = "closed-loop" if load.user_rps is None else f"{load.users * load.user_rps:.0f}-rps"
+    return run_load_test(
+        replace(
+            template,
+            out=out / name,
+            users=load.users,
+            user_rps=load.user_rps,
+            run_time_s=load.seconds,
+        )
+    )
+
+
 def find_capacity(
     measure: Callable[[Load], ClientStats],
     p99_budget_ms: float,
@@ -104,3 +127,19 @@ def describe_step(step: RateStep) -> str:
         f"{step.target_rps:.0f} RPS offered, {step.client.rps:.0f} achieved, "
         f"p99 {step.client.p99_ms:.2f} ms: {outcome}"
     )
+
+
+@dataclass(frozen=True)
+class Cost:
+    rps_per_core: float
+    cores_needed: int  # for the target rate
+
+
+def serving_cost(sustained_rps: float | None, server_cores: int, target_rps: float) -> Cost | None:
+    """What serving ``target_rps`` takes at ``sustained_rps`` on ``server_cores`` cores, if
+    cores scale linearly; None without a sustained rate."""
+    if not sustained_rps:
+        return None
+    per_core = sustained_rps / server_cores
+    # Rounded first, so that a rate dividing the target exactly is not rounded up a core.
+    return Cost(per_core, math.ceil(round(target_rps / per_core, 9)))

@@ -6,8 +6,12 @@ histogram before and after, and returns a :class:`LoadTestResult` whose ``proble
 the run fails its gate: a p99 over budget, any failed request, or a load generator so busy
 that its own queueing is in the latencies it reports.
 
-On two or more cores the server (one worker, one torch thread) gets the first core and
-Locust (one process) the second, so they do not compete.
+When it starts the server, it runs ``workers`` uvicorn workers of one torch thread each,
+with ``server_args`` (more ``recdistill serve`` options). While the cores outnumber the
+workers, the server gets the first ``workers`` cores and Locust (one process) the next one,
+so they do not compete; with as many workers as cores or more, nothing is pinned and the
+server and Locust share the cores. Each worker keeps its own Prometheus metrics, so with
+more than one the server's latency histogram is not read.
 """
 
 from __future__ import annotations
@@ -49,17 +53,27 @@ class LoadTestSettings:
     run_time_s: int = 20
     candidates: int = 100
     p99_budget_ms: float = 50.0
-    precompute_items: bool = False  # when starting the server: its --precompute-items
+    # When starting the server: more `recdistill serve` options, e.g. ("--inference", "torchrec").
+    server_args: tuple[str, ...] = ()
+    workers: int = 1  # the server's uvicorn workers (also when given a host: cores are planned)
     timeline: Path | None = None  # where Locust writes every request's time, latency, outcome
 
 
 @dataclass(frozen=True)
 class CorePlan:
-    """Which cores the server and the load generator run on (None: not pinned)."""
+    """Which cores the server and the load generator run on (None: not pinned), of the
+    ``available`` cores."""
 
     server: set[int] | None
     load_generator: set[int] | None
+    available: int
     note: str | None = None
+
+    @property
+    def server_cores(self) -> int:
+        """The cores the server runs on: its own, or all of them, shared with the load
+        generator, when it is not pinned."""
+        return len(self.server) if self.server else self.available
 
 
 @dataclass(frozen=True)
@@ -79,15 +93,27 @@ class LoadTestResult:
         return not self.problems
 
 
-def plan_cores() -> CorePlan:
+def plan_cores(workers: int = 1) -> CorePlan:
+    """The first ``workers`` cores for the server and the next for the load generator, if
+    there is one left; otherwise nothing pinned."""
     if not hasattr(os, "sched_setaffinity"):
-        return CorePlan(None, None, "cannot pin processes to cores on this platform")
+        return CorePlan(
+            None, None, os.cpu_count() or 1, "cannot pin processes to cores on this platform"
+        )
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         return CorePlan(
-            None, None, "one core: server and load generator share it, latencies are pessimistic"
+            None, None, 1, "one core: server and load generator share it, latencies are pessimistic"
         )
-    return CorePlan({cores[0]}, {cores[1]})
+    if workers >= len(cores):
+        return CorePlan(
+            None,
+            None,
+            len(cores),
+            f"{workers} server workers on {len(cores)} cores: the server and the load generator "
+            "share the cores, latencies are pessimistic",
+        )
+    return CorePlan(set(cores[:workers]), {cores[workers]}, len(cores))
 
 
 @contextmanager
@@ -96,14 +122,14 @@ def serve_artifact(
     out: Path,
     cores: CorePlan,
     *,
-    precompute_items: bool = False,
+    server_args: tuple[str, ...] = (),
+    workers: int = 1,
     artifact_root: Path | None = None,
     env: dict[str, str] | None = None,
 ) -> Iterator[ServerProcess]:
-    """A one-worker, one-thread server of ``artifact`` on the server's core."""
-    extra_args = ["--workers", "1", "--threads", "1"]
-    if precompute_items:
-        extra_args.append("--precompute-items")
+    """A server of ``artifact``, ``workers`` workers of one torch thread each, with
+    ``server_args``, on the server's cores of ``cores``."""
+    extra_args = ["--workers", str(workers), "--threads", "1", *server_args]
     if artifact_root is not None:
         extra_args += ["--artifact-root", str(artifact_root)]
     with running_server(
@@ -122,24 +148,35 @@ def run_load_test(settings: LoadTestSettings) -> LoadTestResult:
     model = artifact_name(settings.artifact)
     Workload.from_artifact(settings.artifact, settings.candidates)  # fail before serving
     settings.out.mkdir(parents=True, exist_ok=True)
-    cores = plan_cores()
+    cores = plan_cores(settings.workers)
     if settings.host is not None:
         return _measure(settings, model, settings.host, cores)
     with serve_artifact(
-        settings.artifact, settings.out, cores, precompute_items=settings.precompute_items
+        settings.artifact,
+        settings.out,
+        cores,
+        server_args=settings.server_args,
+        workers=settings.workers,
     ) as server:
         return _measure(settings, model, server.url, cores)
 
 
 def _measure(settings: LoadTestSettings, model: str, url: str, cores: CorePlan) -> LoadTestResult:
-    before = scrape_rank_latency(url)
+    notes = [cores.note] if cores.note else []
+    # With several workers a scrape reaches one of them, whose histogram has its requests only.
+    read_server = settings.workers == 1
+    before = scrape_rank_latency(url) if read_server else {}
     client = _run_locust(settings, url, cores)
-    server = bucket_difference(scrape_rank_latency(url), before)
+    server = bucket_difference(scrape_rank_latency(url), before) if read_server else {}
     server_p99 = histogram_quantile(0.99, server)
     problems = gate_problems(client, settings.p99_budget_ms)
-    notes = [cores.note] if cores.note else []
-    # Requests in flight when Locust stops are timed by the server but not by Locust.
-    if abs(observations(server) - client.requests) > settings.users:
+    if not read_server:
+        notes.append(
+            f"server-side latency not read: each of the {settings.workers} workers keeps "
+            "its own metrics"
+        )
+    elif abs(observations(server) - client.requests) > settings.users:
+        # Requests in flight when Locust stops are timed by the server but not by Locust.
         notes.append(
             f"the server timed {observations(server):.0f} /rank requests, Locust sent "
             f"{client.requests} (other traffic, or requests that failed or were cut off at the end)"

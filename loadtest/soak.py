@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx2
 import psutil
 
-from loadtest.capacity import STEP_SHARES, Capacity, Load, find_capacity, fixed_rate
+from loadtest.capacity import STEP_SHARES, Capacity, find_capacity, fixed_rate, run_load
 from loadtest.client_stats import Timeline
 from loadtest.reloads import Reloader, ReloadOutcome
 from loadtest.runner import (
@@ -128,7 +128,7 @@ def run_soak(settings: SoakSettings, progress: Callable[[str], None]) -> SoakRes
         capacity, rps = None, settings.rps
         if rps is None:
             capacity = find_capacity(
-                lambda load: _run(template, load, layout.capacity).client,
+                lambda load: run_load(template, load, layout.capacity).client,
                 settings.p99_budget_ms,
                 progress,
             )
@@ -163,19 +163,6 @@ def prepare_root(artifacts: tuple[Path, Path], directory: Path) -> ScratchRoot:
     shutil.copytree(artifacts[0], root.corrupt)
     ArtifactLayout(root.corrupt).weights.write_bytes(b"not a safetensors file")
     return root
-
-
-def _run(template: LoadTestSettings, load: Load, out: Path) -> LoadTestResult:
-    name = "closed-loop" if load.user_rps is None else f"{load.users * load.user_rps:.0f}-rps"
-    return run_load_test(
-        replace(
-            template,
-            out=out / name,
-            users=load.users,
-            user_rps=load.user_rps,
-            run_time_s=load.seconds,
-        )
-    )
 
 
 def _soak(

@@ -1,21 +1,30 @@
+import argparse
 import math
+import os
 import random
+from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from loadtest.__main__ import main, parse_duration
+from loadtest import runner
+from loadtest.__main__ import add_load_arguments, load_settings, main, parse_duration
+from loadtest.capacity import Cost, serving_cost
 from loadtest.client_stats import ClientStats
 from loadtest.runner import (
+    CorePlan,
     LoadTestSettings,
     describe_outcome,
     format_table,
     gate_problems,
+    plan_cores,
     run_load_test,
+    serve_artifact,
 )
 from loadtest.server_metrics import bucket_difference, histogram_quantile, rank_latency_buckets
 from loadtest.workload import RankCall, Workload, check_ranking
-from recdistill.server import running_server
+from recdistill.server import ServerProcess, running_server
 
 CALL = RankCall(kind="known", body={"user_id": 1, "candidates": [10, 11, 12], "k": 2})
 
@@ -135,6 +144,101 @@ def test_the_gate_fails_on_latency_failures_and_a_saturated_load_generator(chang
         assert problems == []
     else:
         assert len(problems) == 1 and problem in problems[0]
+
+
+def settings_from(argv: list[str]) -> LoadTestSettings:
+    parser = argparse.ArgumentParser()
+    add_load_arguments(parser)
+    return load_settings(parser.parse_args(argv), artifact=Path("a"), out=Path("out"))
+
+
+def test_server_options_become_server_args_and_only_those_given():
+    assert settings_from([]).server_args == ()
+    assert settings_from([]).workers == 1
+    settings = settings_from(
+        ["--no-precompute-items", "--inference", "torchrec", "--user-cache", "0", "--workers", "2"]
+    )
+    assert settings.server_args == (
+        "--no-precompute-items", "--inference", "torchrec", "--user-cache", "0",
+    )  # fmt: skip
+    assert settings.workers == 2
+    assert settings_from(["--precompute-items"]).server_args == ("--precompute-items",)
+
+
+def test_the_server_args_and_workers_reach_the_server_command_line(monkeypatch, tmp_path):
+    started = {}
+
+    @contextmanager
+    def recording_server(artifacts, **options):
+        started.update(options, artifacts=artifacts)
+        yield ServerProcess("http://127.0.0.1:1", process=None)
+
+    monkeypatch.setattr(runner, "running_server", recording_server)
+    plan = CorePlan({0, 1}, {2}, available=3)
+    with serve_artifact(
+        Path("a"), tmp_path, plan, server_args=("--inference", "torchrec"), workers=2
+    ) as server:
+        assert server.url == "http://127.0.0.1:1"
+
+    assert started["artifacts"] == [Path("a")]
+    assert started["extra_args"] == [
+        "--workers", "2", "--threads", "1", "--inference", "torchrec",
+    ]  # fmt: skip
+    assert started["cpus"] == {0, 1}
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no core pinning here")
+@pytest.mark.parametrize(
+    ("available", "workers", "server", "load_generator", "server_cores"),
+    [
+        ({4, 5}, 1, {4}, {5}, 1),  # as before: the server on the first core, Locust the second
+        ({0, 1, 2, 3}, 2, {0, 1}, {2}, 2),
+        ({0, 1}, 2, None, None, 2),  # as many workers as cores: shared
+        ({0, 1}, 3, None, None, 2),
+        ({0}, 1, None, None, 1),
+    ],
+)
+def test_plan_cores_pins_the_workers_only_while_a_core_is_left_for_locust(
+    monkeypatch, available, workers, server, load_generator, server_cores
+):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: available)
+    plan = plan_cores(workers)
+    assert (plan.server, plan.load_generator) == (server, load_generator)
+    assert plan.server_cores == server_cores
+    assert (plan.note is None) == (server is not None)
+    if server is None:
+        assert "share" in plan.note
+
+
+def test_several_workers_leave_the_server_histogram_unread(tiny_artifacts, monkeypatch, tmp_path):
+    def unreachable(url):
+        raise AssertionError("a scrape reaches one worker only")
+
+    monkeypatch.setattr(runner, "scrape_rank_latency", unreachable)
+    monkeypatch.setattr(runner, "_run_locust", lambda settings, url, cores: HEALTHY)
+    settings = LoadTestSettings(
+        artifact=tiny_artifacts["student"], out=tmp_path, host="http://127.0.0.1:1", workers=2
+    )
+    result = run_load_test(settings)
+
+    assert result.ok and result.server_p99_ms is None and result.server_requests == 0
+    assert any("each of the 2 workers keeps its own metrics" in note for note in result.notes)
+
+
+@pytest.mark.parametrize(
+    ("sustained_rps", "server_cores", "cost"),
+    [
+        (900.0, 1, Cost(900.0, 12)),
+        (1000.0, 2, Cost(500.0, 20)),  # dividing the target exactly: not a core more
+        (1000.0, 3, Cost(1000.0 / 3, 30)),
+        (20_000.0, 1, Cost(20_000.0, 1)),
+        (None, 1, None),
+    ],
+)
+def test_serving_cost_is_rps_per_core_and_the_cores_for_the_target(
+    sustained_rps, server_cores, cost
+):
+    assert serving_cost(sustained_rps, server_cores, target_rps=10_000) == cost
 
 
 def test_parse_duration():
