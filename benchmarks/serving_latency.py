@@ -7,13 +7,14 @@ candidates for distinct real users of the test lists, on one torch thread and on
 - ``numpy``: the floor of the ranker, ``serving_floor.NumpyReference``: the same weights in
   plain numpy, user tower per request, item vectors precomputed, ID mapping and sort. Its
   scores are checked against the ranker's (``max |Δ|``).
-- ``ranker``: ``OnlineRanker.rank`` as served (plain user tower, items precomputed), each
-  user's first request (its vector not cached yet); ``cached``: the same users again, their
-  vectors now in the user-vector cache; ``torchrec``: the training-time modules for both
-  towers on every request (``--inference torchrec --no-precompute-items``).
-- ``server``: the whole FastAPI app in-process, driven through an ASGI client without
-  sockets, timed by the server itself from request received to response ready (validation,
-  routing, ranking, JSON, impression log), as its ``/metrics`` histogram records it; ``bare``:
+- ``ranker``: ``OnlineRanker.rank`` with the plain user tower run on every request (no
+  user-vector cache), items precomputed; ``cached``: as served, the user's vector read from
+  the cache the load filled; ``torchrec``: the training-time modules for both towers on
+  every request (``--inference torchrec --no-precompute-items --user-cache 0``).
+- ``server``: the whole FastAPI app as served, in-process, driven through an ASGI client
+  without sockets, timed by the server itself from request received to response ready
+  (validation, routing, ranking, JSON, impression log), as its ``/metrics`` histogram
+  records it; ``uncached``: the same with ``--user-cache 0``; ``bare``:
   ``serving_floor.bare_app``, parsing the same request and answering fixed bytes, timed the
   same way (it does not depend on the model).
 
@@ -154,19 +155,24 @@ def measure(directory: Path, bodies: list[dict], scratch: Path) -> dict[str, lis
     artifact = load_artifact(directory)
     warm_up, timed = bodies[:WARM_UP], bodies[WARM_UP:]
     reference = NumpyReference(artifact)
-    ranker = OnlineRanker(load_artifact(directory))
-    torchrec = OnlineRanker(
-        load_artifact(directory), inference="torchrec", precompute_items=False, user_cache=0
-    )
-    for ranks in (reference.rank, ranker.rank, torchrec.rank):
+    rankers = {
+        "ranker": OnlineRanker(load_artifact(directory), user_cache=0),
+        "cached": OnlineRanker(load_artifact(directory)),
+        "torchrec": OnlineRanker(
+            load_artifact(directory), inference="torchrec", precompute_items=False, user_cache=0
+        ),
+    }
+    columns = {"difference": largest_difference(reference, rankers["ranker"], warm_up)}
+    for ranks in (reference.rank, *(ranker.rank for ranker in rankers.values())):
         time_calls(ranks, warm_up)
-    columns = {"difference": largest_difference(reference, ranker, warm_up)}
     columns["numpy"] = time_calls(reference.rank, timed)
-    columns["ranker"] = time_calls(ranker.rank, timed)
-    columns["cached"] = time_calls(ranker.rank, timed)
-    columns["torchrec"] = time_calls(torchrec.rank, timed)
-    settings = ServerSettings(artifacts=(str(directory),), impressions=str(scratch / IMPRESSIONS))
-    columns["server"] = asyncio.run(time_server(settings, warm_up, timed))
+    for name, ranker in rankers.items():
+        columns[name] = time_calls(ranker.rank, timed)
+    for name, cache in (("server", ServerSettings.user_cache), ("uncached", 0)):
+        settings = ServerSettings(
+            artifacts=(str(directory),), impressions=str(scratch / IMPRESSIONS), user_cache=cache
+        )
+        columns[name] = asyncio.run(time_server(settings, warm_up, timed))
     return columns
 
 
@@ -203,7 +209,8 @@ def main() -> None:
         print(f"  {legend(load_artifact(directory))}")
     header = (
         f"{'model':<20}{'cands':>6}{'numpy':>8}{'ranker':>16}{'×numpy':>8}{'cached':>8}"
-        f"{'torchrec':>10}{'×ranker':>8}{'server':>16}{'bare':>8}{'×bare':>7}{'max |Δ|':>9}"
+        f"{'torchrec':>10}{'×ranker':>8}{'server':>16}{'uncached':>10}{'bare':>8}{'×bare':>14}"
+        f"{'max |Δ|':>9}"
     )
     print(header)
     ratios = []
@@ -223,19 +230,21 @@ def main() -> None:
                 percentiles(columns["torchrec"]),
             )
             server, server99 = percentiles(columns["server"])
-            p50[name] = (ranker, server)
+            uncached, _ = percentiles(columns["uncached"])
+            p50[name] = (ranker, uncached)
             print(
                 f"{labels[name]:<20}{shown:>6}{numpy:>8.3f}{ranker:>8.3f} ({ranker99:.3f})"
                 f"{ranker / numpy:>7.1f}×{cached:>8.3f}{torchrec:>10.3f}{torchrec / ranker:>7.1f}×"
-                f"{server:>8.3f} ({server99:.3f}){bare:>8.3f}{server / bare:>6.1f}×"
+                f"{server:>8.3f} ({server99:.3f}){uncached:>10.3f}{bare:>8.3f}"
+                f"{server / bare:>6.1f}× /{uncached / bare:>5.1f}×"
                 f"{columns['difference']:>9.1e}"
             )
         ratios.append((shown, p50))
-    print(f"\n{reference} / model p50, served the same way (ranker, server)")
+    print(f"\n{reference} / model p50, each computing the user tower (ranker / uncached)")
     for shown, p50 in ratios:
         cells = "  ".join(
-            f"{labels[name]} {p50[reference][0] / ranker:.1f}× / {p50[reference][1] / server:.1f}×"
-            for name, (ranker, server) in p50.items()
+            f"{labels[name]} {p50[reference][0] / ranker:.1f}× / {p50[reference][1] / app:.1f}×"
+            for name, (ranker, app) in p50.items()
             if name != reference
         )
         print(f"  {shown:>5} candidates: {cells}")

@@ -5,8 +5,8 @@
         [--user-rps R] [--timeline timeline.npy]
 
 Each option can also come from the environment (``LOADTEST_ARTIFACT``, ...). Users send
-requests back to back (no think time), or with ``--user-rps`` each at that steady rate, so
-that ``--users`` sets the offered load. A response that is not a 200 with the right number
+requests back to back (no think time), or with ``--user-rps`` each at that mean rate, as a
+Poisson stream, so that ``--users`` sets the offered load. A response that is not a 200 with the right number
 of distinct candidates sorted by score counts as a Locust failure.
 """
 
@@ -102,9 +102,17 @@ class RankUser(FastHttpUser):
         self.due = time.monotonic()
 
     def wait_time(self) -> float:
-        """Until the next request is due, a period after the last one was (now, if late)."""
+        """Until the next request is due (now, if late). The gaps between a user's requests
+        are exponential with the period as their mean, so users arrive as independent
+        Poisson streams. With equal gaps, every user held up by one slow moment (a reload)
+        fell due at the same instant and stayed in step with the others from then on: the
+        server got the whole rate in one burst per period, and the latencies measured that
+        burst rather than the rate."""
         now = time.monotonic()
-        self.due = max(self.due + self.period_s, now)
+        if self.period_s:
+            self.due = max(self.due + self.rng.expovariate(1 / self.period_s), now)
+        else:
+            self.due = now
         return self.due - now
 
     @task

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -103,6 +104,12 @@ class UserVectorCache:
         self.capacity = capacity
         self.vectors: OrderedDict[int, torch.Tensor] = OrderedDict()
         self.hits = self.misses = 0
+
+    def fill(self, users: np.ndarray, vectors: torch.Tensor) -> None:
+        """Keep ``vectors[k]`` as user ``users[k]``'s vector, as many as there is room for,
+        without counting lookups."""
+        for user, vector in zip(users[: self.capacity].tolist(), vectors[: self.capacity]):
+            self.vectors[user] = vector
 
     def get(self, user: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         vector = self.vectors.get(user)

@@ -10,7 +10,8 @@ One request's user tower runs on :class:`~recdistill.inference.PlainUserTower`: 
 tower's own weights read without jagged tensors, several times faster at batch size one.
 ``inference="torchrec"`` runs the torchrec modules instead, as training and evaluation do;
 the scores agree to 1e-5. A known user's vector for a request without ``recent_items`` is
-kept in a :class:`~recdistill.inference.UserVectorCache` of ``user_cache`` users.
+kept in a :class:`~recdistill.inference.UserVectorCache` of ``user_cache`` users, filled at
+load with the vectors the mean user is computed from (up to 10,000 known users).
 
 The history is the request's ``recent_items`` (most recent first) followed by the user's
 snapshot history (train and validation items, newest first: what the test lists were scored
@@ -91,7 +92,7 @@ class OnlineRanker:
         self.artifact = artifact
         self.store = artifact.store
         self.precompute_items = precompute_items
-        self.user_vectors = UserVectorCache(user_cache)
+        self.user_cache = UserVectorCache(user_cache)
         self.plain_tower = None
         if artifact.model is not None:
             artifact.model.requires_grad_(False)
@@ -158,7 +159,7 @@ class OnlineRanker:
         elif user == UNKNOWN:
             user_vector = self.mean_user
         else:
-            user_vector = self.user_vectors.get(user, lambda: self._user_vector(user, recent))
+            user_vector = self.user_cache.get(user, lambda: self._user_vector(user, recent))
         if self.precompute_items:
             vectors = self.item_vectors.index_select(0, item_rows)
             bias = self.item_bias.index_select(0, item_rows)
@@ -255,8 +256,13 @@ class OnlineRanker:
         sample = known[
             np.linspace(0, len(known) - 1, min(len(known), MEAN_USER_SAMPLE)).astype(int)
         ]
-        user_vectors = []
-        for start in range(0, len(sample), LOAD_BATCH):
-            users = sample[start : start + LOAD_BATCH]
-            user_vectors.append(model.user_tower(store.history_kjt(users)))
-        self.mean_user = torch.cat(user_vectors).mean(0)
+        user_vectors = torch.cat(
+            [
+                model.user_tower(store.history_kjt(sample[start : start + LOAD_BATCH]))
+                for start in range(0, len(sample), LOAD_BATCH)
+            ]
+        )
+        self.mean_user = user_vectors.mean(0)
+        # The same vectors answer these users' requests without recent_items: a new model
+        # version starts with them cached rather than computing each on its first request.
+        self.user_cache.fill(sample, user_vectors)

@@ -155,7 +155,7 @@ class UserCacheMetrics:
             "recdistill_user_vector_cache_users", "User vectors held.", labels=labels
         )
         for ranker in self.rankers().values():
-            cache, model = ranker.user_vectors, [ranker.name, ranker.version]
+            cache, model = ranker.user_cache, [ranker.name, ranker.version]
             lookups.add_metric([*model, "hit"], cache.hits)
             lookups.add_metric([*model, "miss"], cache.misses)
             hit_ratio.add_metric(model, cache.hits / max(1, cache.hits + cache.misses))

@@ -78,3 +78,10 @@ def test_a_cache_of_capacity_zero_keeps_nothing():
     for _ in range(3):
         cache.get(1, lambda: torch.ones(2))
     assert (cache.hits, cache.misses, len(cache.vectors)) == (0, 3, 0)
+
+
+def test_filling_the_cache_keeps_what_fits_and_counts_no_lookup():
+    cache = UserVectorCache(capacity=2)
+    cache.fill(np.array([4, 5, 6]), torch.arange(6.0).reshape(3, 2))
+    assert list(cache.vectors) == [4, 5] and (cache.hits, cache.misses) == (0, 0)
+    assert cache.get(5, lambda: torch.zeros(2)).tolist() == [2.0, 3.0]

@@ -363,22 +363,30 @@ def _cache_lookups(client):
 
 
 def test_the_user_vector_cache_answers_repeat_users_and_restarts_on_reload(
-    reloadable, served, lists
+    served, lists, tmp_path, monkeypatch
 ):
-    version = reloadable.get("/model").json()["models"][0]["version"]
-    first = reloadable.post("/rank", json=_request(lists, row=3)).json()
-    again = reloadable.post("/rank", json=_request(lists, row=3)).json()
-    assert again["items"] == first["items"]  # the cached vector ranks exactly as computed
-    with_recent = _request(lists, row=3, recent_items=[int(lists["candidates"][3][0])])
-    reloadable.post("/rank", json=with_recent)  # a session's items bypass the cache
-    assert _cache_lookups(reloadable) == {(version, "hit"): 1, (version, "miss"): 1}
-    (ratio,) = _samples(reloadable, "recdistill_user_vector_cache_hit_ratio")
-    assert ratio.value == 0.5
-    body = {"artifact": str(served / "intermediate"), "model": "student"}
-    assert reloadable.post("/admin/reload", json=body, headers=AUTH).status_code == 200
-    new = reloadable.get("/model").json()["models"][0]["version"]
-    reloadable.post("/rank", json=_request(lists, row=3))
-    assert _cache_lookups(reloadable) == {(new, "hit"): 0, (new, "miss"): 1}
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, "s3cret")
+    # Room for two users: the load fills it with the first two known users' vectors, so
+    # the user with the largest ID is not among them until its first request.
+    settings = ServerSettings(
+        artifacts=(str(served / "student"),), impressions=str(tmp_path / "log.jsonl"), user_cache=2
+    )
+    last = int(np.argmax(lists["user_id"]))
+    with TestClient(create_app(settings)) as client:
+        version = client.get("/model").json()["models"][0]["version"]
+        first = client.post("/rank", json=_request(lists, row=last)).json()
+        again = client.post("/rank", json=_request(lists, row=last)).json()
+        assert again["items"] == first["items"]  # the cached vector ranks exactly as computed
+        recent = [int(lists["candidates"][last][0])]
+        client.post("/rank", json=_request(lists, row=last, recent_items=recent))  # not cached
+        assert _cache_lookups(client) == {(version, "hit"): 1, (version, "miss"): 1}
+        (ratio,) = _samples(client, "recdistill_user_vector_cache_hit_ratio")
+        assert ratio.value == 0.5
+        body = {"artifact": str(served / "intermediate"), "model": "student"}
+        assert client.post("/admin/reload", json=body, headers=AUTH).status_code == 200
+        new = client.get("/model").json()["models"][0]["version"]
+        client.post("/rank", json=_request(lists, row=last))
+        assert _cache_lookups(client) == {(new, "hit"): 0, (new, "miss"): 1}
 
 
 def test_a_failed_reload_keeps_the_old_model_serving(reloadable, served, lists):
