@@ -1,6 +1,7 @@
 """The sweep's latency benchmark: every float and int8 candidate served through
 ``OnlineRanker.rank`` on one thread, with training over so that candidates do not slow each
-other down.
+other down. Every request runs the user tower (no user-vector cache, which would time every
+model alike), as a user's first request to a model version does.
 
 Models take turns in interleaved rounds of 100-candidate validation lists, timed on the wall
 clock and on the thread's CPU clock. The p99 is the median over rounds of each round's p99, so
@@ -94,4 +95,4 @@ def _ranker(bench: Bench, candidate: Candidate, variant: str, params: int) -> On
         counts=None,
         quantization=quantization,
     )
-    return OnlineRanker(artifact)
+    return OnlineRanker(artifact, user_cache=0)
