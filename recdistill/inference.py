@@ -101,6 +101,8 @@ class UserVectorCache:
     with it an empty cache, so no vector outlives its model version."""
 
     def __init__(self, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError(f"a user-vector cache holds 0 users or more, not {capacity}")
         self.capacity = capacity
         self.vectors: OrderedDict[int, torch.Tensor] = OrderedDict()
         self.hits = self.misses = 0

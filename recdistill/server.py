@@ -52,6 +52,15 @@ class ServerSettings:
     user_cache: int = USER_CACHE
     artifact_root: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.inference not in INFERENCE_PATHS:
+            raise ValueError(f"inference must be one of {INFERENCE_PATHS}, not {self.inference!r}")
+        for name in ("max_candidates", "max_body_bytes", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.user_cache < 0:
+            raise ValueError(f"user_cache must be 0 (none) or more, not {self.user_cache}")
+
     def reload_root(self) -> Path:
         """The directory reloads may load from: ``artifact_root``, or by default the
         common parent directory of the served artifacts (symlinks and ``..`` resolved)."""

@@ -85,3 +85,8 @@ def test_filling_the_cache_keeps_what_fits_and_counts_no_lookup():
     cache.fill(np.array([4, 5, 6]), torch.arange(6.0).reshape(3, 2))
     assert list(cache.vectors) == [4, 5] and (cache.hits, cache.misses) == (0, 0)
     assert cache.get(5, lambda: torch.zeros(2)).tolist() == [2.0, 3.0]
+
+
+def test_a_cache_cannot_hold_fewer_than_zero_users():
+    with pytest.raises(ValueError, match="0 users or more"):
+        UserVectorCache(capacity=-1)

@@ -482,3 +482,17 @@ def test_requests_run_on_the_configured_torch_threads(tiny_artifacts, tmp_path):
         )
         with TestClient(create_app(settings)) as client:
             assert client.get("/model").json()["torch_threads"] == threads
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("user_cache", -1, "user_cache must be 0"),
+        ("inference", "onnx", "inference must be one of"),
+        ("threads", 0, "threads must be at least 1"),
+        ("max_candidates", 0, "max_candidates must be at least 1"),
+    ],
+)
+def test_server_settings_refuse_values_that_cannot_serve(tiny_artifacts, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        ServerSettings(artifacts=(str(tiny_artifacts["student"]),), **{field: value})
