@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -50,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Distil large recommender ranking models into tiny real-time students.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"recdistill {version('recdistill')}"
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 

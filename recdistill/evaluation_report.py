@@ -31,6 +31,12 @@ from recdistill.tracking import log_report
 def build_report(run: Path, spec: SliceSpec | None = None) -> Path:
     layout = RunLayout(Path(run))
     spec = spec or SliceSpec()
+    if not Path(run).is_dir():
+        raise FileNotFoundError(f"run folder {run} does not exist")
+    if not layout.summary.exists() and RunLayout(Path(run).parent).summary.exists():
+        raise FileNotFoundError(
+            f"{run} is a stage of the run {Path(run).parent}: pass --run {Path(run).parent}"
+        )
     for needed in (layout.summary, layout.per_user):
         if not needed.exists():
             raise FileNotFoundError(f"{needed} not found: run `recdistill train` first")

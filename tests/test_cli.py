@@ -72,3 +72,10 @@ def test_malformed_movielens_names_file_and_line_and_writes_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == (["out", "raw"] if previous else ["raw"])
     if previous:
         assert [p.name for p in out.iterdir()] == ["meta.json"]
+
+
+def test_version_names_the_installed_package(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip().startswith("recdistill ")

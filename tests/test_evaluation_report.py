@@ -91,6 +91,14 @@ def test_report_without_a_run_is_a_clear_error(tmp_path, capsys):
     assert "run `recdistill train` first" in capsys.readouterr().err
 
 
+def test_report_names_what_is_wrong_with_the_run_folder(tiny_run, tmp_path, capsys):
+    _, run = tiny_run
+    assert main(["report", "--run", str(tmp_path / "nope")]) == 2
+    assert f"run folder {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+    assert main(["report", "--run", str(run / "teacher")]) == 2
+    assert f"is a stage of the run {run}: pass --run {run}" in capsys.readouterr().err
+
+
 def test_summary_carries_latency_and_fidelity(tiny_run):
     _, run = tiny_run
     summary = json.loads((run / "summary.json").read_text())
