@@ -187,7 +187,7 @@ class NumpyReference:
                 f"{artifact.directory}: the numpy reference needs a float two-tower artifact, "
                 f"not {artifact.kind}{quantized}"
             )
-        ranker = OnlineRanker(artifact)
+        ranker = OnlineRanker(artifact, user_cache=0)
         self.store = artifact.store
         self.item_vectors = copied(ranker.item_vectors)
         self.item_bias = copied(ranker.item_bias)

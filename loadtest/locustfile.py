@@ -6,8 +6,8 @@
 
 Each option can also come from the environment (``LOADTEST_ARTIFACT``, ...). Users send
 requests back to back (no think time), or with ``--user-rps`` each at that mean rate, as a
-Poisson stream, so that ``--users`` sets the offered load. A response that is not a 200 with the right number
-of distinct candidates sorted by score counts as a Locust failure.
+Poisson stream, so that ``--users`` sets the offered load. A response that is not a 200 with
+the right number of distinct candidates sorted by score counts as a Locust failure.
 """
 
 from __future__ import annotations

@@ -95,10 +95,10 @@ def _mean(rows: Rows, index: torch.Tensor) -> torch.Tensor:
 
 
 class UserVectorCache:
-    """The user vectors of the most recently ranked known users, for requests without
-    ``recent_items`` (the vector then depends on the user and the model alone). Least
-    recently used first out; ``capacity`` 0 keeps nothing. A reload builds a new ranker and
-    with it an empty cache, so no vector outlives its model version."""
+    """The user vectors of known users, for requests without ``recent_items`` (the vector
+    then depends on the user and the model alone): those :meth:`fill` gave, then the most
+    recently ranked. Least recently used first out; ``capacity`` 0 keeps nothing. A reload
+    builds a new ranker and with it a new cache, so no vector outlives its model version."""
 
     def __init__(self, capacity: int) -> None:
         if capacity < 0:
