@@ -146,7 +146,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--run", type=Path, required=True, help="run directory of `train`")
     report.add_argument("--min-users", type=int, help="smallest slice reported (default 30)")
     report.add_argument(
-        "--retention-threshold", type=float, help="flag slices below this retention (0.95)"
+        "--retention-threshold",
+        type=float,
+        help="the overall retention of the teacher a model must keep (0.95)",
     )
     report.set_defaults(handler=_report)
 

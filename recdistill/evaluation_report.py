@@ -11,20 +11,24 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 from jinja2 import Environment, PackageLoader, StrictUndefined
+from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
 from recdistill.config import load_run_config
 from recdistill.layout import RunLayout
-from recdistill.roles import REFERENCE, SCRATCH
-from recdistill.segments import ALL, HELD_OUT_CATEGORY, SliceSpec, slice_table, user_segments
-from recdistill.summary import RunSummary, TrainedModel, read_summary
+from recdistill.roles import REFERENCE, SCRATCH, Roles
+from recdistill.segments import ALL, SliceSpec, slice_table, user_segments
+from recdistill.summary import BaselineModel, RunSummary, TrainedModel, read_summary
 from recdistill.tracking import log_report
 
 
@@ -41,8 +45,8 @@ def build_report(run: Path, spec: SliceSpec | None = None) -> Path:
         if not needed.exists():
             raise FileNotFoundError(f"{needed} not found: run `recdistill train` first")
     summary = read_summary(layout.summary, RunSummary)
-    roles = load_run_config(layout.config).roles
-    references = {REFERENCE: roles.reference, SCRATCH: roles.scratch}
+    config = load_run_config(layout.config)
+    references = {REFERENCE: config.roles.reference, SCRATCH: config.roles.scratch}
     per_user = pq.read_table(layout.per_user).to_pandas()
     table = slice_table(
         per_user, user_segments(Path(summary.data), categories=True), spec, references
@@ -52,9 +56,12 @@ def build_report(run: Path, spec: SliceSpec | None = None) -> Path:
     table.to_parquet(out.segments, index=False)
 
     rank = {name: position for position, name in enumerate(summary.models)}
+    table = table.iloc[np.argsort(table["model"].map(rank).to_numpy(), kind="stable")]
     key = table[table["metric"] == spec.key_metric]
-    key = key.iloc[np.argsort(key["model"].map(rank).to_numpy(), kind="stable")]
-    curves = _learning_curves(layout, summary)
+    candidates = candidate_models(summary, config.roles)
+    colours = model_colours(list(summary.models))
+    objectives = {stage.name: stage.describe_objective() for stage in config.stages}
+    cost, unplotted = _quality_vs_cost(summary, key, spec, colours)
     context = {
         "run": str(layout.root),
         "source": summary.source,
@@ -63,15 +70,16 @@ def build_report(run: Path, spec: SliceSpec | None = None) -> Path:
         "level": int(spec.level * 100),
         "min_users": spec.min_users,
         "references": references,
+        "verdicts": verdicts(key, candidates, spec, config.roles.reference),
         "headline": _headline(summary, key),
-        "findings": _findings(key, spec),
-        "flagged": key[key.get("flagged", False) == True].to_dict("records"),
-        "slices": key.to_dict("records"),
+        "families": _families(key),
+        "metrics": _metric_tabs(table),
+        "unplotted": unplotted,
         "figures": {
-            "segments": _segment_bars(key, spec),
-            "retention": _retention_heatmap(key, spec),
-            "cost": _quality_vs_cost(summary, key, spec),
-            "curves": _curves_figure(curves),
+            "segments": _segment_bars(key, spec, colours),
+            "retention": _retention_heatmap(key, candidates),
+            "cost": cost,
+            "curves": _curves_figure(_learning_curves(layout, summary), objectives, colours),
         },
     }
     environment = template_environment()
@@ -79,6 +87,58 @@ def build_report(run: Path, spec: SliceSpec | None = None) -> Path:
     out.markdown.write_text(environment.get_template("report.md.j2").render(context))
     log_report(layout)
     return out.index
+
+
+def candidate_models(summary: RunSummary, roles: Roles) -> list[str]:
+    """The models that could stand in for the reference, the student first: every trained
+    stage and ensemble but the reference; baselines are compared, never candidates."""
+    models = [
+        name
+        for name, entry in summary.models.items()
+        if not isinstance(entry, BaselineModel) and name != roles.reference
+    ]
+    return sorted(models, key=lambda name: name != roles.student)
+
+
+def verdicts(
+    key: pd.DataFrame, candidates: list[str], spec: SliceSpec, reference: str
+) -> list[dict[str, Any]]:
+    """Per candidate, in two sentences: its overall retention against the threshold, and
+    the slices that lose significantly more than it does overall (``flagged``), the
+    biggest loss first."""
+    overall = key[key["segment"] == ALL].set_index("model")
+    result = []
+    for model in candidates:
+        if model not in overall.index or pd.isna(overall.loc[model, "retention"]):
+            continue
+        row = overall.loc[model]
+        own = key[(key["model"] == model) & (key["segment"] != ALL)]
+        below = own[own["flagged"]].sort_values("retention")
+        keeps = bool(row["retention"] >= spec.retention_threshold)
+        overall_line = (
+            f"{model} keeps {row['retention']:.1%} [{row['retention_ci_low']:.1%}, "
+            f"{row['retention_ci_high']:.1%}] of {reference}'s {spec.key_metric} overall, "
+            f"{'meeting' if keeps else 'below'} the {spec.retention_threshold:.0%} threshold."
+        )
+        where = "; ".join(
+            f"{r.segment}: {r.value} ({r.retention:.1%}, {r.users:,} users)"
+            for r in below.itertuples()
+        )
+        below_line = (
+            f"It loses significantly more than that on {len(below)} slice(s): {where}."
+            if len(below)
+            else "No slice loses significantly more than that."
+        )
+        result.append(
+            {
+                "model": model,
+                "keeps": keeps,
+                "overall": overall_line,
+                "below": below_line,
+                "slices": below[["segment", "value"]].to_dict("records"),
+            }
+        )
+    return result
 
 
 def template_environment() -> Environment:
@@ -90,6 +150,7 @@ def template_environment() -> Environment:
         lstrip_blocks=True,
     )
     environment.filters["num"] = format_number
+    environment.filters["p"] = format_p
     return environment
 
 
@@ -97,6 +158,13 @@ def format_number(value: Any, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "–"
     return f"{value:.{digits}f}"
+
+
+def format_p(value: Any) -> str:
+    """A p-value as people read it: ``< 0.001`` below that, three decimals above."""
+    if value is None or np.isnan(value):
+        return "–"
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"
 
 
 def _headline(summary: RunSummary, key: pd.DataFrame) -> list[dict[str, Any]]:
@@ -123,34 +191,37 @@ def _headline(summary: RunSummary, key: pd.DataFrame) -> list[dict[str, Any]]:
     return rows
 
 
-def _findings(key: pd.DataFrame, spec: SliceSpec) -> list[str]:
-    """Plain-language lines: where each model kept least of the teacher's quality."""
-    lines = []
-    sliced = key[(key["segment"] != ALL) & key["retention"].notna()]
-    for model, group in sliced.groupby("model", sort=False):
-        worst = group.nsmallest(2, "retention")
-        parts = [
-            f"{r.segment} = {r.value} ({r.users} users): retention {r.retention:.1%} "
-            f"[{r.retention_ci_low:.1%}, {r.retention_ci_high:.1%}]"
-            for r in worst.itertuples()
-        ]
-        flagged = int(group["flagged"].sum())
-        verdict = (
-            f"{flagged} slice(s) below {spec.retention_threshold:.0%}"
-            if flagged
-            else f"no slice below {spec.retention_threshold:.0%}"
-        )
-        line = f"{model}: lost most on " + "; ".join(parts) + f" — {verdict}."
-        categories = group[group["segment"] == HELD_OUT_CATEGORY]
-        if len(categories):
-            low = categories.loc[categories["retention"].idxmin()]
-            high = categories.loc[categories["retention"].idxmax()]
-            line += (
-                f" Across the held-out item's {len(categories)} categories: retention "
-                f"{low.retention:.1%} ({low.value}) to {high.retention:.1%} ({high.value})."
+def _families(key: pd.DataFrame) -> list[dict[str, Any]]:
+    """The slices of each segment column, for one collapsible table each."""
+    return [
+        {"segment": segment, "rows": rows.to_dict("records"), "flagged": int(rows["flagged"].sum())}
+        for segment, rows in key.groupby("segment", sort=False)
+    ]
+
+
+def _metric_tabs(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per metric, a slice × model grid of means with their CIs."""
+    tabs = []
+    for metric, rows in table.groupby("metric", sort=False):
+        models = list(dict.fromkeys(rows["model"]))
+        grid = []
+        for (segment, value), cells in rows.groupby(["segment", "value"], sort=False):
+            cells = cells.set_index("model")
+            grid.append(
+                {
+                    "slice": f"{segment}: {value}" if segment != ALL else ALL,
+                    "users": int(cells["users"].iloc[0]),
+                    "cells": [cells.loc[m] if m in cells.index else None for m in models],
+                }
             )
-        lines.append(line)
-    return lines
+        tabs.append({"metric": metric, "models": models, "grid": grid})
+    return tabs
+
+
+def model_colours(models: list[str]) -> dict[str, Any]:
+    """One colour per model, the same in every plot of a report."""
+    palette = matplotlib.colormaps["tab10"].colors
+    return {model: palette[i % len(palette)] for i, model in enumerate(models)}
 
 
 def figure_png(figure: Figure) -> str:
@@ -159,7 +230,9 @@ def figure_png(figure: Figure) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def bars_with_ci(axis, values: list, series: dict[str, pd.DataFrame], center: str) -> None:
+def bars_with_ci(
+    axis, values: list, series: dict[str, pd.DataFrame], center: str, colours: dict | None = None
+) -> None:
     """One group of bars per entry of ``values``, one bar per series, each with its CI.
 
     Each series is indexed by value, with columns ``center``, ``ci_low`` and ``ci_high``.
@@ -168,7 +241,7 @@ def bars_with_ci(axis, values: list, series: dict[str, pd.DataFrame], center: st
     for offset, (label, rows) in enumerate(series.items()):
         rows = rows.reindex(values)
         x = np.arange(len(values)) + offset * width
-        axis.bar(x, rows[center], width, label=label)
+        axis.bar(x, rows[center], width, label=label, color=(colours or {}).get(label))
         axis.errorbar(
             x,
             rows[center],
@@ -180,54 +253,88 @@ def bars_with_ci(axis, values: list, series: dict[str, pd.DataFrame], center: st
     axis.set_xticks(np.arange(len(values)) + 0.4 - width / 2, values, fontsize=8)
 
 
-def _segment_bars(key: pd.DataFrame, spec: SliceSpec) -> str:
-    segments = list(key["segment"].unique())
-    models = list(key["model"].unique())
-    figure = Figure(figsize=(11, 2.6 * len(segments)))
+def _segment_bars(key: pd.DataFrame, spec: SliceSpec, colours: dict) -> str:
+    segments = [segment for segment in dict.fromkeys(key["segment"]) if segment != ALL]
+    models = list(dict.fromkeys(key["model"]))
+    figure = Figure(figsize=(11, 2.4 * len(segments)))
     axes = figure.subplots(len(segments), 1, squeeze=False)
     for axis, segment in zip(axes[:, 0], segments):
         part = key[key["segment"] == segment]
         series = {model: part[part["model"] == model].set_index("value") for model in models}
-        bars_with_ci(axis, list(dict.fromkeys(part["value"])), series, "mean")
+        values = list(dict.fromkeys(part["value"]))
+        bars_with_ci(axis, values, series, "mean", colours)
+        if len(values) > 8:
+            for label in axis.get_xticklabels():
+                label.set(rotation=30, ha="right")
         axis.set_title(segment, fontsize=10, loc="left")
         axis.set_ylabel(spec.key_metric)
-    axes[0, 0].legend(ncol=len(models), fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.15))
+    axes[0, 0].legend(ncol=len(models), fontsize=9, loc="lower left", bbox_to_anchor=(0, 1.15))
     figure.tight_layout()
     return figure_png(figure)
 
 
-def _retention_heatmap(key: pd.DataFrame, spec: SliceSpec) -> str:
-    rows = key[key["retention"].notna()].copy()
-    rows["slice"] = rows["segment"] + "=" + rows["value"].astype(str)
-    models = list(dict.fromkeys(rows["model"]))
+def _retention_heatmap(key: pd.DataFrame, candidates: list[str]) -> str:
+    """Slices down, candidates across; each cell's colour is the slice's retention minus the
+    model's own overall retention (red: loses more than overall), its text the retention,
+    bold with ▼ where the slice is flagged."""
+    rows = key[key["model"].isin(candidates) & key["retention"].notna()].copy()
+    overall = rows[rows["segment"] == ALL].set_index("model")["retention"]
+    models = [model for model in candidates if model in overall.index]
+    rows = rows[rows["segment"] != ALL]
+    rows["slice"] = rows["segment"] + ": " + rows["value"].astype(str)
     slices = list(dict.fromkeys(rows["slice"]))
-    grid = rows.pivot(index="model", columns="slice", values="retention").loc[models, slices]
-    flags = rows.pivot(index="model", columns="slice", values="flagged").loc[models, slices]
-    figure = Figure(figsize=(max(8, 0.45 * grid.shape[1]), 0.6 * len(grid) + 2))
+    retention = rows.pivot(index="slice", columns="model", values="retention").loc[slices, models]
+    flags = rows.pivot(index="slice", columns="model", values="flagged").loc[slices, models]
+    shift = retention - overall[models]
+    span = max(0.05, math.ceil(np.nanmax(np.abs(shift.to_numpy())) / 0.05) * 0.05)
+    figure = Figure(figsize=(3.2 + 1.3 * len(models), 1.6 + 0.3 * len(slices)))
     axis = figure.subplots()
-    image = axis.imshow(grid.to_numpy(), cmap="RdYlGn", vmin=0.8, vmax=1.2, aspect="auto")
-    axis.set_xticks(range(grid.shape[1]), grid.columns, rotation=70, ha="right", fontsize=7)
-    axis.set_yticks(range(len(grid)), grid.index, fontsize=8)
-    for (i, j), value in np.ndenumerate(grid.to_numpy()):
-        if not np.isnan(value):
-            flagged = bool(flags.iloc[i, j])
-            axis.text(
-                j,
-                i,
-                f"{value:.2f}{'!' if flagged else ''}",
-                ha="center",
-                va="center",
-                fontsize=6,
-                fontweight="bold" if flagged else "normal",
-            )
-    figure.colorbar(image, ax=axis, label=f"{spec.key_metric} retention vs teacher")
-    axis.set_title(f"retention per slice ('!' = below {spec.retention_threshold:.0%})")
+    norm = TwoSlopeNorm(vcenter=0.0, vmin=-span, vmax=span)
+    image = axis.imshow(shift.to_numpy(dtype=float), cmap="RdBu", norm=norm, aspect="auto")
+    axis.set_xticks(
+        range(len(models)), [f"{m}\noverall {overall[m]:.3f}" for m in models], fontsize=9
+    )
+    axis.xaxis.tick_top()
+    axis.set_yticks(range(len(slices)), [textwrap.fill(s, 34) for s in slices], fontsize=9)
+    segment_of = rows.drop_duplicates("slice").set_index("slice")["segment"].loc[slices]
+    for boundary in np.flatnonzero(segment_of.to_numpy()[1:] != segment_of.to_numpy()[:-1]):
+        axis.axhline(boundary + 0.5, color="white", linewidth=2)
+    for (i, j), value in np.ndenumerate(retention.to_numpy(dtype=float)):
+        if np.isnan(value):
+            continue
+        flagged = bool(flags.iloc[i, j])
+        dark = abs(shift.iloc[i, j]) > 0.6 * span
+        axis.text(
+            j,
+            i,
+            f"{'▼ ' if flagged else ''}{value:.2f}",
+            ha="center",
+            va="center",
+            fontsize=9,
+            fontweight="bold" if flagged else "normal",
+            color="white" if dark else "black",
+        )
+    figure.colorbar(
+        image,
+        ax=axis,
+        shrink=min(1.0, 8 / max(len(slices), 1)),
+        label=f"retention − the model's overall retention (scale ±{span:.2f})",
+    )
     figure.tight_layout()
     return figure_png(figure)
 
 
-def _quality_vs_cost(summary: RunSummary, key: pd.DataFrame, spec: SliceSpec) -> str:
+def _quality_vs_cost(
+    summary: RunSummary, key: pd.DataFrame, spec: SliceSpec, colours: dict
+) -> tuple[str, list[str]]:
+    """The quality-vs-cost plot, and the models it leaves out (no parameters to place on
+    its log axis)."""
     overall = key[key["segment"] == ALL].set_index("model")
+    plotted = {
+        name: entry
+        for name, entry in summary.models.items()
+        if name in overall.index and entry.params
+    }
     figure = Figure(figsize=(11, 4))
     axes = figure.subplots(1, 2)
     for axis, (label, cost) in zip(
@@ -237,25 +344,24 @@ def _quality_vs_cost(summary: RunSummary, key: pd.DataFrame, spec: SliceSpec) ->
             ("scoring latency p50 (ms, 100 candidates)", lambda e: e.latency_ms.p50),
         ],
     ):
-        for name, entry in summary.models.items():
-            if name not in overall.index or not entry.params:
-                continue
+        for marker, (name, entry) in zip("osD^vP*Xhp" * 2, plotted.items()):
             row = overall.loc[name]
-            x = cost(entry)
             axis.errorbar(
-                x,
+                cost(entry),
                 row["mean"],
                 yerr=[[row["mean"] - row["ci_low"]], [row["ci_high"] - row["mean"]]],
-                fmt="o",
-            )
-            axis.annotate(
-                name, (x, row["mean"]), fontsize=8, xytext=(4, 4), textcoords="offset points"
+                fmt=marker,
+                color=colours[name],
+                markersize=7,
+                label=name,
             )
         axis.set_xscale("log")
         axis.set_xlabel(label)
         axis.set_ylabel(spec.key_metric)
+    axes[1].legend(fontsize=9, loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
-    return figure_png(figure)
+    unplotted = [name for name in summary.models if name in overall.index and name not in plotted]
+    return figure_png(figure), unplotted
 
 
 def _learning_curves(layout: RunLayout, summary: RunSummary) -> dict[str, pd.DataFrame]:
@@ -267,17 +373,35 @@ def _learning_curves(layout: RunLayout, summary: RunSummary) -> dict[str, pd.Dat
     return curves
 
 
-def _curves_figure(curves: dict[str, pd.DataFrame]) -> str:
-    figure = Figure(figsize=(11, 4))
-    loss_axis, metric_axis = figure.subplots(1, 2)
+def _curves_figure(
+    curves: dict[str, pd.DataFrame], objectives: dict[str, str], colours: dict
+) -> str:
+    """One training-loss panel per objective (stages minimising the same one share it),
+    then the validation metric of every stage."""
+    panels: dict[str, list[str]] = {}
+    for name in curves:
+        panels.setdefault(objectives.get(name, name), []).append(name)
+    columns = min(3, len(panels) + 1)
+    rows = math.ceil((len(panels) + 1) / columns)
+    figure = Figure(figsize=(11, 3.4 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for axis, (objective, names) in zip(axes, panels.items()):
+        for name in names:
+            log = curves[name]
+            axis.plot(log["epoch"], log["train_loss"], marker=".", label=name, color=colours[name])
+        axis.set_title(textwrap.fill(objective, 44), fontsize=9, loc="left")
+        axis.set_ylabel("train loss")
+        axis.legend(fontsize=8)
+    metric_axis = axes[len(panels)]
     for name, log in curves.items():
-        loss_axis.plot(log["epoch"], log["train_loss"], marker=".", label=name)
         metric = next(c for c in log.columns if c.startswith("valid_"))
-        metric_axis.plot(log["epoch"], log[metric], marker=".", label=name)
+        metric_axis.plot(log["epoch"], log[metric], marker=".", label=name, color=colours[name])
         metric_axis.set_ylabel(metric)
-    loss_axis.set_ylabel("train loss")
-    for axis in (loss_axis, metric_axis):
-        axis.set_xlabel("epoch")
+    metric_axis.set_title("validation", fontsize=9, loc="left")
     metric_axis.legend(fontsize=8)
+    for axis in axes[: len(panels) + 1]:
+        axis.set_xlabel("epoch")
+    for axis in axes[len(panels) + 1 :]:
+        axis.set_visible(False)
     figure.tight_layout()
     return figure_png(figure)

@@ -9,11 +9,18 @@ bootstrap CI over users; for NDCG@10, the retention against the teacher with its
 bootstrap CI, and paired tests against the teacher and against the student's labels-only
 twin (t-test and randomization test; the run's roles say which models those are),
 Holm-corrected across the slices of each comparison.
-Slices whose retention falls below ``retention_threshold`` are flagged.
+
+A slice is flagged when the model loses significantly more of the teacher's quality there
+than it does overall: its retention is below the model's own overall retention ``r`` and
+Welch's t-test of ``model - r * teacher`` per user (zero on average over all users), the
+slice's users against everyone else's, rejects at ``1 - level`` after Holm across the
+model's slices. ``retention_threshold`` is what the model's overall retention is held to.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +28,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from recdistill.data.prepare import ACTIVITY_TIERS, POPULARITY_TIERS
 from recdistill.data.tables import read_meta
 from recdistill.layout import DataLayout
 from recdistill.roles import REFERENCE, SCRATCH
@@ -30,11 +38,15 @@ from recdistill.stats import (
     holm,
     paired_t_test,
     randomization_test,
+    welch_t_test,
 )
 
 ALL = "all"
 HELD_OUT_TIER = "held_out_popularity_tier"
 HELD_OUT_CATEGORY = "held_out_category"
+_TIER_RANK = {
+    tier: rank for tiers in (ACTIVITY_TIERS, POPULARITY_TIERS) for rank, tier in enumerate(tiers)
+}
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,7 @@ def slice_table(
 
     rows = []
     models = list(wide[spec.key_metric].columns)
+    shortfall = _shortfall(wide[spec.key_metric], references.get(REFERENCE))
     for segment, value, chosen in slices:
         for model in models:
             for metric in metrics:
@@ -112,6 +125,9 @@ def slice_table(
                 }
                 if metric == spec.key_metric:
                     row |= _against_references(wide[metric], model, chosen, spec, references)
+                    if model in shortfall and segment != ALL:
+                        own = shortfall[model].to_numpy()
+                        row["p_t_vs_rest"] = welch_t_test(own[chosen], own[~chosen])
                 rows.append(row)
     table = pd.DataFrame(rows)
     for role in (REFERENCE, SCRATCH):
@@ -122,16 +138,48 @@ def slice_table(
                 continue
             for (model, metric), group in table.groupby(["model", "metric"]):
                 table.loc[group.index, f"{column}_holm"] = holm(group[column].to_numpy())
-    if "retention" in table:
-        table["flagged"] = table["retention"] < spec.retention_threshold
+    if "p_t_vs_rest" not in table:
+        table["p_t_vs_rest"] = np.nan
+    for model, group in table.groupby("model"):
+        table.loc[group.index, "p_t_vs_rest_holm"] = holm(group["p_t_vs_rest"].to_numpy())
+    overall = table[table["segment"] == ALL].drop_duplicates("model").set_index("model")
+    own_retention = table["model"].map(overall.get("retention", pd.Series(dtype=float)))
+    table["flagged"] = (table["p_t_vs_rest_holm"] <= 1 - spec.level) & (
+        table.get("retention", np.nan) < own_retention
+    )
     return table
+
+
+def natural_order(value: str) -> tuple[int, float, str]:
+    """Sort key of segment values: tiers as they rise (cold, light, medium, heavy; head,
+    torso, tail), then by the first number in the value ("<18" before "18-24" before
+    "56+"), then by name."""
+    if value in _TIER_RANK:
+        return (0, _TIER_RANK[value], value)
+    number = re.search(r"\d+(\.\d+)?", value)
+    if number is None:
+        return (1, math.inf, value)
+    return (1, float(number.group()) - 0.5 * value.lstrip().startswith("<"), value)
+
+
+def _shortfall(frame: pd.DataFrame, reference: str | None) -> pd.DataFrame:
+    """Per user and model, ``model - r * reference`` with ``r`` the model's overall
+    retention: its mean over a slice is below zero exactly where the slice's retention is
+    below ``r``, and over all users it is zero."""
+    if reference not in frame or not frame[reference].mean():
+        return pd.DataFrame(index=frame.index)
+    teacher = frame[reference]
+    models = [model for model in frame.columns if model != reference]
+    return pd.DataFrame(
+        {model: frame[model] - frame[model].mean() / teacher.mean() * teacher for model in models}
+    )
 
 
 def _members(column: pd.Series) -> list[tuple[str, np.ndarray]]:
     """Each value of a segment column and who has it; a user whose value is a tuple (the
     held-out item's genres) has each of its values."""
     sets = column.map(lambda v: set(v) if isinstance(v, tuple) else {v} if pd.notna(v) else set())
-    values = sorted(set().union(*sets))
+    values = sorted(set().union(*sets), key=natural_order)
     return [(value, np.array([value in held for held in sets])) for value in values]
 
 

@@ -60,6 +60,11 @@ class LossTerm:
         """Whether the term compares scores of lists (every loss but ``feature_mse``)."""
         return self.fn != "feature_mse"
 
+    def describe(self) -> str:
+        """``2·listnet(teacher, temperature=2)``."""
+        options = "".join(f", {key}={value:g}" for key, value in self.options.items())
+        return f"{self.weight:g}·{self.fn}({self.source}{options})"
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -178,6 +183,12 @@ class StageSpec:
             else term
             for term in self.losses
         )
+
+    def describe_objective(self) -> str:
+        """What the stage minimises: its loss terms and the items each list scores."""
+        terms = " + ".join(term.describe() for term in self.losses)
+        scored = "all items" if self.scored_items == "all" else f"1 + {self.negatives} items"
+        return f"{terms}, {self.objective} over {scored}"
 
     @property
     def table_adagrad_learning_rate(self) -> float:

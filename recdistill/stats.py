@@ -130,6 +130,16 @@ def paired_t_test(model: np.ndarray, reference: np.ndarray) -> float:
     return float(sps.ttest_rel(model, reference).pvalue)
 
 
+def welch_t_test(group: np.ndarray, rest: np.ndarray) -> float:
+    """Two-sided p-value of Welch's unequal-variance t-test (``scipy.stats.ttest_ind`` with
+    ``equal_var=False``) of ``mean(group) == mean(rest)``, two independent groups of users.
+    NaN when either group has fewer than two users."""
+    if min(len(group), len(rest)) < 2:
+        return float("nan")
+    group, rest = _as_users(group, "group"), _as_users(rest, "rest")
+    return float(sps.ttest_ind(group, rest, equal_var=False).pvalue)
+
+
 def randomization_test(
     model: np.ndarray, reference: np.ndarray, *, permutations: int = 10000, seed: int = 0
 ) -> float:

@@ -1,10 +1,12 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from recdistill.cli import main
+from recdistill.evaluation_report import verdicts
 from recdistill.roles import REFERENCE
 from recdistill.segments import ALL, SliceSpec, slice_table, user_segments
 
@@ -53,8 +55,12 @@ def test_slices_retention_flags_and_holm(report):
     assert student.loc[~defined, "retention"].isna().all()
     student, ratio = student[defined], (student["mean"] / teacher["mean"])[defined]
     assert np.allclose(student["retention"], ratio)
-    assert (student["flagged"] == (student["retention"] < 0.95)).all()
+    overall = student.loc[(ALL, ALL), "retention"]
+    below = (student["p_t_vs_rest_holm"] <= 0.05) & (student["retention"] < overall)
+    assert (student["flagged"] == below).all()
     assert (student["p_t_vs_reference_holm"] >= student["p_t_vs_reference"] - 1e-12).all()
+    tested = student.drop(index=(ALL, ALL))
+    assert (tested["p_t_vs_rest_holm"] >= tested["p_t_vs_rest"] - 1e-12).all()
     assert (student["retention_ci_low"] <= student["retention"]).all()
     assert teacher["retention"].isna().all()
 
@@ -83,7 +89,11 @@ def test_min_users_and_threshold_are_honoured():
         {REFERENCE: "teacher"},
     )
     assert set(zip(table["segment"], table["value"])) == {(ALL, ALL), ("tier", "a")}
-    assert table.loc[table["model"] == "student", "flagged"].all()
+    # The student keeps about half of the teacher's quality: below 0.95, above 0.4.
+    for threshold, keeps in ((0.95, False), (0.4, True)):
+        spec = SliceSpec(metrics=("ndcg@10",), retention_threshold=threshold)
+        (verdict,) = verdicts(table, ["student"], spec, "teacher")
+        assert verdict["keeps"] is keeps
 
 
 def test_report_without_a_run_is_a_clear_error(tmp_path, capsys):
@@ -133,7 +143,9 @@ def test_the_report_slices_the_held_out_item_s_categories(report):
     genres = segments[segments["segment"] == "held_out_category"]
     assert len(genres["value"].unique()) >= 2 and (genres["users"] >= 30).all()
     assert "held_out_category" in (report / "index.html").read_text()
-    assert "Across the held-out item's" in (report / "report.md").read_text()
+    markdown = (report / "report.md").read_text()
+    for value in genres["value"].unique():
+        assert f"| held_out_category | {value} | student |" in markdown
 
 
 def test_ml100k_slices_the_held_out_movie_s_genres(ml100k_dir):
@@ -151,3 +163,77 @@ def test_ml100k_slices_the_held_out_movie_s_genres(ml100k_dir):
     items = pd.read_parquet(ml100k_dir / "items.parquet").set_index("item_id")["genres"]
     held_out_genres = test["item_id"].map(items).map(list)
     assert users["Drama"] == sum("Drama" in genres for genres in held_out_genres)
+
+
+def verdict_lines(report_dir) -> dict[str, str]:
+    """The report.md verdict, one line per model it judges."""
+    section = (report_dir / "report.md").read_text().split("## Verdict")[1].split("\n## ")[0]
+    lines = [line for line in section.splitlines() if line.startswith("- **")]
+    return {line[4:].split(" ", 1)[0]: line for line in lines}
+
+
+def test_the_verdict_names_the_slices_below_the_student_s_own_retention(report, tiny_run):
+    # Recomputed from per_user.parquet with scipy's Welch test and statsmodels' Holm.
+    from scipy.stats import ttest_ind
+    from statsmodels.stats.multitest import multipletests
+
+    _, run = tiny_run
+    summary = json.loads((run / "summary.json").read_text())
+    wide = pd.read_parquet(run / "per_user.parquet").pivot(
+        index="user_id", columns="model", values="ndcg@10"
+    )
+    overall = wide["student"].mean() / wide["teacher"].mean()
+    shortfall = (wide["student"] - overall * wide["teacher"]).to_numpy()
+    segments = user_segments(Path(summary["data"]), categories=True).reindex(wide.index)
+    slices, p_values, retention = [], [], []
+    for column in segments.columns:
+        held = segments[column].map(lambda v: set(v) if isinstance(v, tuple) else {v})
+        for value in sorted(set().union(*held)):
+            chosen = np.array([value in values for values in held])
+            if chosen.sum() >= 30:
+                slices.append(f"{column}: {value}")
+                p_values.append(
+                    ttest_ind(shortfall[chosen], shortfall[~chosen], equal_var=False).pvalue
+                )
+                with np.errstate(divide="ignore", invalid="ignore"):  # a teacher that scores 0
+                    retention.append(
+                        wide["student"][chosen].mean() / wide["teacher"][chosen].mean()
+                    )
+    adjusted = multipletests(p_values, method="holm")[1]
+    below = {s for s, p, r in zip(slices, adjusted, retention) if p <= 0.05 and r < overall}
+    assert below, "the tiny run's student should lose more somewhere than overall"
+
+    lines = verdict_lines(report)
+    student = lines["student"]
+    named = student.split("slice(s): ")[1].rstrip(".").split("; ")
+    assert {entry.split(" (")[0] for entry in named} == below
+    assert next(iter(lines)) == "student"
+    assert not set(lines) & {"popularity", "ease", "ease_recency", "teacher"}
+
+
+def test_a_planted_loss_is_flagged_and_a_placebo_or_a_harder_slice_is_not():
+    rng = np.random.default_rng(0)
+    users = 3000
+    teacher = rng.random(users)
+    # "hard" users score lower with both models but lose the same share; "planted" lose more.
+    hard = np.arange(users) % 3 == 0
+    teacher[hard] *= 0.5
+    student = 0.9 * teacher + rng.normal(0, 0.02, users)
+    planted = np.arange(users) % 5 == 0
+    student[planted] -= 0.15 * teacher[planted]
+    segments = pd.DataFrame(
+        {
+            "difficulty": np.where(hard, "hard", "easy"),
+            "planted": np.where(planted, "yes", "no"),
+            "placebo": rng.choice(["a", "b", "c"], users),
+        }
+    )
+    table = slice_table(
+        teacher_and_student(teacher, student),
+        segments,
+        SliceSpec(metrics=("ndcg@10",), replicates=200, permutations=200),
+        {REFERENCE: "teacher"},
+    )
+    flagged = table[(table["model"] == "student") & table["flagged"]]
+    assert set(zip(flagged["segment"], flagged["value"])) == {("planted", "yes")}
+    assert table.loc[table["model"] == "teacher", "flagged"].eq(False).all()

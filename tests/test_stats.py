@@ -12,6 +12,7 @@ from recdistill.stats import (
     holm,
     paired_t_test,
     randomization_test,
+    welch_t_test,
 )
 
 
@@ -242,3 +243,12 @@ def test_holm_matches_statsmodels_to_the_bit():
     p = np.random.default_rng(9).beta(0.3, 1.0, size=40)
     p[[3, 7]] = p[5]  # a tie
     np.testing.assert_array_equal(holm(p), multipletests(p, method="holm")[1])
+
+
+def test_welch_t_test_is_scipy_s_and_needs_two_users_a_side():
+    rng = np.random.default_rng(3)
+    group, rest = rng.normal(0.3, 1.0, 40), rng.normal(0.0, 2.0, 400)
+    expected = sps.ttest_ind(group, rest, equal_var=False).pvalue
+    assert welch_t_test(group, rest) == pytest.approx(expected, rel=1e-12)
+    assert np.isnan(welch_t_test(group[:1], rest))
+    assert np.isnan(welch_t_test(group, np.array([])))

@@ -23,7 +23,6 @@ from recdistill.files import atomic_write, write_json
 from recdistill.layout import CandidateLayout, SweepLayout
 from recdistill.quantize import plain_state, quantize
 from recdistill.recipe import train_stage
-from recdistill.stage import LossTerm
 from recdistill.summary import CandidateResult, CandidateTraining, Int8Result, from_json, to_json
 from recdistill.sweep.bench import Bench, one_torch_thread
 from recdistill.sweep.latency import measure_latency
@@ -77,7 +76,7 @@ def search_one(bench: Bench, candidate: Candidate) -> CandidateResult:
         mix=candidate.mix,
         model=dataclasses.asdict(candidate.model),
         settings=_settings(bench.plan, candidate),
-        losses=[_describe(term) for term in candidate.stage.losses],
+        losses=[term.describe() for term in candidate.stage.losses],
         params=model.parameter_count(),
         multiply_adds=model.multiply_adds()["per_candidate"],
         training=CandidateTraining(trained.best_epoch, trained.epochs_run, trained.seconds),
@@ -112,11 +111,6 @@ def _search_in_worker(candidate: Candidate) -> CandidateResult:
 
 def _layout(plan: Plan, name: str) -> CandidateLayout:
     return SweepLayout(plan.out).candidate(name)
-
-
-def _describe(term: LossTerm) -> str:
-    options = "".join(f", {key}={value:g}" for key, value in term.options.items())
-    return f"{term.weight:g}·{term.fn}({term.source}{options})"
 
 
 def _finished(plan: Plan, candidate: Candidate) -> CandidateResult | None:
