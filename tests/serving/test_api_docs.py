@@ -64,9 +64,8 @@ def client(tmp_path_factory):
 @pytest.mark.parametrize("page", PAGES)
 def test_every_url_of_the_docs_page_is_local_and_answers(client, offline, page):
     response = client.get(page)
-    assert response.status_code == 200 and response.headers["content-type"].startswith(
-        "text/html"
-    )
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
     html = response.text
     server = urlsplit(str(response.url)).netloc
     urls = referenced_urls(html)
