@@ -45,16 +45,20 @@ def add_api_docs(app: FastAPI) -> None:
     None of these routes is in the OpenAPI schema."""
     app.mount(ASSETS_URL, StaticFiles(packages=[ASSETS_PACKAGE]), name="docs-assets")
 
+    def under_root(request: Request, path: str) -> str:
+        """``path`` as the browser must ask for it, behind a proxy's root path if any."""
+        return f"{request.scope.get('root_path', '')}{path}"
+
     @app.get(DOCS_URL, include_in_schema=False)
     async def swagger_ui(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "")
+        assets = under_root(request, ASSETS_URL)
         page = get_swagger_ui_html(
-            openapi_url=f"{root}{app.openapi_url}",
+            openapi_url=under_root(request, app.openapi_url),
             title=f"{app.title} - Swagger UI",
-            swagger_js_url=f"{root}{ASSETS_URL}/swagger-ui-bundle.js",
-            swagger_css_url=f"{root}{ASSETS_URL}/swagger-ui.css",
-            swagger_favicon_url=f"{root}{ASSETS_URL}/favicon.png",
-            oauth2_redirect_url=f"{root}{OAUTH2_REDIRECT_URL}",
+            swagger_js_url=f"{assets}/swagger-ui-bundle.js",
+            swagger_css_url=f"{assets}/swagger-ui.css",
+            swagger_favicon_url=f"{assets}/favicon.png",
+            oauth2_redirect_url=under_root(request, OAUTH2_REDIRECT_URL),
             swagger_ui_parameters=SWAGGER_UI_PARAMETERS,
         )
         return _local_only(page)
@@ -65,12 +69,12 @@ def add_api_docs(app: FastAPI) -> None:
 
     @app.get(REDOC_URL, include_in_schema=False)
     async def redoc(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "")
+        assets = under_root(request, ASSETS_URL)
         page = get_redoc_html(
-            openapi_url=f"{root}{app.openapi_url}",
+            openapi_url=under_root(request, app.openapi_url),
             title=f"{app.title} - ReDoc",
-            redoc_js_url=f"{root}{ASSETS_URL}/redoc.standalone.js",
-            redoc_favicon_url=f"{root}{ASSETS_URL}/favicon.png",
+            redoc_js_url=f"{assets}/redoc.standalone.js",
+            redoc_favicon_url=f"{assets}/favicon.png",
             with_google_fonts=False,
         )
         return _local_only(page)
