@@ -179,8 +179,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--impressions",
-        default=ServerSettings.impressions,
-        help="impression log (JSONL) to append to (%(default)s)",
+        type=Path,
+        default=Path(ServerSettings.impressions),
+        help="impression log (JSONL) to append to, its folder created if missing and its full "
+        "path printed at start-up (%(default)s, under the current folder)",
     )
     serve.add_argument(
         "--max-candidates",
@@ -359,7 +361,7 @@ def _serve(args: argparse.Namespace) -> None:
     settings = ServerSettings(
         artifacts=tuple(str(path) for path in args.artifact),
         ab_config=None if args.ab is None else str(args.ab),
-        impressions=args.impressions,
+        impressions=str(args.impressions.resolve()),
         max_candidates=args.max_candidates,
         max_body_bytes=args.max_body_bytes,
         threads=args.threads,
@@ -370,8 +372,15 @@ def _serve(args: argparse.Namespace) -> None:
     )
     # Bad artifacts or arms fail here, with their message, rather than inside a worker.
     routing_for(settings, {load_artifact(path).name for path in args.artifact})
+    log = Path(settings.impressions)
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"impression log {log}: cannot create its folder: {error}") from None
     os.environ[SETTINGS_ENV] = settings.to_json()
+    # Flushed: stdout is block-buffered when it is a file, and these are start-up news.
     print(f"serving {len(args.artifact)} artifact(s) on http://{args.host}:{args.port}")
+    print(f"impressions: appending to {log}", flush=True)
     uvicorn.run(
         "serving.app:app_from_environment",
         factory=True,

@@ -19,6 +19,7 @@ feature snapshot are themselves layouts (:class:`StageLayout`, :class:`Candidate
         <candidate>/             CandidateLayout: a stage + result.json model_int8.safetensors
     artifacts/<name>/            ArtifactLayout
         manifest.json model.safetensors spec.json vocabularies.json features/ (a DataLayout)
+    runs/serve/                  ServeLayout: impressions.jsonl (``recdistill serve``'s default)
     runs/ab/                     AbTestLayout
         requests.parquet impressions.jsonl summary.json index.html report.md
     <load test out>/             LoadTestLayout
@@ -67,8 +68,12 @@ MANIFEST = "manifest.json"
 SPEC = "spec.json"
 VOCABULARIES = "vocabularies.json"
 FEATURES = "features"
-# The server's impression log, a JSON line per ranked request (``recdistill serve``'s default).
+# The server's impression log, a JSON line per ranked request.
 IMPRESSIONS = "impressions.jsonl"
+# Where ``recdistill serve`` keeps its impression log unless --impressions names one: a folder
+# of its own beside the runs, relative to the working directory (docs/serving-export-and-the-
+# real-time-ranker.md says why not the artifact's or its run's folder).
+SERVE_DIR = "runs/serve"
 # An A/B test
 REQUESTS = "requests.parquet"
 # A load test and a soak
@@ -191,6 +196,14 @@ class ArtifactLayout:
     def features(self) -> DataLayout:
         """The snapshot of the data directory the model reads its features from."""
         return DataLayout(self.root / FEATURES)
+
+
+@dataclass(frozen=True)
+class ServeLayout:
+    """What ``recdistill serve`` writes by default: its impression log."""
+
+    root: Path = Path(SERVE_DIR)
+    impressions = _File(IMPRESSIONS)
 
 
 @dataclass(frozen=True)

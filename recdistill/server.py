@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from recdistill.layout import IMPRESSIONS
+from recdistill.layout import ServeLayout
 
 if TYPE_CHECKING:
     from recdistill.routing import Routing
@@ -43,7 +43,8 @@ GRACEFUL_SHUTDOWN_S = 30
 class ServerSettings:
     artifacts: tuple[str, ...]
     ab_config: str | None = None
-    impressions: str = IMPRESSIONS
+    # Relative paths are the working directory's; ``recdistill serve`` resolves it.
+    impressions: str = str(ServeLayout().impressions)
     max_candidates: int = 1000
     max_body_bytes: int = 64 * 1024
     threads: int = 1

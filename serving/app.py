@@ -55,6 +55,7 @@ from recdistill.impressions import ImpressionLog
 from recdistill.online import OnlineRanker
 from recdistill.routing import Routing
 from recdistill.server import SETTINGS_ENV, ServerSettings, routing_for
+from serving.api_docs import add_api_docs
 from serving.middleware import AdminAuth, BodySizeLimit, RequestCounter
 from serving.schemas import (
     RankRequest,
@@ -194,7 +195,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
         summary="Ranks candidate items for a user with a distilled recommender model.",
         lifespan=lifespan,
         exception_handlers={RequestValidationError: invalid_request},
+        docs_url=None,  # served from local assets instead of a CDN: serving.api_docs
+        redoc_url=None,
     )
+    add_api_docs(app)
     # The last added runs first: count every response, then authenticate, then read bodies.
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     app.add_middleware(AdminAuth)
