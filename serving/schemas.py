@@ -22,7 +22,12 @@ ExternalId = (
 
 
 class RankRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # The example /docs fills in (without it, the bounds of the first kind of ID).
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={"examples": [{"user_id": 1, "candidates": [10, 20, 30], "k": 2}]},
+    )
 
     user_id: ExternalId
     candidates: list[ExternalId] = Field(min_length=1, json_schema_extra={"uniqueItems": True})
