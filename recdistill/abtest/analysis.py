@@ -20,6 +20,10 @@ value ``l_u = (Y_u - R N_u) / mean(N)``: ``Var(R) ~ var(l) / n``.
   power and the power against any given lift.
 - **Sample ratio mismatch**: a chi-square test of users per arm against the configured
   shares; a small p-value means the split itself is broken and nothing else can be trusted.
+- **Non-inferiority**: a lift whose CI's lower bound is above ``-margin`` is non-inferior,
+  one whose upper bound is below it is worse beyond the margin, one whose CI straddles it is
+  inconclusive (:func:`non_inferiority`); the verdict applies it to the ship pair, the
+  report to every comparison and slice.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from recdistill.abtest.simulate import EXPERIMENT
 from recdistill.stats import holm
 
 ALL = "all"
+# Where a lift's CI lies against the non-inferiority margin (see non_inferiority).
+NON_INFERIOR, INCONCLUSIVE, INFERIOR = "non-inferior", "inconclusive", "inferior"
 # Per-user numerator and denominator sums of each metric.
 RATIOS = {
     "ctr": ("clicks", "impressions"),
@@ -368,6 +374,17 @@ def _arm_table(
     return pd.DataFrame(rows)
 
 
+def non_inferiority(ci_low: float, ci_high: float, margin: float) -> str:
+    """Where a relative lift's CI lies against the non-inferiority ``margin``:
+    :data:`NON_INFERIOR` if its lower bound is above ``-margin``, :data:`INFERIOR` if its
+    upper bound is below it, :data:`INCONCLUSIVE` if it straddles it."""
+    if ci_low > -margin:
+        return NON_INFERIOR
+    if ci_high < -margin:
+        return INFERIOR
+    return INCONCLUSIVE
+
+
 def _verdict(
     users: pd.DataFrame, srm: SrmCheck, experiment: ExperimentSpec
 ) -> tuple[bool | None, str]:
@@ -384,11 +401,12 @@ def _verdict(
         f"rule: ship {treatment} if the lower bound of the {1 - spec.alpha:.0%} CI of its "
         f"relative {label} lift over {baseline} is above -{spec.margin:.1%} (non-inferiority)"
     )
+    standing = non_inferiority(lift.ci_low, lift.ci_high, spec.margin)
     if srm.mismatch:
         return None, f"NO DECISION: sample ratio mismatch; {estimate}; {rule}"
-    if lift.ci_low > -spec.margin:
+    if standing == NON_INFERIOR:
         return True, f"SHIP {treatment}: {estimate}; {rule}"
-    if lift.ci_high < -spec.margin:
+    if standing == INFERIOR:
         return False, f"DO NOT SHIP {treatment}: worse beyond the margin, {estimate}; {rule}"
     needed = lift.users_needed(spec.margin, spec.power, spec.alpha)
     return False, (

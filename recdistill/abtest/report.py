@@ -1,21 +1,53 @@
 """The A/B report: ``index.html`` (self-contained, plots embedded), ``report.md`` and
-``summary.json`` (verdict, sample-ratio check, per-arm table and lifts)."""
+``summary.json`` (verdict, sample-ratio check, per-arm table and lifts).
+
+What the page shows is decided here, the same for HTML and Markdown: the tables' columns
+(:class:`Column`; one with no value in any row is left out, as round-trip latency offline),
+which metrics' lifts are worth a row (:func:`distinct_metrics`), where each treatment is
+non-inferior per segment (:func:`segment_lines`), and the plots, with the non-inferiority
+margin drawn as a band (:func:`daily_figure`, :func:`segment_figure`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from recdistill.ab_spec import METRICS, ExperimentSpec
-from recdistill.abtest.analysis import ALL, Analysis
-from recdistill.evaluation_report import bars_with_ci, figure_png, template_environment
+from recdistill.abtest.analysis import (
+    ALL,
+    INCONCLUSIVE,
+    INFERIOR,
+    NON_INFERIOR,
+    RATIOS,
+    Analysis,
+    non_inferiority,
+)
+from recdistill.evaluation_report import figure_png, format_number, template_environment
 from recdistill.files import write_json
 from recdistill.layout import AbTestLayout
+
+# Lifts that agree to this (half the 0.01 % they are shown to) are the same lift.
+SAME_LIFT = 5e-5
+# How a lift's CI lies against the margin, in the plots.
+STANDING_COLOURS = {NON_INFERIOR: "#1a7f37", INCONCLUSIVE: "#b35c00", INFERIOR: "#c62828"}
+STANDING_LABELS = {
+    NON_INFERIOR: "non-inferior",
+    INCONCLUSIVE: "inconclusive (CI straddles the margin)",
+    INFERIOR: "worse beyond the margin",
+}
+BAND_COLOUR = "#8e44ad"
+BAND = {"facecolor": BAND_COLOUR, "alpha": 0.3, "linewidth": 0}
 
 
 def write_report(
@@ -25,32 +57,49 @@ def write_report(
     spec = experiment.analysis
     decision = analysis.lifts[analysis.lifts["metric"] == spec.metric]
     overall = analysis.arms[analysis.arms["segment"] == ALL]
+    metrics, merged = distinct_metrics(analysis.lifts, overall, first=spec.metric)
+    per_segment = segment_lines(analysis.segments, spec.margin)
+    level = round(100 * (1 - spec.alpha))
     context = {
         "experiment": experiment,
         "truth": truth,
         "metric": METRICS[spec.metric],
-        "level": round(100 * (1 - spec.alpha)),
+        "level": level,
         "verdict": analysis.verdict,
+        "ship": analysis.ship,
         "srm": analysis.srm,
-        "findings": findings(decision, experiment),
+        "summary": [
+            {"finding": line, "segments": per_segment.get((row.treatment, row.baseline))}
+            for line, row in zip(findings(decision, experiment), decision.itertuples())
+        ],
         "power": _power_lines(decision, experiment),
-        "arms": overall.to_dict("records"),
-        "arms_by_segment": analysis.arms[analysis.arms["segment"] != ALL].to_dict("records"),
-        "lifts": analysis.lifts.to_dict("records"),
-        "segments": analysis.segments.to_dict("records"),
-        "labels": METRICS,
+        "tables": {
+            "arms": table(_arm_columns(level, experiment.simulation.k), overall),
+            "lifts": table(
+                _lift_columns(level, spec.power),
+                analysis.lifts[analysis.lifts["metric"].isin(metrics)],
+                css=lambda row: "significant" if row["significant"] else "",
+            ),
+            "slices": table(_slice_columns(level, METRICS[spec.metric]), analysis.segments),
+            "arms_by_segment": table(
+                _segment_arm_columns(level, experiment.simulation.k),
+                analysis.arms[analysis.arms["segment"] != ALL],
+            ),
+        },
+        "merged": merged,
         "figures": {
-            "daily": _daily_figure(analysis.daily, experiment),
-            "segments": _segment_figure(analysis.segments, experiment)
+            "daily": figure_png(daily_figure(analysis.daily, experiment)),
+            "segments": figure_png(segment_figure(analysis.segments, decision, experiment))
             if len(analysis.segments)
             else None,
         },
     }
     environment = template_environment()
-    environment.filters["pct"] = _percent
-    environment.filters["p"] = _p_value
-    out.report.index.write_text(environment.get_template("abtest.html.j2").render(context))
-    out.report.markdown.write_text(environment.get_template("abtest.md.j2").render(context))
+    for path, template in (
+        (out.report.index, "abtest.html.j2"),
+        (out.report.markdown, "abtest.md.j2"),
+    ):
+        path.write_text(environment.get_template(template).render(context), encoding="utf-8")
     summary = {
         "verdict": analysis.verdict,
         "ship": analysis.ship,
@@ -69,7 +118,147 @@ def _percent(value: Any, digits: int = 2) -> str:
 
 
 def _p_value(value: float) -> str:
+    if value == 0:
+        return "< 1e-300"  # below what a double holds
     return f"{value:.2g}" if value < 0.001 else f"{value:.3f}"
+
+
+# --- Tables -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a report table: ``cell`` renders a row's cell from the row's ``keys``.
+    A column none of whose rows has a value under any of its ``keys`` is left out."""
+
+    header: str
+    cell: Callable[[Mapping[str, Any]], str]
+    keys: tuple[str, ...]
+    text: bool = False  # left-aligned, as names are; numbers are right-aligned
+
+
+@dataclass(frozen=True)
+class Table:
+    columns: list[Column]
+    rows: list[tuple[str, list[str]]]  # (CSS class, cells)
+
+
+def table(
+    columns: Sequence[Column],
+    frame: pd.DataFrame,
+    css: Callable[[Mapping[str, Any]], str] = lambda row: "",
+) -> Table:
+    """The rows of ``frame`` in ``columns``, but for the columns with no value in any row."""
+    records = frame.to_dict("records")
+    shown = [
+        column
+        for column in columns
+        if any(pd.notna(row.get(key)) for row in records for key in column.keys)
+    ]
+    return Table(shown, [(css(row), [column.cell(row) for column in shown]) for row in records])
+
+
+def _text(header: str, key: str) -> Column:
+    return Column(header, lambda row: str(row[key]), (key,), text=True)
+
+
+def _number(header: str, key: str, format: Callable[[Any], str]) -> Column:
+    return Column(header, lambda row: format(row[key]), (key,))
+
+
+def _interval(header: str, low: str, high: str, format: Callable[[Any], str]) -> Column:
+    return Column(header, lambda row: f"[{format(row[low])}, {format(row[high])}]", (low, high))
+
+
+def _count(value: Any) -> str:
+    return "–" if pd.isna(value) else f"{int(value):,}"
+
+
+def _digits(digits: int) -> Callable[[Any], str]:
+    return lambda value: format_number(value, digits)
+
+
+def _user_counts() -> Column:
+    return Column(
+        "users",
+        lambda row: f"{_count(row['treatment_users'])} / {_count(row['baseline_users'])}",
+        ("treatment_users", "baseline_users"),
+    )
+
+
+def _metric_columns(level: int, k: int) -> list[Column]:
+    """Each metric of an arm with its CI."""
+    columns = []
+    for metric, label in METRICS.items():
+        digits = _digits(3 if metric == "clicks_per_request" else 4)
+        columns += [
+            _number(label.replace("@k", f"@{k}"), metric, digits),
+            _interval(f"{level} % CI", f"{metric}_low", f"{metric}_high", digits),
+        ]
+    return columns
+
+
+def _arm_columns(level: int, k: int) -> list[Column]:
+    return [
+        _text("arm", "arm"),
+        _text("model", "model"),
+        _number("users", "users", _count),
+        _number("requests", "requests", _count),
+        *_metric_columns(level, k),
+        *(
+            _number(f"{name} {quantile} (ms)", f"{column}_{quantile}", _digits(2))
+            for column, name in (("latency_ms", "latency"), ("round_trip_ms", "round trip"))
+            for quantile in ("p50", "p99")
+        ),
+    ]
+
+
+def _segment_arm_columns(level: int, k: int) -> list[Column]:
+    return [
+        _text("segment", "segment"),
+        _text("value", "value"),
+        _text("arm", "arm"),
+        _number("users", "users", _count),
+        _number("requests", "requests", _count),
+        *_metric_columns(level, k),
+    ]
+
+
+def _lift_columns(level: int, power: float) -> list[Column]:
+    return [
+        _text("treatment", "treatment"),
+        _text("baseline", "baseline"),
+        Column("metric", lambda row: METRICS[row["metric"]], ("metric",), text=True),
+        _user_counts(),
+        _number("lift", "lift", _percent),
+        _interval(f"{level} % CI", "ci_low", "ci_high", _percent),
+        _number("p", "p_value", _p_value),
+        Column(
+            "p (Holm)",
+            lambda row: _p_value(row["p_holm"]) + (" *" if row["significant"] else ""),
+            ("p_holm",),
+        ),
+        _number(f"MDE ({100 * power:.0f} % power)", "mde", lambda value: f"±{value:.2%}"),
+        _number("CUPED variance cut", "variance_reduction", lambda value: f"{value:.1%}"),
+    ]
+
+
+def _slice_columns(level: int, metric: str) -> list[Column]:
+    return [
+        _text("segment", "segment"),
+        _text("value", "value"),
+        _text("treatment", "treatment"),
+        _text("baseline", "baseline"),
+        _user_counts(),
+        _number(f"treatment {metric}", "treatment_mean", format_number),
+        _number(f"baseline {metric}", "baseline_mean", format_number),
+        _number("lift", "lift", _percent),
+        _interval(f"{level} % CI", "ci_low", "ci_high", _percent),
+        _number("p (Holm)", "p_holm", _p_value),
+    ]
+
+
+# --- What the summary says --------------------------------------------------------------
 
 
 def findings(decision: pd.DataFrame, experiment: ExperimentSpec) -> list[str]:
@@ -89,6 +278,105 @@ def findings(decision: pd.DataFrame, experiment: ExperimentSpec) -> list[str]:
     return lines
 
 
+def segment_lines(segments: pd.DataFrame, margin: float) -> dict[tuple[str, str], str]:
+    """Per comparison, one sentence: the slices where the treatment is non-inferior by the
+    verdict's rule (:func:`~recdistill.abtest.analysis.non_inferiority`), and the lift and CI
+    of those where it is not (inconclusive, or worse beyond the margin)."""
+    lines = {}
+    if segments.empty:
+        return lines
+    for pair, part in segments.groupby(["treatment", "baseline"], sort=False):
+        standing = pd.Series(
+            [non_inferiority(low, high, margin) for low, high in zip(part.ci_low, part.ci_high)],
+            index=part.index,
+        )
+        good = part[standing == NON_INFERIOR]
+        if len(good) == len(part):
+            where = f"all {len(part)} slices"
+        elif good.empty:
+            where = f"none of the {len(part)} slices"
+        else:
+            where = f"{len(good)} of {len(part)}: {_slice_names(good)}"
+        clauses = [f"non-inferior (CI lower bound above -{margin:.1%}) in {where}"]
+        for outcome, name in (
+            (INCONCLUSIVE, "inconclusive"),
+            (INFERIOR, "worse beyond the margin"),
+        ):
+            rest = part[standing == outcome]
+            if len(rest):
+                count = f"all {len(rest)}" if len(rest) == len(part) else str(len(rest))
+                clauses.append(f"{name} in {count}: {_slice_names(rest, estimates=True)}")
+        lines[pair] = "Per segment: " + "; ".join(clauses) + "."
+    return lines
+
+
+def _slice_names(rows: pd.DataFrame, estimates: bool = False) -> str:
+    """``segment value, value, other-segment value``: each segment named once, before its
+    first value; with ``estimates``, each value's lift and CI."""
+    names, previous = [], None
+    for row in rows.itertuples():
+        name = str(row.value) if row.segment == previous else f"{row.segment} {row.value}"
+        if estimates:
+            name += f" {row.lift:+.1%} [{row.ci_low:+.1%}, {row.ci_high:+.1%}]"
+        names.append(name)
+        previous = row.segment
+    return ", ".join(names)
+
+
+def distinct_metrics(
+    lifts: pd.DataFrame, arms: pd.DataFrame, first: str
+) -> tuple[list[str], list[str]]:
+    """The metrics whose lifts are worth a row of their own, and a note on each left out.
+
+    A metric is left out when its lift and CI equal, on every comparison, those of a metric
+    kept before it (``first`` is kept first, the others in :data:`METRICS` order): CTR and
+    clicks / request give the same lift whenever every arm shows the same number of items
+    per request. This is decided from the numbers; the note explains it from ``arms``'
+    overall rows where the two share a numerator.
+    """
+    present = [metric for metric in METRICS if metric in set(lifts["metric"])]
+    by_metric = {
+        metric: lifts[lifts["metric"] == metric].set_index(["treatment", "baseline"])[
+            ["lift", "ci_low", "ci_high"]
+        ]
+        for metric in present
+    }
+    kept, notes = [], []
+    for metric in sorted(present, key=lambda name: name != first):
+        same = next((k for k in kept if _same_lifts(by_metric[metric], by_metric[k])), None)
+        if same is None:
+            kept.append(metric)
+            continue
+        notes.append(
+            f"No {METRICS[metric]} rows: its lift and CI equal {METRICS[same]}'s on every "
+            f"comparison{_why_same(same, metric, arms)}."
+        )
+    return [metric for metric in present if metric in kept], notes
+
+
+def _same_lifts(one: pd.DataFrame, other: pd.DataFrame) -> bool:
+    if not one.index.equals(other.index):
+        return False
+    return bool(np.allclose(one.to_numpy(), other.to_numpy(), rtol=0.0, atol=SAME_LIFT))
+
+
+def _why_same(kept: str, left_out: str, arms: pd.DataFrame) -> str:
+    """`` (both count clicks, and impressions / requests = 10 in every arm)`` where the two
+    metrics share their numerator and the ratio of their denominators is the same in every
+    arm; else nothing."""
+    (numerator, over), (other_numerator, under) = RATIOS[kept], RATIOS[left_out]
+    if numerator != other_numerator or not {kept, left_out} <= set(arms):
+        return ""
+    # kept / left_out = under / over, the same in every arm for the lifts to agree.
+    ratio = (arms[left_out] / arms[kept]).to_numpy()
+    if not len(ratio) or not np.allclose(ratio, ratio[0], rtol=1e-9):
+        return ""
+    value = float(ratio[0])
+    if value < 1:
+        over, under, value = under, over, 1 / value
+    return f" (both count {numerator}, and {over} / {under} = {value:.3g} in every arm)"
+
+
 def _power_lines(decision: pd.DataFrame, experiment: ExperimentSpec) -> list[str]:
     spec = experiment.analysis
     label = METRICS[spec.metric]
@@ -105,46 +393,121 @@ def _power_lines(decision: pd.DataFrame, experiment: ExperimentSpec) -> list[str
     return lines
 
 
-def _daily_figure(daily: pd.DataFrame, experiment: ExperimentSpec) -> str:
+# --- Plots ------------------------------------------------------------------------------
+
+
+def margin_band(axis: Axes, margin: float, *, vertical: bool = False) -> Patch | None:
+    """Shade the non-inferiority margin, lifts from ``-margin`` to 0: a lift whose CI's
+    lower bound clears the band's lower edge is non-inferior. Nothing for a zero margin."""
+    if margin <= 0:
+        return None
+    span, edge = (axis.axvspan, axis.axvline) if vertical else (axis.axhspan, axis.axhline)
+    edge(-margin, color=BAND_COLOUR, linestyle="--", linewidth=1.0, zorder=1.5)
+    return span(-margin, 0.0, zorder=1.5, label=margin_label(margin), **BAND)
+
+
+def margin_label(margin: float) -> str:
+    return f"non-inferiority margin (−{margin:.1%})"
+
+
+def _ordered_pairs(frame: pd.DataFrame, experiment: ExperimentSpec) -> list[tuple[str, str]]:
+    """The comparisons of ``frame``, the ship pair (the verdict's) first."""
+    pairs = list(dict.fromkeys(zip(frame["treatment"], frame["baseline"])))
+    return sorted(pairs, key=lambda pair: pair != tuple(experiment.analysis.ship))
+
+
+def _pair_title(pair: tuple[str, str], experiment: ExperimentSpec) -> str:
+    ship = " (the ship decision)" if pair == tuple(experiment.analysis.ship) else ""
+    return f"{pair[0]} vs {pair[1]}{ship}"
+
+
+def _percent_axis(axis: Axes, *, vertical: bool = False) -> None:
+    which = axis.xaxis if vertical else axis.yaxis
+    which.set_major_formatter(lambda value, _: f"{value:+.0%}")
+    (axis.axvline if vertical else axis.axhline)(0.0, color="black", linewidth=0.8)
+
+
+def daily_figure(daily: pd.DataFrame, experiment: ExperimentSpec) -> Figure:
+    """The cumulative lift on the decision metric by day, one panel per comparison (each at
+    its own scale, so that a few-percent margin stays visible), the margin as a band."""
     spec = experiment.analysis
-    figure = Figure(figsize=(10, 4))
-    axis = figure.subplots()
-    for (treatment, baseline), part in daily.groupby(["treatment", "baseline"], sort=False):
-        line = axis.plot(part["day"], part["lift"], marker=".", label=f"{treatment} vs {baseline}")
-        axis.fill_between(
-            part["day"], part["ci_low"], part["ci_high"], color=line[0].get_color(), alpha=0.2
-        )
-    axis.axhline(0.0, color="black", linewidth=0.8)
-    axis.axhline(-spec.margin, color="grey", linestyle="--", linewidth=0.8)
-    axis.annotate(
-        "non-inferiority margin", (daily["day"].min(), -spec.margin), fontsize=7, color="grey"
+    pairs = _ordered_pairs(daily, experiment)
+    figure = Figure(figsize=(10, 0.6 + 2.4 * len(pairs)))
+    axes = figure.subplots(len(pairs), 1, sharex=True, squeeze=False)[:, 0]
+    for axis, pair in zip(axes, pairs):
+        part = _comparison(daily, pair)
+        margin_band(axis, spec.margin)
+        axis.fill_between(part["day"], part["ci_low"], part["ci_high"], color="C0", alpha=0.2)
+        axis.plot(part["day"], part["lift"], marker=".", color="C0")
+        _percent_axis(axis)
+        axis.set_title(_pair_title(pair, experiment), fontsize=10, loc="left")
+        axis.set_ylabel(f"{METRICS[spec.metric]} lift")
+    axes[-1].set_xlabel("experiment day (lift over the days so far)")
+    handles = [
+        Line2D([], [], color="C0", marker=".", label="cumulative lift"),
+        Patch(color="C0", alpha=0.2, label=f"{1 - spec.alpha:.0%} CI"),
+    ]
+    _legend(figure, handles, spec.margin)
+    return figure
+
+
+def segment_figure(
+    segments: pd.DataFrame, overall: pd.DataFrame, experiment: ExperimentSpec
+) -> Figure:
+    """Per comparison, the decision metric's lift and CI in every slice (and over all users,
+    from ``overall``), a point coloured by where its CI lies against the margin band."""
+    spec = experiment.analysis
+    pairs = _ordered_pairs(segments, experiment)
+    labels = list(dict.fromkeys(zip(segments["segment"], segments["value"])))
+    # Top to bottom: all users, then each segment's values, a gap between segments.
+    rows, y, previous = {(ALL, ALL): 0.0}, 0.0, ALL
+    for segment, value in labels:
+        y += 1.6 if segment != previous else 1.0
+        rows[(segment, value)], previous = y, segment
+    figure = Figure(figsize=(2.0 + 3.4 * len(pairs), 1.0 + 0.28 * (y + 1)))
+    axes = figure.subplots(1, len(pairs), sharey=True, squeeze=False)[0]
+    for axis, pair in zip(axes, pairs):
+        part = _comparison(segments, pair)
+        positions = [0.0, *(rows[key] for key in zip(part["segment"], part["value"]))]
+        part = pd.concat([_comparison(overall, pair), part])
+        margin_band(axis, spec.margin, vertical=True)
+        for position, row in zip(positions, part.itertuples()):
+            whole = position == 0.0
+            axis.errorbar(
+                row.lift,
+                position,
+                xerr=[[row.lift - row.ci_low], [row.ci_high - row.lift]],
+                fmt="D" if whole else "o",
+                color=STANDING_COLOURS[non_inferiority(row.ci_low, row.ci_high, spec.margin)],
+                markersize=6 if whole else 4,
+                linewidth=1.4 if whole else 1.0,
+            )
+        _percent_axis(axis, vertical=True)
+        axis.set_title(_pair_title(pair, experiment), fontsize=10, loc="left")
+        axis.set_xlabel(f"{METRICS[spec.metric]} lift")
+        axis.grid(axis="x", color="#dddddd", linewidth=0.6)
+    axes[0].set_yticks(
+        list(rows.values()),
+        ["all users", *(f"{segment}: {value}" for segment, value in labels)],
+        fontsize=9,
     )
-    axis.yaxis.set_major_formatter(lambda value, _: f"{value:+.0%}")
-    axis.set_xlabel("experiment day (cumulative)")
-    axis.set_ylabel(f"relative {METRICS[spec.metric]} lift")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    return figure_png(figure)
+    axes[0].get_yticklabels()[0].set_fontweight("bold")
+    axes[0].invert_yaxis()
+    handles = [
+        Line2D([], [], color=colour, marker="o", linestyle="", label=STANDING_LABELS[standing])
+        for standing, colour in STANDING_COLOURS.items()
+    ]
+    _legend(figure, handles, spec.margin)
+    return figure
 
 
-def _segment_figure(segments: pd.DataFrame, experiment: ExperimentSpec) -> str:
-    names = list(dict.fromkeys(segments["segment"]))
-    comparisons = list(dict.fromkeys(zip(segments["treatment"], segments["baseline"])))
-    figure = Figure(figsize=(10, 2.6 * max(len(names), 1)))
-    axes = figure.subplots(max(len(names), 1), 1, squeeze=False)[:, 0]
-    for axis, name in zip(axes, names):
-        part = segments[segments["segment"] == name]
-        series = {
-            f"{treatment} vs {baseline}": part[
-                (part["treatment"] == treatment) & (part["baseline"] == baseline)
-            ].set_index("value")
-            for treatment, baseline in comparisons
-        }
-        bars_with_ci(axis, list(dict.fromkeys(part["value"])), series, "lift")
-        axis.axhline(0.0, color="black", linewidth=0.8)
-        axis.yaxis.set_major_formatter(lambda value, _: f"{value:+.0%}")
-        axis.set_title(name, fontsize=10, loc="left")
-        axis.set_ylabel(f"{METRICS[experiment.analysis.metric]} lift")
-    axes[0].legend(ncol=len(comparisons), fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.15))
-    figure.tight_layout()
-    return figure_png(figure)
+def _comparison(frame: pd.DataFrame, pair: tuple[str, str]) -> pd.DataFrame:
+    return frame[(frame["treatment"] == pair[0]) & (frame["baseline"] == pair[1])]
+
+
+def _legend(figure: Figure, handles: list[Any], margin: float) -> None:
+    """One legend above the panels: ``handles``, then the margin band's."""
+    if margin > 0:
+        handles = [*handles, Patch(label=margin_label(margin), **BAND)]
+    figure.legend(handles=handles, loc="upper left", ncol=len(handles), fontsize=9)
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.4 / figure.get_figheight()))
