@@ -230,7 +230,7 @@ def figure_png(figure: Figure) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def bars_with_ci(
+def _bars_with_ci(
     axis, values: list, series: dict[str, pd.DataFrame], center: str, colours: dict | None = None
 ) -> None:
     """One group of bars per entry of ``values``, one bar per series, each with its CI.
@@ -262,7 +262,7 @@ def _segment_bars(key: pd.DataFrame, spec: SliceSpec, colours: dict) -> str:
         part = key[key["segment"] == segment]
         series = {model: part[part["model"] == model].set_index("value") for model in models}
         values = list(dict.fromkeys(part["value"]))
-        bars_with_ci(axis, values, series, "mean", colours)
+        _bars_with_ci(axis, values, series, "mean", colours)
         if len(values) > 8:
             for label in axis.get_xticklabels():
                 label.set(rotation=30, ha="right")

@@ -41,6 +41,7 @@ from statsmodels.stats.power import NormalIndPower
 
 from recdistill.ab_spec import METRICS, AnalysisSpec, ExperimentSpec
 from recdistill.abtest.simulate import EXPERIMENT
+from recdistill.segments import natural_order
 from recdistill.stats import holm
 
 ALL = "all"
@@ -304,7 +305,7 @@ def analyse(log: pd.DataFrame, experiment: ExperimentSpec, segments: Sequence[st
 def _slices(users: pd.DataFrame, segments: Sequence[str]) -> list[tuple[str, str, np.ndarray]]:
     slices = [(ALL, ALL, np.ones(len(users), dtype=bool))]
     for segment in segments:
-        for value in sorted(users[segment].unique()):
+        for value in sorted(users[segment].unique(), key=lambda v: natural_order(str(v))):
             slices.append((segment, value, (users[segment] == value).to_numpy()))
     return slices
 

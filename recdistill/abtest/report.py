@@ -33,7 +33,12 @@ from recdistill.abtest.analysis import (
     Analysis,
     non_inferiority,
 )
-from recdistill.evaluation_report import figure_png, format_number, template_environment
+from recdistill.evaluation_report import (
+    figure_png,
+    format_number,
+    format_p,
+    template_environment,
+)
 from recdistill.files import write_json
 from recdistill.layout import AbTestLayout
 
@@ -115,12 +120,6 @@ def _percent(value: Any, digits: int = 2) -> str:
     if value is None or np.isnan(value):
         return "–"
     return f"{value:+.{digits}%}"
-
-
-def _p_value(value: float) -> str:
-    if value == 0:
-        return "< 1e-300"  # below what a double holds
-    return f"{value:.2g}" if value < 0.001 else f"{value:.3f}"
 
 
 # --- Tables -----------------------------------------------------------------------------
@@ -232,10 +231,10 @@ def _lift_columns(level: int, power: float) -> list[Column]:
         _user_counts(),
         _number("lift", "lift", _percent),
         _interval(f"{level} % CI", "ci_low", "ci_high", _percent),
-        _number("p", "p_value", _p_value),
+        _number("p", "p_value", format_p),
         Column(
             "p (Holm)",
-            lambda row: _p_value(row["p_holm"]) + (" *" if row["significant"] else ""),
+            lambda row: format_p(row["p_holm"]) + (" *" if row["significant"] else ""),
             ("p_holm",),
         ),
         _number(f"MDE ({100 * power:.0f} % power)", "mde", lambda value: f"±{value:.2%}"),
@@ -254,7 +253,7 @@ def _slice_columns(level: int, metric: str) -> list[Column]:
         _number(f"baseline {metric}", "baseline_mean", format_number),
         _number("lift", "lift", _percent),
         _interval(f"{level} % CI", "ci_low", "ci_high", _percent),
-        _number("p (Holm)", "p_holm", _p_value),
+        _number("p (Holm)", "p_holm", format_p),
     ]
 
 

@@ -11,7 +11,6 @@ import pytest
 from recdistill.abtest.analysis import INCONCLUSIVE, INFERIOR, NON_INFERIOR, analyse
 from recdistill.abtest.report import (
     _arm_columns,
-    _p_value,
     daily_figure,
     distinct_metrics,
     margin_label,
@@ -21,6 +20,7 @@ from recdistill.abtest.report import (
     write_report,
 )
 from recdistill.abtest.simulate import simulate
+from recdistill.evaluation_report import format_p
 from recdistill.layout import AbTestLayout
 from tests.abtest.conftest import experiment
 
@@ -223,6 +223,6 @@ def test_standings_are_the_three_outcomes_of_the_verdict():
     assert non_inferiority(-0.09, -0.03, 0.02) == INFERIOR
 
 
-def test_p_values_too_small_for_a_double_say_so():
-    assert _p_value(0.0) == "< 1e-300"
-    assert _p_value(3.1e-90) == "3.1e-90" and _p_value(0.0921) == "0.092"
+def test_p_values_read_as_people_quote_them():
+    assert format_p(0.0) == "< 0.001" and format_p(3.1e-90) == "< 0.001"
+    assert format_p(0.0921) == "0.092" and format_p(float("nan")) == "–"
