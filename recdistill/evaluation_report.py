@@ -28,7 +28,7 @@ from recdistill.config import load_run_config
 from recdistill.layout import RunLayout
 from recdistill.roles import REFERENCE, SCRATCH, Roles
 from recdistill.segments import ALL, SliceSpec, slice_table, user_segments
-from recdistill.summary import BaselineModel, RunSummary, TrainedModel, read_summary
+from recdistill.summary import RunSummary, TrainedModel, read_summary
 from recdistill.tracking import log_report
 
 
@@ -62,22 +62,22 @@ def build_report(run: Path, spec: SliceSpec | None = None) -> Path:
     colours = model_colours(list(summary.models))
     objectives = {stage.name: stage.describe_objective() for stage in config.stages}
     cost, unplotted = _quality_vs_cost(summary, key, spec, colours)
+    judged = verdicts(key, candidates, spec, config.roles.reference)
     context = {
         "run": str(layout.root),
         "source": summary.source,
         "metric": spec.key_metric,
-        "threshold": spec.retention_threshold,
         "level": int(spec.level * 100),
         "min_users": spec.min_users,
         "references": references,
-        "verdicts": verdicts(key, candidates, spec, config.roles.reference),
+        "verdicts": judged,
         "headline": _headline(summary, key),
         "families": _families(key),
         "metrics": _metric_tabs(table),
         "unplotted": unplotted,
         "figures": {
             "segments": _segment_bars(key, spec, colours),
-            "retention": _retention_heatmap(key, candidates),
+            "retention": _retention_heatmap(key, [v["model"] for v in judged]),
             "cost": cost,
             "curves": _curves_figure(_learning_curves(layout, summary), objectives, colours),
         },
@@ -91,11 +91,11 @@ def build_report(run: Path, spec: SliceSpec | None = None) -> Path:
 
 def candidate_models(summary: RunSummary, roles: Roles) -> list[str]:
     """The models that could stand in for the reference, the student first: every trained
-    stage and ensemble but the reference; baselines are compared, never candidates."""
+    stage but the reference. Ensembles (teachers) and baselines are compared, never judged."""
     models = [
         name
         for name, entry in summary.models.items()
-        if not isinstance(entry, BaselineModel) and name != roles.reference
+        if isinstance(entry, TrainedModel) and name != roles.reference
     ]
     return sorted(models, key=lambda name: name != roles.student)
 
@@ -114,25 +114,33 @@ def verdicts(
         row = overall.loc[model]
         own = key[(key["model"] == model) & (key["segment"] != ALL)]
         below = own[own["flagged"]].sort_values("retention")
-        keeps = bool(row["retention"] >= spec.retention_threshold)
+        threshold = spec.retention_threshold
+        standing = (
+            "above"
+            if row["retention_ci_low"] >= threshold
+            else "below"
+            if row["retention_ci_high"] < threshold
+            else "level with"
+        )
         overall_line = (
             f"{model} keeps {row['retention']:.1%} [{row['retention_ci_low']:.1%}, "
-            f"{row['retention_ci_high']:.1%}] of {reference}'s {spec.key_metric} overall, "
-            f"{'meeting' if keeps else 'below'} the {spec.retention_threshold:.0%} threshold."
+            f"{row['retention_ci_high']:.1%}] of {reference}'s {spec.key_metric} overall: "
+            f"{standing} the {threshold:.0%} threshold"
+            + (", within its CI." if standing == "level with" else ".")
         )
         where = "; ".join(
             f"{r.segment}: {r.value} ({r.retention:.1%}, {r.users:,} users)"
             for r in below.itertuples()
         )
         below_line = (
-            f"It loses significantly more than that on {len(below)} slice(s): {where}."
+            f"It keeps significantly less than that on {len(below)} slice(s): {where}."
             if len(below)
-            else "No slice loses significantly more than that."
+            else "No slice keeps significantly less than that."
         )
         result.append(
             {
                 "model": model,
-                "keeps": keeps,
+                "standing": standing,
                 "overall": overall_line,
                 "below": below_line,
                 "slices": below[["segment", "value"]].to_dict("records"),
@@ -253,8 +261,11 @@ def _bars_with_ci(
     axis.set_xticks(np.arange(len(values)) + 0.4 - width / 2, values, fontsize=8)
 
 
-def _segment_bars(key: pd.DataFrame, spec: SliceSpec, colours: dict) -> str:
+def _segment_bars(key: pd.DataFrame, spec: SliceSpec, colours: dict) -> str | None:
+    """Bars per segment value and model; None when no slice but ``all`` is large enough."""
     segments = [segment for segment in dict.fromkeys(key["segment"]) if segment != ALL]
+    if not segments:
+        return None
     models = list(dict.fromkeys(key["model"]))
     figure = Figure(figsize=(11, 2.4 * len(segments)))
     axes = figure.subplots(len(segments), 1, squeeze=False)
@@ -273,11 +284,13 @@ def _segment_bars(key: pd.DataFrame, spec: SliceSpec, colours: dict) -> str:
     return figure_png(figure)
 
 
-def _retention_heatmap(key: pd.DataFrame, candidates: list[str]) -> str:
+def _retention_heatmap(key: pd.DataFrame, candidates: list[str]) -> str | None:
     """Slices down, candidates across; each cell's colour is the slice's retention minus the
     model's own overall retention (red: loses more than overall), its text the retention,
-    bold with ▼ where the slice is flagged."""
+    bold with ▼ where the slice is flagged. None without a candidate or a slice."""
     rows = key[key["model"].isin(candidates) & key["retention"].notna()].copy()
+    if not candidates or (rows["segment"] != ALL).sum() == 0:
+        return None
     overall = rows[rows["segment"] == ALL].set_index("model")["retention"]
     models = [model for model in candidates if model in overall.index]
     rows = rows[rows["segment"] != ALL]

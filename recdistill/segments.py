@@ -10,11 +10,11 @@ bootstrap CI, and paired tests against the teacher and against the student's lab
 twin (t-test and randomization test; the run's roles say which models those are),
 Holm-corrected across the slices of each comparison.
 
-A slice is flagged when the model loses significantly more of the teacher's quality there
-than it does overall: its retention is below the model's own overall retention ``r`` and
-Welch's t-test of ``model - r * teacher`` per user (zero on average over all users), the
-slice's users against everyone else's, rejects at ``1 - level`` after Holm across the
-model's slices. ``retention_threshold`` is what the model's overall retention is held to.
+A slice is flagged when the model keeps significantly less of the teacher's quality there
+than it does overall: its retention is below the model's own overall retention, and the
+delta-method test of the slice's retention against the other users' rejects at ``1 - level``
+after Holm across the model's slices. ``retention_threshold`` is what the model's overall
+retention is held to.
 """
 
 from __future__ import annotations
@@ -38,15 +38,13 @@ from recdistill.stats import (
     holm,
     paired_t_test,
     randomization_test,
-    welch_t_test,
+    ratio_difference_test,
 )
 
 ALL = "all"
 HELD_OUT_TIER = "held_out_popularity_tier"
 HELD_OUT_CATEGORY = "held_out_category"
-_TIER_RANK = {
-    tier: rank for tiers in (ACTIVITY_TIERS, POPULARITY_TIERS) for rank, tier in enumerate(tiers)
-}
+_TIER_RANK = {tier: rank for rank, tier in enumerate((*ACTIVITY_TIERS, *POPULARITY_TIERS))}
 
 
 @dataclass(frozen=True)
@@ -102,7 +100,6 @@ def slice_table(
 
     rows = []
     models = list(wide[spec.key_metric].columns)
-    shortfall = _shortfall(wide[spec.key_metric], references.get(REFERENCE))
     for segment, value, chosen in slices:
         for model in models:
             for metric in metrics:
@@ -125,9 +122,6 @@ def slice_table(
                 }
                 if metric == spec.key_metric:
                     row |= _against_references(wide[metric], model, chosen, spec, references)
-                    if model in shortfall and segment != ALL:
-                        own = shortfall[model].to_numpy()
-                        row["p_t_vs_rest"] = welch_t_test(own[chosen], own[~chosen])
                 rows.append(row)
     table = pd.DataFrame(rows)
     for role in (REFERENCE, SCRATCH):
@@ -138,15 +132,14 @@ def slice_table(
                 continue
             for (model, metric), group in table.groupby(["model", "metric"]):
                 table.loc[group.index, f"{column}_holm"] = holm(group[column].to_numpy())
-    if "p_t_vs_rest" not in table:
-        table["p_t_vs_rest"] = np.nan
+    if "retention" not in table:  # no reference among the models
+        table["retention"] = table["retention_ci_low"] = table["retention_ci_high"] = np.nan
+        table["p_vs_rest"] = np.nan
     for model, group in table.groupby("model"):
-        table.loc[group.index, "p_t_vs_rest_holm"] = holm(group["p_t_vs_rest"].to_numpy())
-    overall = table[table["segment"] == ALL].drop_duplicates("model").set_index("model")
-    own_retention = table["model"].map(overall.get("retention", pd.Series(dtype=float)))
-    table["flagged"] = (table["p_t_vs_rest_holm"] <= 1 - spec.level) & (
-        table.get("retention", np.nan) < own_retention
-    )
+        table.loc[group.index, "p_vs_rest_holm"] = holm(group["p_vs_rest"].to_numpy())
+    key = table[(table["segment"] == ALL) & (table["metric"] == spec.key_metric)]
+    overall = table["model"].map(key.set_index("model")["retention"])
+    table["flagged"] = (table["p_vs_rest_holm"] <= 1 - spec.level) & (table["retention"] < overall)
     return table
 
 
@@ -160,19 +153,6 @@ def natural_order(value: str) -> tuple[int, float, str]:
     if number is None:
         return (1, math.inf, value)
     return (1, float(number.group()) - 0.5 * value.lstrip().startswith("<"), value)
-
-
-def _shortfall(frame: pd.DataFrame, reference: str | None) -> pd.DataFrame:
-    """Per user and model, ``model - r * reference`` with ``r`` the model's overall
-    retention: its mean over a slice is below zero exactly where the slice's retention is
-    below ``r``, and over all users it is zero."""
-    if reference not in frame or not frame[reference].mean():
-        return pd.DataFrame(index=frame.index)
-    teacher = frame[reference]
-    models = [model for model in frame.columns if model != reference]
-    return pd.DataFrame(
-        {model: frame[model] - frame[model].mean() / teacher.mean() * teacher for model in models}
-    )
 
 
 def _members(column: pd.Series) -> list[tuple[str, np.ndarray]]:
@@ -207,4 +187,8 @@ def _against_references(
                 values, other, level=spec.level, replicates=spec.replicates, seed=spec.seed
             )
             result["retention_ci_low"], result["retention_ci_high"] = low, high
+            rest = ~chosen
+            result["p_vs_rest"] = ratio_difference_test(
+                values, other, frame[model].to_numpy()[rest], frame[reference].to_numpy()[rest]
+            )
     return result

@@ -130,14 +130,38 @@ def paired_t_test(model: np.ndarray, reference: np.ndarray) -> float:
     return float(sps.ttest_rel(model, reference).pvalue)
 
 
-def welch_t_test(group: np.ndarray, rest: np.ndarray) -> float:
-    """Two-sided p-value of Welch's unequal-variance t-test (``scipy.stats.ttest_ind`` with
-    ``equal_var=False``) of ``mean(group) == mean(rest)``, two independent groups of users.
-    NaN when either group has fewer than two users."""
-    if min(len(group), len(rest)) < 2:
+def ratio_difference_test(
+    model: np.ndarray, reference: np.ndarray, other_model: np.ndarray, other_reference: np.ndarray
+) -> float:
+    """Two-sided p-value that two independent groups of users have the same ratio of means,
+    ``mean(model) / mean(reference)`` against ``mean(other_model) / mean(other_reference)``.
+
+    Each ratio ``r`` gets its delta-method variance ``var(model - r * reference) / (n *
+    mean(reference)^2)``, estimated on its own group; ``z = (r - r_other) / sqrt(v + v_other)``
+    is compared with the standard normal. NaN when a group has fewer than two users or a
+    reference mean of 0.
+    """
+    if min(len(model), len(other_model)) < 2:
         return float("nan")
-    group, rest = _as_users(group, "group"), _as_users(rest, "rest")
-    return float(sps.ttest_ind(group, rest, equal_var=False).pvalue)
+    estimates = [
+        _ratio_and_variance(*_as_pair(m, r))
+        for m, r in ((model, reference), (other_model, other_reference))
+    ]
+    (ratio, variance), (other_ratio, other_variance) = estimates
+    spread = np.sqrt(variance + other_variance)
+    if np.isnan(spread):
+        return float("nan")
+    if spread == 0:
+        return 1.0 if ratio == other_ratio else 0.0
+    return float(2 * sps.norm.sf(abs(ratio - other_ratio) / spread))
+
+
+def _ratio_and_variance(model: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    scale = reference.mean()
+    if scale == 0:
+        return float("nan"), float("nan")
+    ratio = model.mean() / scale
+    return ratio, (model - ratio * reference).var(ddof=1) / (len(model) * scale**2)
 
 
 def randomization_test(

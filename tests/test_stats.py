@@ -12,7 +12,7 @@ from recdistill.stats import (
     holm,
     paired_t_test,
     randomization_test,
-    welch_t_test,
+    ratio_difference_test,
 )
 
 
@@ -245,10 +245,25 @@ def test_holm_matches_statsmodels_to_the_bit():
     np.testing.assert_array_equal(holm(p), multipletests(p, method="holm")[1])
 
 
-def test_welch_t_test_is_scipy_s_and_needs_two_users_a_side():
-    rng = np.random.default_rng(3)
-    group, rest = rng.normal(0.3, 1.0, 40), rng.normal(0.0, 2.0, 400)
-    expected = sps.ttest_ind(group, rest, equal_var=False).pvalue
-    assert welch_t_test(group, rest) == pytest.approx(expected, rel=1e-12)
-    assert np.isnan(welch_t_test(group[:1], rest))
-    assert np.isnan(welch_t_test(group, np.array([])))
+def test_ratio_difference_test_by_hand_and_at_its_level():
+    # Two users a side: ratios 1.5 / 1.5 = 1 and 2 / 1 = 2; residuals (0, 0) and (1, -1): the
+    # first group has no variance, the second 2 / (2 users * 1^2) = 1, so z = 1 / 1 = 1.
+    p = ratio_difference_test(
+        np.array([1.0, 2.0]), np.array([1.0, 2.0]), np.array([2.0, 2.0]), np.array([0.5, 1.5])
+    )
+    assert p == pytest.approx(2 * sps.norm.sf(1.0))
+    assert np.isnan(ratio_difference_test(np.ones(1), np.ones(1), np.ones(5), np.ones(5)))
+    # Under the null (the same 0.9 retention everywhere, the slice's teacher 0.3x the rest's),
+    # with slices of 10 %, 50 % and 90 % of the users, it rejects at about its level.
+    rng = np.random.default_rng(0)
+    for share in (0.1, 0.5, 0.9):
+        rejected = 0
+        for _ in range(1000):
+            chosen = rng.random(2000) < share
+            teacher = rng.random(2000) * np.where(chosen, 0.3, 1.0)
+            model = 0.9 * teacher + rng.normal(0, 0.1, 2000)
+            p = ratio_difference_test(
+                model[chosen], teacher[chosen], model[~chosen], teacher[~chosen]
+            )
+            rejected += p <= 0.05
+        assert 0.03 <= rejected / 1000 <= 0.07, (share, rejected)

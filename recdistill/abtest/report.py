@@ -83,7 +83,9 @@ def write_report(
             "lifts": table(
                 _lift_columns(level, spec.power),
                 analysis.lifts[analysis.lifts["metric"].isin(metrics)],
-                css=lambda row: "significant" if row["significant"] else "",
+                css=lambda row: (
+                    ("better" if row["lift"] > 0 else "worse") if row["significant"] else ""
+                ),
             ),
             "slices": table(_slice_columns(level, METRICS[spec.metric]), analysis.segments),
             "arms_by_segment": table(
@@ -227,7 +229,12 @@ def _lift_columns(level: int, power: float) -> list[Column]:
     return [
         _text("treatment", "treatment"),
         _text("baseline", "baseline"),
-        Column("metric", lambda row: METRICS[row["metric"]], ("metric",), text=True),
+        Column(
+            "metric",
+            lambda row: METRICS[row["metric"]],
+            ("metric",),
+            text=True,
+        ),
         _user_counts(),
         _number("lift", "lift", _percent),
         _interval(f"{level} % CI", "ci_low", "ci_high", _percent),
@@ -267,14 +274,20 @@ def findings(decision: pd.DataFrame, experiment: ExperimentSpec) -> list[str]:
     for row in decision.itertuples():
         if row.significant:
             outcome = "better" if row.lift > 0 else "worse"
-            verdict = f"significantly {outcome} (Holm p = {row.p_holm:.2g})"
+            verdict = f"significantly {outcome} (Holm p {_p_clause(row.p_holm)})"
         else:
-            verdict = f"no significant difference (Holm p = {row.p_holm:.2g})"
+            verdict = f"no significant difference (Holm p {_p_clause(row.p_holm)})"
         lines.append(
             f"{row.treatment} vs {row.baseline}: {label} lift {row.lift:+.2%} "
             f"[{row.ci_low:+.2%}, {row.ci_high:+.2%}] — {verdict}."
         )
     return lines
+
+
+def _p_clause(value: float) -> str:
+    """``= 0.092`` or ``< 0.001``: a p-value after its name."""
+    shown = format_p(value)
+    return shown if shown.startswith("<") else f"= {shown}"
 
 
 def segment_lines(segments: pd.DataFrame, margin: float) -> dict[tuple[str, str], str]:
@@ -296,7 +309,8 @@ def segment_lines(segments: pd.DataFrame, margin: float) -> dict[tuple[str, str]
             where = f"none of the {len(part)} slices"
         else:
             where = f"{len(good)} of {len(part)}: {_slice_names(good)}"
-        clauses = [f"non-inferior (CI lower bound above -{margin:.1%}) in {where}"]
+        rule = f"CI lower bound above -{margin:.1%}, each slice uncorrected"
+        clauses = [f"non-inferior ({rule}) in {where}"]
         for outcome, name in (
             (INCONCLUSIVE, "inconclusive"),
             (INFERIOR, "worse beyond the margin"),

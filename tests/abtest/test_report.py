@@ -20,7 +20,6 @@ from recdistill.abtest.report import (
     write_report,
 )
 from recdistill.abtest.simulate import simulate
-from recdistill.evaluation_report import format_p
 from recdistill.layout import AbTestLayout
 from tests.abtest.conftest import experiment
 
@@ -190,12 +189,12 @@ def test_the_segment_line_sorts_slices_by_the_verdicts_rule():
     )
     lines = segment_lines(segments, MARGIN)
     assert lines[("student", "teacher")] == (
-        "Per segment: non-inferior (CI lower bound above -3.0%) in 2 of 4: tier cold, medium; "
+        "Per segment: non-inferior (CI lower bound above -3.0%, each slice uncorrected) in 2 of 4: tier cold, medium; "
         "inconclusive in 1: tier heavy -2.0% [-8.0%, +4.0%]; "
         "worse beyond the margin in 1: tier light -10.0% [-15.0%, -5.0%]."
     )
     assert lines[("student", "control")] == (
-        "Per segment: non-inferior (CI lower bound above -3.0%) in all 2 slices."
+        "Per segment: non-inferior (CI lower bound above -3.0%, each slice uncorrected) in all 2 slices."
     )
     assert segment_lines(segments.iloc[:0], MARGIN) == {}
 
@@ -221,8 +220,3 @@ def test_standings_are_the_three_outcomes_of_the_verdict():
     assert non_inferiority(-0.01, 0.05, 0.02) == NON_INFERIOR
     assert non_inferiority(-0.02, 0.05, 0.02) == INCONCLUSIVE  # on the margin: not above it
     assert non_inferiority(-0.09, -0.03, 0.02) == INFERIOR
-
-
-def test_p_values_read_as_people_quote_them():
-    assert format_p(0.0) == "< 0.001" and format_p(3.1e-90) == "< 0.001"
-    assert format_p(0.0921) == "0.092" and format_p(float("nan")) == "–"
