@@ -40,6 +40,8 @@ CHROMIUM_FLAGS = [
 # Time the pages' scripts get to render (Swagger UI and ReDoc build the page from the schema).
 VIRTUAL_TIME_MS = 5000
 DOCS_HEIGHT = 2000
+# What a reader sees before scrolling: the report pages are shot at this height too.
+FIRST_SCREEN_HEIGHT = 900
 CONSOLE_LINE = re.compile(r':CONSOLE[^\]]*\] "(?P<message>.*)", source: (?P<source>\S*)')
 
 
@@ -63,7 +65,7 @@ def main() -> None:
     parser.add_argument("--ab", type=Path, help="A/B test directory: its index.html")
     parser.add_argument("--artifact", type=Path, help="artifact to serve: /docs and /redoc")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/screenshots"))
-    parser.add_argument("--height", type=int, default=4000, help="of the report pages (px)")
+    parser.add_argument("--height", type=int, default=9000, help="of the whole report pages (px)")
     args = parser.parse_args()
     if args.run is None and args.ab is None and args.artifact is None:
         parser.error("name at least one of --run, --ab, --artifact")
@@ -73,12 +75,10 @@ def main() -> None:
     pages = []
     if args.run is not None:
         report = RunLayout(args.run).report.index
-        pages.append(
-            _file_page("report", report, args.height, f"recdistill report --run {args.run}")
-        )
+        pages += _file_pages("report", report, args.height, f"recdistill report --run {args.run}")
     if args.ab is not None:
         ab = AbTestLayout(args.ab).report.index
-        pages.append(_file_page("ab", ab, args.height, f"recdistill abtest --out {args.ab}"))
+        pages += _file_pages("ab", ab, args.height, f"recdistill abtest --out {args.ab}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         if args.artifact is not None:
@@ -88,11 +88,15 @@ def main() -> None:
     _print_table(shots)
 
 
-def _file_page(name: str, path: Path, height: int, command: str) -> Page:
+def _file_pages(name: str, path: Path, height: int, command: str) -> list[Page]:
+    """The whole page (down to ``height``) and its first screen."""
     page = path.resolve()
     if not page.exists():
         raise SystemExit(f"{page} not found: run `{command}` first")
-    return Page(name, page.as_uri(), height)
+    return [
+        Page(name, page.as_uri(), height),
+        Page(f"{name}-first-screen", page.as_uri(), FIRST_SCREEN_HEIGHT),
+    ]
 
 
 @contextmanager
@@ -137,11 +141,11 @@ def _screenshot(browser: str, page: Page, out_dir: Path) -> Shot:
 
 def _print_table(shots: list[Shot]) -> None:
     width = max(len(str(shot.path)) for shot in shots)
-    print(f"{'page':<7} {'screenshot':<{width}} {'bytes':>10} {'console':>7}  url")
+    print(f"{'page':<20} {'screenshot':<{width}} {'bytes':>10} {'console':>7}  url")
     for shot in shots:
         size = shot.path.stat().st_size
         name, path, messages = shot.page.name, shot.path, len(shot.console)
-        print(f"{name:<7} {path!s:<{width}} {size:>10,} {messages:>7}  {shot.page.url}")
+        print(f"{name:<20} {path!s:<{width}} {size:>10,} {messages:>7}  {shot.page.url}")
     for shot in shots:
         for message in shot.console:
             print(f"{shot.page.name}: console: {message}")

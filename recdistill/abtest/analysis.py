@@ -134,10 +134,10 @@ class SrmCheck:
             f"{arm} {seen:,} (expected {expected:,.0f})"
             for arm, seen, expected in zip(self.arms, self.observed, self.expected)
         )
-        verdict = "SAMPLE RATIO MISMATCH" if self.mismatch else "no sample ratio mismatch"
+        verdict = "SAMPLE RATIO MISMATCH" if self.mismatch else "No sample ratio mismatch"
         return (
             f"{verdict}: users per arm {counts}; chi-square {self.statistic:.2f}, "
-            f"p = {self.p_value:.3g} (flagged below {self.alpha:g})"
+            f"p = {self.p_value:.3g} (a mismatch below {self.alpha:g})"
         )
 
 

@@ -52,7 +52,7 @@ def test_abtest_writes_the_report_and_prints_the_verdict(
     printed = capsys.readouterr().out
     verdict = json.loads((out / "summary.json").read_text())["verdict"]
     assert verdict in printed and "non-inferiority" in verdict
-    assert "student vs teacher" in printed and "no sample ratio mismatch" in printed
+    assert "student vs teacher" in printed and "No sample ratio mismatch" in printed
 
     html, markdown = (out / "index.html").read_text(), (out / "report.md").read_text()
     assert html.count("data:image/png;base64,") == 2  # cumulative lift, per-segment lift
