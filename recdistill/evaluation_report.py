@@ -191,9 +191,9 @@ def _headline(summary: RunSummary, key: pd.DataFrame) -> list[dict[str, Any]]:
                 "mean": None if row is None else row["mean"],
                 "ci_low": None if row is None else row["ci_low"],
                 "ci_high": None if row is None else row["ci_high"],
-                "retention": None if row is None else row.get("retention"),
-                "retention_ci_low": None if row is None else row.get("retention_ci_low"),
-                "retention_ci_high": None if row is None else row.get("retention_ci_high"),
+                "retention": None if row is None else row["retention"],
+                "retention_ci_low": None if row is None else row["retention_ci_low"],
+                "retention_ci_high": None if row is None else row["retention_ci_high"],
             }
         )
     return rows
