@@ -43,7 +43,7 @@ from serving_floor import NumpyReference, bare_app, use_one_thread
 
 from recdistill.artifact import Artifact, export_artifact, load_artifact
 from recdistill.config import load_run_config
-from recdistill.impressions import read_impressions
+from recdistill.impressions import read_log
 from recdistill.layout import IMPRESSIONS, DataLayout, RunLayout
 from recdistill.online import OnlineRanker
 from recdistill.server import ServerSettings
@@ -137,9 +137,9 @@ async def time_server(
     log = Path(settings.impressions)
     async with app.router.lifespan_context(app):
         await post_all(app, warm_up)
-        logged = len(read_impressions(log))
+        logged = len(read_log(log))
         await post_all(app, bodies)
-    return [impression["latency_ms"] / 1000 for impression in read_impressions(log)[logged:]]
+    return [impression["latency_ms"] / 1000 for impression in read_log(log)[logged:]]
 
 
 async def time_bare_app(warm_up: list[dict], bodies: list[dict]) -> list[float]:

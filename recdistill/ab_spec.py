@@ -1,7 +1,8 @@
 """The experiment config's tables: one TOML file for ``recdistill abtest`` and ``recdistill
 serve --ab``, read by :func:`recdistill.config.load_experiment`.
 
-The server reads only ``[ab]`` (the salt and the arms, see :mod:`recdistill.routing`); the
+The server reads only ``[ab]`` (the salt, the arms and the design: an A/B test or
+interleaving, see :mod:`recdistill.routing`); the
 simulator also reads ``[artifacts]`` (served model name → artifact directory),
 ``[simulation]``, ``[clicks]`` and ``[analysis]``. Paths are relative to the working
 directory. Every table is optional except ``[ab]``, ``[artifacts]`` and ``[simulation].data``.
@@ -17,7 +18,13 @@ from recdistill.routing import Routing
 TABLES = ("ab", "artifacts", "simulation", "clicks", "analysis")
 MODES = ("offline", "online")
 # Metric name → label; each is a ratio of per-user sums (see recdistill.abtest.analysis).
-METRICS = {"ctr": "CTR", "clicks_per_request": "clicks / request", "ndcg": "NDCG@k"}
+# NDCG@k needs a truth (simulations only), conversions a log that reports them (live traffic).
+METRICS = {
+    "ctr": "CTR",
+    "clicks_per_request": "clicks / request",
+    "ndcg": "NDCG@k",
+    "conversions_per_request": "conversions / request",
+}
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,9 @@ class AnalysisSpec:
     student against the teacher) besides; p-values are Holm-corrected across those
     comparisons, per metric. The ship rule is non-inferiority on ``metric``: ship if the
     lower bound of the ``1 - alpha`` CI of the relative lift of treatment over baseline is
-    above ``-margin``. With ``cuped``, ``pre_days`` of pre-period (everyone on the control
+    above ``-margin``; under interleaving the lift is that of the clicks credited to the
+    treatment's items over those credited to the baseline's (``control``, CUPED and the
+    pre-period do not apply). With ``cuped``, ``pre_days`` of pre-period (everyone on the control
     model) are simulated first and used as the CUPED covariate. ``power`` is the power the
     minimum detectable effects are stated at; a split whose sample-ratio-mismatch
     chi-square p-value is below ``srm_alpha`` is flagged. ``segments`` lists the user
@@ -134,8 +143,17 @@ class ExperimentSpec:
     analysis: AnalysisSpec
 
     @property
+    def pre_days(self) -> int:
+        """Days simulated before the experiment, everyone on the control model: CUPED's
+        covariate. None for interleaving, which compares the arms within every request."""
+        return 0 if self.routing.interleaved else self.analysis.simulated_pre_days
+
+    @property
     def comparisons(self) -> list[tuple[str, str]]:
-        """(treatment, baseline) arm pairs: every arm against control, then the ship pair."""
+        """(treatment, baseline) arm pairs: every arm against control, then the ship pair
+        (interleaving: the ship pair alone, its two arms)."""
+        if self.routing.interleaved:
+            return [tuple(self.analysis.ship)]
         control = self.analysis.control
         pairs = [(arm.name, control) for arm in self.routing.arms if arm.name != control]
         if tuple(self.analysis.ship) not in pairs:

@@ -30,6 +30,7 @@ EXAMPLES = """commands:
   recdistill export --run runs/ml100k --model student --out artifacts/student
   recdistill serve --artifact artifacts/student [--artifact ... --ab configs/ab.toml]
   recdistill abtest --config configs/ab.toml --out runs/ab [--mode online]
+  recdistill abtest analyze --config configs/ab.toml --impressions LOG --events LOG --out runs/live
 """
 
 
@@ -185,6 +186,12 @@ def _parser() -> argparse.ArgumentParser:
         "path printed at start-up (%(default)s, under the current folder)",
     )
     serve.add_argument(
+        "--events",
+        type=Path,
+        help="event log (JSONL) POST /feedback appends clicks and conversions to "
+        "(default: events.jsonl beside the impression log)",
+    )
+    serve.add_argument(
         "--max-candidates",
         type=int,
         default=ServerSettings.max_candidates,
@@ -226,15 +233,36 @@ def _parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_serve)
 
     abtest = commands.add_parser(
-        "abtest", help="simulated A/B test of served models (HTML/Markdown report, request log)"
+        "abtest",
+        help="simulated A/B or interleaving test of served models, or `abtest analyze` of "
+        "live traffic (HTML/Markdown report, request log)",
     )
-    abtest.add_argument("--config", type=Path, required=True, help="TOML with [ab], [artifacts]…")
-    abtest.add_argument("--out", type=Path, required=True, help="report directory to write")
+    abtest.add_argument("--config", type=Path, help="TOML with [ab], [artifacts]… (required)")
+    abtest.add_argument("--out", type=Path, help="report directory to write (required)")
     abtest.add_argument(
         "--mode", choices=("offline", "online"), help="rank in-process or through a real server"
     )
     abtest.add_argument("--seed", type=int, help="seed of the simulation")
     abtest.set_defaults(handler=_abtest)
+    actions = abtest.add_subparsers(required=False, metavar="analyze")
+    analyze = actions.add_parser(
+        "analyze",
+        help="judge live traffic: the server's impression log joined with its events",
+        description="The report and verdict `recdistill abtest` writes, from a server's "
+        "impression log and the clicks and conversions reported for its requests "
+        '(docs/simulated-a-b-tests.md, "Live traffic").',
+    )
+    analyze.add_argument("--config", type=Path, required=True, help="TOML with [ab], [analysis]")
+    analyze.add_argument("--impressions", type=Path, required=True, help="the server's log")
+    analyze.add_argument("--events", type=Path, help="the server's event log (POST /feedback)")
+    analyze.add_argument(
+        "--events-from",
+        type=Path,
+        help="the platform's event export, CSV or Parquet: request_id, item_id, event, time",
+    )
+    analyze.add_argument("--data", type=Path, help="data directory with the users' segments")
+    analyze.add_argument("--out", type=Path, required=True, help="report directory to write")
+    analyze.set_defaults(handler=_abtest_analyze)
     return parser
 
 
@@ -362,6 +390,7 @@ def _serve(args: argparse.Namespace) -> None:
         artifacts=tuple(str(path) for path in args.artifact),
         ab_config=None if args.ab is None else str(args.ab),
         impressions=str(args.impressions.resolve()),
+        events=None if args.events is None else str(args.events.resolve()),
         max_candidates=args.max_candidates,
         max_body_bytes=args.max_body_bytes,
         threads=args.threads,
@@ -380,7 +409,8 @@ def _serve(args: argparse.Namespace) -> None:
     os.environ[SETTINGS_ENV] = settings.to_json()
     # Flushed: stdout is block-buffered when it is a file, and these are start-up news.
     print(f"serving {len(args.artifact)} artifact(s) on http://{args.host}:{args.port}")
-    print(f"impressions: appending to {log}", flush=True)
+    print(f"impressions: appending to {log}")
+    print(f"events (POST /feedback): appending to {settings.event_log}", flush=True)
     uvicorn.run(
         "serving.app:app_from_environment",
         factory=True,
@@ -400,7 +430,24 @@ def _overridden(spec: Spec, **options: Any) -> Spec:
 def _abtest(args: argparse.Namespace) -> None:
     from recdistill.abtest.experiment import run_abtest
 
+    if args.config is None or args.out is None:
+        raise ValueError("abtest needs --config and --out (or: abtest analyze ...)")
     result = run_abtest(args.config, args.out, mode=args.mode, seed=args.seed)
+    print(result.summary())
+    print(f"\nwrote {result.report}")
+
+
+def _abtest_analyze(args: argparse.Namespace) -> None:
+    from recdistill.abtest.live import analyze_logs
+
+    result = analyze_logs(
+        args.config,
+        args.out,
+        impressions=args.impressions,
+        events=args.events,
+        events_from=args.events_from,
+        data=args.data,
+    )
     print(result.summary())
     print(f"\nwrote {result.report}")
 

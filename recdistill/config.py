@@ -31,7 +31,7 @@ from recdistill.models import TwoTowerSpec
 from recdistill.quantize import QuantizationSpec
 from recdistill.ranked_lists import ListSpec
 from recdistill.roles import REFERENCE, STUDENT, Roles, check_roles, check_stages, derive_roles
-from recdistill.routing import Arm, Routing
+from recdistill.routing import AB, DESIGNS, INTERLEAVING, Arm, Routing
 from recdistill.stage import LossTerm, StageSpec
 from recdistill.summary import SelectionSpec
 from recdistill.tracking import TrackingSpec
@@ -294,11 +294,14 @@ def load_routing(path: Path) -> Routing:
     return routing_from(section(load_toml(path), "ab"))
 
 
-def load_experiment(path: Path, **simulation_overrides: Any) -> ExperimentSpec:
+def load_experiment(
+    path: Path, *, live: bool = False, **simulation_overrides: Any
+) -> ExperimentSpec:
     """The experiment of the TOML at ``path``; ``simulation_overrides`` (not None) win.
 
     Unset, ``[analysis] ship`` is the arm serving a run's student against the arm serving
-    its reference teacher, as their artifacts' manifests name their roles."""
+    its reference teacher, as their artifacts' manifests name their roles. ``live``: for
+    analysing a server's logs, which needs neither ``[artifacts]`` nor ``[simulation]``."""
     raw = load_toml(path)
     unknown = sorted(set(raw) - set(TABLES))
     if unknown:
@@ -308,19 +311,24 @@ def load_experiment(path: Path, **simulation_overrides: Any) -> ExperimentSpec:
     routing = routing_from(section(raw, "ab"))
     artifacts = {name: Path(directory) for name, directory in section(raw, "artifacts").items()}
     for arm in routing.arms:
-        if arm.model not in artifacts:
+        if arm.model not in artifacts and not live:
             raise ValueError(
                 f"{path}: arm {arm.name!r} serves model {arm.model!r}, which [artifacts] does "
                 f"not list (it lists {sorted(artifacts)})"
             )
     simulation_table = section(raw, "simulation")
     if "data" not in simulation_table:
-        raise ValueError(f"{path}: [simulation] needs `data`, the data directory")
+        if not live:
+            raise ValueError(f"{path}: [simulation] needs `data`, the data directory")
+        simulation_table = {**simulation_table, "data": ""}
     analysis = spec_from(AnalysisSpec, section(raw, "analysis"), "[analysis]")
     if not analysis.ship:
+        if any(arm.model not in artifacts for arm in routing.arms):
+            raise ValueError(f"{path}: set [analysis] ship = [treatment arm, baseline arm]")
         analysis = replace(analysis, ship=_ship_by_role(path, routing, artifacts))
     arms = [arm.name for arm in routing.arms]
-    for role, name in [("control", analysis.control), *zip(("ship", "ship"), analysis.ship)]:
+    roles = [] if routing.interleaved else [("control", analysis.control)]
+    for role, name in [*roles, *zip(("ship", "ship"), analysis.ship)]:
         if name not in arms:
             raise ValueError(f"{path}: [analysis] {role} arm {name!r} is not an arm of [ab] {arms}")
     return ExperimentSpec(
@@ -347,19 +355,34 @@ def _ship_by_role(path: Path, routing: Routing, artifacts: dict[str, Path]) -> t
 
 
 def routing_from(table: dict[str, Any], where: str = "[ab]") -> Routing:
-    """``{"salt": ..., "arms": {name: {"model": ..., "share": ...}}}`` (TOML ``[ab]``)."""
-    unknown = sorted(set(table) - {"salt", "arms"})
+    """``{"salt": ..., "arms": {name: {"model": ..., "share": ...}}}`` (TOML ``[ab]``), and
+    ``design = "interleaving"`` for two arms interleaved on every request (no shares)."""
+    unknown = sorted(set(table) - {"salt", "arms", "design"})
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are ['arms', 'salt']")
+        raise ValueError(
+            f"{where}: unknown key(s) {unknown}; valid keys are ['arms', 'design', 'salt']"
+        )
     if "salt" not in table or not isinstance(table["salt"], str):
         raise ValueError(f"{where}: give a string salt")
+    design = table.get("design", AB)
+    if design not in DESIGNS:
+        raise ValueError(f"{where}: design must be one of {list(DESIGNS)}, not {design!r}")
+    keys = {"model"} if design == INTERLEAVING else {"model", "share"}
     arms = []
     for name, arm in table.get("arms", {}).items():
-        missing = {"model", "share"} - set(arm)
-        if missing or set(arm) - {"model", "share"}:
-            raise ValueError(f"{where}.arms.{name}: give exactly `model` and `share`")
-        arms.append(Arm(name, str(arm["model"]), float(arm["share"])))
-    return Routing(salt=table["salt"], arms=tuple(arms))
+        if set(arm) != keys:
+            needed = (
+                "`model` (interleaving shows both arms on every request: no share)"
+                if design == INTERLEAVING
+                else "`model` and `share`"
+            )
+            raise ValueError(f"{where}.arms.{name}: give exactly {needed}")
+        share = float(arm["share"]) if "share" in keys else 1.0 / len(table["arms"])
+        arms.append(Arm(name, str(arm["model"]), share))
+    try:
+        return Routing(salt=table["salt"], arms=tuple(arms), design=design)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
 
 
 def _run_tables(config: RunConfig) -> dict[tuple[str, ...], dict[str, Any]]:

@@ -19,9 +19,9 @@ feature snapshot are themselves layouts (:class:`StageLayout`, :class:`Candidate
         <candidate>/             CandidateLayout: a stage + result.json model_int8.safetensors
     artifacts/<name>/            ArtifactLayout
         manifest.json model.safetensors spec.json vocabularies.json features/ (a DataLayout)
-    runs/serve/                  ServeLayout: impressions.jsonl (``recdistill serve``'s default)
+    runs/serve/                  ServeLayout: impressions.jsonl events.jsonl (``serve``'s default)
     runs/ab/                     AbTestLayout
-        requests.parquet impressions.jsonl summary.json index.html report.md
+        requests.parquet impressions.jsonl events.jsonl summary.json index.html report.md
     <load test out>/             LoadTestLayout
         impressions.jsonl client_stats.json locust.log locust.html locust_*.csv
     <soak out>/                  SoakLayout
@@ -68,8 +68,10 @@ MANIFEST = "manifest.json"
 SPEC = "spec.json"
 VOCABULARIES = "vocabularies.json"
 FEATURES = "features"
-# The server's impression log, a JSON line per ranked request.
+# The server's impression log, a JSON line per ranked request, and its event log, a JSON
+# line per click or conversion reported to POST /feedback (beside the impression log).
 IMPRESSIONS = "impressions.jsonl"
+EVENTS = "events.jsonl"
 # Where ``recdistill serve`` keeps its impression log unless --impressions names one: a folder
 # of its own beside the runs, relative to the working directory (docs/serving-export-and-the-
 # real-time-ranker.md says why not the artifact's or its run's folder).
@@ -200,10 +202,11 @@ class ArtifactLayout:
 
 @dataclass(frozen=True)
 class ServeLayout:
-    """What ``recdistill serve`` writes by default: its impression log."""
+    """What ``recdistill serve`` writes by default: its impression and event logs."""
 
     root: Path = Path(SERVE_DIR)
     impressions = _File(IMPRESSIONS)
+    events = _File(EVENTS)
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,7 @@ class AbTestLayout:
     root: Path
     requests = _File(REQUESTS)
     impressions = _File(IMPRESSIONS)
+    events = _File(EVENTS)
     summary = _File(SUMMARY)
 
     @property

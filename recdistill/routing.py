@@ -4,6 +4,9 @@ A user's bucket is ``sha256(f"{salt}:{user_id}") mod 10000`` (the digest read as
 big-endian integer); arms own consecutive bucket ranges in config order, each as wide as its
 share. The same user therefore always lands in the same arm for a given salt, and a new salt
 reshuffles everyone.
+
+With ``design = "interleaving"`` there is no assignment: every request shows one slate merged
+from the rankings of both of the two arms (:mod:`recdistill.interleaving`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from functools import cached_property
 import numpy as np
 
 BUCKETS = 10_000
+# How an experiment shows its arms: each user one arm, or every request both, interleaved.
+AB, INTERLEAVING = "ab", "interleaving"
+DESIGNS = (AB, INTERLEAVING)
 
 
 @dataclass(frozen=True)
@@ -31,10 +37,15 @@ class Arm:
 class Routing:
     salt: str
     arms: tuple[Arm, ...]
+    design: str = AB
 
     def __post_init__(self) -> None:
         if not self.arms:
             raise ValueError("an A/B config needs at least one arm")
+        if self.design not in DESIGNS:
+            raise ValueError(f"design must be one of {list(DESIGNS)}, not {self.design!r}")
+        if self.interleaved and len(self.arms) != 2:
+            raise ValueError(f"interleaving merges two arms' rankings, not {len(self.arms)}")
         if any(arm.share <= 0 for arm in self.arms):
             raise ValueError("every arm's share must be positive")
         total = sum(arm.share for arm in self.arms)
@@ -47,6 +58,10 @@ class Routing:
     def single(cls, model: str) -> Routing:
         """All traffic to one model, the arm named after it."""
         return cls(salt="", arms=(Arm(model, model, 1.0),))
+
+    @property
+    def interleaved(self) -> bool:
+        return self.design == INTERLEAVING
 
     @cached_property
     def bounds(self) -> tuple[int, ...]:

@@ -45,6 +45,8 @@ class ServerSettings:
     ab_config: str | None = None
     # Relative paths are the working directory's; ``recdistill serve`` resolves it.
     impressions: str = str(ServeLayout().impressions)
+    # POST /feedback's event log; unset: events.jsonl beside the impression log.
+    events: str | None = None
     max_candidates: int = 1000
     max_body_bytes: int = 64 * 1024
     threads: int = 1
@@ -61,6 +63,12 @@ class ServerSettings:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.user_cache < 0:
             raise ValueError(f"user_cache must be 0 (none) or more, not {self.user_cache}")
+
+    @property
+    def event_log(self) -> Path:
+        if self.events is not None:
+            return Path(self.events)
+        return Path(self.impressions).with_name(Path(ServeLayout().events).name)
 
     def reload_root(self) -> Path:
         """The directory reloads may load from: ``artifact_root``, or by default the
@@ -98,11 +106,13 @@ def running_server(
     *,
     ab_config: Path | str | None = None,
     impressions: Path | str,
+    events: Path | str | None = None,
     extra_args: Sequence[str] = (),
     cpus: set[int] | None = None,
     env: dict[str, str] | None = None,
 ) -> Iterator[ServerProcess]:
-    """Yield a ready server; stop it on exit (SIGTERM, then SIGKILL if it hangs).
+    """Yield a ready server; stop it on exit (SIGTERM, then SIGKILL if it hangs). Its
+    ``POST /feedback`` events go to ``events``, by default beside ``impressions``.
 
     ``cpus`` pins the server process to those cores (Linux), so a load generator on the
     other core does not compete with it. A server that exits or is not ready within
@@ -115,6 +125,8 @@ def running_server(
     if ab_config is not None:
         command += ["--ab", str(ab_config)]
     command += ["--impressions", str(impressions), *extra_args]
+    if events is not None:
+        command += ["--events", str(events)]
     log_path = Path(impressions).with_name(f"server-{port}.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:

@@ -2,7 +2,10 @@
 
 ``POST /rank`` routes the user to an A/B arm (``recdistill.routing``), ranks the candidates
 with that arm's model (``recdistill.online``), appends the response to the impression log
-and returns it. Models are loaded and warmed up in the lifespan hook; ``/readyz`` answers
+and returns it; under an interleaving design it ranks with both arms' models and shows their
+team-draft merge (``recdistill.interleaving``), the impression naming the arm that placed
+each item. ``POST /feedback`` takes a click or conversion on an item a request showed and
+appends it to the event log once (``recdistill.impressions.FeedbackLedger``). Models are loaded and warmed up in the lifespan hook; ``/readyz`` answers
 200 only after that. ``POST /admin/reload`` swaps one model for a newly loaded artifact from
 inside the artifact root; if loading fails for any reason the old model keeps serving. Admin
 requests are authenticated before anything reads their body.
@@ -51,13 +54,16 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from recdistill.artifact import load_artifact
-from recdistill.impressions import ImpressionLog
-from recdistill.online import OnlineRanker
-from recdistill.routing import Routing
+from recdistill.impressions import FeedbackLedger, JsonLinesLog
+from recdistill.interleaving import INTERLEAVED, team_draft
+from recdistill.online import OnlineRanker, Ranking
+from recdistill.routing import Arm, Routing
 from recdistill.server import SETTINGS_ENV, ServerSettings, routing_for
 from serving.api_docs import add_api_docs
 from serving.middleware import AdminAuth, BodySizeLimit, RequestCounter
 from serving.schemas import (
+    FeedbackRequest,
+    FeedbackResponse,
     RankRequest,
     RankResponse,
     Readiness,
@@ -92,7 +98,10 @@ class ServiceState:
     loader: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, "reload", initializer=_yield_the_cpu)
     )
-    impressions: ImpressionLog | None = None
+    impressions: JsonLinesLog | None = None
+    feedback: FeedbackLedger | None = None
+    # The coins of team-draft interleaving.
+    coins: np.random.Generator = field(default_factory=np.random.default_rng)
 
 
 class Telemetry:
@@ -179,13 +188,15 @@ def create_app(settings: ServerSettings) -> FastAPI:
         state.rankers = rankers
         for ranker in rankers.values():
             telemetry.serving(ranker)
-        state.impressions = ImpressionLog(settings.impressions)
+        state.impressions = JsonLinesLog(settings.impressions)
+        state.feedback = FeedbackLedger(settings.impressions, settings.event_log)
         state.ready = True
         try:
             yield
         finally:
             state.ready = False
             state.impressions.close()
+            state.feedback.close()
             torch.set_num_threads(threads)
             sys.setswitchinterval(switch_interval)
             state.loader.shutdown()
@@ -213,41 +224,101 @@ def create_app(settings: ServerSettings) -> FastAPI:
             raise HTTPException(
                 422, f"{len(body.candidates)} candidates; at most {settings.max_candidates}"
             )
-        arm = state.routing.arm_of(body.user_id)
-        ranker = state.rankers[arm.model]
-        _require_id_kinds(body, ranker)
-        ranking = ranker.rank(
-            body.user_id, np.asarray(body.candidates), np.asarray(body.recent_items)
-        )
-        shown = slice(0, body.k)
-        items, scores = ranking.items[shown].tolist(), ranking.scores[shown].tolist()
+        routing = state.routing
+        arms = routing.arms if routing.interleaved else (routing.arm_of(body.user_id),)
+        rankers = [state.rankers[arm.model] for arm in arms]
+        rankings = []
+        for ranker in rankers:
+            _require_id_kinds(body, ranker)
+            rankings.append(
+                ranker.rank(
+                    body.user_id, np.asarray(body.candidates), np.asarray(body.recent_items)
+                )
+            )
+        if routing.interleaved:
+            items, scores, teams = _interleave(body, arms, rankings, state.coins)
+            arm = INTERLEAVED
+        else:
+            shown = slice(0, body.k)
+            items, scores = rankings[0].items[shown].tolist(), rankings[0].scores[shown].tolist()
+            teams, arm = None, arms[0].name
+        model = "+".join(ranker.name for ranker in rankers)
+        version = "+".join(ranker.version for ranker in rankers)
+        cold_start = any(ranking.cold_start for ranking in rankings)
+        unknown = list(dict.fromkeys(i for ranking in rankings for i in ranking.unknown.tolist()))
         request_id = uuid.uuid4().hex
         payload = {
             "request_id": request_id,
-            "model": ranker.name,
-            "version": ranker.version,
-            "arm": arm.name,
-            "cold_start": ranking.cold_start,
-            "unknown_items": ranking.unknown.tolist(),
+            "model": model,
+            "version": version,
+            "arm": arm,
+            "cold_start": cold_start,
+            "unknown_items": unknown,
             "items": [{"item_id": i, "score": s} for i, s in zip(items, scores)],
         }
         content = orjson.dumps(payload)
         latency = time.perf_counter() - request.state.received_at
-        telemetry.rank_latency.labels(ranker.name, arm.name).observe(latency)
+        telemetry.rank_latency.labels(model, arm).observe(latency)
         impression = {
             "request_id": request_id,
             "time": time.time(),
             "user_id": body.user_id,
-            "arm": arm.name,
-            "model": ranker.name,
-            "version": ranker.version,
+            "arm": arm,
+            "model": model,
+            "version": version,
             "n_candidates": len(body.candidates),
             "items": items,
-            "cold_start": ranking.cold_start,
+            **({} if teams is None else {"teams": teams}),
+            "cold_start": cold_start,
             "latency_ms": latency * 1000,
         }
         state.impressions.append(impression)
         return Response(content, media_type="application/json")
+
+    @app.post(
+        "/feedback", response_model=FeedbackResponse, responses=error_responses(404, 409, 422, 503)
+    )
+    async def feedback(body: FeedbackRequest) -> dict[str, Any]:
+        """Record a click or conversion on an item a ranked request showed: 404 for a request
+        this server never answered, 422 for an item it did not show, 409 for an event
+        already recorded (it is counted once). Appended to the event log, on disk before the
+        answer."""
+        if not state.ready:
+            raise HTTPException(503, "models are still loading")
+        shown = state.feedback.request(body.request_id)
+        if shown is None:
+            raise HTTPException(404, f"no ranked request has request_id {body.request_id!r}")
+        if body.item_id not in shown.items:
+            raise HTTPException(
+                422, f"request {body.request_id} did not show item {body.item_id!r}"
+            )
+        received = time.time()
+        if body.time is not None and body.time < shown.time:
+            raise HTTPException(
+                422,
+                f"time {body.time} is before request {body.request_id} was answered ({shown.time})",
+            )
+        arm = shown.placed_by(body.item_id)
+        event = {
+            "request_id": body.request_id,
+            "item_id": body.item_id,
+            "event": body.event,
+            "time": received if body.time is None else body.time,
+            "received": received,
+            "arm": arm,
+        }
+        if not state.feedback.record(event):
+            raise HTTPException(
+                409,
+                f"a {body.event} on item {body.item_id!r} of request {body.request_id} is "
+                "already recorded; it counts once",
+            )
+        return {
+            "request_id": body.request_id,
+            "item_id": body.item_id,
+            "event": body.event,
+            "arm": arm,
+        }
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -375,6 +446,26 @@ def _load_all(settings: ServerSettings) -> dict[str, OnlineRanker]:
             raise ValueError(f"two artifacts are both named {ranker.name!r}")
         rankers[ranker.name] = ranker
     return rankers
+
+
+def _interleave(
+    body: RankRequest, arms: tuple[Arm, ...], rankings: list[Ranking], coins: np.random.Generator
+) -> tuple[list[Any], list[float], list[str]]:
+    """The team-draft slate of the two rankings: items, each one's score from the arm that
+    placed it, and that arm."""
+    k = min(body.k or len(body.candidates), len(body.candidates))
+    column = {item: index for index, item in enumerate(body.candidates)}
+    first, second = (
+        np.array([[column[item] for item in ranking.items[:k].tolist()]]) for ranking in rankings
+    )
+    shown, teams = team_draft(first, second, k, coins)
+    score = [dict(zip(r.items[:k].tolist(), r.scores[:k].tolist())) for r in rankings]
+    items = [body.candidates[index] for index in shown[0]]
+    return (
+        items,
+        [score[team][item] for item, team in zip(items, teams[0])],
+        [arms[team].name for team in teams[0]],
+    )
 
 
 def _require_id_kinds(body: RankRequest, ranker: OnlineRanker) -> None:

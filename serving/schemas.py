@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -42,6 +42,30 @@ class RankRequest(BaseModel):
         if len(set(candidates)) != len(candidates):
             raise ValueError("candidates must be distinct")
         return candidates
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={
+            "examples": [{"request_id": "5f0c…", "item_id": 20, "event": "click", "time": 1.7e9}]
+        },
+    )
+
+    request_id: str = Field(min_length=1, max_length=64, description="as /rank answered it")
+    item_id: ExternalId = Field(description="an item that request showed")
+    event: Literal["click", "conversion"]
+    time: float | None = Field(
+        default=None, ge=0, description="when it happened, epoch seconds (default: received)"
+    )
+
+
+class FeedbackResponse(BaseModel):
+    request_id: str
+    item_id: int | str
+    event: str
+    arm: str = Field(description="the arm credited: the one that placed the item")
 
 
 class ReloadRequest(BaseModel):

@@ -67,8 +67,25 @@ def test_single_model_routing_sends_everyone_to_it():
             "positive",
         ),
         ({**CONFIG, "arms": {}}, "at least one arm"),
+        ({**CONFIG, "design": "bandit"}, "design must be one of"),
+        ({**CONFIG, "design": "interleaving"}, "no share"),
+        (
+            {**CONFIG, "design": "interleaving", "arms": {"a": {"model": "m"}}},
+            "two arms' rankings, not 1",
+        ),
     ],
 )
 def test_bad_configs_are_refused_with_a_reason(table, message):
     with pytest.raises(ValueError, match=message):
         routing_from(table)
+
+
+def test_an_interleaving_design_takes_two_arms_and_no_shares():
+    table = {
+        "salt": "s",
+        "design": "interleaving",
+        "arms": {"student": {"model": "student"}, "teacher": {"model": "teacher"}},
+    }
+    routing = routing_from(table)
+    assert routing.interleaved and [arm.share for arm in routing.arms] == [0.5, 0.5]
+    assert not routing_from(CONFIG).interleaved

@@ -52,11 +52,17 @@ RATIOS = {
     "ctr": ("clicks", "impressions"),
     "clicks_per_request": ("clicks", "requests"),
     "ndcg": ("ndcg", "requests"),
+    "conversions_per_request": ("conversions", "requests"),
 }
 
 
-# Per-request log columns summed per user, and the names of the sums.
-SUMMED = {"n_shown": "impressions", "n_clicks": "clicks", "ndcg": "ndcg"}
+# Per-request log columns summed per user (those the log has), and the names of the sums.
+SUMMED = {
+    "n_shown": "impressions",
+    "n_clicks": "clicks",
+    "ndcg": "ndcg",
+    "n_conversions": "conversions",
+}
 
 
 class SampleRatioMismatch(UserWarning):
@@ -124,6 +130,8 @@ class SrmCheck:
     statistic: float
     p_value: float
     alpha: float
+    # What is counted per arm: users (an A/B's split), or first picks (interleaving's coin).
+    unit: str = "users"
 
     @property
     def mismatch(self) -> bool:
@@ -136,7 +144,7 @@ class SrmCheck:
         )
         verdict = "SAMPLE RATIO MISMATCH" if self.mismatch else "No sample ratio mismatch"
         return (
-            f"{verdict}: users per arm {counts}; chi-square {self.statistic:.2f}, "
+            f"{verdict}: {self.unit} per arm {counts}; chi-square {self.statistic:.2f}, "
             f"p = {self.p_value:.3g} (a mismatch below {self.alpha:g})"
         )
 
@@ -164,7 +172,7 @@ def user_totals(log: pd.DataFrame, segments: Sequence[str] = ()) -> pd.DataFrame
 
 def _sums(log: pd.DataFrame) -> pd.DataFrame:
     grouped = log.groupby("user_id")
-    totals = grouped[list(SUMMED)].sum().rename(columns=SUMMED)
+    totals = grouped[[column for column in SUMMED if column in log]].sum().rename(columns=SUMMED)
     return totals.assign(requests=grouped.size())
 
 
@@ -255,14 +263,24 @@ def check_sample_ratio(users: pd.DataFrame, experiment: ExperimentSpec) -> SrmCh
 
 
 def analyse(log: pd.DataFrame, experiment: ExperimentSpec, segments: Sequence[str]) -> Analysis:
+    """The experiment's analysis: an A/B test's here, an interleaved one's by
+    :func:`recdistill.abtest.preference.analyse_interleaving`."""
+    if experiment.routing.interleaved:
+        from recdistill.abtest.preference import analyse_interleaving
+
+        return analyse_interleaving(log, experiment, segments)
     spec = experiment.analysis
+    if spec.metric not in measured_metrics(log):
+        raise ValueError(
+            f"[analysis] metric {spec.metric!r}: this experiment's log does not measure it"
+        )
     users = user_totals(log, segments)
     srm = check_sample_ratio(users, experiment)
-    slices = _slices(users, segments)
+    slices = slices_of(users, segments)
     comparisons = experiment.comparisons
 
     lifts = []
-    for metric in METRICS:
+    for metric in measured_metrics(log):
         rows = [_lift_row(users, pair, metric, spec) for pair in comparisons]
         for row, adjusted in zip(rows, holm(np.array([r["p_value"] for r in rows]))):
             row["p_holm"] = float(adjusted)
@@ -302,7 +320,17 @@ def analyse(log: pd.DataFrame, experiment: ExperimentSpec, segments: Sequence[st
     )
 
 
-def _slices(users: pd.DataFrame, segments: Sequence[str]) -> list[tuple[str, str, np.ndarray]]:
+def measured_metrics(log: pd.DataFrame) -> list[str]:
+    """The metrics the log measures: NDCG@k only where the slates were graded by a truth
+    (live traffic has none), conversions where they were reported (live traffic)."""
+    measured = {
+        "ndcg": log["ndcg"].notna().any(),
+        "conversions_per_request": "n_conversions" in log and log["n_conversions"].any(),
+    }
+    return [metric for metric in METRICS if measured.get(metric, True)]
+
+
+def slices_of(users: pd.DataFrame, segments: Sequence[str]) -> list[tuple[str, str, np.ndarray]]:
     slices = [(ALL, ALL, np.ones(len(users), dtype=bool))]
     for segment in segments:
         for value in sorted(users[segment].unique(), key=lambda v: natural_order(str(v))):
@@ -357,7 +385,8 @@ def _arm_table(
                 "users": len(group),
                 "requests": int(group["requests"].sum()),
             }
-            for metric, (numerator, denominator) in RATIOS.items():
+            for metric in measured_metrics(log):
+                numerator, denominator = RATIOS[metric]
                 ratio, linear = _linearised(group[numerator], group[denominator])
                 half = z * np.std(linear, ddof=1) / np.sqrt(len(group))
                 row |= {
@@ -366,13 +395,23 @@ def _arm_table(
                     f"{metric}_high": ratio + half,
                 }
             if segment == ALL:
-                timed = experiment_log[experiment_log["arm"] == arm.name]
-                for column in ("latency_ms", "round_trip_ms"):
-                    values = timed[column].dropna()
-                    p50, p99 = np.percentile(values, [50, 99]) if len(values) else (np.nan,) * 2
-                    row |= {f"{column}_p50": p50, f"{column}_p99": p99}
+                row |= latency_columns(experiment_log[experiment_log["arm"] == arm.name])
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def latency_columns(requests: pd.DataFrame) -> dict[str, float]:
+    """p50 and p99 of the server's latency and the client's round trip over ``requests``
+    (NaN where not measured), and, for a log with times (a server's), the requests per
+    second over its time span."""
+    columns = {}
+    for column in ("latency_ms", "round_trip_ms"):
+        values = requests[column].dropna() if column in requests else []
+        p50, p99 = np.percentile(values, [50, 99]) if len(values) else (np.nan,) * 2
+        columns |= {f"{column}_p50": p50, f"{column}_p99": p99}
+    span = requests["time"].max() - requests["time"].min() if "time" in requests else 0.0
+    columns["throughput_rps"] = len(requests) / span if span > 0 else np.nan
+    return columns
 
 
 def non_inferiority(ci_low: float, ci_high: float, margin: float) -> str:

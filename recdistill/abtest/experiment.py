@@ -10,7 +10,7 @@ import pandas as pd
 
 from recdistill.ab_spec import ExperimentSpec
 from recdistill.abtest.analysis import ALL, Analysis, analyse
-from recdistill.abtest.report import findings, write_report
+from recdistill.abtest.report import decision_metric, findings, preference_findings, write_report
 from recdistill.abtest.simulate import Server, simulate
 from recdistill.abtest.world import World
 from recdistill.artifact import load_artifact
@@ -20,6 +20,7 @@ from recdistill.layout import AbTestLayout
 from recdistill.online import OnlineRanker
 from recdistill.server import running_server
 
+# The per-arm table's columns (those with a value), and their headers.
 SUMMARY_COLUMNS = {
     "arm": "arm",
     "model": "model",
@@ -28,8 +29,13 @@ SUMMARY_COLUMNS = {
     "ctr": "CTR",
     "clicks_per_request": "clicks/request",
     "ndcg": "NDCG@k",
+    "conversions_per_request": "conversions/request",
+    "placed": "items placed",
+    "credited_clicks": "clicks credited",
+    "placed_ctr": "CTR of its items",
     "latency_ms_p50": "latency p50 ms",
     "latency_ms_p99": "p99 ms",
+    "throughput_rps": "requests/s",
 }
 
 
@@ -43,14 +49,20 @@ class AbTestResult:
     def summary(self) -> str:
         """The per-arm table, the lifts on the decision metric, the split check, the verdict."""
         arms = self.analysis.arms
-        table = arms[arms["segment"] == ALL][list(SUMMARY_COLUMNS)].rename(columns=SUMMARY_COLUMNS)
+        arms = arms[arms["segment"] == ALL].dropna(axis=1, how="all")
+        table = arms[[c for c in SUMMARY_COLUMNS if c in arms]].rename(columns=SUMMARY_COLUMNS)
         decision = self.analysis.lifts
-        decision = decision[decision["metric"] == self.experiment.analysis.metric]
+        decision = decision[decision["metric"] == decision_metric(self.experiment)]
+        lines = (
+            preference_findings(decision)
+            if self.experiment.routing.interleaved
+            else findings(decision, self.experiment)
+        )
         return "\n".join(
             [
                 table.to_string(index=False, float_format=lambda value: f"{value:.4f}"),
                 "",
-                *findings(decision, self.experiment),
+                *lines,
                 self.analysis.srm.describe(),
                 "",
                 self.analysis.verdict,
@@ -73,7 +85,10 @@ def run_abtest(config: Path, out: Path, **simulation_overrides: Any) -> AbTestRe
             server_artifacts = {experiment.artifacts[arm.model] for arm in experiment.routing.arms}
             impressions = layout.impressions
             with running_server(
-                sorted(server_artifacts), ab_config=config, impressions=impressions
+                sorted(server_artifacts),
+                ab_config=config,
+                impressions=impressions,
+                events=layout.events,
             ) as server:
                 log = simulate(world, experiment, rankers, server=Server(server.url, impressions))
         else:

@@ -33,6 +33,7 @@ from recdistill.abtest.analysis import (
     Analysis,
     non_inferiority,
 )
+from recdistill.abtest.preference import PREFERENCE
 from recdistill.evaluation_report import (
     figure_png,
     format_number,
@@ -56,41 +57,59 @@ BAND = {"facecolor": BAND_COLOUR, "alpha": 0.3, "linewidth": 0}
 
 
 def write_report(
-    out: AbTestLayout, experiment: ExperimentSpec, analysis: Analysis, truth: str
+    out: AbTestLayout,
+    experiment: ExperimentSpec,
+    analysis: Analysis,
+    truth: str,
+    *,
+    source: str = "",
 ) -> None:
-    """Write the report of ``analysis`` and its summary to ``out``; ``truth`` names the oracle."""
+    """Write the report of ``analysis`` and its summary to ``out``; ``truth`` names the oracle
+    of a simulation, ``source`` the logs of live traffic (then nothing was simulated)."""
     spec = experiment.analysis
-    decision = analysis.lifts[analysis.lifts["metric"] == spec.metric]
+    interleaved = experiment.routing.interleaved
+    decision = analysis.lifts[analysis.lifts["metric"] == decision_metric(experiment)]
     overall = analysis.arms[analysis.arms["segment"] == ALL]
-    metrics, merged = distinct_metrics(analysis.lifts, overall, first=spec.metric)
+    if interleaved:
+        metrics, merged = [PREFERENCE], []
+    else:
+        metrics, merged = distinct_metrics(analysis.lifts, overall, first=spec.metric)
     per_segment = segment_lines(analysis.segments, spec.margin)
     level = round(100 * (1 - spec.alpha))
+    k = experiment.simulation.k
+    label = decision_label(experiment)
+    lines = preference_findings(decision) if interleaved else findings(decision, experiment)
     context = {
         "experiment": experiment,
+        "interleaved": interleaved,
         "truth": truth,
-        "metric": METRICS[spec.metric],
+        "source": source,
+        "metric": label,
         "level": level,
         "verdict": analysis.verdict,
         "ship": analysis.ship,
         "srm": analysis.srm,
         "summary": [
             {"finding": line, "segments": per_segment.get((row.treatment, row.baseline))}
-            for line, row in zip(findings(decision, experiment), decision.itertuples())
+            for line, row in zip(lines, decision.itertuples())
         ],
         "power": _power_lines(decision, experiment),
         "tables": {
-            "arms": table(_arm_columns(level, experiment.simulation.k), overall),
+            "arms": table(
+                _interleaved_arm_columns() if interleaved else _arm_columns(level, k), overall
+            ),
             "lifts": table(
-                _lift_columns(level, spec.power),
+                _preference_columns(level, spec.power)
+                if interleaved
+                else _lift_columns(level, spec.power),
                 analysis.lifts[analysis.lifts["metric"].isin(metrics)],
                 css=lambda row: (
                     ("better" if row["lift"] > 0 else "worse") if row["significant"] else ""
                 ),
             ),
-            "slices": table(_slice_columns(level, METRICS[spec.metric]), analysis.segments),
+            "slices": table(_slice_columns(level, label, interleaved), analysis.segments),
             "arms_by_segment": table(
-                _segment_arm_columns(level, experiment.simulation.k),
-                analysis.arms[analysis.arms["segment"] != ALL],
+                _segment_arm_columns(level, k), analysis.arms[analysis.arms["segment"] != ALL]
             ),
         },
         "merged": merged,
@@ -116,6 +135,18 @@ def write_report(
         "lifts": json.loads(analysis.lifts.to_json(orient="records")),
     }
     write_json(out.summary, summary)
+
+
+def decision_metric(experiment: ExperimentSpec) -> str:
+    """The metric the verdict is on: the A/B's ``[analysis] metric``, or interleaving's
+    preference."""
+    return PREFERENCE if experiment.routing.interleaved else experiment.analysis.metric
+
+
+def decision_label(experiment: ExperimentSpec) -> str:
+    if experiment.routing.interleaved:
+        return "interleaved clicks"
+    return METRICS[experiment.analysis.metric]
 
 
 def _percent(value: Any, digits: int = 2) -> str:
@@ -188,7 +219,8 @@ def _user_counts() -> Column:
 
 
 def _metric_columns(level: int, k: int) -> list[Column]:
-    """Each metric of an arm with its CI."""
+    """Each metric of an arm with its CI (a metric the log does not measure has no values,
+    so its columns are left out)."""
     columns = []
     for metric, label in METRICS.items():
         digits = _digits(3 if metric == "clicks_per_request" else 4)
@@ -206,11 +238,31 @@ def _arm_columns(level: int, k: int) -> list[Column]:
         _number("users", "users", _count),
         _number("requests", "requests", _count),
         *_metric_columns(level, k),
+        *_latency_columns(),
+    ]
+
+
+def _interleaved_arm_columns() -> list[Column]:
+    return [
+        _text("arm", "arm"),
+        _text("model", "model"),
+        _number("users", "users", _count),
+        _number("requests", "requests", _count),
+        _number("items placed", "placed", _count),
+        _number("clicks credited", "credited_clicks", _count),
+        _number("CTR of its items", "placed_ctr", _digits(4)),
+        *_latency_columns(),
+    ]
+
+
+def _latency_columns() -> list[Column]:
+    return [
         *(
             _number(f"{name} {quantile} (ms)", f"{column}_{quantile}", _digits(2))
             for column, name in (("latency_ms", "latency"), ("round_trip_ms", "round trip"))
             for quantile in ("p50", "p99")
         ),
+        _number("requests / s", "throughput_rps", _digits(1)),
     ]
 
 
@@ -249,15 +301,37 @@ def _lift_columns(level: int, power: float) -> list[Column]:
     ]
 
 
-def _slice_columns(level: int, metric: str) -> list[Column]:
+def _preference_columns(level: int, power: float) -> list[Column]:
+    return [
+        _text("treatment", "treatment"),
+        _text("baseline", "baseline"),
+        _number("users", "users", _count),
+        Column(
+            "prefer treatment / baseline / neither",
+            lambda row: f"{row['wins']:,} / {row['losses']:,} / {row['ties']:,}",
+            ("wins",),
+        ),
+        _number("clicks credited to treatment", "treatment_clicks", _count),
+        _number("to baseline", "baseline_clicks", _count),
+        _number("preference share", "share", lambda value: f"{value:.2%}"),
+        _interval(f"{level} % CI", "share_low", "share_high", lambda value: f"{value:.2%}"),
+        _number("click lift", "lift", _percent),
+        _interval(f"{level} % CI ", "ci_low", "ci_high", _percent),
+        _number("p", "p_value", format_p),
+        _number(f"MDE ({100 * power:.0f} % power)", "mde", lambda value: f"±{value:.2%}"),
+    ]
+
+
+def _slice_columns(level: int, metric: str, interleaved: bool = False) -> list[Column]:
+    per_user = " / user" if interleaved else ""
     return [
         _text("segment", "segment"),
         _text("value", "value"),
         _text("treatment", "treatment"),
         _text("baseline", "baseline"),
-        _user_counts(),
-        _number(f"treatment {metric}", "treatment_mean", format_number),
-        _number(f"baseline {metric}", "baseline_mean", format_number),
+        _number("users", "treatment_users", _count) if interleaved else _user_counts(),
+        _number(f"treatment {metric}{per_user}", "treatment_mean", format_number),
+        _number(f"baseline {metric}{per_user}", "baseline_mean", format_number),
         _number("lift", "lift", _percent),
         _interval(f"{level} % CI", "ci_low", "ci_high", _percent),
         _number("p (Holm)", "p_holm", format_p),
@@ -280,6 +354,32 @@ def findings(decision: pd.DataFrame, experiment: ExperimentSpec) -> list[str]:
         lines.append(
             f"{row.treatment} vs {row.baseline}: {label} lift {row.lift:+.2%} "
             f"[{row.ci_low:+.2%}, {row.ci_high:+.2%}] — {verdict}."
+        )
+    return lines
+
+
+def preference_findings(decision: pd.DataFrame) -> list[str]:
+    """One plain line per interleaved comparison: the preference share, its direction and
+    what each arm's items earned."""
+    lines = []
+    for row in decision.itertuples():
+        if np.isnan(row.share):
+            lines.append(f"{row.treatment} vs {row.baseline}: no clicks credited to both arms.")
+            continue
+        direction = (
+            f"{row.treatment} preferred"
+            if row.share_low > 0.5
+            else f"{row.baseline} preferred"
+            if row.share_high < 0.5
+            else "no detectable preference"
+        )
+        lines.append(
+            f"{row.treatment} vs {row.baseline}, interleaved: preference share "
+            f"{row.share:.2%} [{row.share_low:.2%}, {row.share_high:.2%}] — {direction} "
+            f"(p {_p_clause(row.p_value)}); clicks on {row.treatment}'s items "
+            f"{row.lift:+.2%} [{row.ci_low:+.2%}, {row.ci_high:+.2%}] over {row.baseline}'s; "
+            f"{row.wins:,} users preferred {row.treatment}, {row.losses:,} {row.baseline}, "
+            f"{row.ties:,} neither."
         )
     return lines
 
@@ -392,9 +492,16 @@ def _why_same(kept: str, left_out: str, arms: pd.DataFrame) -> str:
 
 def _power_lines(decision: pd.DataFrame, experiment: ExperimentSpec) -> list[str]:
     spec = experiment.analysis
-    label = METRICS[spec.metric]
+    label = decision_label(experiment)
     lines = []
     for row in decision.itertuples():
+        if experiment.routing.interleaved:
+            lines.append(
+                f"{row.treatment} vs {row.baseline} ({row.users:,} users, each seeing both): "
+                f"a relative lift of the clicks on its items of ±{row.mde:.2%} is detected "
+                f"with {spec.power:.0%} power at α = {spec.alpha:g}."
+            )
+            continue
         cuped = (
             f"; CUPED removed {row.variance_reduction:.0%} of the variance" if spec.cuped else ""
         )
@@ -454,7 +561,7 @@ def daily_figure(daily: pd.DataFrame, experiment: ExperimentSpec) -> Figure:
         axis.plot(part["day"], part["lift"], marker=".", color="C0")
         _percent_axis(axis)
         axis.set_title(_pair_title(pair, experiment), fontsize=10, loc="left")
-        axis.set_ylabel(f"{METRICS[spec.metric]} lift")
+        axis.set_ylabel(f"{decision_label(experiment)} lift")
     axes[-1].set_xlabel("experiment day (lift over the days so far)")
     handles = [
         Line2D([], [], color="C0", marker=".", label="cumulative lift"),
@@ -497,7 +604,7 @@ def segment_figure(
             )
         _percent_axis(axis, vertical=True)
         axis.set_title(_pair_title(pair, experiment), fontsize=10, loc="left")
-        axis.set_xlabel(f"{METRICS[spec.metric]} lift")
+        axis.set_xlabel(f"{decision_label(experiment)} lift")
         axis.grid(axis="x", color="#dddddd", linewidth=0.6)
     axes[0].set_yticks(
         list(rows.values()),

@@ -7,12 +7,16 @@
    In the pre-period everyone sees the control arm's model. Offline, each arm's model
    scores all its requests in-process in one batch, and ``latency_requests`` of them are
    timed one at a time; online, every experiment request is a ``POST /rank`` to a running
-   server and the server's impression log is what is read back.
+   server and the server's impression log is what is read back. Under interleaving every
+   request is ranked by both arms and shown as their team-draft merge
+   (:func:`recdistill.interleaving.team_draft`), each shown item's arm in ``teams``.
 3. **Observe**: the user examines position ``j`` of the top ``k`` with probability
    ``1 / (1 + j) ** eta`` and clicks an examined item with its attractiveness; the slate's
    NDCG@k is graded by attractiveness against the best ``k`` of the request's candidates.
 
-The result is the per-request log: one row per request with the shown items and clicks.
+The result is the per-request log: one row per request with the shown items and clicks
+(and, interleaved, the arm that placed each). Online, each click is also posted to the
+server's ``POST /feedback``, as a client reporting it would.
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ import httpx2
 import numpy as np
 import pandas as pd
 
-from recdistill.ab_spec import ExperimentSpec
+from recdistill.ab_spec import ExperimentSpec, SimulationSpec
 from recdistill.abtest.world import World
-from recdistill.impressions import read_impressions
+from recdistill.impressions import read_log
+from recdistill.interleaving import INTERLEAVED, team_draft
 from recdistill.metrics import top_k
+from recdistill.routing import Arm
 
 EXPERIMENT, PRE = "experiment", "pre"
 
@@ -66,7 +72,8 @@ class RequestPlan:
 
 @dataclass
 class Slates:
-    """What each request was shown: top-``k`` columns of its candidates, by which arm."""
+    """What each request was shown: top-``k`` columns of its candidates, by which arm (and,
+    interleaved, the arm that placed each shown item)."""
 
     request_ids: np.ndarray
     arms: np.ndarray
@@ -75,9 +82,10 @@ class Slates:
     shown: np.ndarray
     latency_ms: np.ndarray
     round_trip_ms: np.ndarray
+    teams: np.ndarray | None = None
 
     @classmethod
-    def empty(cls, requests: int, k: int) -> Slates:
+    def empty(cls, requests: int, k: int, *, interleaved: bool = False) -> Slates:
         return cls(
             request_ids=np.arange(requests).astype(str).astype(object),
             arms=np.empty(requests, dtype=object),
@@ -86,6 +94,7 @@ class Slates:
             shown=np.zeros((requests, k), dtype=np.int64),
             latency_ms=np.full(requests, np.nan),
             round_trip_ms=np.full(requests, np.nan),
+            teams=np.empty((requests, k), dtype=object) if interleaved else None,
         )
 
 
@@ -99,32 +108,40 @@ def simulate(
 ) -> pd.DataFrame:
     """The per-request log of one run of ``experiment``; online if a ``server`` is given.
 
-    ``rankers`` maps model names to rankers. ``click_multiplier`` (arm → factor) scales an
-    arm's click probabilities in the experiment period (capped at 1): an effect of known
-    size, to check that the analysis finds it.
+    ``rankers`` maps model names to rankers. ``click_multiplier`` (arm → factor) scales the
+    click probabilities of an arm's items in the experiment period (capped at 1): an effect
+    of known size, to check that the analysis finds it.
     """
     spec = experiment.simulation
-    pre_days = experiment.analysis.simulated_pre_days
-    plan = plan_requests(world, spec.days, pre_days, spec.requests_per_day, spec.seed)
+    plan = plan_requests(world, spec.days, experiment.pre_days, spec.requests_per_day, spec.seed)
     routing = experiment.routing
-    arm_index = routing.arms_of(world.population.user_ids)[plan.users]
-    slates = Slates.empty(len(plan.days), spec.k)
-    slates.arms[:] = np.array([arm.name for arm in routing.arms], dtype=object)[arm_index]
-    control = next(arm for arm in routing.arms if arm.name == experiment.analysis.control)
-
+    slates = Slates.empty(len(plan.days), spec.k, interleaved=routing.interleaved)
     pre = plan.days < 0
-    _rank_in_process(slates, plan, world, np.flatnonzero(pre), rankers[control.model], spec.k)
-    if server is None:
-        for index, arm in enumerate(routing.arms):
-            rows, ranker = np.flatnonzero(~pre & (arm_index == index)), rankers[arm.model]
-            _rank_in_process(slates, plan, world, rows, ranker, spec.k, spec.latency_requests)
+    if routing.interleaved:
+        slates.arms[:] = INTERLEAVED
+        if server is None:
+            rng = np.random.default_rng([spec.seed, 3])
+            _interleave_in_process(slates, plan, world, routing.arms, rankers, spec, rng)
     else:
+        arm_index = routing.arms_of(world.population.user_ids)[plan.users]
+        slates.arms[:] = np.array([arm.name for arm in routing.arms], dtype=object)[arm_index]
+        control = next(arm for arm in routing.arms if arm.name == experiment.analysis.control)
+        _rank_in_process(slates, plan, world, np.flatnonzero(pre), rankers[control.model], spec.k)
+        if server is None:
+            for index, arm in enumerate(routing.arms):
+                rows, ranker = np.flatnonzero(~pre & (arm_index == index)), rankers[arm.model]
+                _rank_in_process(slates, plan, world, rows, ranker, spec.k, spec.latency_requests)
+    if server is not None:
         _rank_online(slates, plan, world, np.flatnonzero(~pre), server, spec.k)
 
-    multiplier = np.ones(len(plan.days))
+    multiplier = np.ones(slates.shown.shape)
+    placed_by = slates.teams if routing.interleaved else slates.arms[:, None]
     for arm, factor in (click_multiplier or {}).items():
-        multiplier[~pre & (slates.arms == arm)] = factor
-    return observe(world, plan, slates, multiplier, np.random.default_rng([spec.seed, 2]))
+        multiplier[np.broadcast_to(~pre[:, None] & (placed_by == arm), multiplier.shape)] = factor
+    log = observe(world, plan, slates, multiplier, np.random.default_rng([spec.seed, 2]))
+    if server is not None:
+        post_clicks(server, log)
+    return log
 
 
 def plan_requests(
@@ -153,7 +170,7 @@ def observe(
     user_ids = world.population.user_ids[plan.users]
     attractiveness = world.attractiveness(user_ids, plan.candidates)
     shown = np.take_along_axis(attractiveness, slates.shown, axis=1)
-    click_probability = np.minimum(1.0, shown * world.clicks.examination(k) * multiplier[:, None])
+    click_probability = np.minimum(1.0, shown * world.clicks.examination(k) * multiplier)
     clicks = rng.random(click_probability.shape) < click_probability
     discount = 1.0 / np.log2(np.arange(k) + 2.0)
     ideal = -np.partition(-attractiveness, k - 1, axis=1)[:, :k]
@@ -176,6 +193,8 @@ def observe(
             "round_trip_ms": slates.round_trip_ms,
         }
     )
+    if slates.teams is not None:
+        log.insert(log.columns.get_loc("clicks") + 1, "teams", list(slates.teams))
     segments = world.population.segments.iloc[plan.users].reset_index(drop=True)
     return pd.concat([log, segments], axis=1)
 
@@ -204,6 +223,36 @@ def _rank_in_process(
         slates.latency_ms[row] = (time.perf_counter() - start) * 1000
 
 
+def _interleave_in_process(
+    slates: Slates,
+    plan: RequestPlan,
+    world: World,
+    arms: tuple[Arm, Arm],
+    rankers: Mapping[str, SlateRanker],
+    spec: SimulationSpec,
+    rng: np.random.Generator,
+) -> None:
+    """Every request's team-draft slate of the two arms' rankings; the first
+    ``latency_requests`` timed one at a time, both rankings and the merge, as the server
+    does them (the first once untimed)."""
+    k, user_ids = spec.k, world.population.user_ids[plan.users]
+    pair = [rankers[arm.model] for arm in arms]
+
+    def slate(users: np.ndarray, candidates: np.ndarray, draws: np.random.Generator):
+        first, second = (top_k(ranker.score_lists(users, candidates), k) for ranker in pair)
+        return team_draft(first, second, k, draws)
+
+    slates.shown[:], teams = slate(user_ids, plan.candidates, rng)
+    slates.teams[:] = np.array([arm.name for arm in arms], dtype=object)[teams]
+    slates.models[:] = "+".join(ranker.name for ranker in pair)
+    slates.versions[:] = "+".join(ranker.version for ranker in pair)
+    timed = np.arange(min(spec.latency_requests, len(user_ids)))
+    for row in [*timed[:1], *timed]:
+        start = time.perf_counter()
+        slate(user_ids[row : row + 1], plan.candidates[row : row + 1], np.random.default_rng(row))
+        slates.latency_ms[row] = (time.perf_counter() - start) * 1000
+
+
 def _rank_online(
     slates: Slates,
     plan: RequestPlan,
@@ -227,9 +276,7 @@ def _rank_online(
             row_of_request[request_id] = row
 
     logged = (
-        pd.DataFrame(read_impressions(server.impressions))
-        .set_index("request_id")
-        .loc[list(row_of_request)]
+        pd.DataFrame(read_log(server.impressions)).set_index("request_id").loc[list(row_of_request)]
     )
     logged_rows = np.fromiter(row_of_request.values(), dtype=np.int64)
     mismatched = logged["arm"].to_numpy() != slates.arms[logged_rows]
@@ -241,11 +288,28 @@ def _rank_online(
             f"{slates.arms[row_of_request[first]]!r}"
         )
     items = np.stack(logged["items"].to_numpy())
+    if slates.teams is not None:
+        slates.teams[logged_rows] = np.stack(logged["teams"].to_numpy())
     slates.request_ids[logged_rows] = logged.index.to_numpy()
     slates.models[logged_rows] = logged["model"].to_numpy()
     slates.versions[logged_rows] = logged["version"].to_numpy()
     slates.latency_ms[logged_rows] = logged["latency_ms"].to_numpy()
     slates.shown[logged_rows] = _columns_of(plan.candidates[logged_rows], items)
+
+
+def post_clicks(server: Server, log: pd.DataFrame) -> None:
+    """``POST /feedback`` every click of the experiment period, as the client that saw it
+    would report it."""
+    clicked = log[(log["period"] == EXPERIMENT) & (log["n_clicks"] > 0)]
+    with httpx2.Client(base_url=server.url, timeout=30.0) as client:
+        for row in clicked.itertuples():
+            for item in np.asarray(row.items)[np.asarray(row.clicks, dtype=bool)]:
+                body = {"request_id": row.request_id, "item_id": int(item), "event": "click"}
+                response = client.post("/feedback", json=body)
+                if response.status_code != 200:
+                    raise RuntimeError(
+                        f"POST /feedback answered {response.status_code}: {response.text}"
+                    )
 
 
 def _columns_of(candidates: np.ndarray, items: np.ndarray) -> np.ndarray:

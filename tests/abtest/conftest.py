@@ -41,13 +41,15 @@ def experiment(
     arms: dict[str, tuple[str, float]],
     *,
     salt: str = "test",
+    design: str = "ab",
     control: str = "control",
     ship: tuple[str, str] = ("student", "teacher"),
     analysis: dict | None = None,
     **simulation,
 ) -> ExperimentSpec:
     """An experiment over ``arms`` (name → (model, share)) on the data directory ``data``."""
-    routing = Routing(salt, tuple(Arm(name, model, share) for name, (model, share) in arms.items()))
+    arms = tuple(Arm(name, model, share) for name, (model, share) in arms.items())
+    routing = Routing(salt, arms, design)
     return ExperimentSpec(
         routing=routing,
         artifacts={},

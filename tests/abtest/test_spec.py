@@ -95,3 +95,27 @@ def test_without_a_ship_pair_the_student_is_judged_against_the_reference_teacher
     path.write_text(path.read_text().replace(arms, without_teacher))
     with pytest.raises(ValueError, match=r"set \[analysis\] ship"):
         load_experiment(path)
+
+
+def test_an_interleaving_experiment_compares_its_two_arms_without_a_control(tmp_path):
+    text = CONFIG.replace('salt = "s"', 'salt = "s"\ndesign = "interleaving"')
+    text = text.replace("share = 0.5\n", "")
+    experiment = load_experiment(write(tmp_path, text))
+    assert experiment.routing.interleaved and experiment.pre_days == 0
+    assert experiment.comparisons == [("student", "control")]
+
+
+def test_a_live_analysis_needs_only_the_arms_and_the_ship_pair(tmp_path):
+    path = tmp_path / "live.toml"
+    path.write_text(ab_table("s", a=("teacher", 0.5), b=("student", 0.5)))
+    with pytest.raises(ValueError, match=r"set \[analysis\] ship"):
+        load_experiment(path, live=True)
+    path.write_text(path.read_text() + '[analysis]\nship = ["b", "a"]\ncontrol = "a"\n')
+    assert load_experiment(path, live=True).analysis.ship == ("b", "a")
+    with pytest.raises(ValueError, match=r"which \[artifacts\] does not list"):
+        load_experiment(path)  # a simulation needs the artifacts
+
+
+def test_abtest_without_a_config_says_what_it_needs(capsys):
+    assert main(["abtest"]) == 2
+    assert "abtest needs --config and --out" in capsys.readouterr().err

@@ -107,4 +107,12 @@ def test_redoc_loads_its_own_bundle_without_google_fonts(client):
 
 def test_the_schema_keeps_the_api_and_leaves_the_docs_out(client):
     paths = set(client.get("/openapi.json").json()["paths"])
-    assert paths == {"/rank", "/healthz", "/readyz", "/model", "/metrics", "/admin/reload"}
+    assert paths == {
+        "/rank",
+        "/feedback",
+        "/healthz",
+        "/readyz",
+        "/model",
+        "/metrics",
+        "/admin/reload",
+    }

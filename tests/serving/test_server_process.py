@@ -9,7 +9,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from recdistill.cli import main
-from recdistill.impressions import read_impressions
+from recdistill.impressions import read_log
 from recdistill.server import SETTINGS_ENV, ServerSettings, running_server
 from serving.app import app_from_environment
 from serving.quality import REPORTED, served_metrics
@@ -76,7 +76,7 @@ def test_serve_logs_impressions_under_runs_serve_by_default_and_says_where(
     with TestClient(app_from_environment()) as client:
         ranked = client.post("/rank", json={"user_id": 1, "candidates": [1, 2, 3]})
     assert ranked.status_code == 200
-    assert [i["request_id"] for i in read_impressions(default)] == [ranked.json()["request_id"]]
+    assert [i["request_id"] for i in read_log(default)] == [ranked.json()["request_id"]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
 
 

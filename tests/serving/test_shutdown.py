@@ -11,7 +11,7 @@ import httpx2
 import orjson
 import pytest
 
-from recdistill.impressions import read_impressions
+from recdistill.impressions import read_log
 from recdistill.server import running_server
 
 pytestmark = pytest.mark.slow  # every test here starts a server
@@ -90,7 +90,7 @@ def test_sigterm_under_load_finishes_every_request_in_flight_and_flushes_the_log
     assert len(load.answered) > 50 and load.other_statuses == []
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no torn line
-        logged = [impression["request_id"] for impression in read_impressions(log)]
+        logged = [impression["request_id"] for impression in read_log(log)]
     # One whole line per answered request, and no request was logged but left unanswered.
     assert sorted(logged) == sorted([*load.answered, slow_answer["request_id"]])
 
@@ -105,6 +105,6 @@ def test_sigkill_under_load_leaves_a_readable_log(tiny_artifacts, tmp_path):
         server.process.wait(timeout=30)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a torn last line is allowed here
-        logged = {impression["request_id"] for impression in read_impressions(log)}
+        logged = {impression["request_id"] for impression in read_log(log)}
     assert len(load.answered) > 50
     assert set(load.answered) <= logged
