@@ -173,10 +173,8 @@ class EnsembleTeacher(Teacher):
     def outputs(self, batch: RankingBatch, users: torch.Tensor | None = None) -> TeacherOutputs:
         users = self.users(batch) if users is None else users
         items = batch.items["item_id"].values()
-        return users, users.new_empty(len(items), 0), users[:, items].gather(1, batch.candidates)
-
-    def __call__(self, batch: RankingBatch) -> torch.Tensor:
-        return self.outputs(batch)[2]
+        scores = users[:, items].gather(1, batch.candidates)
+        return TeacherOutputs(users, users.new_empty(len(items), 0), scores)
 
 
 def standardised(scores: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ from recdistill.models import TwoTower
 from recdistill.objective import StageObjective
 from recdistill.ranked_lists import rrd_lists
 from recdistill.stage import VALID_METRICS, StageSpec
-from recdistill.teachers import Teacher, TeacherOutputs
+from recdistill.teachers import DistillationLists, Teacher, TeacherOutputs
 
 
 @dataclass
@@ -155,6 +155,8 @@ class Trainer:
         )
         self.adam_parameters, self.optimizer = _adam(self.trained, spec)
         self.lists = _training_lists(spec, model, store, self.replica.world)
+        # Batches of an epoch over every rank: global batch k runs from 0 to this.
+        self.epoch_batches = len(self.lists) * self.replica.world.size
 
     def fit(self, *, resume: bool = False) -> StageResult:
         """Train until the stage's last epoch or its patience runs out, from the stage's
@@ -207,7 +209,7 @@ class Trainer:
     def loss(self, batch: RankingBatch | SequenceBatch, epoch: int, k: int) -> torch.Tensor:
         """The stage's loss on ``batch``, global batch ``k`` of ``epoch``."""
         batch = batch.to(self.replica.world.device)
-        return self.trained(batch, *self.teachers.answer(batch, epoch, k))
+        return self.trained(batch, *self.teachers.answer(batch, epoch, k, self.epoch_batches))
 
     def _step(self, loss: torch.Tensor, epoch: int, index: int) -> None:
         """Step on ``loss``, this rank's batch ``index`` of ``epoch``, at the learning rate of
@@ -355,21 +357,26 @@ class StageTeachers:
         self.seed = spec.seed
 
     def answer(
-        self, batch: RankingBatch | SequenceBatch, epoch: int, k: int
-    ) -> tuple[dict[str, TeacherOutputs], dict[str, tuple[RankingBatch, torch.Tensor]]]:
-        """Every teacher's outputs on ``batch``, global batch ``k`` of ``epoch``, and the
-        teacher-ranked lists (with the teacher's scores on them) of the teachers the stage
-        draws lists from. Each teacher's lists are drawn from a generator seeded by the
-        stage's seed, ``epoch`` and ``k``, so a resumed or sharded run draws the same ones."""
+        self, batch: RankingBatch | SequenceBatch, epoch: int, k: int, batches: int
+    ) -> tuple[dict[str, TeacherOutputs], dict[str, DistillationLists]]:
+        """Every teacher's outputs on ``batch``, global batch ``k`` of an epoch of
+        ``batches``, and the lists of its own a teacher brings: teacher-ranked lists of the
+        teachers the stage draws lists from, or a log's requests. Each teacher's lists are
+        drawn from a generator seeded by the stage's seed, ``epoch`` and ``k``, so a resumed
+        or sharded run draws the same ones."""
         outputs: dict[str, TeacherOutputs] = {}
-        ranked: dict[str, tuple[RankingBatch, torch.Tensor]] = {}
+        lists: dict[str, DistillationLists] = {}
         for name, teacher in self.teachers.items():
+            own = teacher.own_lists(epoch, k, batches)
+            if own is not None:
+                lists[name] = own
+                continue
             users = teacher.users(batch)
             outputs[name] = teacher.outputs(batch, users)
             if name in self.ranked_sources:
                 rng = np.random.default_rng([self.seed, epoch, k, 1])
-                ranked[name] = rrd_lists(batch, users, teacher, self.store, self.list_spec, rng)
-        return outputs, ranked
+                lists[name] = rrd_lists(batch, users, teacher, self.store, self.list_spec, rng)
+        return outputs, lists
 
 
 def _stage_objective(
