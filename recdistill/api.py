@@ -15,6 +15,7 @@ calls::
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,15 +68,23 @@ def prepare_data(
 
 
 def train(
-    config: RunConfig | Path | str, data: Path | str, out: Path | str, *, resume: bool = False
+    config: RunConfig | Path | str,
+    data: Path | str,
+    out: Path | str,
+    *,
+    resume: bool = False,
+    teachers: dict[str, Any] | None = None,
 ) -> RunSummary:
     """Train every stage of ``config`` (a :class:`RunConfig` or a TOML file) on ``data`` into
-    run directory ``out``; returns what ``summary.json`` holds."""
+    run directory ``out``; returns what ``summary.json`` holds. ``teachers`` hands over the
+    teachers the config's ``[teachers.NAME]`` tables say come from Python: a torch module of
+    the tensor form (``kind = "torch"``) or any object meeting the teacher contract
+    (``kind = "python"``; :class:`recdistill.external.TeacherModel`)."""
     from recdistill.pipeline import run
 
     if not isinstance(config, RunConfig):
         config = load_run_config(Path(config))
-    return run(config, Path(data), Path(out), resume=resume)
+    return run(config, Path(data), Path(out), resume=resume, teachers=teachers)
 
 
 def report(
@@ -90,12 +99,36 @@ def report(
     return build_report(Path(run), spec)
 
 
-def export(run: Path | str, model: str, out: Path | str, *, data: Path | str | None = None) -> Path:
-    """Write the serving artifact of ``model`` of run ``run`` to ``out``; returns ``out``."""
+def export(
+    run: Path | str,
+    model: str,
+    out: Path | str,
+    *,
+    data: Path | str | None = None,
+    format: str = "artifact",
+) -> Path:
+    """Write ``model`` of run ``run`` to ``out``: its serving artifact, or (``format="onnx"``)
+    the model as an ONNX graph of the teacher contract's tensor form with its vocabularies
+    (``recdistill.onnx_export``); returns ``out``."""
     from recdistill.artifact import export_artifact
 
-    export_artifact(Path(run), model, Path(out), data=None if data is None else Path(data))
-    return Path(out)
+    data = None if data is None else Path(data)
+    if format == "artifact":
+        export_artifact(Path(run), model, Path(out), data=data)
+        return Path(out)
+    if format != "onnx":
+        raise ValueError(f"unknown export format {format!r}; choose artifact or onnx")
+    from recdistill.artifact import load_artifact
+    from recdistill.online import OnlineRanker
+    from recdistill.onnx_export import export_onnx
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as scratch:
+        artifact = Path(scratch) / "artifact"
+        export_artifact(Path(run), model, artifact, data=data)
+        export_onnx(OnlineRanker(load_artifact(artifact)), out, model)
+    return out
 
 
 @dataclass

@@ -161,6 +161,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--out", type=Path, required=True, help="artifact directory to write")
     export.add_argument("--data", type=Path, help="data directory, if not the run's own")
+    export.add_argument(
+        "--format",
+        choices=("artifact", "onnx"),
+        default="artifact",
+        help="a serving artifact for `recdistill serve`, or the model as ONNX with its "
+        "vocabularies for another serving stack (and as an onnx teacher) (%(default)s)",
+    )
     export.set_defaults(handler=_export)
 
     serve = commands.add_parser("serve", help="serve artifacts behind the HTTP ranking API")
@@ -342,11 +349,19 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from recdistill.artifact import export_artifact
+    from recdistill.api import export
+    from recdistill.layout import OnnxLayout
+    from recdistill.manifest import read_manifest
 
-    manifest = export_artifact(args.run, args.model, args.out, data=args.data)
+    out = export(args.run, args.model, args.out, data=args.data, format=args.format)
+    if args.format == "onnx":
+        print(
+            f"wrote {out}: {args.model} as ONNX; its [teachers.*] table: {OnnxLayout(out).teacher}"
+        )
+        return
+    manifest = read_manifest(out)
     print(
-        f"wrote {args.out}: {manifest.name} ({manifest.kind}), "
+        f"wrote {out}: {manifest.name} ({manifest.kind}), "
         f"version {manifest.version}, {manifest.params:,} parameters"
     )
 

@@ -58,12 +58,19 @@ class StageObjective(nn.Module):
                 teacher = teacher_outputs[term.source]
                 adapter = self.adapters[term.source]
                 value = 0.5 * (
-                    fn(adapter(users), teacher.users, mask=_rows(users, teacher.valid), **term.options)
+                    fn(
+                        adapter(users),
+                        teacher.users,
+                        mask=_rows(users, teacher.valid),
+                        **term.options,
+                    )
                     + fn(adapter(items), teacher.items, mask=_rows(items), **term.options)
                 )
             elif term.source in lists:
                 own = lists[term.source]
-                value = fn(list_scores[term.source], own.targets, mask=own.batch.mask, **term.options)
+                value = fn(
+                    list_scores[term.source], own.targets, mask=own.batch.mask, **term.options
+                )
             elif term.source == LABELS:
                 value = fn(scores, batch.labels, mask=batch.mask, **term.options)
             else:

@@ -34,7 +34,6 @@ from recdistill.files import atomic_write
 from recdistill.models import TwoTower
 
 
-
 class TeacherOutputs(NamedTuple):
     """A teacher's answer for a batch: its per-list state (a two-tower's user vectors),
     the batch's item vectors (none for a teacher without a tower), the scores of every
@@ -45,6 +44,7 @@ class TeacherOutputs(NamedTuple):
     items: torch.Tensor
     scores: torch.Tensor
     valid: torch.Tensor | None = None
+
 
 # Windows run through a sequence teacher at once while computing its states.
 STATE_WINDOWS = 1024
@@ -74,6 +74,9 @@ class Teacher:
     every rank maps it.
     """
 
+    # Its parameter count, when known (a teacher from outside the run may not say).
+    params: int | None = None
+
     def __init__(self, name: str, store: FeatureStore, fingerprint: str, cache: Path | None):
         self.world = distributed.world()
         self.device = self.world.device
@@ -82,6 +85,10 @@ class Teacher:
         self.fingerprint = fingerprint
         self.cache = cache
         self._ranked: dict[int, np.ndarray] = {}
+
+    def describe(self) -> str:
+        """A line on what the teacher is, printed when a run loads it."""
+        return self.name
 
     def users(self, batch: RankingBatch) -> torch.Tensor:
         """The teacher's state for every list of ``batch``, from the list's features."""
@@ -190,7 +197,9 @@ class TowerTeacher(Teacher):
         users = self.users(batch) if users is None else users
         ids = batch.items["item_id"].values()
         items = self.items[ids]
-        return TeacherOutputs(users, items, (users @ items.T + self.bias[ids]).gather(1, batch.candidates))
+        return TeacherOutputs(
+            users, items, (users @ items.T + self.bias[ids]).gather(1, batch.candidates)
+        )
 
     @torch.no_grad()
     def catalogue_scores(self, batch: RankingBatch) -> torch.Tensor:
@@ -212,6 +221,7 @@ class FrozenTeacher(TowerTeacher):
         model.eval()
         model.requires_grad_(False)
         super().__init__(name, store, _fingerprint(model, store), cache)
+        self.params = model.parameter_count()
         self.model = model if self.device.type == "cpu" else copy.deepcopy(model).to(self.device)
         with torch.no_grad():
             self.items = self.model.item_tower(store.catalogue().to(self.device))

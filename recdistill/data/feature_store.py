@@ -373,8 +373,31 @@ class FeatureStore:
 
     def _past_spans(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         users = self.row_users(rows)
-        before = rows - self.history.offsets[users]
-        return self.history.offsets[users + 1] - before, before
+        return self._first_rows(users, rows - self.history.offsets[users])
+
+    def _first_rows(self, users: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where each user's first ``counts`` train rows sit in the newest-first history
+        arrays: their start, and their number."""
+        return self.history.offsets[users + 1] - counts, counts
+
+    def rows_before(self, users: np.ndarray, moments: np.ndarray) -> np.ndarray:
+        """How many of each user's train rows are strictly before its moment (seconds)."""
+        times = self.row_times(np.arange(self.train_rows))  # by user, then time
+        start = int(min(times.min(initial=0), moments.min(initial=0)))
+        span = int(max(times.max(initial=0), moments.max(initial=0))) - start + 1
+        keys = self.row_users(np.arange(self.train_rows)).astype(np.int64) * span + (times - start)
+        wanted = users.astype(np.int64) * span + (moments - start)
+        return np.searchsorted(keys, wanted, side="left") - self.history.offsets[users]
+
+    def history_before(
+        self, users: np.ndarray, counts: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The (items, times, lengths) of each user's first ``counts`` train rows, newest
+        first, capped at ``history_length``: the history at a moment after them."""
+        starts, counts = self._first_rows(users, counts)
+        items, lengths = self.history.slices(starts, counts, self.history_length)
+        times, _ = self.history_times.slices(starts, counts, self.history_length)
+        return items, times, lengths
 
     def training_users(self, rows: np.ndarray) -> KeyedJaggedTensor:
         """The user-side KJT of train rows ``rows``: each row's user with the row's past."""
