@@ -22,6 +22,8 @@ vector reads out.
 An ``ease`` artifact scores the whole catalogue from the same history (EASE on the history
 bag, ``recdistill.ensembles.EaseMember``), an ``ensemble`` mixes its members' catalogue scores,
 each standardised over the catalogue, with its weights, as the ensemble teacher does offline.
+An ``external`` artifact asks its teacher from outside the run about the same history
+(:class:`~recdistill.external.served.ServedTeacher`).
 
 Fallbacks, decided once at load:
 
@@ -41,6 +43,7 @@ history table is left as it is: a history never holds an unknown item.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,6 +102,11 @@ class OnlineRanker:
             self._prepare_fallbacks()
             if inference == "plain":
                 self.plain_tower = PlainUserTower(artifact.model.user_tower)
+        self.served = None
+        if artifact.teacher is not None:
+            from recdistill.external.served import ServedTeacher
+
+            self.served = ServedTeacher(artifact.teacher, artifact.store)
         # An ensemble's members score the whole catalogue for every request.
         self.members = {
             name: (OnlineRanker(member, precompute_items=True), weight)
@@ -151,6 +159,13 @@ class OnlineRanker:
         if recent_items is not None and len(recent_items):
             recent = self.store.items.index(np.asarray(recent_items, dtype=np.int64))
             recent = recent[recent != UNKNOWN]
+        if self.served is not None:
+            history = self._history(user, recent)
+            _, snapshot_times = self.served.snapshot(np.array([user]))
+            now = np.full(len(recent), int(time.time()), dtype=np.int64)
+            times = np.concatenate([now, snapshot_times[0]])[: len(history)]
+            scores = self.served.scores(np.array([user]), items[None], [history], [times])
+            return torch.as_tensor(scores[0])
         if self.artifact.ease is not None:
             return self.artifact.ease.history_scores(self._user_features(user, recent))[0, items]
         model, item_rows = self.artifact.model, torch.from_numpy(items)
@@ -181,6 +196,18 @@ class OnlineRanker:
         if self.artifact.counts is not None:
             return self.artifact.counts[items].numpy()
         users, row_of_list = np.unique(store.users.index(user_ids), return_inverse=True)
+        if self.served is not None:
+            histories, times = self.served.snapshot(users)
+            scores = np.empty(items.shape, dtype=np.float32)
+            for start in range(0, len(items), LOAD_BATCH):
+                rows = row_of_list[start : start + LOAD_BATCH]
+                scores[start : start + LOAD_BATCH] = self.served.scores(
+                    users[rows],
+                    items[start : start + LOAD_BATCH].numpy(),
+                    [histories[r] for r in rows],
+                    [times[r] for r in rows],
+                )
+            return scores
         if self.artifact.ease is not None or self.members:
             scores = torch.empty(items.shape)
             for start in range(0, len(users), LOAD_BATCH):

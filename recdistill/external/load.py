@@ -16,8 +16,8 @@ from recdistill.external.adapter import DataIds, contract_teacher
 from recdistill.external.contract import FEATURE_PREFIX, USER
 from recdistill.external.embeddings import EmbeddingTeacher
 from recdistill.external.logged import LoggedScores
-from recdistill.external.spec import EMBEDDINGS, ONNX, PYTHON, SCORES, TORCH, TeacherSpec
-from recdistill.external.tensor import ITEM_ID, USER_ID, Runner, tensor_teacher
+from recdistill.external.spec import EMBEDDINGS, ONNX, PYTHON, SCORES, TeacherSpec
+from recdistill.external.tensor import ITEM_ID, USER_ID, Runner, TensorTeacher, tensor_teacher
 from recdistill.external.vocabulary import IndexMap
 from recdistill.teachers import Teacher
 
@@ -49,11 +49,12 @@ def load_teacher(
                 "contract's tensors); kind python takes an object with score(lists)"
             )
         return contract_teacher(spec.name, given, store, cache=cache)
-    return contract_teacher(spec.name, _tensor_model(spec, store, given), store, cache=cache)
+    return contract_teacher(spec.name, tensor_model(spec, store, given), store, cache=cache)
 
 
-def _tensor_model(spec: TeacherSpec, store: FeatureStore, given: Any):
-    """A torch module or an ONNX graph of the tensor form, as a teacher model."""
+def tensor_model(spec: TeacherSpec, store: FeatureStore, given: Any) -> TensorTeacher:
+    """A torch module (``given``, or built by the spec's factory) or an ONNX graph of the
+    tensor form, as a teacher model tried on a few of ``store``'s lists."""
     fingerprint = None
     runner: Runner
     if spec.kind == ONNX:
@@ -64,7 +65,6 @@ def _tensor_model(spec: TeacherSpec, store: FeatureStore, given: Any):
     else:
         from recdistill.external.torch_module import TorchRunner, load_module
 
-        assert spec.kind == TORCH
         module = given
         if given is None:
             module, fingerprint = load_module(spec.factory, spec.weights, spec.where)

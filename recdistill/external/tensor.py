@@ -138,6 +138,10 @@ class TensorTeacher:
             if name.startswith(FEATURE_PREFIX):
                 feature = name[len(FEATURE_PREFIX) :]
                 feed[name] = self.vocabularies[feature].indices(lists.features[feature])
+        # An ID a declared vocabulary does not know is sent as index 0: a run checks every ID
+        # of its data at load, so only a served request's new user can be one.
+        indices = [name for name in feed if name not in (MOMENT, HISTORY_TIME, HISTORY_LENGTH)]
+        feed |= {name: np.maximum(feed[name], 0) for name in indices}
         return {name: np.ascontiguousarray(feed[name]) for name in self.runner.inputs}
 
     def _checked(
