@@ -64,16 +64,9 @@ class ScoringGraph(nn.Module):
         super().__init__()
         model = ranker.artifact.model
         tower: Tower = model.user_tower
-        collection = tower.embeddings
-        table_of = {
-            feature: config.name
-            for config in collection.embedding_bag_configs()
-            for feature in config.feature_names
-        }
         self.keys = tower.keys
-        for position, key in enumerate(tower.keys):
-            weight = collection.embedding_bags[table_of[key]].weight.detach().clone()
-            self.register_buffer(f"table_{position}", weight)
+        for position, table in enumerate(tower.bag_tables()):
+            self.register_buffer(f"table_{position}", table.weight.detach().clone())
         self.recent_length = tower.recent_length
         self.sequence = tower.sequence
         if self.sequence is not None:

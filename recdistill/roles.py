@@ -175,8 +175,9 @@ def check_stages(
             raise ValueError(f"{where} learns from {missing}, not trained before it")
         for term in stage.losses:
             if term.fn == "feature_mse" and (term.source in ensembles or term.source in logs):
+                what = "the ensemble" if term.source in ensembles else "the log of scores"
                 raise ValueError(
-                    f"{where}: feature_mse needs tower outputs; {term.source!r} has none"
+                    f"{where}: feature_mse needs tower outputs; {what} {term.source!r} has none"
                 )
         if stage.lists is not None and all(t in logs for t in stage.ranked_sources):
             raise ValueError(

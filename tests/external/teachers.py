@@ -97,22 +97,23 @@ def write_weights(module: nn.Module, path: Path) -> Path:
     return path
 
 
-def export_bag(module: BagTeacher, path: Path, history_length: int) -> Path:
-    """``module`` as an ONNX graph of the tensor form."""
-    example = {
-        "history": torch.ones((2, history_length), dtype=torch.int64),
-        "history_length": torch.tensor([history_length, 0]),
-        "candidates": torch.ones((2, 3), dtype=torch.int64),
-    }
+def export_graph(
+    module: nn.Module, path: Path, history_length: int, inputs: tuple[str, ...]
+) -> Path:
+    """``module`` as an ONNX graph of the tensor form reading ``inputs``."""
+    example = {name: torch.ones((2,), dtype=torch.int64) for name in inputs}
+    for name in ("history", "history_time"):
+        example[name] = torch.ones((2, history_length), dtype=torch.int64)
+    example["candidates"] = torch.ones((2, 3), dtype=torch.int64)
+    example = {name: example[name] for name in inputs}
     lists, candidates = torch.export.Dim("lists"), torch.export.Dim("candidates")
-    dynamic = {"history": {0: lists}, "history_length": {0: lists}}
-    dynamic["candidates"] = {0: lists, 1: candidates}
+    dynamic = {name: {0: lists} for name in inputs} | {"candidates": {0: lists, 1: candidates}}
     torch.onnx.export(
         module.eval(),
         (),
         str(path),
         kwargs=example,
-        input_names=list(example),
+        input_names=list(inputs),
         output_names=["scores", "user_vector", "item_vectors"],
         dynamic_shapes=dynamic,
         dynamo=True,

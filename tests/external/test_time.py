@@ -4,7 +4,6 @@ user is what came before the list's moment, for every kind, on a real split."""
 import tomllib
 
 import numpy as np
-import torch
 
 import recdistill
 from recdistill.config import parse_run_config
@@ -20,6 +19,7 @@ from tests.external.teachers import (
     RecordingBag,
     RecordingModel,
     RecordingTwoTower,
+    export_graph,
     train_rows,
 )
 
@@ -88,8 +88,8 @@ class TimedBag(BagTeacher):
 
 
 def test_an_onnx_teacher_is_fed_only_the_past_of_every_list(synthetic_dir, tmp_path, monkeypatch):
-    graph = tmp_path / "timed.onnx"
-    export_timed(TimedBag(), graph)
+    names = ("user", "moment", "history", "history_time", "history_length", "candidates")
+    graph = export_graph(TimedBag(), tmp_path / "timed.onnx", CAP, names)
     fed = []
     run = OnnxRunner.__call__
 
@@ -113,29 +113,6 @@ def test_an_onnx_teacher_is_fed_only_the_past_of_every_list(synthetic_dir, tmp_p
         for feed in fed
     )
     assert shown > 9000
-
-
-def export_timed(module, path):
-    names = ("user", "moment", "history", "history_time", "history_length", "candidates")
-    example = {name: torch.ones((2,), dtype=torch.int64) for name in names}
-    example |= {
-        "history": torch.ones((2, CAP), dtype=torch.int64),
-        "history_time": torch.ones((2, CAP), dtype=torch.int64),
-        "candidates": torch.ones((2, 3), dtype=torch.int64),
-    }
-    lists, candidates = torch.export.Dim("lists"), torch.export.Dim("candidates")
-    dynamic = {name: {0: lists} for name in names} | {"candidates": {0: lists, 1: candidates}}
-    torch.onnx.export(
-        module.eval(),
-        (),
-        str(path),
-        kwargs=example,
-        input_names=list(names),
-        output_names=["scores", "user_vector", "item_vectors"],
-        dynamic_shapes=dynamic,
-        dynamo=True,
-        verbose=False,
-    )
 
 
 def test_an_embeddings_teacher_reads_no_snapshot_from_at_or_after_a_list(
