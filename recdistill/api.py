@@ -28,6 +28,7 @@ from recdistill.data.importer import (
     ImportSpec,
     InteractionColumns,
     ItemTable,
+    TextFormat,
     UserTable,
     import_interactions,
 )
@@ -51,13 +52,21 @@ def prepare_data(
     items: ItemTable | None = None,
     k_core: int = 1,
     split: SplitSpec | None = None,
+    encoding: str = "utf-8",
+    delimiter: str = ",",
+    force: bool = False,
     log: Callable[[str], Any] = print,
 ) -> Path:
     """Write data directory ``out`` from an interaction log (a DataFrame, or a CSV, Parquet
-    or JSON Lines file) with the columns named; ``log`` gets one line per rule that dropped
-    something (docs/data.md, "Your own data"). Nothing is left behind if it fails."""
+    or JSON Lines file) with the columns named; text files are read in ``encoding``, a CSV's
+    fields split on ``delimiter``. ``log`` gets the rows read, one line per rule that dropped
+    something and the pairs kept (docs/data.md, "Your own data"). An existing ``out`` is
+    replaced only when ``force``; nothing is left behind if it fails."""
+    if Path(out).exists() and not force:
+        raise ValueError(f"{out} already exists: pass --force (force=True) to replace it")
     columns = InteractionColumns(user, item, time, rating, min_rating, time_unit)
-    imported = import_interactions(interactions, ImportSpec(columns, users, items, k_core))
+    text = TextFormat(encoding, delimiter)
+    imported = import_interactions(interactions, ImportSpec(columns, users, items, k_core, text))
     for note in imported.notes:
         log(note)
     with atomic_output_dir(Path(out)) as scratch:

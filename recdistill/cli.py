@@ -112,7 +112,16 @@ def _parser() -> argparse.ArgumentParser:
     imported.add_argument(
         "--list-separator", default="|", help="joins categories in text (%(default)s)"
     )
+    imported.add_argument(
+        "--encoding", default="utf-8", help="of the CSV and JSON Lines files (%(default)s)"
+    )
+    imported.add_argument(
+        "--delimiter",
+        default=",",
+        help="between a CSV's fields: one character, or tab (%(default)s)",
+    )
     imported.add_argument("--out", type=Path, required=True, help="data directory to write")
+    imported.add_argument("--force", action="store_true", help="replace an existing --out")
     imported.add_argument("--config", type=Path, help="TOML with a [data.split] table")
     imported.add_argument("--seed", type=int, help="seed of the candidate sampling")
     imported.set_defaults(handler=_data_import)
@@ -307,6 +316,9 @@ def _data_import(args: argparse.Namespace) -> None:
         items=items,
         k_core=args.k_core,
         split=_overridden(load_run_config(args.config).data.split, seed=args.seed),
+        encoding=args.encoding,
+        delimiter=args.delimiter,
+        force=args.force,
     )
     print(describe(args.out))
 
