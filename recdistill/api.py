@@ -76,12 +76,21 @@ def prepare_data(
 
 
 def train(
-    config: RunConfig | Path | str, data: Path | str, out: Path | str, *, resume: bool = False
+    config: RunConfig | Path | str,
+    data: Path | str,
+    out: Path | str,
+    *,
+    resume: bool = False,
+    device: str | None = None,
 ) -> RunSummary:
     """Train every stage of ``config`` (a :class:`RunConfig` or a TOML file) on ``data`` into
-    run directory ``out``; returns what ``summary.json`` holds."""
+    run directory ``out``; returns what ``summary.json`` holds. Every model, teacher and
+    batch is on ``device`` (``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; None: the
+    ``RECDISTILL_DEVICE`` environment variable, else ``"auto"``), printed as training starts."""
+    from recdistill import devices
     from recdistill.pipeline import run
 
+    devices.announce(device)
     if not isinstance(config, RunConfig):
         config = load_run_config(Path(config))
     return run(config, Path(data), Path(out), resume=resume)

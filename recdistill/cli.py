@@ -21,6 +21,10 @@ from recdistill.server import (
 
 Spec = TypeVar("Spec")
 TRACK_HELP = "log to MLflow, whatever [tracking] says (docs/experiment-tracking.md)"
+DEVICE_HELP = (
+    "auto, cpu, cuda or cuda:N (default: the RECDISTILL_DEVICE environment variable, else "
+    "auto: the GPU when there is one)"
+)
 EXAMPLES = """commands:
   recdistill data synthetic --out data/synthetic [--users N --items M --seed S]
   recdistill data movielens --path ../shared/datasets/ml-100k --out data/ml100k
@@ -134,6 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, required=True, help="run directory to write")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoints")
     train.add_argument("--track", action="store_true", help=TRACK_HELP)
+    train.add_argument("--device", help=DEVICE_HELP)
     train.set_defaults(handler=_train)
 
     sweep = commands.add_parser(
@@ -147,6 +152,7 @@ def _parser() -> argparse.ArgumentParser:
         "--jobs", type=int, default=1, help="candidates trained in parallel (%(default)s)"
     )
     sweep.add_argument("--track", action="store_true", help=TRACK_HELP)
+    sweep.add_argument("--device", help=DEVICE_HELP)
     sweep.set_defaults(handler=_sweep)
 
     report = commands.add_parser(
@@ -243,6 +249,7 @@ def _parser() -> argparse.ArgumentParser:
         "--mode", choices=("offline", "online"), help="rank in-process or through a real server"
     )
     abtest.add_argument("--seed", type=int, help="seed of the simulation")
+    abtest.add_argument("--device", help=DEVICE_HELP + "; scores the in-process arms' batches")
     abtest.set_defaults(handler=_abtest)
     return parser
 
@@ -330,7 +337,8 @@ def _train(args: argparse.Namespace) -> None:
     from recdistill.pipeline import summary_table
 
     tracked = {"tracking": {"enabled": True}} if args.track else None
-    summary = train(load_run_config(args.config, tracked), args.data, args.out, resume=args.resume)
+    config = load_run_config(args.config, tracked)
+    summary = train(config, args.data, args.out, resume=args.resume, device=args.device)
     if world().is_main:
         print(summary_table(summary))
         print(f"\nwrote {RunLayout(args.out).summary}")
@@ -340,7 +348,9 @@ def _sweep(args: argparse.Namespace) -> None:
     from recdistill.sweep import run_sweep
     from recdistill.sweep.report import candidates_table
 
-    summary = run_sweep(args.config, args.data, args.out, jobs=args.jobs, track=args.track)
+    summary = run_sweep(
+        args.config, args.data, args.out, jobs=args.jobs, track=args.track, device=args.device
+    )
     print(candidates_table(summary))
     layout = SweepLayout(args.out)
     print(f"\nwrote {layout.summary} and {layout.report.index}")
@@ -412,7 +422,7 @@ def _overridden(spec: Spec, **options: Any) -> Spec:
 def _abtest(args: argparse.Namespace) -> None:
     from recdistill.abtest.experiment import run_abtest
 
-    result = run_abtest(args.config, args.out, mode=args.mode, seed=args.seed)
+    result = run_abtest(args.config, args.out, mode=args.mode, seed=args.seed, device=args.device)
     print(result.summary())
     print(f"\nwrote {result.report}")
 

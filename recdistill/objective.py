@@ -68,4 +68,4 @@ class StageObjective(nn.Module):
 
 
 def _all_rows(values: torch.Tensor) -> torch.Tensor:
-    return torch.ones(values.shape[0], dtype=torch.bool)
+    return torch.ones(values.shape[0], dtype=torch.bool, device=values.device)

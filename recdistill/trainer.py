@@ -206,8 +206,11 @@ class Trainer:
 
     def loss(self, batch: RankingBatch | SequenceBatch, epoch: int, k: int) -> torch.Tensor:
         """The stage's loss on ``batch``, global batch ``k`` of ``epoch``."""
-        batch = batch.to(self.replica.world.device)
-        return self.trained(batch, *self.teachers.answer(batch, epoch, k))
+        device = self.replica.world.device
+        batch = batch.to(device)
+        answers = self.teachers.answer(batch, epoch, k)
+        with torch.autocast(device.type, torch.bfloat16, enabled=self.spec.precision == "bf16"):
+            return self.trained(batch, *answers)
 
     def _step(self, loss: torch.Tensor, epoch: int, index: int) -> None:
         """Step on ``loss``, this rank's batch ``index`` of ``epoch``, at the learning rate of
@@ -271,7 +274,8 @@ class Trainer:
         """Keep the weights if ``improved``, and log the epoch."""
         if improved:
             weights = {
-                k: v.detach().clone().contiguous() for k, v in self.model.state_dict().items()
+                k: v.detach().to("cpu", copy=True).contiguous()
+                for k, v in self.model.state_dict().items()
             }
             atomic_write(self.layout.weights, lambda path: save_file(weights, str(path)))
         record = {
