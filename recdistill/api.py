@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from recdistill.config import RunConfig, load_run_config
+from recdistill.data.ids import require_id_kind
 from recdistill.data.importer import (
     ImportSpec,
     InteractionColumns,
@@ -136,7 +137,12 @@ class Ranker:
         recent_items: Sequence[Any] = (),
     ) -> list[tuple[Any, float]]:
         """``(item, score)`` of ``candidates`` for ``user``, best first, the top ``k`` (all
-        when None); ``recent_items`` are the user's latest items, most recent first."""
+        when None); ``recent_items`` are the user's latest items, most recent first. IDs
+        must be of the kind the model's data has (strings or integers), as ``POST /rank``
+        requires: a ``ValueError`` says so."""
+        store = self.online.store
+        require_id_kind([user], store.user_ids, "user_id", self.name)
+        require_id_kind([*candidates, *recent_items], store.item_ids, "item IDs", self.name)
         ranking = self.online.rank(user, np.asarray(candidates), np.asarray(recent_items))
         top = slice(None, k)
         return list(zip(ranking.items[top].tolist(), ranking.scores[top].tolist()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
@@ -335,13 +336,26 @@ def _train(args: argparse.Namespace) -> None:
     from recdistill.config import load_run_config
     from recdistill.distributed import world
     from recdistill.pipeline import summary_table
+    from recdistill.tracking import location
+    from recdistill.trainer import duration
 
     tracked = {"tracking": {"enabled": True}} if args.track else None
+    started = time.perf_counter()
     config = load_run_config(args.config, tracked)
     summary = train(config, args.data, args.out, resume=args.resume, device=args.device)
-    if world().is_main:
-        print(summary_table(summary))
-        print(f"\nwrote {RunLayout(args.out).summary}")
+    if not world().is_main:
+        return
+    layout = RunLayout(args.out)
+    print(summary_table(summary))
+    print(f"\nwrote {layout.summary}; the run took {duration(time.perf_counter() - started)}")
+    if config.tracking.enabled and (tracked_at := location(layout)) is not None:
+        print(f"tracked: {tracked_at}")
+    student = (config.roles and config.roles.student) or config.stages[-1].name
+    print(
+        "next:\n"
+        f"  recdistill report --run {args.out}\n"
+        f"  recdistill export --run {args.out} --model {student} --out artifacts/{student}"
+    )
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -375,6 +389,7 @@ def _export(args: argparse.Namespace) -> None:
 
 def _serve(args: argparse.Namespace) -> None:
     import os
+    import socket
 
     import uvicorn
 
@@ -399,6 +414,12 @@ def _serve(args: argparse.Namespace) -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ValueError(f"impression log {log}: cannot create its folder: {error}") from None
+    # A port in use is said before anything claims to serve on it.
+    try:
+        socket.create_server((args.host, args.port)).close()
+    except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise ValueError(f"cannot serve on {args.host}:{args.port}: {reason}") from None
     os.environ[SETTINGS_ENV] = settings.to_json()
     # Flushed: stdout is block-buffered when it is a file, and these are start-up news.
     print(f"serving {len(args.artifact)} artifact(s) on http://{args.host}:{args.port}")

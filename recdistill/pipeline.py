@@ -100,7 +100,7 @@ def run(config: RunConfig, data: Path, out: Path, *, resume: bool = False) -> Ru
                     frozen[name] = FrozenTeacher(name, models[name], store, cache=directory)
             return frozen[name]
 
-        for stage in config.stages:
+        for number, stage in enumerate(config.stages, start=1):
             teachers = {name: teacher(name) for name in stage.teachers}
             model, result = train_stage(
                 stage,
@@ -109,6 +109,7 @@ def run(config: RunConfig, data: Path, out: Path, *, resume: bool = False) -> Ru
                 store,
                 layout.stage(stage.name).root,
                 resume=resume,
+                place=f"stage {number} of {len(config.stages)}",
             )
             models[stage.name] = model
             training = Training(

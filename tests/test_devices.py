@@ -1,15 +1,12 @@
 import importlib.util
+import json
 import os
 
 import pytest
 import torch
 
 from recdistill import devices, distributed
-from recdistill import evaluate as evaluation
 from recdistill.cli import main
-from recdistill.layout import RunLayout
-from recdistill.teachers import FrozenTeacher
-from recdistill.trainer import Trainer
 from tests.conftest import ONE_STAGE, PROJECT
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
@@ -88,45 +85,36 @@ def test_train_on_cuda_without_a_gpu_is_one_line_and_writes_nothing(
     assert not (tmp_path / "run").exists()
 
 
+def test_a_tiny_run_honours_device_cpu(tiny_run):
+    """The tiny run was trained with --device cpu: its models, frozen teachers, training
+    batches and scored batches were all on the CPU, and it said so as it started."""
+    directory = tiny_run[1].parent
+    assert json.loads((directory / "devices.json").read_text()) == [
+        "batch cpu",
+        "model cpu",
+        "scored cpu",
+        "teacher cpu",
+    ]
+    assert (
+        (directory / "stderr.txt")
+        .read_text()
+        .startswith(f"device: cpu ({torch.get_num_threads()} threads)\n")
+    )
+
+
 @NO_GPU
-def test_a_tiny_run_honours_device_cpu_over_the_environment(
+def test_device_cpu_wins_over_the_environment_and_the_environment_is_read(
     synthetic_dir, tmp_path, capsys, monkeypatch
 ):
-    """RECDISTILL_DEVICE=cuda alone fails on this machine; --device cpu wins over it, and the
-    trained model, the frozen teacher, every training batch and every scored batch are on
-    the CPU."""
     config = tmp_path / "one.toml"
-    config.write_text(
-        ONE_STAGE.replace("epochs = 3", "epochs = 1")
-        + '\n[stages.student]\nmodel = "big"\nlosses = [{ fn = "listnet", source = "teacher" }]\n'
-    )
-    seen: set[str] = set()
-    loss, teacher_init, device_of = Trainer.loss, FrozenTeacher.__init__, evaluation.device_of
-
-    def loss_spy(self, batch, epoch, k):
-        seen.add(f"batch {batch.to(self.replica.world.device).labels.device}")
-        seen.add(f"model {next(self.trained.parameters()).device}")
-        return loss(self, batch, epoch, k)
-
-    def teacher_spy(self, name, model, store, **options):
-        teacher_init(self, name, model, store, **options)
-        seen.add(f"teacher {self.items.device}")
-
-    def scored_spy(ranker):
-        seen.add(f"scored {device_of(ranker)}")
-        return device_of(ranker)
-
-    monkeypatch.setattr(Trainer, "loss", loss_spy)
-    monkeypatch.setattr(FrozenTeacher, "__init__", teacher_spy)
-    monkeypatch.setattr(evaluation, "device_of", scored_spy)
+    config.write_text(ONE_STAGE)
     monkeypatch.setenv(devices.DEVICE_ENV, "cuda")
     argv = train_argv(config, synthetic_dir, tmp_path / "run")
     assert main(argv) == 2
     assert "device 'cuda': this machine has no CUDA" in capsys.readouterr().err
-    assert main([*argv, "--device", "cpu"]) == 0
-    assert "device: cpu (" in capsys.readouterr().err
-    assert seen == {"batch cpu", "model cpu", "teacher cpu", "scored cpu"}
-    assert RunLayout(tmp_path / "run").summary.exists()
+    assert not (tmp_path / "run").exists()
+    assert devices.use("cpu") == torch.device("cpu")
+    assert os.environ[devices.DEVICE_ENV] == "cpu"
 
 
 def test_device_check_runs_here_with_the_gpus_it_lacks_marked(capsys):

@@ -410,7 +410,13 @@ def test_an_imported_run_trains_and_ranks_with_the_user_s_own_ids(tmp_path):
     )
     from recdistill.api import load_ranker
 
-    ranking = load_ranker(tmp_path / "art").rank("v3", ["sku-21", "sku-1", "nope"], k=3)
+    ranker = load_ranker(tmp_path / "art")
+    ranking = ranker.rank("v3", ["sku-21", "sku-1", "nope"], k=3)
+    # An ID of the wrong kind is refused, as POST /rank refuses it, not ranked as unknown.
+    with pytest.raises(ValueError, match="user_id: the model 'teacher' has strings as IDs"):
+        ranker.rank(3, ["sku-21", "sku-1"])
+    with pytest.raises(ValueError, match="item IDs: the model 'teacher' has strings as IDs"):
+        ranker.rank("v3", ["sku-21", 1])
     assert sorted(item for item, _ in ranking) == ["nope", "sku-1", "sku-21"]
     assert [score for _, score in ranking] == sorted((s for _, s in ranking), reverse=True)
 
