@@ -91,7 +91,7 @@ def train(
     from recdistill import devices
     from recdistill.pipeline import run
 
-    devices.announce(device)
+    devices.use(device)
     if not isinstance(config, RunConfig):
         config = load_run_config(Path(config))
     return run(config, Path(data), Path(out), resume=resume)

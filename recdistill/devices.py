@@ -1,7 +1,8 @@
 """The device a process computes on: ``--device auto|cpu|cuda[:N]``.
 
 ``auto`` (the default) is the first GPU when torch sees one, else the CPU. The CLI and the
-Python API choose it once per process (:func:`use`); :func:`recdistill.distributed.world`
+Python API choose it once per process (:func:`use`), before anything is read, and say which
+as work starts (:func:`announce`); :func:`recdistill.distributed.world`
 reads the choice, so every model, frozen teacher, cached teacher answer and batch of a run
 lands on it. The choice travels to worker processes (the sweep's pool, a server the A/B test
 starts) in the environment variable ``RECDISTILL_DEVICE``, which a user may also set. Under
@@ -73,9 +74,8 @@ def describe(device: torch.device) -> str:
     return text if _ranks() == 1 else f"{text} on each of {_ranks()} ranks"
 
 
-def announce(name: str | None = None) -> torch.device:
-    """:func:`use` ``name`` and print the device on standard error (rank 0 alone)."""
-    device = use(name)
+def announce(device: torch.device) -> torch.device:
+    """Print ``device`` on standard error as work on it starts (rank 0 alone)."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"device: {describe(device)}", file=sys.stderr, flush=True)
     return device

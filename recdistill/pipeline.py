@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from safetensors.numpy import save_file
 from scipy import stats
 
-from recdistill import distributed, tracking
+from recdistill import devices, distributed, tracking
 from recdistill.baselines import Ease, Popularity
 from recdistill.config import RunConfig
 from recdistill.data.feature_store import FeatureStore
@@ -74,6 +74,7 @@ def run(config: RunConfig, data: Path, out: Path, *, resume: bool = False) -> Ru
     if world.is_main:
         atomic_write(layout.config, lambda path: path.write_text(config.to_toml()))
     with tracking.tracked_run(config.tracking, layout, layout.config, resume=resume) as tracker:
+        devices.announce(world.device)
         # Fitted when an ensemble needs them as members, else once training is over.
         baselines = cache(partial(fit_baselines, store, config))
 

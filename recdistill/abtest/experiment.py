@@ -67,7 +67,7 @@ def run_abtest(
     In-process arms score their batches on ``device`` (:func:`recdistill.devices.resolve`)."""
     experiment = load_experiment(config, **simulation_overrides)
     world = World.load(experiment.simulation, experiment.clicks)
-    rankers = load_rankers(experiment, devices.announce(device))
+    rankers = load_rankers(experiment, devices.announce(devices.use(device)))
     columns = list(world.population.segments.columns)
     segments = list(experiment.analysis.segments) or columns
     if set(segments) - set(columns):

@@ -46,7 +46,7 @@ def run_sweep(
 ) -> SweepSummary:
     """Run the sweep of ``config`` into ``out``; ``track`` turns ``[tracking]`` on. Candidates
     train on ``device`` (:func:`recdistill.train`'s), its worker processes too."""
-    devices.announce(device)
+    devices.announce(devices.use(device))
     plan = load_plan(config, data, out)
     spec = replace(plan.tracking, enabled=True) if track else plan.tracking
     layout = SweepLayout(plan.out)
