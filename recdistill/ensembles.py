@@ -131,7 +131,9 @@ class EaseMember:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
             rows = x.reshape(lists, items).to_sparse_csr()
-        return rows @ self.weights.to(device)
+        if self.weights.device != device:
+            self.weights = self.weights.to(device)  # once: items² floats
+        return rows @ self.weights
 
 
 class EnsembleTeacher(Teacher):

@@ -85,4 +85,4 @@ def _rows(values: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tens
     """Which rows of ``values`` a feature loss compares: ``valid`` ones, or all."""
     if valid is not None:
         return valid
-    return torch.ones(values.shape[0], dtype=torch.bool)
+    return torch.ones(values.shape[0], dtype=torch.bool, device=values.device)

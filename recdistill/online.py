@@ -43,8 +43,10 @@ history table is left as it is: a history never holds an unknown item.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -80,6 +82,10 @@ class OnlineRanker:
         ranking = ranker.rank(42, np.array([10, 7, 3]), recent_items=np.array([5]))
         ranking.items, ranking.scores  # candidates best first, with their scores
         ranking.cold_start, ranking.unknown  # is user 42 new to the model; which candidates are
+
+    ``device`` is where :meth:`score_lists` runs a float two-tower model's user tower and
+    scores (the A/B simulation's batches); single requests, int8 models and the other kinds
+    score on the CPU, as served.
     """
 
     def __init__(
@@ -89,10 +95,13 @@ class OnlineRanker:
         precompute_items: bool = True,
         inference: str = "plain",
         user_cache: int = USER_CACHE,
+        device: torch.device | str = "cpu",
     ) -> None:
         if inference not in INFERENCE_PATHS:
             raise ValueError(f"inference must be one of {INFERENCE_PATHS}, not {inference!r}")
         self.artifact = artifact
+        float_model = artifact.model is not None and artifact.quantization is None
+        self.batch_device = torch.device(device if float_model else "cpu")
         self.store = artifact.store
         self.precompute_items = precompute_items
         self.user_cache = UserVectorCache(user_cache)
@@ -217,14 +226,25 @@ class OnlineRanker:
                 rows = torch.as_tensor(row_of_list[lists] - start)
                 scores[lists] = catalogue[rows[:, None], items[lists]]
             return scores.numpy()
-        user_vectors = self.artifact.model.user_tower(store.history_kjt(users))
-        user_vectors[torch.as_tensor(users == UNKNOWN)] = self.mean_user
-        scores = torch.empty(items.shape)
+        device = self.batch_device
+        user_vectors = self._batch_user_tower(store.history_kjt(users).to(device))
+        user_vectors[torch.as_tensor(users == UNKNOWN, device=device)] = self.mean_user.to(device)
+        items, item_vectors = items.to(device), self.item_vectors.to(device)
+        scores = torch.empty(items.shape, device=device)
         for start in range(0, len(items), LOAD_BATCH):
             rows = slice(start, start + LOAD_BATCH)
-            vectors = user_vectors[torch.as_tensor(row_of_list[rows])]
-            scores[rows] = torch.einsum("lcd,ld->lc", self.item_vectors[items[rows]], vectors)
-        return (scores + self.item_bias[items]).numpy()
+            vectors = user_vectors[torch.as_tensor(row_of_list[rows], device=device)]
+            scores[rows] = torch.einsum("lcd,ld->lc", item_vectors[items[rows]], vectors)
+        return (scores + self.item_bias.to(device)[items]).cpu().numpy()
+
+    @cached_property
+    def _batch_user_tower(self) -> torch.nn.Module:
+        """The user tower :meth:`score_lists` runs: the model's own, or a copy on
+        ``batch_device`` (made after the fallbacks set the unknown rows)."""
+        tower = self.artifact.model.user_tower
+        return (
+            tower if self.batch_device.type == "cpu" else copy.deepcopy(tower).to(self.batch_device)
+        )
 
     def _catalogue_scores(self, users: np.ndarray) -> torch.Tensor:
         """``[users, items]``: user indices ``users`` scoring the whole catalogue, from

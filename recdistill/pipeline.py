@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from safetensors.numpy import save_file
 from scipy import stats
 
-from recdistill import distributed, tracking
+from recdistill import devices, distributed, tracking
 from recdistill.baselines import Ease, Popularity
 from recdistill.config import RunConfig
 from recdistill.data.feature_store import FeatureStore
@@ -113,6 +113,7 @@ def _run(
     if world.is_main:
         atomic_write(layout.config, lambda path: path.write_text(config.to_toml()))
     with tracking.tracked_run(config.tracking, layout, layout.config, resume=resume) as tracker:
+        devices.announce(world.device)
         # Fitted when an ensemble needs them as members, else once training is over.
         baselines = cache(partial(fit_baselines, store, config))
 
@@ -151,7 +152,7 @@ def _run(
                     frozen[name] = FrozenTeacher(name, models[name], store, cache=directory)
             return frozen[name]
 
-        for stage in config.stages:
+        for number, stage in enumerate(config.stages, start=1):
             teachers = {name: teacher(name) for name in stage.teachers}
             model, result = train_stage(
                 stage,
@@ -160,6 +161,7 @@ def _run(
                 store,
                 layout.stage(stage.name).root,
                 resume=resume,
+                place=f"stage {number} of {len(config.stages)}",
             )
             models[stage.name] = model
             training = Training(

@@ -222,7 +222,8 @@ class FrozenTeacher(TowerTeacher):
         model.requires_grad_(False)
         super().__init__(name, store, _fingerprint(model, store), cache)
         self.params = model.parameter_count()
-        self.model = model if self.device.type == "cpu" else copy.deepcopy(model).to(self.device)
+        on_device = next(model.parameters()).device == self.device
+        self.model = model if on_device else copy.deepcopy(model).to(self.device)
         with torch.no_grad():
             self.items = self.model.item_tower(store.catalogue().to(self.device))
             self.bias = self.model.item_bias.weight.squeeze(-1)
