@@ -452,7 +452,10 @@ def _training_lists(
 
 
 def duration(seconds: float) -> str:
-    """``1 h 02 min``, ``12 min 31 s`` or ``42 s``."""
+    """``1 h 02 min``, ``12 min 31 s``, ``42 s`` or, for a time short of half a second that
+    is not nothing, ``under 1 s``."""
+    if 0 < seconds < 0.5:
+        return "under 1 s"
     minutes, seconds = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     if hours:

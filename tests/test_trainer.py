@@ -12,7 +12,7 @@ from recdistill.losses import LOSSES
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
 from recdistill.stage import LossTerm, StageSpec
 from recdistill.teachers import FrozenTeacher
-from recdistill.trainer import EpochStats, StageResult, Trainer, TrainState
+from recdistill.trainer import EpochStats, StageResult, Trainer, TrainState, duration
 
 SMALL = TwoTowerSpec(embedding_dim=8, tower=(8,), feature_dim=2, dropout=0.2)
 
@@ -392,3 +392,14 @@ def test_a_checkpoint_written_before_a_spec_field_existed_resumes_at_its_default
     assert load_checkpoint(path, stage(), announce=False) is not None
     with pytest.raises(ValueError, match="different stage spec"):
         load_checkpoint(path, stage(precision="bf16"), announce=False)
+
+
+def test_a_duration_reads_as_a_person_would_say_it():
+    assert [duration(s) for s in (0, 0.2, 0.6, 42, 751, 3720)] == [
+        "0 s",
+        "under 1 s",
+        "1 s",
+        "42 s",
+        "12 min 31 s",
+        "1 h 02 min",
+    ]

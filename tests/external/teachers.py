@@ -68,6 +68,7 @@ class RecordingModel:
 
     def __init__(self, bag: BagTeacher | None = None) -> None:
         self.bag = bag or BagTeacher()
+        self.params = sum(p.numel() for p in self.bag.parameters())  # optional: for the summary
         self.seen = []
 
     def _run(self, lists):

@@ -187,3 +187,23 @@ def test_string_ids_reach_a_python_teacher_and_a_torch_one_through_its_vocabular
             tmp_path / "none",
             teachers={"outside": bag},
         )
+
+
+def test_an_ensemble_may_mix_a_teacher_from_outside_with_a_baseline(synthetic_dir, tmp_path):
+    mix = """
+[ensembles.mix]
+members = ["outside", "ease_recency"]
+weights = [[0.9, 0.1], [0.5, 0.5]]
+"""
+    config = config_with(
+        SCORES_ONLY.replace('source = "outside"', 'source = "mix"'), 'kind = "python"'
+    )
+    summary = recdistill.train(
+        parse_run_config(tomllib.loads(config + mix)),
+        synthetic_dir,
+        tmp_path / "run",
+        teachers={"outside": RecordingTwoTower()},
+    )
+    assert set(summary.models["mix"].weights) == {"outside", "ease_recency"}
+    assert summary.models["mix"].params == 501 * 8 + 501 + 501**2
+    assert {"mix_vs_outside", "mix_vs_ease_recency", "student_vs_mix"} <= set(summary.comparisons)
