@@ -5,14 +5,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-# The CPU stack verified together (../shared/DESIGN.md). torchrec goes in with --no-deps
-# because it declares the CUDA package fbgemm-gpu; fbgemm-gpu-cpu provides the same ops.
-TORCH := torch==2.13.0
-FBGEMM := fbgemm-gpu-cpu==1.8.0
-TORCHREC := torchrec==1.8.0
-# On a CUDA machine: make TORCH_INDEX="--index-url <PyTorch's wheel index for your CUDA>" \
-#                         FBGEMM=fbgemm-gpu==1.8.0 test
-TORCH_INDEX :=
+# The set-up is `pip install` of the project (docs/set-up.md), with the extras the tests and the
+# demo use. The versions live in pyproject.toml alone. torch's CPU build comes first: a wheel
+# pip already finds without an index (a wheelhouse in pip's find-links) or else PyTorch's CPU
+# index (PyPI's torch for Linux is the CUDA build, several GB). FBGEMM's CPU build stands in
+# for the CUDA fbgemm-gpu that torchrec asks for (packaging/fbgemm-gpu-cpu). On a CUDA machine:
+#   make TORCH_INDEX=https://download.pytorch.org/whl/cu128 FBGEMM= test
+TORCH := $(shell sed -n 's/^ *"\(torch==[^"]*\)".*/\1/p' pyproject.toml)
+TORCH_INDEX := https://download.pytorch.org/whl/cpu
+FBGEMM := ./packaging/fbgemm-gpu-cpu
 
 DEMO_CONFIG := configs/synthetic.toml
 DEMO_DATA := data/synthetic
@@ -26,11 +27,11 @@ TRACK :=
 
 venv: $(INSTALLED)
 
-$(INSTALLED): pyproject.toml Makefile
+$(INSTALLED): pyproject.toml Makefile packaging/fbgemm-gpu-cpu/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet $(TORCH_INDEX) $(TORCH) $(FBGEMM)
-	$(BIN)/pip install --quiet -e '.[dev]'
-	$(BIN)/pip install --quiet --no-deps $(TORCHREC)
+	$(BIN)/pip install --quiet --no-deps --no-index '$(TORCH)' 2>/dev/null || \
+	    $(BIN)/pip install --quiet --no-deps --index-url $(TORCH_INDEX) '$(TORCH)'
+	$(BIN)/pip install --quiet -e '.[dev]' $(FBGEMM)
 	touch $@
 
 demo: $(INSTALLED)

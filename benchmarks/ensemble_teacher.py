@@ -70,7 +70,7 @@ def main() -> None:
     members = args.members or [teacher, BASELINE_MEMBERS[-1]]
     spec = EnsembleSpec("ensemble", tuple(members), steps=args.steps)
     members = {name: bench.member(name) for name in spec.members}
-    ensemble, _ = choose_ensemble(spec, members, {}, bench.store, metric, cache=None)
+    ensemble, _ = choose_ensemble(spec, members, bench.store, metric, cache=None)
     rows = [scored("ensemble", ensemble, bench)]
     for name in spec.members:
         if name in BASELINE_MEMBERS:

@@ -9,3 +9,14 @@
 - ``reloads``, ``soak``, ``soak_stats``: minutes of load at a fixed rate while the model is
   hot-reloaded, judged per minute (``benchmarks/soak.py``).
 """
+
+from importlib.util import find_spec
+
+from recdistill.errors import MissingExtra
+
+# Only the load test needs Locust and what it runs on: they are an extra of the project.
+_MISSING = [name for name in ("locust", "gevent", "psutil") if find_spec(name) is None]
+if _MISSING:
+    raise MissingExtra(
+        f"the load test needs {', '.join(_MISSING)}: pip install 'recdistill[loadtest]'"
+    )

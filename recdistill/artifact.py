@@ -2,8 +2,8 @@
 
 An artifact directory holds
 
-- ``manifest.json``: format, name, kind (``two_tower``, ``popularity``, ``ease`` or
-  ``ensemble``), parameter count,
+- ``manifest.json``: format, name, kind (``two_tower``, ``popularity``, ``ease``,
+  ``ensemble`` or ``external``), parameter count,
   quantization (as in ``spec.json``), the SHA-256 of every other file, and the version: a hash of those file hashes, so equal
   contents always get the same version;
 - ``model.safetensors``: the weights (int8 codes with their scales for a quantized model;
@@ -13,6 +13,9 @@ An artifact directory holds
 - ``members/<name>/``: an ensemble's members, each an artifact of its own (an ensemble is
   served where its members can be: an ``ease`` member holds ``items²`` float32 weights,
   16 MB at 2,000 items, 1.6 GB at 20,000);
+- ``teacher/``: an ``external`` artifact's teacher from outside the run, as its
+  ``[teachers.*]`` table read it: the ONNX graph, or the torch module's weights (its factory
+  must be importable where the artifact is served), and its vocabulary tables;
 - ``spec.json``: the model spec (every field of ``TwoTowerSpec``: a sequence user encoder's
   ``user_encoder``, ``max_length``, ``layers``, ``heads`` and ``readout`` among them), its
   feature space, the history length it was trained with and its ``quantization`` (``null``,
@@ -55,11 +58,13 @@ from recdistill.data.feature_store import FeatureStore
 from recdistill.data.tables import EXTERNAL_ID, read_meta
 from recdistill.ensembles import BASELINE_MEMBERS, EaseMember
 from recdistill.errors import ArtifactError
+from recdistill.external.spec import ONNX, TORCH, TeacherSpec
 from recdistill.files import atomic_output_dir, write_json
 from recdistill.layout import ArtifactLayout, DataLayout, RunLayout
 from recdistill.manifest import (
     EASE,
     ENSEMBLE,
+    EXTERNAL,
     FORMAT,
     POPULARITY,
     TWO_TOWER,
@@ -73,6 +78,7 @@ from recdistill.summary import (
     BaselineModel,
     ChosenModel,
     EnsembleModel,
+    ExternalModel,
     TrainedModel,
     from_json,
     read_summary,
@@ -83,6 +89,7 @@ COUNTS = "item_train_counts"
 EASE_WEIGHTS = "ease_weights"
 MEMBER_WEIGHTS = "member_weights"
 MEMBERS = "members"
+TEACHER = "teacher"
 
 
 @dataclass
@@ -102,6 +109,8 @@ class Artifact:
     ease: EaseMember | None = None
     # An ``ensemble`` artifact: its member artifacts and their weights.
     members: dict[str, tuple[Artifact, float]] | None = None
+    # An ``external`` artifact: the teacher from outside the run (a TeacherModel).
+    teacher: Any = None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -167,6 +176,14 @@ def _export(
             half_life = entry.half_life  # None: plain EASE, every history item weighs 1
             spec_json = {"kind": kind, "history_length": length, "l2": entry.l2}
             spec_json["half_life"] = half_life
+        elif isinstance(entry, ExternalModel):
+            kind, params = EXTERNAL, entry.params or 0
+            save_file({}, str(artifact.weights))
+            spec_json = {
+                "kind": kind,
+                "history_length": length,
+                "teacher": _copy_teacher(config.teachers[model_name], scratch / TEACHER),
+            }
         elif isinstance(entry, EnsembleModel):
             kind, params = ENSEMBLE, entry.params
             for member in entry.weights:
@@ -238,7 +255,7 @@ def load_artifact(directory: Path) -> Artifact:
         )
     weights = _read_weights(layout.weights)
     _check_finite(weights, f"artifact {directory}")
-    model, counts, quantization, ease, members = None, None, None, None, None
+    model, counts, quantization, ease, members, teacher = None, None, None, None, None, None
     if manifest.kind == POPULARITY:
         counts = weights.get(COUNTS)
         if counts is None or counts.shape != (len(store.items),):
@@ -263,6 +280,10 @@ def load_artifact(directory: Path) -> Artifact:
             )
         members = {}
         for name, weight in zip(names, member_weights.tolist(), strict=True):
+            if read_manifest(directory / MEMBERS / name).kind == EXTERNAL:
+                raise ArtifactError(
+                    f"artifact {directory}: member {name!r} is a teacher from outside"
+                )
             member = load_artifact(directory / MEMBERS / name)
             if member.store.history_length != store.history_length:
                 raise ArtifactError(
@@ -270,6 +291,8 @@ def load_artifact(directory: Path) -> Artifact:
                     f"history items, the ensemble {store.history_length}"
                 )
             members[name] = (member, weight)
+    elif manifest.kind == EXTERNAL:
+        teacher = _load_teacher(spec_json["teacher"], directory / TEACHER, store)
     else:
         if spec_json["cardinalities"] != store.cardinalities():
             raise ArtifactError(
@@ -299,7 +322,43 @@ def load_artifact(directory: Path) -> Artifact:
         quantization=quantization,
         ease=ease,
         members=members,
+        teacher=teacher,
     )
+
+
+def _copy_teacher(spec: TeacherSpec, out: Path) -> dict[str, Any]:
+    """Copy the files of a torch or onnx teacher into ``out``; its table, paths relative."""
+    if spec.in_python or spec.kind not in (TORCH, ONNX):
+        how = "handed over in Python" if spec.in_python else f"a {spec.kind} teacher"
+        raise ValueError(
+            f"{spec.where}: {how} cannot be served; a teacher from outside is served from its "
+            "ONNX graph or its torch factory and weights"
+        )
+    out.mkdir(parents=True)
+    table: dict[str, Any] = {"kind": spec.kind, "batch_size": spec.batch_size}
+    if spec.kind == ONNX:
+        table["path"] = "model.onnx"
+        shutil.copyfile(spec.path, out / table["path"])
+    else:
+        table |= {"factory": spec.factory, "weights": "weights.safetensors"}
+        shutil.copyfile(spec.weights, out / table["weights"])
+    table["vocabulary"] = {}
+    for key, path in spec.vocabulary.items():
+        table["vocabulary"][key] = f"{key}.vocabulary.parquet"
+        shutil.copyfile(path, out / table["vocabulary"][key])
+    return table
+
+
+def _load_teacher(table: dict[str, Any], directory: Path, store: FeatureStore) -> Any:
+    """The teacher of an ``external`` artifact, its files read from ``directory``."""
+    from recdistill.external.load import tensor_model
+
+    paths = {
+        key: str(directory / value) for key, value in table.items() if key in ("path", "weights")
+    }
+    vocabulary = {key: str(directory / value) for key, value in table["vocabulary"].items()}
+    spec = TeacherSpec(name=directory.parent.name, **{**table, **paths, "vocabulary": vocabulary})
+    return tensor_model(spec, store, None)
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -58,7 +58,13 @@ def load_checkpoint(path: Path, spec: StageSpec, *, announce: bool) -> dict[str,
         raise ValueError(
             f"{path} was written by another version of recdistill; start a fresh run directory"
         )
-    saved, current = json.loads(payload["spec"]), dataclasses.asdict(spec)
+    # A field added since the checkpoint was written reads as its default.
+    defaults = {
+        f.name: f.default
+        for f in dataclasses.fields(StageSpec)
+        if f.default is not dataclasses.MISSING
+    }
+    saved, current = defaults | json.loads(payload["spec"]), dataclasses.asdict(spec)
     if _fixed_on_resume(saved) != _fixed_on_resume(current):
         raise ValueError(
             f"{path} was written for a different stage spec (a resume may change only "
@@ -84,4 +90,4 @@ def trim_log(log: Path, epoch: int) -> None:
 
 def _fixed_on_resume(spec: dict[str, Any]) -> str:
     """The spec's fields a resume must keep, as JSON (tuples and lists compare equal)."""
-    return json.dumps({k: v for k, v in spec.items() if k not in RESUMABLE_CHANGES})
+    return json.dumps({k: v for k, v in spec.items() if k not in RESUMABLE_CHANGES}, sort_keys=True)

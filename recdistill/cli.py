@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +22,10 @@ from recdistill.server import (
 
 Spec = TypeVar("Spec")
 TRACK_HELP = "log to MLflow, whatever [tracking] says (docs/experiment-tracking.md)"
+DEVICE_HELP = (
+    "auto, cpu, cuda or cuda:N (default: the RECDISTILL_DEVICE environment variable, else "
+    "auto: the GPU when there is one)"
+)
 EXAMPLES = """commands:
   recdistill data synthetic --out data/synthetic [--users N --items M --seed S]
   recdistill data movielens --path ../shared/datasets/ml-100k --out data/ml100k
@@ -113,7 +118,16 @@ def _parser() -> argparse.ArgumentParser:
     imported.add_argument(
         "--list-separator", default="|", help="joins categories in text (%(default)s)"
     )
+    imported.add_argument(
+        "--encoding", default="utf-8", help="of the CSV and JSON Lines files (%(default)s)"
+    )
+    imported.add_argument(
+        "--delimiter",
+        default=",",
+        help="between a CSV's fields: one character, or tab (%(default)s)",
+    )
     imported.add_argument("--out", type=Path, required=True, help="data directory to write")
+    imported.add_argument("--force", action="store_true", help="replace an existing --out")
     imported.add_argument("--config", type=Path, help="TOML with a [data.split] table")
     imported.add_argument("--seed", type=int, help="seed of the candidate sampling")
     imported.set_defaults(handler=_data_import)
@@ -126,6 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, required=True, help="run directory to write")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoints")
     train.add_argument("--track", action="store_true", help=TRACK_HELP)
+    train.add_argument("--device", help=DEVICE_HELP)
     train.set_defaults(handler=_train)
 
     sweep = commands.add_parser(
@@ -139,6 +154,7 @@ def _parser() -> argparse.ArgumentParser:
         "--jobs", type=int, default=1, help="candidates trained in parallel (%(default)s)"
     )
     sweep.add_argument("--track", action="store_true", help=TRACK_HELP)
+    sweep.add_argument("--device", help=DEVICE_HELP)
     sweep.set_defaults(handler=_sweep)
 
     report = commands.add_parser(
@@ -162,6 +178,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--out", type=Path, required=True, help="artifact directory to write")
     export.add_argument("--data", type=Path, help="data directory, if not the run's own")
+    export.add_argument(
+        "--format",
+        choices=("artifact", "onnx"),
+        default="artifact",
+        help="a serving artifact for `recdistill serve`, or the model as ONNX with its "
+        "vocabularies for another serving stack (and as an onnx teacher) (%(default)s)",
+    )
     export.set_defaults(handler=_export)
 
     serve = commands.add_parser("serve", help="serve artifacts behind the HTTP ranking API")
@@ -243,6 +266,7 @@ def _parser() -> argparse.ArgumentParser:
         "--mode", choices=("offline", "online"), help="rank in-process or through a real server"
     )
     abtest.add_argument("--seed", type=int, help="seed of the simulation")
+    abtest.add_argument("--device", help=DEVICE_HELP + "; scores the in-process arms' batches")
     abtest.set_defaults(handler=_abtest)
     actions = abtest.add_subparsers(required=False, metavar="analyze")
     analyze = actions.add_parser(
@@ -335,6 +359,9 @@ def _data_import(args: argparse.Namespace) -> None:
         items=items,
         k_core=args.k_core,
         split=_overridden(load_run_config(args.config).data.split, seed=args.seed),
+        encoding=args.encoding,
+        delimiter=args.delimiter,
+        force=args.force,
     )
     print(describe(args.out))
 
@@ -344,19 +371,35 @@ def _train(args: argparse.Namespace) -> None:
     from recdistill.config import load_run_config
     from recdistill.distributed import world
     from recdistill.pipeline import summary_table
+    from recdistill.tracking import location
+    from recdistill.trainer import duration
 
     tracked = {"tracking": {"enabled": True}} if args.track else None
-    summary = train(load_run_config(args.config, tracked), args.data, args.out, resume=args.resume)
-    if world().is_main:
-        print(summary_table(summary))
-        print(f"\nwrote {RunLayout(args.out).summary}")
+    started = time.perf_counter()
+    config = load_run_config(args.config, tracked)
+    summary = train(config, args.data, args.out, resume=args.resume, device=args.device)
+    if not world().is_main:
+        return
+    layout = RunLayout(args.out)
+    print(summary_table(summary))
+    print(f"\nwrote {layout.summary}; the run took {duration(time.perf_counter() - started)}")
+    if config.tracking.enabled and (tracked_at := location(layout)) is not None:
+        print(f"tracked: {tracked_at}")
+    student = (config.roles and config.roles.student) or config.stages[-1].name
+    print(
+        "next:\n"
+        f"  recdistill report --run {args.out}\n"
+        f"  recdistill export --run {args.out} --model {student} --out artifacts/{student}"
+    )
 
 
 def _sweep(args: argparse.Namespace) -> None:
     from recdistill.sweep import run_sweep
     from recdistill.sweep.report import candidates_table
 
-    summary = run_sweep(args.config, args.data, args.out, jobs=args.jobs, track=args.track)
+    summary = run_sweep(
+        args.config, args.data, args.out, jobs=args.jobs, track=args.track, device=args.device
+    )
     print(candidates_table(summary))
     layout = SweepLayout(args.out)
     print(f"\nwrote {layout.summary} and {layout.report.index}")
@@ -370,17 +413,26 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from recdistill.artifact import export_artifact
+    from recdistill.api import export
+    from recdistill.layout import OnnxLayout
+    from recdistill.manifest import read_manifest
 
-    manifest = export_artifact(args.run, args.model, args.out, data=args.data)
+    out = export(args.run, args.model, args.out, data=args.data, format=args.format)
+    if args.format == "onnx":
+        print(
+            f"wrote {out}: {args.model} as ONNX; its [teachers.*] table: {OnnxLayout(out).teacher}"
+        )
+        return
+    manifest = read_manifest(out)
     print(
-        f"wrote {args.out}: {manifest.name} ({manifest.kind}), "
+        f"wrote {out}: {manifest.name} ({manifest.kind}), "
         f"version {manifest.version}, {manifest.params:,} parameters"
     )
 
 
 def _serve(args: argparse.Namespace) -> None:
     import os
+    import socket
 
     import uvicorn
 
@@ -406,6 +458,12 @@ def _serve(args: argparse.Namespace) -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ValueError(f"impression log {log}: cannot create its folder: {error}") from None
+    # A port in use is said before anything claims to serve on it.
+    try:
+        socket.create_server((args.host, args.port)).close()
+    except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise ValueError(f"cannot serve on {args.host}:{args.port}: {reason}") from None
     os.environ[SETTINGS_ENV] = settings.to_json()
     # Flushed: stdout is block-buffered when it is a file, and these are start-up news.
     print(f"serving {len(args.artifact)} artifact(s) on http://{args.host}:{args.port}")
@@ -432,7 +490,7 @@ def _abtest(args: argparse.Namespace) -> None:
 
     if args.config is None or args.out is None:
         raise ValueError("abtest needs --config and --out (or: abtest analyze ...)")
-    result = run_abtest(args.config, args.out, mode=args.mode, seed=args.seed)
+    result = run_abtest(args.config, args.out, mode=args.mode, seed=args.seed, device=args.device)
     print(result.summary())
     print(f"\nwrote {result.report}")
 

@@ -26,6 +26,7 @@ from recdistill.ab_spec import (
 from recdistill.data.prepare import SplitSpec
 from recdistill.data.synthetic_world import SyntheticSpec
 from recdistill.ensembles import EnsembleSpec
+from recdistill.external.spec import TeacherSpec
 from recdistill.layout import DEFAULT_HISTORY_LENGTH
 from recdistill.models import TwoTowerSpec
 from recdistill.quantize import QuantizationSpec
@@ -97,15 +98,19 @@ class RunConfig:
     train: TrainDefaults = field(default_factory=TrainDefaults)
     stages: tuple[StageSpec, ...] = ()
     ensembles: dict[str, EnsembleSpec] = field(default_factory=dict)
+    # Teachers from outside the run: ``[teachers.*]`` (recdistill/external/spec.py).
+    teachers: dict[str, TeacherSpec] = field(default_factory=dict)
     baselines: BaselineGrids = field(default_factory=BaselineGrids)
     roles: Roles | None = None
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
 
     def __post_init__(self) -> None:
         if self.stages:
-            check_stages(self.stages, self.models, self.ensembles, self.history_length)
-            roles = derive_roles(self.stages, self.ensembles, self.roles)
-            check_roles(roles, self.stages, self.ensembles)
+            check_stages(
+                self.stages, self.models, self.ensembles, self.history_length, self.teachers
+            )
+            roles = derive_roles(self.stages, self.ensembles, self.roles, self.teachers)
+            check_roles(roles, self.stages, self.ensembles, self.teachers)
             object.__setattr__(self, "roles", roles)
 
     @property
@@ -167,6 +172,7 @@ def parse_run_config(raw: dict[str, Any]) -> RunConfig:
             name: spec_from(EnsembleSpec, table, f"[ensembles.{name}]", name=name)
             for name, table in section(raw, "ensembles").items()
         },
+        teachers=_teacher_specs(raw),
         baselines=BaselineGrids(
             ease_l2=tuple(section(raw, "baselines.ease").get("l2", EASE_L2)),
             half_lives=tuple(
@@ -196,6 +202,17 @@ def _model_presets(raw: dict[str, Any]) -> dict[str, TwoTowerSpec]:
         except (TypeError, ValueError) as error:
             raise ValueError(str(error) if str(error).startswith(where) else f"{where}: {error}")
     return presets
+
+
+def _teacher_specs(raw: dict[str, Any]) -> dict[str, TeacherSpec]:
+    """The ``[teachers.*]`` specs; each names its ``kind``."""
+    specs = {}
+    for name, table in section(raw, "teachers").items():
+        where = f"[teachers.{name}]"
+        if not isinstance(table, dict) or "kind" not in table:
+            raise ValueError(f'{where} names no kind (kind = "onnx", "torch", ...)')
+        specs[name] = spec_from(TeacherSpec, table, where, name=name)
+    return specs
 
 
 def _loss_terms(terms: list[dict[str, Any]], where: str) -> tuple[LossTerm, ...]:
@@ -397,6 +414,10 @@ def _run_tables(config: RunConfig) -> dict[tuple[str, ...], dict[str, Any]]:
         **{
             ("ensembles", name): _fields(spec, skip=("name",))
             for name, spec in config.ensembles.items()
+        },
+        **{
+            ("teachers", name): _fields(spec, skip=("name",))
+            for name, spec in config.teachers.items()
         },
     }
     if config.roles is not None:

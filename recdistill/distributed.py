@@ -51,6 +51,8 @@ from torchrec.distributed.planner.storage_reservations import FixedPercentageSto
 from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ShardingEnv, ShardingType
 
+from recdistill import devices
+
 # Rank 0 evaluates after every epoch while the other ranks wait in a collective.
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
 # fbgemm's fused embedding kernel needs table widths that are a multiple of this.
@@ -90,15 +92,14 @@ class World:
 
 
 def world() -> World:
-    """The job this process belongs to, joining its process group on first use."""
+    """The job this process belongs to, on the process's device (:mod:`recdistill.devices`:
+    a GPU of its own per rank under ``torchrun``), joining its process group on first use."""
+    device = devices.resolve()
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return World()
+        return World(device=device)
     _quiet_known_noise()
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT
@@ -352,9 +353,10 @@ class Replica:
         return index * self.world.size + self.world.rank
 
     def wrap(self, module: nn.Module, **fused_optimizer: float) -> nn.Module:
-        """The module to train in place of ``module``, which stays whole: ``module`` itself.
-        ``fused_optimizer`` holds the sharded tables' rates, as :func:`shard` takes them."""
-        return module
+        """The module to train in place of ``module``, which stays whole, both moved to this
+        process's device: ``module`` itself. ``fused_optimizer`` holds the sharded tables'
+        rates, as :func:`shard` takes them."""
+        return module.to(self.world.device)
 
     def gather_weights(self, trained: nn.Module, whole: nn.Module) -> None:
         """Bring ``trained``'s current weights into ``whole``: they are already there."""
@@ -388,6 +390,7 @@ class ShardedReplica(Replica):
 
     def wrap(self, module: nn.Module, **fused_optimizer: float) -> nn.Module:
         # Sharding rebuilds modules in place: shard a copy and keep ``module`` whole.
+        module.to(self.world.device)
         return shard(copy.deepcopy(module), self.world, **fused_optimizer)
 
     def gather_weights(self, trained: nn.Module, whole: nn.Module) -> None:

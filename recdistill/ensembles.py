@@ -131,7 +131,9 @@ class EaseMember:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
             rows = x.reshape(lists, items).to_sparse_csr()
-        return rows @ self.weights.to(device)
+        if self.weights.device != device:
+            self.weights = self.weights.to(device)  # once: items² floats
+        return rows @ self.weights
 
 
 class EnsembleTeacher(Teacher):
@@ -173,10 +175,8 @@ class EnsembleTeacher(Teacher):
     def outputs(self, batch: RankingBatch, users: torch.Tensor | None = None) -> TeacherOutputs:
         users = self.users(batch) if users is None else users
         items = batch.items["item_id"].values()
-        return users, users.new_empty(len(items), 0), users[:, items].gather(1, batch.candidates)
-
-    def __call__(self, batch: RankingBatch) -> torch.Tensor:
-        return self.outputs(batch)[2]
+        scores = users[:, items].gather(1, batch.candidates)
+        return TeacherOutputs(users, users.new_empty(len(items), 0), scores)
 
 
 def standardised(scores: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,12 @@ class ArtifactError(ValueError):
     """An artifact that is missing, corrupt or inconsistent."""
 
 
+class TeacherError(ValueError):
+    """A teacher from outside the run that cannot teach as given: a model, graph or table
+    whose inputs, outputs, vocabulary or values do not meet the teacher contract
+    (``recdistill.external``). Raised before a run directory is written where it can be."""
+
+
 class TrainingDiverged(RuntimeError):
     """A stage's loss or gradients stopped being finite; its weights were not stepped."""
 

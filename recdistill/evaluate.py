@@ -1,7 +1,11 @@
-"""Score every evaluated user's candidate list, and the full catalogue, with any ranker."""
+"""Score every evaluated user's candidate list, and the full catalogue, with any ranker.
+
+A ranker scores on its own device (:func:`device_of`): batches are moved there and scores
+brought back to the CPU."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +19,19 @@ from recdistill.metrics import held_out_ranks, list_metrics, single_positive_met
 
 Ranker = Callable[[RankingBatch], torch.Tensor]
 """Anything that scores a batch's lists: ``[lists, list_size]`` scores."""
+
+
+def device_of(ranker: Ranker) -> torch.device:
+    """Where ``ranker`` computes: a module's weights' device, a teacher's ``device``, else the
+    CPU (the baselines' tables)."""
+    if isinstance(ranker, torch.nn.Module):
+        weight = next(itertools.chain(ranker.parameters(), ranker.buffers()), None)
+        return torch.device("cpu") if weight is None else weight.device
+    return getattr(ranker, "device", torch.device("cpu"))
+
+
+def _scores(ranker: Ranker, batch: RankingBatch) -> np.ndarray:
+    return ranker(batch.to(device_of(ranker))).cpu().numpy()
 
 
 @dataclass(frozen=True)
@@ -31,7 +48,7 @@ def score_lists(
     ranker: Ranker, store: FeatureStore, split: str, *, batch_size: int = 256
 ) -> ScoredLists:
     lists = CandidateLists(store, split, batch_size=batch_size)
-    scores = np.concatenate([ranker(batch).numpy() for batch in lists])
+    scores = np.concatenate([_scores(ranker, batch) for batch in lists])
     return ScoredLists(lists.users, lists.items, scores.astype(np.float32))
 
 
@@ -86,16 +103,18 @@ def scoring_latency_ms(
 ) -> dict[str, float]:
     """In-process time to score one list (one request), median and 99th percentile in ms.
 
-    Batches are built before the clock starts: only the ranker's own work is timed.
+    Batches are built, on the ranker's device, before the clock starts: only the ranker's own
+    work is timed, until its scores are back on the CPU.
     """
     lists = CandidateLists(store, split, batch_size=1)
-    batches = [batch for _, batch in zip(range(requests), lists)]
+    device = device_of(ranker)
+    batches = [batch.to(device) for _, batch in zip(range(requests), lists)]
     for batch in batches[:10]:
-        ranker(batch)
+        ranker(batch).cpu()
     seconds = []
     for batch in batches:
         started = time.perf_counter()
-        ranker(batch)
+        ranker(batch).cpu()
         seconds.append(time.perf_counter() - started)
     return {
         "p50": float(np.percentile(seconds, 50) * 1e3),
@@ -123,7 +142,7 @@ def _full_ranks(
             np.broadcast_to(catalogue, (rows, len(catalogue))),
             np.zeros((rows, len(catalogue)), dtype=np.float32),
         )
-        scores = ranker(batch).numpy().astype(np.float64)
+        scores = _scores(ranker, batch).astype(np.float64)
         non_finite.append(~np.isfinite(scores).all(axis=1))
         if non_finite[-1].any():
             continue  # counted for the error below; ranking these scores would be meaningless

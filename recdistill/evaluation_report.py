@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from recdistill.config import load_run_config
 from recdistill.layout import RunLayout
@@ -30,6 +31,16 @@ from recdistill.roles import REFERENCE, SCRATCH, Roles
 from recdistill.segments import ALL, SliceSpec, slice_table, user_segments
 from recdistill.summary import RunSummary, TrainedModel, read_summary
 from recdistill.tracking import log_report
+
+# What the models table's latency columns are, said beside them.
+LATENCY_NOTE = (
+    "Scoring p50 and p99: in-process time to score one list of 100 candidates, 200 lists "
+    "timed once, as training ended, on the machine and device that trained (summary.json's "
+    "latency_ms). "
+    "On a shared CPU they move from one run to the next: a rough ordering of the models, not "
+    "their serving latency, which the load test measures (docs/load-test-locust-against-the-"
+    "endpoint.md)."
+)
 
 
 def build_report(run: Path, spec: SliceSpec | None = None) -> Path:
@@ -72,6 +83,7 @@ def build_report(run: Path, spec: SliceSpec | None = None) -> Path:
         "references": references,
         "verdicts": judged,
         "headline": _headline(summary, key),
+        "latency_note": LATENCY_NOTE,
         "families": _families(key),
         "metrics": _metric_tabs(table),
         "unplotted": unplotted,
@@ -186,8 +198,8 @@ def _headline(summary: RunSummary, key: pd.DataFrame) -> list[dict[str, Any]]:
                 "model": name,
                 "params": entry.params,
                 "macs": entry.multiply_adds.per_candidate if trained else None,
-                "p50_ms": entry.latency_ms.p50,
-                "p99_ms": entry.latency_ms.p99,
+                "p50_ms": None if entry.latency_ms is None else entry.latency_ms.p50,
+                "p99_ms": None if entry.latency_ms is None else entry.latency_ms.p99,
                 "mean": None if row is None else row["mean"],
                 "ci_low": None if row is None else row["ci_low"],
                 "ci_high": None if row is None else row["ci_high"],
@@ -299,7 +311,7 @@ def _retention_heatmap(key: pd.DataFrame, candidates: list[str]) -> str | None:
     retention = rows.pivot(index="slice", columns="model", values="retention").loc[slices, models]
     flags = rows.pivot(index="slice", columns="model", values="flagged").loc[slices, models]
     shift = retention - overall[models]
-    span = max(0.05, math.ceil(np.nanmax(np.abs(shift.to_numpy())) / 0.05) * 0.05)
+    span, clipped = colour_scale(shift.to_numpy(dtype=float))
     figure = Figure(figsize=(3.2 + 1.3 * len(models), 1.6 + 0.3 * len(slices)))
     axis = figure.subplots()
     norm = TwoSlopeNorm(vcenter=0.0, vmin=-span, vmax=span)
@@ -312,6 +324,8 @@ def _retention_heatmap(key: pd.DataFrame, candidates: list[str]) -> str | None:
     segment_of = rows.drop_duplicates("slice").set_index("slice")["segment"].loc[slices]
     for boundary in np.flatnonzero(segment_of.to_numpy()[1:] != segment_of.to_numpy()[:-1]):
         axis.axhline(boundary + 0.5, color="white", linewidth=2)
+    for i, j in np.argwhere(clipped):
+        axis.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, linewidth=2))
     for (i, j), value in np.ndenumerate(retention.to_numpy(dtype=float)):
         if np.isnan(value):
             continue
@@ -327,14 +341,29 @@ def _retention_heatmap(key: pd.DataFrame, candidates: list[str]) -> str | None:
             fontweight="bold" if flagged else "normal",
             color="white" if dark else "black",
         )
+    beyond = f"; {int(clipped.sum())} outlined cell(s) beyond it" if clipped.any() else ""
     figure.colorbar(
         image,
         ax=axis,
         shrink=min(1.0, 8 / max(len(slices), 1)),
-        label=f"retention − the model's overall retention (scale ±{span:.2f})",
+        extend="both" if clipped.any() else "neither",
+        label=f"retention − the model's overall retention (scale ±{span:.2f}{beyond})",
     )
     figure.tight_layout()
     return figure_png(figure)
+
+
+def colour_scale(shifts: np.ndarray) -> tuple[float, np.ndarray]:
+    """The heatmap's colour scale ±``span`` for cells of ``shifts`` (NaN: empty), in steps of
+    0.05 and at least 0.05, and the cells beyond it, drawn at its ends and outlined.
+
+    The scale reaches the largest shift unless that is more than three times the median
+    one: a single outlying cell (a slice of a few users) would otherwise wash every other
+    cell out to white."""
+    magnitudes = np.abs(shifts[~np.isnan(shifts)])
+    reach = min(magnitudes.max(), 3 * np.median(magnitudes)) if len(magnitudes) else 0.0
+    span = max(0.05, math.ceil(round(reach / 0.05, 9)) * 0.05)
+    return span, np.nan_to_num(np.abs(shifts), nan=0.0) > span
 
 
 def _quality_vs_cost(
@@ -354,7 +383,7 @@ def _quality_vs_cost(
         axes,
         [
             ("parameters", lambda e: e.params),
-            ("scoring latency p50 (ms, 100 candidates)", lambda e: e.latency_ms.p50),
+            ("in-process scoring p50 (ms, 100 candidates, one run)", lambda e: e.latency_ms.p50),
         ],
     ):
         for marker, (name, entry) in zip("osD^vP*Xhp" * 2, plotted.items()):

@@ -32,14 +32,8 @@ class PlainUserTower:
     mode."""
 
     def __init__(self, tower: Tower) -> None:
-        collection = tower.embeddings
-        table_of = {
-            feature: config.name
-            for config in collection.embedding_bag_configs()
-            for feature in config.feature_names
-        }
         self.keys = tower.keys
-        self.rows = [_row_reader(collection.embedding_bags[table_of[key]]) for key in tower.keys]
+        self.rows = [_row_reader(table) for table in tower.bag_tables()]
         self.recent_length = tower.recent_length
         self.sequence = tower.sequence
         if self.sequence is not None:

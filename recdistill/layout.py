@@ -19,6 +19,8 @@ feature snapshot are themselves layouts (:class:`StageLayout`, :class:`Candidate
         <candidate>/             CandidateLayout: a stage + result.json model_int8.safetensors
     artifacts/<name>/            ArtifactLayout
         manifest.json model.safetensors spec.json vocabularies.json features/ (a DataLayout)
+    <onnx out>/                  OnnxLayout (``recdistill export --format onnx``)
+        model.onnx onnx.json teacher.toml vocabulary/<item_id|user_id|feature>.parquet
     runs/serve/                  ServeLayout: impressions.jsonl events.jsonl (``serve``'s default)
     runs/ab/                     AbTestLayout
         requests.parquet impressions.jsonl events.jsonl summary.json index.html report.md
@@ -68,6 +70,11 @@ MANIFEST = "manifest.json"
 SPEC = "spec.json"
 VOCABULARIES = "vocabularies.json"
 FEATURES = "features"
+# A model out as ONNX (``recdistill export --format onnx``)
+ONNX_MODEL = "model.onnx"
+ONNX_CONTRACT = "onnx.json"
+ONNX_TEACHER = "teacher.toml"
+ONNX_VOCABULARY = "vocabulary"
 # The server's impression log, a JSON line per ranked request, and its event log, a JSON
 # line per click or conversion reported to POST /feedback (beside the impression log).
 IMPRESSIONS = "impressions.jsonl"
@@ -198,6 +205,18 @@ class ArtifactLayout:
     def features(self) -> DataLayout:
         """The snapshot of the data directory the model reads its features from."""
         return DataLayout(self.root / FEATURES)
+
+
+@dataclass(frozen=True)
+class OnnxLayout:
+    """A model out as ONNX: the graph, what it reads and gives, its vocabularies (one
+    Parquet table per ID kind) and its ``[teachers.*]`` table."""
+
+    root: Path
+    model = _File(ONNX_MODEL)
+    contract = _File(ONNX_CONTRACT)
+    teacher = _File(ONNX_TEACHER)
+    vocabulary = _File(ONNX_VOCABULARY)
 
 
 @dataclass(frozen=True)

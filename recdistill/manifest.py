@@ -20,6 +20,8 @@ TWO_TOWER = "two_tower"
 POPULARITY = "popularity"
 EASE = "ease"
 ENSEMBLE = "ensemble"
+# A teacher from outside the run (its torch module or ONNX graph, recdistill.external).
+EXTERNAL = "external"
 
 
 @with_config(ConfigDict(extra="forbid"))
@@ -59,6 +61,6 @@ def read_manifest(directory: Path) -> Manifest:
         raise ArtifactError(f"{path}: {error}") from error
     if manifest.format != FORMAT:
         raise ArtifactError(f"{path}: format {manifest.format}, this version reads {FORMAT}")
-    if manifest.kind not in (TWO_TOWER, POPULARITY, EASE, ENSEMBLE):
+    if manifest.kind not in (TWO_TOWER, POPULARITY, EASE, ENSEMBLE, EXTERNAL):
         raise ArtifactError(f"{path}: unknown kind {manifest.kind!r}")
     return manifest

@@ -289,6 +289,16 @@ class Tower(nn.Module):
         self.mlp = nn.Sequential(*layers)
         self.output_dim = width
 
+    def bag_tables(self) -> list[nn.Module]:
+        """The embedding-bag table each of ``keys`` reads, in that order (``recent`` reads
+        the history's)."""
+        table_of = {
+            feature: config.name
+            for config in self.embeddings.embedding_bag_configs()
+            for feature in config.feature_names
+        }
+        return [self.embeddings.embedding_bags[table_of[key]] for key in self.keys]
+
     def pooled(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """The embedding bags' outputs ``[B, width]``, in the order the MLP was built for."""
         if self.recent_length:

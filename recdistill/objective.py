@@ -9,7 +9,7 @@ from recdistill.data.feature_store import RankingBatch, SequenceBatch
 from recdistill.losses import LOSSES
 from recdistill.models import TwoTower
 from recdistill.stage import LABELS, LossTerm
-from recdistill.teachers import TeacherOutputs
+from recdistill.teachers import DistillationLists, TeacherOutputs
 
 
 class StageObjective(nn.Module):
@@ -29,10 +29,11 @@ class StageObjective(nn.Module):
         self,
         batch: RankingBatch | SequenceBatch,
         teacher_outputs: dict[str, TeacherOutputs],
-        ranked: dict[str, tuple[RankingBatch, torch.Tensor]],
+        lists: dict[str, DistillationLists],
     ) -> torch.Tensor:
-        """The weighted loss of ``batch``; a score term whose teacher has teacher-ranked lists
-        in ``ranked`` (with that teacher's scores on them) is computed on those lists."""
+        """The weighted loss of ``batch``; a score term whose teacher has lists of its own in
+        ``lists`` (teacher-ranked lists of the batch's users, or the requests a log of scores
+        holds) is computed on those lists against the teacher's scores on them."""
         if isinstance(batch, SequenceBatch):
             scores, labels = self.model.next_item_scores(batch)
             mask = torch.ones_like(labels, dtype=torch.bool)
@@ -42,30 +43,46 @@ class StageObjective(nn.Module):
             )
         users, items = self.model.towers(batch)
         scores = self.model.score(users, items, batch)
-        # The ranked lists belong to the batch's own users: their tower output is shared.
-        ranked_scores = {
-            name: self.model.score(users, self.model.item_tower(lists.items), lists)
-            for name, (lists, _) in ranked.items()
+        list_scores = {
+            name: self.model.score(
+                users if own.shares_users else self.model.user_tower(own.batch.users),
+                self.model.item_tower(own.batch.items),
+                own.batch,
+            )
+            for name, own in lists.items()
         }
         total = scores.new_zeros(())
         for term in self.losses:
             fn = LOSSES[term.fn]
             if term.fn == "feature_mse":
-                t_users, t_items, _ = teacher_outputs[term.source]
+                teacher = teacher_outputs[term.source]
                 adapter = self.adapters[term.source]
                 value = 0.5 * (
-                    fn(adapter(users), t_users, mask=_all_rows(users), **term.options)
-                    + fn(adapter(items), t_items, mask=_all_rows(items), **term.options)
+                    fn(
+                        adapter(users),
+                        teacher.users,
+                        mask=_rows(users, teacher.valid),
+                        **term.options,
+                    )
+                    + fn(adapter(items), teacher.items, mask=_rows(items), **term.options)
                 )
-            elif term.source in ranked:
-                lists, target = ranked[term.source]
-                value = fn(ranked_scores[term.source], target, mask=lists.mask, **term.options)
+            elif term.source in lists:
+                own = lists[term.source]
+                value = fn(
+                    list_scores[term.source], own.targets, mask=own.batch.mask, **term.options
+                )
+            elif term.source == LABELS:
+                value = fn(scores, batch.labels, mask=batch.mask, **term.options)
             else:
-                target = batch.labels if term.source == LABELS else teacher_outputs[term.source][2]
-                value = fn(scores, target, mask=batch.mask, **term.options)
+                teacher = teacher_outputs[term.source]
+                mask = batch.mask if teacher.valid is None else batch.mask & teacher.valid[:, None]
+                value = fn(scores, teacher.scores, mask=mask, **term.options)
             total = total + term.weight * value
         return total
 
 
-def _all_rows(values: torch.Tensor) -> torch.Tensor:
-    return torch.ones(values.shape[0], dtype=torch.bool)
+def _rows(values: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Which rows of ``values`` a feature loss compares: ``valid`` ones, or all."""
+    if valid is not None:
+        return valid
+    return torch.ones(values.shape[0], dtype=torch.bool, device=values.device)

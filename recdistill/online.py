@@ -22,6 +22,8 @@ vector reads out.
 An ``ease`` artifact scores the whole catalogue from the same history (EASE on the history
 bag, ``recdistill.ensembles.EaseMember``), an ``ensemble`` mixes its members' catalogue scores,
 each standardised over the catalogue, with its weights, as the ensemble teacher does offline.
+An ``external`` artifact asks its teacher from outside the run about the same history
+(:class:`~recdistill.external.served.ServedTeacher`).
 
 Fallbacks, decided once at load:
 
@@ -41,7 +43,10 @@ history table is left as it is: a history never holds an unknown item.
 
 from __future__ import annotations
 
+import copy
+import time
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -77,6 +82,10 @@ class OnlineRanker:
         ranking = ranker.rank(42, np.array([10, 7, 3]), recent_items=np.array([5]))
         ranking.items, ranking.scores  # candidates best first, with their scores
         ranking.cold_start, ranking.unknown  # is user 42 new to the model; which candidates are
+
+    ``device`` is where :meth:`score_lists` runs a float two-tower model's user tower and
+    scores (the A/B simulation's batches); single requests, int8 models and the other kinds
+    score on the CPU, as served.
     """
 
     def __init__(
@@ -86,10 +95,13 @@ class OnlineRanker:
         precompute_items: bool = True,
         inference: str = "plain",
         user_cache: int = USER_CACHE,
+        device: torch.device | str = "cpu",
     ) -> None:
         if inference not in INFERENCE_PATHS:
             raise ValueError(f"inference must be one of {INFERENCE_PATHS}, not {inference!r}")
         self.artifact = artifact
+        float_model = artifact.model is not None and artifact.quantization is None
+        self.batch_device = torch.device(device if float_model else "cpu")
         self.store = artifact.store
         self.precompute_items = precompute_items
         self.user_cache = UserVectorCache(user_cache)
@@ -99,6 +111,11 @@ class OnlineRanker:
             self._prepare_fallbacks()
             if inference == "plain":
                 self.plain_tower = PlainUserTower(artifact.model.user_tower)
+        self.served = None
+        if artifact.teacher is not None:
+            from recdistill.external.served import ServedTeacher
+
+            self.served = ServedTeacher(artifact.teacher, artifact.store)
         # An ensemble's members score the whole catalogue for every request.
         self.members = {
             name: (OnlineRanker(member, precompute_items=True), weight)
@@ -151,6 +168,13 @@ class OnlineRanker:
         if recent_items is not None and len(recent_items):
             recent = self.store.items.index(np.asarray(recent_items, dtype=np.int64))
             recent = recent[recent != UNKNOWN]
+        if self.served is not None:
+            history = self._history(user, recent)
+            _, snapshot_times = self.served.snapshot(np.array([user]))
+            now = np.full(len(recent), int(time.time()), dtype=np.int64)
+            times = np.concatenate([now, snapshot_times[0]])[: len(history)]
+            scores = self.served.scores(np.array([user]), items[None], [history], [times])
+            return torch.as_tensor(scores[0])
         if self.artifact.ease is not None:
             return self.artifact.ease.history_scores(self._user_features(user, recent))[0, items]
         model, item_rows = self.artifact.model, torch.from_numpy(items)
@@ -181,6 +205,18 @@ class OnlineRanker:
         if self.artifact.counts is not None:
             return self.artifact.counts[items].numpy()
         users, row_of_list = np.unique(store.users.index(user_ids), return_inverse=True)
+        if self.served is not None:
+            histories, times = self.served.snapshot(users)
+            scores = np.empty(items.shape, dtype=np.float32)
+            for start in range(0, len(items), LOAD_BATCH):
+                rows = row_of_list[start : start + LOAD_BATCH]
+                scores[start : start + LOAD_BATCH] = self.served.scores(
+                    users[rows],
+                    items[start : start + LOAD_BATCH].numpy(),
+                    [histories[r] for r in rows],
+                    [times[r] for r in rows],
+                )
+            return scores
         if self.artifact.ease is not None or self.members:
             scores = torch.empty(items.shape)
             for start in range(0, len(users), LOAD_BATCH):
@@ -190,14 +226,25 @@ class OnlineRanker:
                 rows = torch.as_tensor(row_of_list[lists] - start)
                 scores[lists] = catalogue[rows[:, None], items[lists]]
             return scores.numpy()
-        user_vectors = self.artifact.model.user_tower(store.history_kjt(users))
-        user_vectors[torch.as_tensor(users == UNKNOWN)] = self.mean_user
-        scores = torch.empty(items.shape)
+        device = self.batch_device
+        user_vectors = self._batch_user_tower(store.history_kjt(users).to(device))
+        user_vectors[torch.as_tensor(users == UNKNOWN, device=device)] = self.mean_user.to(device)
+        items, item_vectors = items.to(device), self.item_vectors.to(device)
+        scores = torch.empty(items.shape, device=device)
         for start in range(0, len(items), LOAD_BATCH):
             rows = slice(start, start + LOAD_BATCH)
-            vectors = user_vectors[torch.as_tensor(row_of_list[rows])]
-            scores[rows] = torch.einsum("lcd,ld->lc", self.item_vectors[items[rows]], vectors)
-        return (scores + self.item_bias[items]).numpy()
+            vectors = user_vectors[torch.as_tensor(row_of_list[rows], device=device)]
+            scores[rows] = torch.einsum("lcd,ld->lc", item_vectors[items[rows]], vectors)
+        return (scores + self.item_bias.to(device)[items]).cpu().numpy()
+
+    @cached_property
+    def _batch_user_tower(self) -> torch.nn.Module:
+        """The user tower :meth:`score_lists` runs: the model's own, or a copy on
+        ``batch_device`` (made after the fallbacks set the unknown rows)."""
+        tower = self.artifact.model.user_tower
+        return (
+            tower if self.batch_device.type == "cpu" else copy.deepcopy(tower).to(self.batch_device)
+        )
 
     def _catalogue_scores(self, users: np.ndarray) -> torch.Tensor:
         """``[users, items]``: user indices ``users`` scoring the whole catalogue, from

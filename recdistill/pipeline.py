@@ -10,6 +10,7 @@ run's files and hands the summary to the others.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from functools import cache, partial
 from pathlib import Path
@@ -21,12 +22,13 @@ import pyarrow.parquet as pq
 from safetensors.numpy import save_file
 from scipy import stats
 
-from recdistill import distributed, tracking
+from recdistill import devices, distributed, tracking
 from recdistill.baselines import Ease, Popularity
 from recdistill.config import RunConfig
 from recdistill.data.feature_store import FeatureStore
 from recdistill.data.tables import read_meta
 from recdistill.ensembles import BASELINE_MEMBERS, EaseMember, EnsembleSpec, EnsembleTeacher
+from recdistill.errors import TeacherError
 from recdistill.evaluate import (
     ScoredLists,
     evaluate,
@@ -34,6 +36,7 @@ from recdistill.evaluate import (
     score_lists,
     scoring_latency_ms,
 )
+from recdistill.external.load import load_teacher
 from recdistill.files import atomic_write
 from recdistill.layout import RunLayout
 from recdistill.metrics import coverage_at
@@ -44,6 +47,7 @@ from recdistill.summary import (
     BaselineModel,
     Comparison,
     EnsembleModel,
+    ExternalModel,
     Latency,
     MultiplyAdds,
     RunSummary,
@@ -56,12 +60,26 @@ from recdistill.summary import (
 from recdistill.teachers import FrozenTeacher, Teacher
 
 Tuned = TypeVar("Tuned")
+Entry = TrainedModel | EnsembleModel | BaselineModel | ExternalModel
 
 
-def run(config: RunConfig, data: Path, out: Path, *, resume: bool = False) -> RunSummary:
+def run(
+    config: RunConfig,
+    data: Path,
+    out: Path,
+    *,
+    resume: bool = False,
+    teachers: dict[str, Any] | None = None,
+) -> RunSummary:
     """Train every stage of ``config`` on ``data`` into run directory ``out``, score every
     model and write ``summary.json``; ``resume`` continues from the stages' checkpoints.
-    With ``[tracking]`` on, the run is logged to MLflow as it goes (:mod:`recdistill.tracking`)."""
+    ``teachers`` hands over the objects of ``[teachers.*]`` tables that come from Python.
+    With ``[tracking]`` on, the run is logged to MLflow as it goes (:mod:`recdistill.tracking`).
+
+    Teachers from outside the run are loaded and tried before anything is written: one that
+    cannot teach stops the run with a :class:`~recdistill.errors.TeacherError`, and one that
+    fails later (a non-finite score) takes the run directory it was training into with it.
+    """
     if not config.stages:
         raise ValueError("the config has no [stages.*] tables")
     world = distributed.world()
@@ -70,19 +88,53 @@ def run(config: RunConfig, data: Path, out: Path, *, resume: bool = False) -> Ru
         raise ValueError(f"{out} already holds a run; pass --resume to continue it")
     meta = read_meta(data)
     store = FeatureStore(data, history_length=config.history_length)
+    external = _external_teachers(config, store, layout, teachers or {})
+    fresh = not layout.root.exists()
     layout.root.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(config, data, layout, store, meta, external, resume=resume)
+    except TeacherError:
+        if fresh and world.is_main:
+            shutil.rmtree(layout.root, ignore_errors=True)
+        raise
+
+
+def _run(
+    config: RunConfig,
+    data: Path,
+    layout: RunLayout,
+    store: FeatureStore,
+    meta: dict[str, Any],
+    external: dict[str, Teacher],
+    *,
+    resume: bool,
+) -> RunSummary:
+    world = distributed.world()
     if world.is_main:
         atomic_write(layout.config, lambda path: path.write_text(config.to_toml()))
     with tracking.tracked_run(config.tracking, layout, layout.config, resume=resume) as tracker:
+        devices.announce(world.device)
         # Fitted when an ensemble needs them as members, else once training is over.
         baselines = cache(partial(fit_baselines, store, config))
 
-        models: dict[str, Any] = {}
+        # Every model scored on test: the teachers from outside that can be, the stages, the
+        # ensembles and (once trained) the baselines.
+        models: dict[str, Any] = {
+            name: t for name, t in external.items() if config.teachers[name].scorable
+        }
         # A trained stage, frozen once as the teacher of every later stage that learns from it,
-        # and each ensemble, built once from its trained members.
-        frozen: dict[str, Teacher] = {}
+        # each ensemble, built once from its trained members, and the teachers from outside.
+        frozen: dict[str, Teacher] = dict(external)
         # Each model's summary entry, waiting for its test metrics and latency.
-        entries: dict[str, Callable[..., TrainedModel | EnsembleModel | BaselineModel]] = {}
+        entries: dict[str, Callable[..., Entry]] = {
+            name: partial(
+                ExternalModel,
+                kind=config.teachers[name].kind,
+                params=teacher.params,
+                note=teacher.describe(),
+            )
+            for name, teacher in external.items()
+        }
 
         def teacher(name: str) -> Teacher:
             if name not in frozen:
@@ -94,13 +146,13 @@ def run(config: RunConfig, data: Path, out: Path, *, resume: bool = False) -> Ru
                         for m in spec.members
                     }
                     frozen[name], entries[name] = choose_ensemble(
-                        spec, members, models, store, config.train.valid_metric, directory
+                        spec, members, store, config.train.valid_metric, directory
                     )
                 else:
                     frozen[name] = FrozenTeacher(name, models[name], store, cache=directory)
             return frozen[name]
 
-        for stage in config.stages:
+        for number, stage in enumerate(config.stages, start=1):
             teachers = {name: teacher(name) for name in stage.teachers}
             model, result = train_stage(
                 stage,
@@ -109,6 +161,7 @@ def run(config: RunConfig, data: Path, out: Path, *, resume: bool = False) -> Ru
                 store,
                 layout.stage(stage.name).root,
                 resume=resume,
+                place=f"stage {number} of {len(config.stages)}",
             )
             models[stage.name] = model
             training = Training(
@@ -141,12 +194,48 @@ def run(config: RunConfig, data: Path, out: Path, *, resume: bool = False) -> Ru
             models |= fitted
             entries |= fitted_entries
             scored, comparisons = _score_and_write(models, entries, store, layout, config.roles)
-            summary = RunSummary(str(data), meta["source"], scored, comparisons)
+            # A log of scores ranked no test list: in the summary without metrics.
+            unscored = {
+                n: entries[n](metrics={}, latency_ms=None) for n in entries if n not in scored
+            }
+            summary = RunSummary(str(data), meta["source"], scored | unscored, comparisons)
             write_summary(layout.summary, summary)
             if tracker is not None:
                 tracking.log_run(tracker, layout, summary)
     shared = distributed.broadcast_json(None if summary is None else to_json(summary), world)
     return from_json(RunSummary, shared)
+
+
+def _external_teachers(
+    config: RunConfig, store: FeatureStore, layout: RunLayout, given: dict[str, Any]
+) -> dict[str, Teacher]:
+    """The run's ``[teachers.*]``, each loaded and tried on a few lists; a feature loss from
+    one that gives no vectors is refused here, before anything is written."""
+    unknown = sorted(set(given) - set(config.teachers))
+    if unknown:
+        raise TeacherError(
+            f"teachers {unknown} were handed over, but the config has no [teachers.*] table for "
+            f'them: add [teachers.NAME] kind = "python" (or "torch")'
+        )
+    external = {}
+    for name, spec in config.teachers.items():
+        external[name] = load_teacher(
+            spec, store, given=given.get(name), cache=layout.stage(name).root
+        )
+        print(external[name].describe(), flush=True)
+    for stage in config.stages:
+        for term in stage.losses:
+            source = external.get(term.source)
+            if (
+                term.fn == "feature_mse"
+                and source is not None
+                and not hasattr(source, "output_dim")
+            ):
+                raise TeacherError(
+                    f"[stages.{stage.name}]: feature_mse needs {term.source!r}'s vectors; "
+                    "it gives scores alone"
+                )
+    return external
 
 
 def fit_baselines(
@@ -187,7 +276,6 @@ def fit_baselines(
 def choose_ensemble(
     spec: EnsembleSpec,
     members: dict[str, Any],
-    models: dict[str, Any],
     store: FeatureStore,
     metric: str,
     cache: Path | None,
@@ -212,7 +300,7 @@ def choose_ensemble(
     chosen = max(range(len(tried)), key=lambda k: (tried[k][metric], -k))
     best = EnsembleTeacher(spec.name, members, spec.grid[chosen], store, cache=cache)
     params = sum(
-        models[name].parameter_count() if name in models else len(store.items) ** 2
+        len(store.items) ** 2 if name in BASELINE_MEMBERS else members[name].params or 0
         for name in spec.members
     )
     entry = partial(EnsembleModel, weights=best.weights, params=params, valid=tried[chosen])
@@ -221,15 +309,15 @@ def choose_ensemble(
 
 def _score_and_write(
     models: dict[str, Any],
-    entries: dict[str, Callable[..., TrainedModel | EnsembleModel | BaselineModel]],
+    entries: dict[str, Callable[..., Entry]],
     store: FeatureStore,
     layout: RunLayout,
     roles: Roles,
-) -> tuple[dict[str, TrainedModel | EnsembleModel | BaselineModel], dict[str, Comparison]]:
+) -> tuple[dict[str, Entry], dict[str, Comparison]]:
     """Score every model on the test lists and write the per-user metrics and scores;
     returns the summary's models and the comparisons of ``roles``."""
     scored = {name: score_lists(model, store, "test") for name, model in models.items()}
-    teacher = scored[roles.reference]
+    teacher = scored.get(roles.reference)
     per_user, summarised = {}, {}
     for name, model in models.items():
         reference = None if name == roles.reference else teacher
@@ -314,8 +402,12 @@ def summary_table(summary: RunSummary) -> str:
         if isinstance(entry, TrainedModel):
             macs = f"{entry.multiply_adds.per_candidate:,.0f}"
             speed = f"{entry.training.examples_per_second:,.0f}"
+        params = "" if entry.params is None else f"{entry.params:,}"
+        if not metrics:  # a log of scores: it ranked no test list
+            lines.append(f"{name:<16}{params:>11}{macs:>11}  (logged scores: no test lists)")
+            continue
         lines.append(
-            f"{name:<16}{entry.params:>11,}{macs:>11}"
+            f"{name:<16}{params:>11}{macs:>11}"
             f"{metrics['ndcg@10']:>9.4f}{metrics['hr@10']:>8.4f}{metrics['mrr']:>8.4f}"
             f"{metrics['full_ndcg@10']:>14.4f}{metrics['full_recall@10']:>13.4f}{speed:>12}"
         )

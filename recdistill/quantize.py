@@ -62,8 +62,9 @@ class QuantizationSpec:
 
 
 def quantize(model: TwoTower, spec: QuantizationSpec) -> TwoTower:
-    """An int8 copy of ``model`` in eval mode; ``model`` itself is left as it is."""
-    model = copy.deepcopy(model).eval()
+    """An int8 copy of ``model`` in eval mode, on the CPU (its int8 kernels are CPU ones);
+    ``model`` itself is left as it is."""
+    model = copy.deepcopy(model).cpu().eval()
     with _quiet():
         for tower in (model.user_tower, model.item_tower):
             if spec.embeddings:

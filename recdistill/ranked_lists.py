@@ -30,7 +30,7 @@ import torch
 
 from recdistill.data.feature_store import UNKNOWN, FeatureStore, RankingBatch
 from recdistill.data.sampling import sample_unseen
-from recdistill.teachers import Teacher
+from recdistill.teachers import DistillationLists, Teacher
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,10 @@ def rrd_lists(
     store: FeatureStore,
     spec: ListSpec,
     rng: np.random.Generator,
-) -> tuple[RankingBatch, torch.Tensor]:
+) -> DistillationLists:
     """The distillation lists of ``batch``'s training lists, whose teacher user vectors are
-    ``users``, and the teacher's scores on them (``[lists, top + uniform]`` both)."""
+    ``users``, and the teacher's scores on them (``[lists, top + uniform]`` both); a list
+    the teacher does not teach is masked out whole."""
     rows = batch.train_rows.cpu().numpy()
     if (rows < 0).any():
         raise ValueError("teacher-ranked lists are drawn for training lists only")
@@ -99,5 +100,10 @@ def rrd_lists(
         mask=torch.cat([top_valid, uniform_valid], dim=1),
         user_ids=batch.user_ids,
         train_rows=batch.train_rows,
+        moments=batch.moments,
+        history_times=batch.history_times,
     ).to(users.device)
-    return ranked_batch, teacher.outputs(ranked_batch, users)[2]
+    answer = teacher.outputs(ranked_batch, users)
+    if answer.valid is not None:
+        ranked_batch.mask &= answer.valid[:, None]
+    return DistillationLists(ranked_batch, answer.scores, shares_users=True)

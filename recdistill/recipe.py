@@ -48,15 +48,17 @@ def train_stage(
     directory: Path,
     *,
     resume: bool = False,
+    place: str = "",
 ) -> tuple[TwoTower, StageResult]:
     """Train ``stage`` on a fresh model of ``spec`` (its preset ``stage.model``) from
-    ``teachers``; returns the model at its best validation epoch and how training went."""
+    ``teachers``; returns the model at its best validation epoch and how training went.
+    ``place`` says where the stage stands in its run in the progress lines."""
     layout = StageLayout(Path(directory))
     layout.root.mkdir(parents=True, exist_ok=True)
     write_record(layout, StageRecord(stage.model, spec, store.history_length))
     torch.manual_seed(stage.seed)
     model = TwoTower(spec, FeatureSpace.of(store))
-    result = Trainer(stage, model, teachers, store, layout.root).fit(resume=resume)
+    result = Trainer(stage, model, teachers, store, layout.root, place=place).fit(resume=resume)
     return model, result
 
 

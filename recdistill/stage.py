@@ -28,6 +28,10 @@ SCORED_ITEMS = ("sampled", "all")
 # that ends with the stage's last epoch (``epochs``). Under torchrun the sharded tables'
 # fused optimizer keeps its own fixed rate.
 SCHEDULES = ("constant", "cosine")
+# What a stage's model computes in while it trains: float32, or bfloat16 autocast (matrix
+# products in bfloat16; weights, Adam and the frozen teachers' answers stay float32), which
+# pays on GPUs with bfloat16 units for big models. Evaluation always runs in float32.
+PRECISIONS = ("fp32", "bf16")
 # Row-wise Adagrad needs a larger step than Adam to learn as fast; this ratio is the default
 # when a stage sets no adagrad_learning_rate (not tuned on the shipped configs).
 ADAGRAD_STEP_RATIO = 10.0
@@ -91,6 +95,7 @@ class StageSpec:
     objective: str = "lists"
     scored_items: str = "sampled"
     valid_metric: str = "ndcg@10"
+    precision: str = "fp32"
     # Teacher-ranked distillation lists (recdistill/ranked_lists.py) for the terms that
     # learn from a teacher's scores; unset, they use the training lists too.
     lists: ListSpec | None = None
@@ -117,6 +122,11 @@ class StageSpec:
                         f"{self.where}: listmle on teacher-ranked lists orders the "
                         f"sampled top items only: give it top_k ≤ lists.top ({self.lists.top})"
                     )
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"{self.where}: unknown precision {self.precision!r}; "
+                f"choose one of {list(PRECISIONS)}"
+            )
         if self.schedule not in SCHEDULES:
             raise ValueError(
                 f"{self.where}: unknown schedule {self.schedule!r}; choose one of {list(SCHEDULES)}"

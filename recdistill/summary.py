@@ -111,6 +111,20 @@ class BaselineModel:
 
 
 @with_config(_STRICT)
+@dataclass(frozen=True, kw_only=True)
+class ExternalModel:
+    """A teacher from outside the run (``[teachers.*]``): its ``kind``, its parameter count
+    when it is known, what it taught from (``note``), and its test metrics: none for a log of
+    scores, which scored no list but the ones it logged."""
+
+    kind: str
+    params: int | None
+    note: str
+    metrics: Metrics
+    latency_ms: Latency | None
+
+
+@with_config(_STRICT)
 @dataclass(frozen=True)
 class Comparison:
     """A model against a reference over the same users: mean NDCG@10 ratio (sampled lists
@@ -130,7 +144,7 @@ class RunSummary:
 
     data: str
     source: str
-    models: dict[str, TrainedModel | EnsembleModel | BaselineModel]
+    models: dict[str, TrainedModel | EnsembleModel | BaselineModel | ExternalModel]
     comparisons: dict[str, Comparison]
 
 

@@ -22,7 +22,7 @@ import copy
 import hashlib
 import itertools
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -33,14 +33,33 @@ from recdistill.data.feature_store import UNKNOWN, FeatureStore, RankingBatch
 from recdistill.files import atomic_write
 from recdistill.models import TwoTower
 
-TeacherOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-"""A teacher's per-list state (a frozen model's user vectors), item vectors (none for an
-ensemble) and scores for a batch."""
+
+class TeacherOutputs(NamedTuple):
+    """A teacher's answer for a batch: its per-list state (a two-tower's user vectors),
+    the batch's item vectors (none for a teacher without a tower), the scores of every
+    list's candidates, and which lists it teaches (None: all; an embeddings teacher skips
+    lists whose user has no snapshot before them, when told to)."""
+
+    users: torch.Tensor
+    items: torch.Tensor
+    scores: torch.Tensor
+    valid: torch.Tensor | None = None
+
 
 # Windows run through a sequence teacher at once while computing its states.
 STATE_WINDOWS = 1024
 # Scores held at once while ranking the catalogue for train rows (64 MB of float32).
 RANKED_CELLS = 1 << 24
+
+
+class DistillationLists(NamedTuple):
+    """Lists a teacher brings for a batch beside the batch's own, and the teacher's scores
+    on them (``targets``): teacher-ranked lists of the batch's own users
+    (``shares_users``), or logged requests of users and moments of their own."""
+
+    batch: RankingBatch
+    targets: torch.Tensor
+    shares_users: bool
 
 
 class Teacher:
@@ -55,6 +74,9 @@ class Teacher:
     every rank maps it.
     """
 
+    # Its parameter count, when known (a teacher from outside the run may not say).
+    params: int | None = None
+
     def __init__(self, name: str, store: FeatureStore, fingerprint: str, cache: Path | None):
         self.world = distributed.world()
         self.device = self.world.device
@@ -63,6 +85,10 @@ class Teacher:
         self.fingerprint = fingerprint
         self.cache = cache
         self._ranked: dict[int, np.ndarray] = {}
+
+    def describe(self) -> str:
+        """A line on what the teacher is, printed when a run loads it."""
+        return self.name
 
     def users(self, batch: RankingBatch) -> torch.Tensor:
         """The teacher's state for every list of ``batch``, from the list's features."""
@@ -75,6 +101,17 @@ class Teacher:
     def catalogue_scores(self, batch: RankingBatch) -> torch.Tensor:
         """``[lists, items]``: every list's score of every item of the catalogue."""
         raise NotImplementedError
+
+    def own_lists(self, epoch: int, k: int, batches: int) -> DistillationLists | None:
+        """A teacher that brings lists of its own (a log of scored requests) gives, for global
+        batch ``k`` of an epoch of ``batches``, those lists and its scores on them; every
+        other teacher answers for the stage's own lists (None)."""
+        return None
+
+    def __call__(self, batch: RankingBatch) -> torch.Tensor:
+        """Scores of ``batch``'s lists: a teacher is also a ranker, scored as a model of the
+        run."""
+        return self.outputs(batch).scores
 
     def ranked(self, depth: int) -> np.ndarray:
         """``[train rows, depth]`` int32: per train row, the teacher's ``depth`` best items
@@ -128,7 +165,48 @@ class Teacher:
         return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
-class FrozenTeacher(Teacher):
+class TowerTeacher(Teacher):
+    """A teacher that scores ``user vector · item vector + item bias``: its item vectors and
+    biases (``items``, ``bias``) are computed once, its user vector of a list from the
+    list's features (:meth:`user_vectors`), or read from ``states``, the user vector at
+    every train row computed once, when there are such states."""
+
+    items: torch.Tensor
+    bias: torch.Tensor
+    states: np.ndarray | None = None
+
+    @property
+    def output_dim(self) -> int:
+        return self.items.shape[1]
+
+    def user_vectors(self, batch: RankingBatch) -> torch.Tensor:
+        """The user vector of every list of ``batch``, computed from its features."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def users(self, batch: RankingBatch) -> torch.Tensor:
+        """The teacher's user vector of every list of ``batch``, from the list's features:
+        looked up for training lists when the states are precomputed, else computed."""
+        rows = batch.train_rows
+        if self.states is not None and bool((rows >= 0).all()):
+            return torch.as_tensor(self.states[rows.cpu().numpy()]).to(self.device)
+        return self.user_vectors(batch)
+
+    @torch.no_grad()
+    def outputs(self, batch: RankingBatch, users: torch.Tensor | None = None) -> TeacherOutputs:
+        users = self.users(batch) if users is None else users
+        ids = batch.items["item_id"].values()
+        items = self.items[ids]
+        return TeacherOutputs(
+            users, items, (users @ items.T + self.bias[ids]).gather(1, batch.candidates)
+        )
+
+    @torch.no_grad()
+    def catalogue_scores(self, batch: RankingBatch) -> torch.Tensor:
+        return self.users(batch) @ self.items.T + self.bias
+
+
+class FrozenTeacher(TowerTeacher):
     """A trained model in eval mode, its gradients off, its item vectors computed once; a
     sequence model's state at every train row is computed once (:func:`sequence_states`)."""
 
@@ -143,11 +221,12 @@ class FrozenTeacher(Teacher):
         model.eval()
         model.requires_grad_(False)
         super().__init__(name, store, _fingerprint(model, store), cache)
-        self.model = model if self.device.type == "cpu" else copy.deepcopy(model).to(self.device)
+        self.params = model.parameter_count()
+        on_device = next(model.parameters()).device == self.device
+        self.model = model if on_device else copy.deepcopy(model).to(self.device)
         with torch.no_grad():
             self.items = self.model.item_tower(store.catalogue().to(self.device))
             self.bias = self.model.item_bias.weight.squeeze(-1)
-        self.states = None
         if model.spec.is_sequence:
             self.states = self._per_row(
                 "states",
@@ -156,28 +235,9 @@ class FrozenTeacher(Teacher):
                 lambda out: sequence_states(self.model, store, out),
             )
 
-    @property
-    def output_dim(self) -> int:
-        return self.model.output_dim
-
     @torch.no_grad()
-    def users(self, batch: RankingBatch) -> torch.Tensor:
-        """The teacher's user vector of every list of ``batch``, from the list's features:
-        looked up for training lists when the states are precomputed, else computed."""
-        rows = batch.train_rows
-        if self.states is not None and bool((rows >= 0).all()):
-            return torch.as_tensor(self.states[rows.cpu().numpy()]).to(self.device)
+    def user_vectors(self, batch: RankingBatch) -> torch.Tensor:
         return self.model.user_tower(batch.users)
-
-    @torch.no_grad()
-    def outputs(self, batch: RankingBatch, users: torch.Tensor | None = None) -> TeacherOutputs:
-        users = self.users(batch) if users is None else users
-        items = self.items[batch.items["item_id"].values()]
-        return users, items, self.model.score(users, items, batch)
-
-    @torch.no_grad()
-    def catalogue_scores(self, batch: RankingBatch) -> torch.Tensor:
-        return self.users(batch) @ self.items.T + self.bias
 
 
 def _write(path: Path, shape: tuple[int, ...], dtype, fill) -> None:

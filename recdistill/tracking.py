@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 import time
 import tomllib
 from collections.abc import Iterator
@@ -74,6 +75,16 @@ class TrackingRecord:
 
     uri: str
     run_id: str
+
+    def describe(self) -> str:
+        """Where the run went, and how to look at it."""
+        ui = f"mlflow ui --backend-store-uri {self.uri}"
+        return f"MLflow run {self.run_id} in {self.uri} (to browse it: {ui})"
+
+
+def location(layout: RunLayout) -> str | None:
+    """Where the run (or sweep) of ``layout`` is tracked, if it is."""
+    return _read_record(layout).describe() if layout.tracking.exists() else None
 
 
 def tracking_uri(spec: TrackingSpec) -> str:
@@ -166,6 +177,7 @@ def tracked_run(
         tracker = _continued(layout)
     else:
         tracker = _started(spec, layout, config)
+    print(f"tracking: {location(layout)}", file=sys.stderr, flush=True)
     tracker.log_artifact(config)
     try:
         yield tracker

@@ -50,7 +50,7 @@ from recdistill.models import TwoTower
 from recdistill.objective import StageObjective
 from recdistill.ranked_lists import rrd_lists
 from recdistill.stage import VALID_METRICS, StageSpec
-from recdistill.teachers import Teacher, TeacherOutputs
+from recdistill.teachers import DistillationLists, Teacher, TeacherOutputs
 
 
 @dataclass
@@ -138,10 +138,14 @@ class Trainer:
         teachers: dict[str, Teacher],
         store: FeatureStore,
         directory: Path,
+        *,
+        place: str = "",
     ) -> None:
         self.spec = spec
         self.model = model
         self.store = store
+        # Where the stage stands in its run ("stage 2 of 4"), shown with its progress.
+        self.place = place
         self.layout = StageLayout(Path(directory))
         self.replica = distributed.replica(distributed.world())
         self.objective = _stage_objective(spec, model, teachers, store)
@@ -155,6 +159,8 @@ class Trainer:
         )
         self.adam_parameters, self.optimizer = _adam(self.trained, spec)
         self.lists = _training_lists(spec, model, store, self.replica.world)
+        # Batches of an epoch over every rank: global batch k runs from 0 to this.
+        self.epoch_batches = len(self.lists) * self.replica.world.size
 
     def fit(self, *, resume: bool = False) -> StageResult:
         """Train until the stage's last epoch or its patience runs out, from the stage's
@@ -162,14 +168,17 @@ class Trainer:
         spec = self.spec
         self.layout.root.mkdir(parents=True, exist_ok=True)
         state = self._start(resume)
-        epoch = state.epoch + 1
+        epoch = first = state.epoch + 1
+        started = time.perf_counter()
         while epoch < spec.epochs and state.stale < spec.patience:
             stats = self.train_epoch(epoch)
             self.gather_weights()
             metrics = self._validate()
             improved = state.end_epoch(epoch, stats, metrics, spec.valid_metric)
             if self.replica.is_main:
+                per_epoch = (time.perf_counter() - started) / (epoch + 1 - first)
                 self._write_epoch(epoch, stats, metrics, improved)
+                self._write_progress(epoch, per_epoch, started)
             self._checkpoint(state)
             epoch += 1
 
@@ -189,7 +198,7 @@ class Trainer:
         progress = tqdm(
             itertools.islice(self.lists.epoch(epoch), batches),
             total=batches,
-            desc=f"{self.spec.name} epoch {epoch}",
+            desc=f"{self.place and self.place + ': '}{self.spec.name} epoch {epoch}",
             unit="batch",
             leave=False,
             disable=None if self.replica.is_main else True,
@@ -200,14 +209,19 @@ class Trainer:
             self._step(loss, epoch, index)
             examples += batch.examples
             loss_sum += loss.item() * batch.examples
-            progress.set_postfix(loss=f"{loss.item():.4f}")
+            # Shown at the bar's next timed refresh (at most 10 a second), not drawn anew
+            # for every batch: a terminal redrawing per batch competes for the cores.
+            progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         examples, loss_sum = self.replica.all_sum([examples, loss_sum])
         return EpochStats(int(examples), loss_sum, time.perf_counter() - started)
 
     def loss(self, batch: RankingBatch | SequenceBatch, epoch: int, k: int) -> torch.Tensor:
         """The stage's loss on ``batch``, global batch ``k`` of ``epoch``."""
-        batch = batch.to(self.replica.world.device)
-        return self.trained(batch, *self.teachers.answer(batch, epoch, k))
+        device = self.replica.world.device
+        batch = batch.to(device)
+        answers = self.teachers.answer(batch, epoch, k, self.epoch_batches)
+        with torch.autocast(device.type, torch.bfloat16, enabled=self.spec.precision == "bf16"):
+            return self.trained(batch, *answers)
 
     def _step(self, loss: torch.Tensor, epoch: int, index: int) -> None:
         """Step on ``loss``, this rank's batch ``index`` of ``epoch``, at the learning rate of
@@ -271,7 +285,8 @@ class Trainer:
         """Keep the weights if ``improved``, and log the epoch."""
         if improved:
             weights = {
-                k: v.detach().clone().contiguous() for k, v in self.model.state_dict().items()
+                k: v.detach().to("cpu", copy=True).contiguous()
+                for k, v in self.model.state_dict().items()
             }
             atomic_write(self.layout.weights, lambda path: save_file(weights, str(path)))
         record = {
@@ -291,6 +306,17 @@ class Trainer:
         )
         tqdm.write(
             f"{self.spec.name} epoch {epoch}: loss {record['train_loss']:.4f}  valid {shown}",
+            file=sys.stderr,
+        )
+
+    def _write_progress(self, epoch: int, per_epoch: float, started: float) -> None:
+        """Where the run stands: the stage's place, its epochs done, its time so far and the
+        most it has left (every remaining epoch run; early stopping may cut it short)."""
+        left = (self.spec.epochs - epoch - 1) * per_epoch
+        place = f"{self.place}, " if self.place else ""
+        tqdm.write(
+            f"  {place}{self.spec.name}: {epoch + 1} of {self.spec.epochs} epochs done, "
+            f"{duration(time.perf_counter() - started)} so far, at most {duration(left)} left",
             file=sys.stderr,
         )
 
@@ -355,21 +381,26 @@ class StageTeachers:
         self.seed = spec.seed
 
     def answer(
-        self, batch: RankingBatch | SequenceBatch, epoch: int, k: int
-    ) -> tuple[dict[str, TeacherOutputs], dict[str, tuple[RankingBatch, torch.Tensor]]]:
-        """Every teacher's outputs on ``batch``, global batch ``k`` of ``epoch``, and the
-        teacher-ranked lists (with the teacher's scores on them) of the teachers the stage
-        draws lists from. Each teacher's lists are drawn from a generator seeded by the
-        stage's seed, ``epoch`` and ``k``, so a resumed or sharded run draws the same ones."""
+        self, batch: RankingBatch | SequenceBatch, epoch: int, k: int, batches: int
+    ) -> tuple[dict[str, TeacherOutputs], dict[str, DistillationLists]]:
+        """Every teacher's outputs on ``batch``, global batch ``k`` of an epoch of
+        ``batches``, and the lists of its own a teacher brings: teacher-ranked lists of the
+        teachers the stage draws lists from, or a log's requests. Each teacher's lists are
+        drawn from a generator seeded by the stage's seed, ``epoch`` and ``k``, so a resumed
+        or sharded run draws the same ones."""
         outputs: dict[str, TeacherOutputs] = {}
-        ranked: dict[str, tuple[RankingBatch, torch.Tensor]] = {}
+        lists: dict[str, DistillationLists] = {}
         for name, teacher in self.teachers.items():
+            own = teacher.own_lists(epoch, k, batches)
+            if own is not None:
+                lists[name] = own
+                continue
             users = teacher.users(batch)
             outputs[name] = teacher.outputs(batch, users)
             if name in self.ranked_sources:
                 rng = np.random.default_rng([self.seed, epoch, k, 1])
-                ranked[name] = rrd_lists(batch, users, teacher, self.store, self.list_spec, rng)
-        return outputs, ranked
+                lists[name] = rrd_lists(batch, users, teacher, self.store, self.list_spec, rng)
+        return outputs, lists
 
 
 def _stage_objective(
@@ -418,6 +449,18 @@ def _training_lists(
     return TrainSequences(
         store, max_length=model.spec.max_length, all_items=spec.scored_items == "all", **sharing
     )
+
+
+def duration(seconds: float) -> str:
+    """``1 h 02 min``, ``12 min 31 s``, ``42 s`` or, for a time short of half a second that
+    is not nothing, ``under 1 s``."""
+    if 0 < seconds < 0.5:
+        return "under 1 s"
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
 
 
 def _seed_of(*numbers: int) -> int:

@@ -54,6 +54,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from recdistill.artifact import load_artifact
+from recdistill.data.ids import require_id_kind
 from recdistill.impressions import FeedbackLedger, JsonLinesLog
 from recdistill.interleaving import INTERLEAVED, team_draft
 from recdistill.online import OnlineRanker, Ranking
@@ -471,17 +472,13 @@ def _interleave(
 def _require_id_kinds(body: RankRequest, ranker: OnlineRanker) -> None:
     """A 422 unless the request's IDs are strings where the model's data has string IDs and
     integers where it has integer ones."""
-    for what, ids, textual in (
-        ("user_id", [body.user_id], ranker.store.user_ids.names is not None),
-        (
-            "item IDs",
-            [*body.candidates, *body.recent_items],
-            ranker.store.item_ids.names is not None,
-        ),
-    ):
-        if set(map(type, ids)) - {str if textual else int}:
-            kind = "strings" if textual else "integers"
-            raise HTTPException(422, f"{what}: the model {ranker.name!r} has {kind} as IDs")
+    store = ranker.store
+    try:
+        require_id_kind([body.user_id], store.user_ids, "user_id", ranker.name)
+        items = [*body.candidates, *body.recent_items]
+        require_id_kind(items, store.item_ids, "item IDs", ranker.name)
+    except ValueError as error:
+        raise HTTPException(422, str(error)) from None
 
 
 def _warm_up(ranker: OnlineRanker, max_candidates: int) -> None:

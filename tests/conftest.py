@@ -1,4 +1,7 @@
 import doctest
+import io
+import json
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -194,7 +197,10 @@ def ml100k_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(synthetic_dir, tmp_path_factory):
-    """A full `recdistill train` run with tiny models on the small synthetic world."""
+    """A full `recdistill train --device cpu` run with tiny models on the small synthetic
+    world. Beside the run directory it leaves what the command printed (``stdout.txt``,
+    ``stderr.txt``) and the devices its models, teachers and batches were on
+    (``devices.json``, :func:`watch_devices`)."""
     from recdistill.cli import main
 
     directory = tmp_path_factory.mktemp("run")
@@ -202,8 +208,45 @@ def tiny_run(synthetic_dir, tmp_path_factory):
     config.write_text(TINY)
     out = directory / "run"
     command = ["train", "--config", str(config), "--data", str(synthetic_dir), "--out", str(out)]
-    assert main(command) == 0
+    printed, errors = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, redirect_stdout(printed), redirect_stderr(errors):
+        seen = watch_devices(patch)
+        status = main([*command, "--device", "cpu"])
+    (directory / "stdout.txt").write_text(printed.getvalue())
+    (directory / "stderr.txt").write_text(errors.getvalue())
+    (directory / "devices.json").write_text(json.dumps(sorted(seen)))
+    assert status == 0, errors.getvalue()
     return config, out
+
+
+def watch_devices(patch: pytest.MonkeyPatch) -> set[str]:
+    """The devices training batches, trained models, frozen teachers and scored batches are
+    on from now on (``"batch cpu"``, ``"model cpu"``, ...), filled in as they are used."""
+    from recdistill import evaluate
+    from recdistill.objective import StageObjective
+    from recdistill.teachers import FrozenTeacher
+
+    seen: set[str] = set()
+    forward, teacher_init = StageObjective.forward, FrozenTeacher.__init__
+    device_of = evaluate.device_of
+
+    def forward_spy(self, batch, *answers):
+        seen.add(f"batch {batch.users.values().device.type}")
+        seen.add(f"model {next(self.parameters()).device.type}")
+        return forward(self, batch, *answers)
+
+    def teacher_spy(self, name, model, store, **options):
+        teacher_init(self, name, model, store, **options)
+        seen.add(f"teacher {self.items.device.type}")
+
+    def scored_spy(ranker):
+        seen.add(f"scored {device_of(ranker).type}")
+        return device_of(ranker)
+
+    patch.setattr(StageObjective, "forward", forward_spy)
+    patch.setattr(FrozenTeacher, "__init__", teacher_spy)
+    patch.setattr(evaluate, "device_of", scored_spy)
+    return seen
 
 
 @pytest.fixture(scope="session")

@@ -53,3 +53,15 @@ def test_the_readme_snippet_goes_from_a_dataframe_to_a_ranked_list(tmp_path, cap
     assert ranked[0][1] >= ranked[1][1]
     assert (tmp_path / "runs/shop/report/index.html").exists()
     assert (tmp_path / "artifacts/shop/manifest.json").exists()
+
+
+def test_a_ranker_of_integer_ids_refuses_strings_as_the_server_does(tiny_artifacts):
+    from recdistill.api import load_ranker
+
+    ranker = load_ranker(tiny_artifacts["student"])
+    assert len(ranker.rank(1, [1, 2, 3])) == 3
+    assert len(ranker.rank(np.int64(1), np.array([1, 2]))) == 2
+    with pytest.raises(ValueError, match="user_id: the model 'student' has integers as IDs"):
+        ranker.rank("1", [1, 2, 3])
+    with pytest.raises(ValueError, match="item IDs: the model 'student' has integers as IDs"):
+        ranker.rank(1, [1, 2], recent_items=[True])

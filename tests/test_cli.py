@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -79,3 +80,29 @@ def test_version_names_the_installed_package(capsys):
         main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.strip().startswith("recdistill ")
+
+
+def test_train_shows_where_the_run_stands_and_closes_with_its_time_and_next_commands(tiny_run):
+    directory, out = tiny_run[1].parent, tiny_run[1]
+    errors = (directory / "stderr.txt").read_text()
+    progress = [line.strip() for line in errors.splitlines() if "epochs done" in line]
+    stages = [("teacher", 2), ("intermediate", 2), ("student", 1)]
+    stages += [("student_scratch", 2), ("student_direct", 2)]
+    expected = [
+        (number, name, done, epochs)
+        for number, (name, epochs) in enumerate(stages, start=1)
+        for done in range(1, epochs + 1)
+    ]
+    assert len(progress) == len(expected)
+    pattern = r"stage {} of 5, {}: {} of {} epochs done, (under 1|\d+) s so far, at most (under 1|\d+) s left"
+    for line, (number, name, done, epochs) in zip(progress, expected):
+        assert re.fullmatch(pattern.format(number, name, done, epochs), line), line
+        assert line.endswith("at most 0 s left") == (done == epochs)
+    printed = (directory / "stdout.txt").read_text()
+    closing = printed.split(f"wrote {out}/summary.json; the run took ")[1].splitlines()
+    assert re.fullmatch(r"(\d+ min )?\d+ s|under 1 s", closing[0])
+    assert closing[1:] == [
+        "next:",
+        f"  recdistill report --run {out}",
+        f"  recdistill export --run {out} --model student --out artifacts/student",
+    ]

@@ -102,14 +102,14 @@ def test_an_ensemble_mixes_its_members_standardised_scores(store, ease, tmp_path
         EaseMember.of(ease).catalogue_scores(batch)
     )
     torch.testing.assert_close(mix.catalogue_scores(batch), expected)
-    state, _, scores = mix.outputs(batch)
+    state, _, scores, _ = mix.outputs(batch)
     assert state.shape == (len(rows), len(store.items))
     items = batch.items["item_id"].values()[batch.candidates]
     torch.testing.assert_close(scores, expected.gather(1, items))
     torch.testing.assert_close(mix(batch), scores)
     # one member alone ranks as that member does
     alone = EnsembleTeacher("alone", members, (1.0, 0.0), store)
-    assert torch.equal(alone(batch).argsort(dim=1), teacher.outputs(batch)[2].argsort(dim=1))
+    assert torch.equal(alone(batch).argsort(dim=1), teacher.outputs(batch).scores.argsort(dim=1))
 
 
 def test_an_ensembles_ranking_excludes_the_past_and_the_positive(store, ease, tmp_path):

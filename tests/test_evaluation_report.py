@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from recdistill.cli import main
-from recdistill.evaluation_report import format_p, verdicts
+from recdistill.evaluation_report import LATENCY_NOTE, colour_scale, format_p, verdicts
 from recdistill.roles import REFERENCE
 from recdistill.segments import ALL, SliceSpec, natural_order, slice_table, user_segments
 from tests.conftest import ONE_STAGE
@@ -274,3 +274,22 @@ def test_a_planted_loss_is_flagged_and_a_placebo_or_a_harder_slice_is_not():
     flagged = table[(table["model"] == "student") & table["flagged"]]
     assert set(zip(flagged["segment"], flagged["value"])) == {("planted", "yes")}
     assert table.loc[table["model"] == "teacher", "flagged"].eq(False).all()
+
+
+def test_the_heatmap_scale_is_robust_to_an_outlier_and_marks_the_cells_beyond_it():
+    # One slice of a few users 15 off, the rest within 0.03 (median 0.02): the scale is ±0.10.
+    shifts = np.array([[0.01, -0.02], [0.03, 15.1], [np.nan, -0.01]])
+    span, clipped = colour_scale(shifts)
+    assert span == pytest.approx(0.1)
+    assert clipped.tolist() == [[False, False], [False, True], [False, False]]
+    # Shifts of one size: the scale reaches the largest, and nothing is beyond it.
+    span, clipped = colour_scale(np.array([[0.2, -0.25], [0.3, -0.22]]))
+    assert span == pytest.approx(0.3) and not clipped.any()
+    assert colour_scale(np.array([[0.001]]))[0] == 0.05
+
+
+def test_the_models_table_says_its_latency_is_one_run_on_the_training_machine(report):
+    markdown = (report / "report.md").read_text()
+    assert "| scoring p50 (ms, one run) | p99 (ms) |" in markdown
+    assert LATENCY_NOTE in markdown
+    assert "not their serving latency" in (report / "index.html").read_text()

@@ -2,6 +2,8 @@ import argparse
 import math
 import os
 import random
+import subprocess
+import sys
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -281,3 +283,20 @@ def test_an_impossible_budget_fails_the_run_and_says_why(tiny_artifacts, tmp_pat
     assert code == 1
     assert "server p99 ms" in printed
     assert "FAIL: p99" in printed and "over the 0.1 ms budget" in printed
+
+
+def test_without_the_loadtest_extra_the_message_names_it():
+    """locust, gevent and psutil are an extra: a library user without them who starts the
+    load test is told which extra brings them."""
+    hide_psutil = (
+        "import importlib.util as u; found = u.find_spec; "
+        "u.find_spec = lambda name, *a: None if name == 'psutil' else found(name, *a); "
+        "import loadtest"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", hide_psutil], check=False, capture_output=True, text=True
+    )
+    assert run.returncode == 1
+    assert run.stderr.strip().endswith(
+        "MissingExtra: the load test needs psutil: pip install 'recdistill[loadtest]'"
+    )

@@ -49,7 +49,7 @@ def test_rrd_lists_hold_the_teachers_top_unseen_items_in_its_order_then_uniform_
     spec = ListSpec(depth=30, top=8, temperature=5.0, uniform=20)
     batch = training_batch(store)
     users = teacher.users(batch)
-    lists, target = rrd_lists(batch, users, teacher, store, spec, np.random.default_rng(0))
+    lists, target, _ = rrd_lists(batch, users, teacher, store, spec, np.random.default_rng(0))
     assert lists.list_size == 28
     assert torch.equal(lists.users.values(), batch.users.values())  # the list's own moment
     items, mask = list_items(lists), lists.mask.numpy()
@@ -77,8 +77,8 @@ def test_the_top_items_are_drawn_with_weights_falling_with_rank_and_redrawn(stor
     row = int(training_batch(store, size=1).train_rows[0])
     batch = store.training_batch(np.full(draws, row), np.zeros((draws, 1), dtype=np.int64))
     users = teacher.users(batch)
-    first, _ = rrd_lists(batch, users, teacher, store, spec, np.random.default_rng(1))
-    again, _ = rrd_lists(batch, users, teacher, store, spec, np.random.default_rng(2))
+    first, _, _ = rrd_lists(batch, users, teacher, store, spec, np.random.default_rng(1))
+    again, _, _ = rrd_lists(batch, users, teacher, store, spec, np.random.default_rng(2))
     assert not np.array_equal(list_items(first), list_items(again))  # redrawn
     ranking = list(teacher.ranked(spec.depth)[row])
     ranks = np.vectorize(ranking.index)(list_items(first))
@@ -103,7 +103,7 @@ def test_listmle_on_rrd_lists_orders_the_top_and_keeps_uniform_items_in_every_de
 ):
     spec = ListSpec(depth=40, top=5, temperature=10.0, uniform=15)
     batch = training_batch(store, size=8)
-    lists, target = rrd_lists(
+    lists, target, _ = rrd_lists(
         batch, teacher.users(batch), teacher, store, spec, np.random.default_rng(2)
     )
     student = torch.randn(target.shape, generator=torch.Generator().manual_seed(0))
@@ -154,7 +154,7 @@ def test_score_terms_train_on_the_rrd_lists_label_terms_on_the_training_lists(
     trainer.model.eval()  # no dropout: the two computations must see the same model
     batch = next(trainer.lists.epoch(0))
     loss = trainer.loss(batch, 0, 0)
-    lists, target = rrd_lists(
+    lists, target, _ = rrd_lists(
         batch,
         teacher.users(batch),
         teacher,

@@ -237,3 +237,20 @@ def test_the_tracking_table_is_parsed_checked_and_written_back(tmp_path):
         + '[tracking]\nenabled = true\nexperiment = "sweeps"\n'
     )
     assert load_sweep_config(sweep).tracking == TrackingSpec(enabled=True, experiment="sweeps")
+
+
+def test_a_tracked_run_says_where_it_goes(tmp_path, capsys):
+    config = tmp_path / "one.toml"
+    config.write_text(ONE_STAGE)
+    store = tmp_path / "store"
+    layout = RunLayout(tmp_path / "run")
+    with tracked_run(TrackingSpec(enabled=True, uri=str(store)), layout, config, resume=False):
+        pass
+    run_id = json.loads(layout.tracking.read_text())["run_id"]
+    where = (
+        f"MLflow run {run_id} in {store.as_uri()} "
+        f"(to browse it: mlflow ui --backend-store-uri {store.as_uri()})"
+    )
+    assert capsys.readouterr().err == f"tracking: {where}\n"
+    assert tracking.location(layout) == where
+    assert tracking.location(RunLayout(tmp_path / "untracked")) is None

@@ -5,13 +5,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from recdistill.checkpoint import load_checkpoint, save_checkpoint
 from recdistill.data.batches import FeatureStore
 from recdistill.errors import TrainingDiverged
 from recdistill.losses import LOSSES
 from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
 from recdistill.stage import LossTerm, StageSpec
 from recdistill.teachers import FrozenTeacher
-from recdistill.trainer import EpochStats, StageResult, Trainer, TrainState
+from recdistill.trainer import EpochStats, StageResult, Trainer, TrainState, duration
 
 SMALL = TwoTowerSpec(embedding_dim=8, tower=(8,), feature_dim=2, dropout=0.2)
 
@@ -351,3 +352,54 @@ def test_gradients_are_clipped_to_the_stages_norm_before_each_step(store, tmp_pa
     assert len(norms) == 3 and max(norms) == pytest.approx(1e-3, rel=1e-4)
     with pytest.raises(ValueError, match="clip_norm must be positive"):
         stage(clip_norm=0.0)
+
+
+def test_bf16_autocasts_the_stage_s_model_and_keeps_weights_and_teachers_in_float32(
+    store, tmp_path
+):
+    teacher = FrozenTeacher("big", fresh_model(store, seed=1), store)
+    model = fresh_model(store)
+    spec = stage(precision="bf16", losses=(LossTerm("listnet", source="big"),))
+    outputs: list[torch.dtype] = []
+    model.user_tower.mlp.register_forward_hook(lambda _, __, out: outputs.append(out.dtype))
+    teacher_outputs = []
+    answer = Trainer(spec, model, {"big": teacher}, store, tmp_path)
+    original = answer.teachers.answer
+
+    def spied(*args):
+        answered = original(*args)
+        teacher_outputs.append(answered[0]["big"][2].dtype)
+        return answered
+
+    answer.teachers.answer = spied
+    stats = answer.train_epoch(0, max_batches=2)
+    assert math.isfinite(stats.loss_sum) and stats.examples > 0
+    assert outputs == [torch.bfloat16] * 2 and teacher_outputs == [torch.float32] * 2
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        stage(precision="fp16")
+
+
+def test_a_checkpoint_written_before_a_spec_field_existed_resumes_at_its_default(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(
+        path, stage(), model={}, adapters={}, optimizer={}, embedding_optimizer={}, state={}
+    )
+    payload = torch.load(path, weights_only=True)
+    older = json.loads(payload["spec"])
+    del older["precision"]
+    torch.save({**payload, "spec": json.dumps(older)}, path)
+    assert load_checkpoint(path, stage(), announce=False) is not None
+    with pytest.raises(ValueError, match="different stage spec"):
+        load_checkpoint(path, stage(precision="bf16"), announce=False)
+
+
+def test_a_duration_reads_as_a_person_would_say_it():
+    assert [duration(s) for s in (0, 0.2, 0.6, 42, 751, 3720)] == [
+        "0 s",
+        "under 1 s",
+        "1 s",
+        "42 s",
+        "12 min 31 s",
+        "1 h 02 min",
+    ]

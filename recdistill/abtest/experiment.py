@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
+from recdistill import devices
 from recdistill.ab_spec import ExperimentSpec
 from recdistill.abtest.analysis import ALL, Analysis, analyse
 from recdistill.abtest.report import decision_metric, findings, preference_findings, write_report
@@ -70,11 +72,14 @@ class AbTestResult:
         )
 
 
-def run_abtest(config: Path, out: Path, **simulation_overrides: Any) -> AbTestResult:
-    """Run the experiment of ``config``; write the report and the request log to ``out``."""
+def run_abtest(
+    config: Path, out: Path, *, device: str | None = None, **simulation_overrides: Any
+) -> AbTestResult:
+    """Run the experiment of ``config``; write the report and the request log to ``out``.
+    In-process arms score their batches on ``device`` (:func:`recdistill.devices.resolve`)."""
     experiment = load_experiment(config, **simulation_overrides)
     world = World.load(experiment.simulation, experiment.clicks)
-    rankers = load_rankers(experiment)
+    rankers = load_rankers(experiment, devices.announce(devices.use(device)))
     columns = list(world.population.segments.columns)
     segments = list(experiment.analysis.segments) or columns
     if set(segments) - set(columns):
@@ -99,11 +104,14 @@ def run_abtest(config: Path, out: Path, **simulation_overrides: Any) -> AbTestRe
     return AbTestResult(experiment, analysis, log, AbTestLayout(Path(out)).report.index)
 
 
-def load_rankers(experiment: ExperimentSpec) -> dict[str, OnlineRanker]:
-    """The in-process ranker of every arm's model, checked against its [artifacts] name."""
+def load_rankers(
+    experiment: ExperimentSpec, device: torch.device | str = "cpu"
+) -> dict[str, OnlineRanker]:
+    """The in-process ranker of every arm's model, scoring batches on ``device``, checked
+    against its [artifacts] name."""
     rankers = {}
     for model in dict.fromkeys(arm.model for arm in experiment.routing.arms):
-        ranker = OnlineRanker(load_artifact(experiment.artifacts[model]))
+        ranker = OnlineRanker(load_artifact(experiment.artifacts[model]), device=device)
         if ranker.name != model:
             raise ValueError(
                 f"[artifacts] {model} = {str(experiment.artifacts[model])!r} holds the model "

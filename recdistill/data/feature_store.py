@@ -3,7 +3,9 @@
 The user side of a batch is a KJT with one row per list (or history window): ``user_id``,
 ``history`` (most recent first, capped: for a training list the user's items before its
 positive, for an evaluation list the user's history as it stood at the held-out item), and
-one key per demographic feature. The item side has ``item_id`` and the ``genres`` bag, one row per
+one key per demographic feature. Beside it a ranking batch carries each list's moment (the
+time of its positive or held-out interaction) and the time of every history item, which
+teachers from outside the run read (``recdistill.external``). The item side has ``item_id`` and the ``genres`` bag, one row per
 distinct item of the batch (so a tower runs once per item), which the batch's candidates or
 targets point at. IDs are mapped to contiguous indices with 0 reserved for "unknown".
 
@@ -86,6 +88,8 @@ class RankingBatch:
     ``labels`` and ``mask`` are ``[lists, list_size]``, ``candidates`` holding row numbers
     of ``items``. ``train_rows`` is the train split's row of each training list's positive
     (the moment the list's features stand at), -1 for lists that are not training lists.
+    ``moments`` is each list's time (seconds): its positive's, or its held-out item's;
+    ``history_times`` the time of every item of ``users``' ``history`` key, in its order.
     """
 
     users: KeyedJaggedTensor
@@ -95,6 +99,8 @@ class RankingBatch:
     mask: torch.Tensor
     user_ids: torch.Tensor
     train_rows: torch.Tensor
+    moments: torch.Tensor
+    history_times: torch.Tensor
 
     @property
     def list_size(self) -> int:
@@ -174,21 +180,22 @@ class FeatureStore:
             np.concatenate([[0, 0], np.cumsum(genre_counts)]), self.genres.index(genre_names)
         )
 
-        train_users, train_items = self._read_train()
+        train_users, train_items, train_times = self._read_train()
         counts = np.bincount(train_users, minlength=len(self.users))
         offsets = np.concatenate([[0], np.cumsum(counts)])
         # Rows come oldest first within a user; each user's history lists them newest first.
         newest_first = offsets[train_users] + offsets[train_users + 1] - 1 - np.arange(counts.sum())
         history = np.empty_like(train_items)
         history[newest_first] = train_items
+        times = np.empty_like(train_times)
+        times[newest_first] = train_times
         del newest_first
         self.history = Jagged(offsets, history)
-        valid = pq.read_table(layout.split("valid"), columns=["user_id", "item_id"])
+        self.history_times = Jagged(offsets, times)
         self._test_view: FeatureStore | None = None
-        self.valid_items = np.zeros(len(self.users), dtype=np.int64)
-        self.valid_items[self.users.index(valid.column("user_id").to_numpy())] = self.items.index(
-            valid.column("item_id").to_numpy()
-        )
+        self.valid_items, self.valid_times = self._held_out("valid")
+        self._split = "valid"
+        self._held_out_times: np.ndarray | None = self.valid_times
         self.train_seen = pair_keys(train_users, train_items, len(self.items))
         self.train_seen.sort()
         self.item_train_counts = np.bincount(train_items, minlength=len(self.items))
@@ -209,18 +216,45 @@ class FeatureStore:
             self._test_view = self._with_validation_items()
         return self._test_view
 
+    def _held_out(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Each user's item index and time in held-out ``split`` (0 where the user has none)."""
+        table = pq.read_table(
+            DataLayout(self.directory).split(split), columns=["user_id", "item_id", "timestamp"]
+        )
+        users = self.users.index(table.column("user_id").to_numpy())
+        items = np.zeros(len(self.users), dtype=np.int64)
+        times = np.zeros(len(self.users), dtype=np.int64)
+        items[users] = self.items.index(table.column("item_id").to_numpy())
+        times[users] = table.column("timestamp").to_numpy()
+        return items, times
+
     def _with_validation_items(self) -> FeatureStore:
         has = (self.valid_items > 0).astype(np.int64)
         lengths = np.diff(self.history.offsets)
         offsets = np.concatenate([[0], np.cumsum(lengths + has)])
-        values = np.empty(offsets[-1], dtype=self.history.values.dtype)
-        values[offsets[:-1][has == 1]] = self.valid_items[has == 1]
         shift = np.repeat(np.cumsum(has), lengths)
-        values[np.arange(len(self.history.values)) + shift] = self.history.values
+
+        def with_newest(history: Jagged, newest: np.ndarray) -> Jagged:
+            values = np.empty(offsets[-1], dtype=history.values.dtype)
+            values[offsets[:-1][has == 1]] = newest[has == 1]
+            values[np.arange(len(history.values)) + shift] = history.values
+            return Jagged(offsets, values)
+
         view = copy.copy(self)
-        view.history = Jagged(offsets, values)
+        view.history = with_newest(self.history, self.valid_items)
+        view.history_times = with_newest(self.history_times, self.valid_times)
+        # Read when first asked for: a served artifact's snapshot holds no test split.
+        view._split, view._held_out_times = "test", None
         view._test_view = view  # already as at the test interactions
         return view
+
+    @property
+    def held_out_times(self) -> np.ndarray:
+        """The moment of each user's evaluation list in this view: the time of the user's
+        held-out interaction (validation, or test in ``known_at("test")``)."""
+        if self._held_out_times is None:
+            self._held_out_times = self._held_out(self._split)[1]
+        return self._held_out_times
 
     @property
     def train_users(self) -> np.ndarray:
@@ -232,14 +266,15 @@ class FeatureStore:
         """The item index of every history interaction (each user's newest first)."""
         return self.history.values
 
-    def _read_train(self) -> tuple[np.ndarray, np.ndarray]:
-        """User and item indices (int32) of the train split, streamed in record batches.
+    def _read_train(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """User and item indices (int32) and times of the train split, streamed in record
+        batches.
 
         ``prepare`` writes the split sorted by user, then time; that order is checked here
         rather than re-sorted, so no more than the two index columns is ever held.
         """
         path = DataLayout(self.directory).split("train")
-        users, items = [], []
+        users, items, times = [], [], []
         last = (-1, np.iinfo(np.int64).min)
         for record in ds.dataset(path, format="parquet").to_batches(
             columns=["user_id", "item_id", "timestamp"]
@@ -258,8 +293,13 @@ class FeatureStore:
             last = (user[-1], timestamp[-1])
             users.append(user)
             items.append(self.items.index(record.column("item_id").to_numpy()).astype(np.int32))
+            times.append(timestamp.astype(np.int64))
         empty = np.empty(0, dtype=np.int32)
-        return np.concatenate([empty, *users]), np.concatenate([empty, *items])
+        return (
+            np.concatenate([empty, *users]),
+            np.concatenate([empty, *items]),
+            np.concatenate([empty.astype(np.int64), *times]),
+        )
 
     def cardinalities(self) -> dict[str, int]:
         """Embedding table sizes per KJT key (index 0 = unknown included)."""
@@ -291,6 +331,13 @@ class FeatureStore:
         history, lengths = self.history.gather(users, limit=self.history_length)
         return self.user_kjt(users, history, lengths)
 
+    def history_of(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The (items, times, lengths) of users ``users``' histories in this view, newest
+        first, capped at ``history_length``."""
+        items, lengths = self.history.gather(users, limit=self.history_length)
+        times, _ = self.history_times.gather(users, limit=self.history_length)
+        return items, times, lengths
+
     @property
     def train_rows(self) -> int:
         """Rows of the train split: row ``r`` is the ``r``-th interaction in the split's order
@@ -301,18 +348,56 @@ class FeatureStore:
         """The user index of each train row of ``rows``."""
         return np.searchsorted(self.history.offsets, rows, side="right") - 1
 
-    def row_items(self, rows: np.ndarray) -> np.ndarray:
-        """The item index of each train row of ``rows``."""
+    def _row_positions(self, rows: np.ndarray) -> np.ndarray:
+        """Where each train row of ``rows`` sits in the newest-first history arrays."""
         users = self.row_users(rows)
         offsets = self.history.offsets
-        return self.history.values[offsets[users] + offsets[users + 1] - 1 - rows].astype(np.int64)
+        return offsets[users] + offsets[users + 1] - 1 - rows
+
+    def row_items(self, rows: np.ndarray) -> np.ndarray:
+        """The item index of each train row of ``rows``."""
+        return self.history.values[self._row_positions(rows)].astype(np.int64)
+
+    def row_times(self, rows: np.ndarray) -> np.ndarray:
+        """The time of each train row of ``rows``: the moment its training list stands at."""
+        return self.history_times.values[self._row_positions(rows)]
 
     def past(self, rows: np.ndarray, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Per train row, the (values, lengths) of the items its user had before it, newest
         first, cut to ``limit``: what was known at the row's moment."""
+        return self.history.slices(*self._past_spans(rows), limit)
+
+    def past_times(self, rows: np.ndarray, limit: int | None = None) -> np.ndarray:
+        """The times of :meth:`past`'s items, in its order."""
+        return self.history_times.slices(*self._past_spans(rows), limit)[0]
+
+    def _past_spans(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         users = self.row_users(rows)
-        before = rows - self.history.offsets[users]
-        return self.history.slices(self.history.offsets[users + 1] - before, before, limit)
+        return self._first_rows(users, rows - self.history.offsets[users])
+
+    def _first_rows(self, users: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where each user's first ``counts`` train rows sit in the newest-first history
+        arrays: their start, and their number."""
+        return self.history.offsets[users + 1] - counts, counts
+
+    def rows_before(self, users: np.ndarray, moments: np.ndarray) -> np.ndarray:
+        """How many of each user's train rows are strictly before its moment (seconds)."""
+        times = self.row_times(np.arange(self.train_rows))  # by user, then time
+        start = int(min(times.min(initial=0), moments.min(initial=0)))
+        span = int(max(times.max(initial=0), moments.max(initial=0))) - start + 1
+        keys = self.row_users(np.arange(self.train_rows)).astype(np.int64) * span + (times - start)
+        wanted = users.astype(np.int64) * span + (moments - start)
+        return np.searchsorted(keys, wanted, side="left") - self.history.offsets[users]
+
+    def history_before(
+        self, users: np.ndarray, counts: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The (items, times, lengths) of each user's first ``counts`` train rows, newest
+        first, capped at ``history_length``: the history at a moment after them."""
+        starts, counts = self._first_rows(users, counts)
+        items, lengths = self.history.slices(starts, counts, self.history_length)
+        times, _ = self.history_times.slices(starts, counts, self.history_length)
+        return items, times, lengths
 
     def training_users(self, rows: np.ndarray) -> KeyedJaggedTensor:
         """The user-side KJT of train rows ``rows``: each row's user with the row's past."""
@@ -326,13 +411,24 @@ class FeatureStore:
         items = np.concatenate([self.row_items(rows)[:, None], negatives], axis=1)
         labels = np.zeros(items.shape, dtype=np.float32)
         labels[:, 0] = 1.0
-        return self._batch(self.training_users(rows), users, items, labels, rows)
+        return self._batch(
+            self.training_users(rows),
+            users,
+            items,
+            labels,
+            rows,
+            self.row_times(rows),
+            self.past_times(rows, limit=self.history_length),
+        )
 
     def batch(self, users: np.ndarray, items: np.ndarray, labels: np.ndarray) -> RankingBatch:
         """Build a batch from user indices ``[B]`` and candidate item indices ``[B, L]``, each
-        user's features as they stand after the user's whole train history."""
+        user's features as they stand in this view (:meth:`known_at`), at the moment of the
+        user's held-out interaction."""
         rows = np.full(len(users), -1)
-        return self._batch(self.history_kjt(users), users, items, labels, rows)
+        history, times, lengths = self.history_of(users)
+        features = self.user_kjt(users, history, lengths)
+        return self._batch(features, users, items, labels, rows, self.held_out_times[users], times)
 
     def _batch(
         self,
@@ -341,6 +437,8 @@ class FeatureStore:
         items: np.ndarray,
         labels: np.ndarray,
         rows: np.ndarray,
+        moments: np.ndarray,
+        history_times: np.ndarray,
     ) -> RankingBatch:
         distinct, slots = np.unique(items, return_inverse=True)
         return RankingBatch(
@@ -351,6 +449,8 @@ class FeatureStore:
             mask=torch.ones(labels.shape, dtype=torch.bool),
             user_ids=torch.as_tensor(self.users.values[users - 1]),
             train_rows=torch.as_tensor(rows, dtype=torch.int64),
+            moments=torch.as_tensor(moments, dtype=torch.int64),
+            history_times=torch.as_tensor(history_times, dtype=torch.int64),
         )
 
 

@@ -7,8 +7,11 @@ reads or sends an ID (the Python ranker, the HTTP API) goes through :class:`IdCo
 
 from __future__ import annotations
 
+import numbers
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -81,3 +84,15 @@ class IdCodes:
         if self.names is not None:
             columns[EXTERNAL_ID] = pa.array(self.names.tolist(), pa.string())
         return columns
+
+
+def require_id_kind(ids: Iterable[Any], codes: IdCodes, what: str, model: str) -> None:
+    """A ``ValueError`` unless every one of ``ids`` is a string where ``codes`` holds string
+    IDs and an integer where it holds integer ones (a bool is neither): an ID of the wrong
+    kind would be read as unknown, not refused."""
+    textual = codes.names is not None
+    for value in ids:
+        integer = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        if not (isinstance(value, str) if textual else integer):
+            kind = "strings" if textual else "integers"
+            raise ValueError(f"{what}: the model {model!r} has {kind} as IDs")

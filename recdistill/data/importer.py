@@ -24,19 +24,26 @@ pandas DataFrames. The rules, stated once:
   Rows whose ID has no interaction are dropped; a user or item missing from its table gets the
   feature value ``unknown`` or no categories.
 
+- **Text files** (CSV, JSON Lines) are read in ``encoding`` (UTF-8, with or without a byte
+  order mark, unless told), a CSV's fields split on ``delimiter``. Every CSV row must have
+  as many fields as the header, and no header (or JSON object) may name a column twice.
+
 A malformed input raises :class:`DataFormatError` naming the file, the line (CSV, JSON Lines)
-or row (Parquet, DataFrame) and the column.
+or row (Parquet, DataFrame) and the column; a byte the encoding cannot read is named by its
+line and offset.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
-import re
-from collections.abc import Callable, Sequence
+from array import array
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import pandas as pd
@@ -96,11 +103,38 @@ class ItemTable:
 
 
 @dataclass(frozen=True)
+class TextFormat:
+    """How text files (CSV, JSON Lines) are read: their ``encoding`` and a CSV's one-character
+    ``delimiter`` (``"\\t"`` or ``"tab"`` for a tab)."""
+
+    encoding: str = "utf-8"
+    delimiter: str = ","
+
+    def __post_init__(self) -> None:
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ValueError(f"unknown encoding {self.encoding!r}") from None
+        delimiter = {"\\t": "\t", "tab": "\t"}.get(self.delimiter, self.delimiter)
+        if len(delimiter) != 1 or delimiter in '"\r\n':
+            raise ValueError(
+                f"delimiter {self.delimiter!r}: expected one character, such as ; or tab"
+            )
+        object.__setattr__(self, "delimiter", delimiter)
+
+    @property
+    def codec(self) -> str:
+        """The codec to read with: UTF-8 drops a leading byte order mark."""
+        return "utf-8-sig" if codecs.lookup(self.encoding).name == "utf-8" else self.encoding
+
+
+@dataclass(frozen=True)
 class ImportSpec:
     columns: InteractionColumns = field(default_factory=InteractionColumns)
     users: UserTable | None = None
     items: ItemTable | None = None
     k_core: int = 1
+    text: TextFormat = field(default_factory=TextFormat)
 
     def __post_init__(self) -> None:
         if self.k_core < 1:
@@ -121,8 +155,8 @@ def import_interactions(interactions: Source, spec: ImportSpec) -> Imported:
     wanted = [columns.user, columns.item, columns.time]
     if columns.rating is not None:
         wanted.append(columns.rating)
-    log = _Table.load(interactions, wanted, what="interactions")
-    notes: list[str] = []
+    log = _Table.load(interactions, wanted, "interactions", spec.text)
+    notes = [f"{log.name}: {log.rows:,} rows read"]
 
     users, items = log.ids(columns.user), log.ids(columns.item)
     seconds = log.seconds(columns.time, columns.time_unit)
@@ -149,16 +183,21 @@ def import_interactions(interactions: Source, spec: ImportSpec) -> Imported:
         kept &= _k_core(user, item, kept, spec.k_core, log, columns, notes)
     if not kept.any():
         raise DataFormatError(log.name, None, "no interactions remain to import")
+    pairs = np.unique(np.stack([user[kept], item[kept]]), axis=1)
+    notes.append(
+        f"kept {pairs.shape[1]:,} distinct (user, item) pairs of "
+        f"{len(np.unique(pairs[0])):,} users and {len(np.unique(pairs[1])):,} items"
+    )
 
     user_source = item_source = None
     if spec.users is not None:
         features = spec.users.features
         wanted_users = [spec.users.key, *features] if features else None
-        user_source = _Table.load(spec.users.source, wanted_users, "users")
+        user_source = _Table.load(spec.users.source, wanted_users, "users", spec.text)
     if spec.items is not None:
         optional = (spec.items.categories, spec.items.title)
         wanted_items = [spec.items.key, *(c for c in optional if c is not None)]
-        item_source = _Table.load(spec.items.source, wanted_items, "items")
+        item_source = _Table.load(spec.items.source, wanted_items, "items", spec.text)
     user_codes = _catalogue(users, kept, user_source, spec.users, "user")
     item_codes = _catalogue(items, kept, item_source, spec.items, "item")
     user_features, user_table = _user_table(spec.users, user_source, user_codes, notes)
@@ -317,8 +356,11 @@ class _Table:
         return DataFormatError(self.name, number, f"column {column!r}: {problem}", unit=unit)
 
     @classmethod
-    def load(cls, source: Source, columns: Sequence[str] | None, what: str) -> _Table:
-        """Read ``columns`` (all when None) of ``source``; ``what`` names a DataFrame."""
+    def load(
+        cls, source: Source, columns: Sequence[str] | None, what: str, text: TextFormat
+    ) -> _Table:
+        """Read ``columns`` (all when None) of ``source``, a text file as ``text`` says;
+        ``what`` names a DataFrame."""
         if isinstance(source, pd.DataFrame):
             name = f"the {what} DataFrame"
             _require_columns(name, None, list(source.columns), columns)
@@ -336,7 +378,7 @@ class _Table:
                 raise ValueError(
                     f"{path}: unknown format {suffix!r}; expected .csv, .parquet or .jsonl"
                 )
-            table = readers[suffix](path, columns)
+            table = readers[suffix](path, columns, text)
         if not table.rows:
             raise DataFormatError(table.name, None, "file has no rows")
         return table
@@ -454,55 +496,87 @@ def _epoch_seconds(times: pd.Series) -> np.ndarray:
 def _require_columns(
     name: str, line: int | None, present: list[str], wanted: Sequence[str] | None
 ) -> None:
+    """Every ``wanted`` column among the ``present`` ones, none of which is named twice."""
+    for index, column in enumerate(present):
+        if column in present[:index]:
+            raise DataFormatError(name, line, f"the header names column {column!r} twice")
     for column in wanted or ():
         if column not in present:
+            hint = ""
+            if len(present) == 1:
+                found = next((s for s in ";\t|," if s in str(present[0])), None)
+                if found is not None:
+                    hint = f"; is the file separated by {found!r}? say so with --delimiter"
             raise DataFormatError(
                 name,
                 line,
-                f"no column {column!r}; the columns are {', '.join(map(str, present))}",
+                f"no column {column!r}; the columns are {', '.join(map(str, present))}{hint}",
             )
 
 
-def _read_csv(path: Path, columns: Sequence[str] | None) -> _Table:
-    with path.open(encoding="utf-8-sig", newline="") as lines:
-        reader = csv.reader(lines)
-        header = next((row for row in reader if any(text.strip() for text in row)), None)
-        header_line = reader.line_num
-    if header is None:
-        raise DataFormatError(str(path), None, "file is empty, expected a header row")
-    _require_columns(str(path), header_line, [name.strip() for name in header], columns)
-    try:
-        frame = pd.read_csv(
-            path,
-            usecols=None if columns is None else list(columns),
-            dtype=str,
-            keep_default_na=False,
-            encoding="utf-8-sig",
-            skipinitialspace=True,
-        )
-    except pd.errors.ParserError as error:
-        found = re.search(r"line (\d+)", str(error))
-        raise DataFormatError(
-            str(path), int(found.group(1)) if found else None, f"malformed CSV: {error}"
-        ) from None
-    frame.columns = [str(name).strip() for name in frame.columns]
-    return _Table(str(path), frame, lambda row: (_csv_line(path, row), "line"))
+def _read_csv(path: Path, columns: Sequence[str] | None, text: TextFormat) -> _Table:
+    """Every record of a CSV file, each checked to have the header's number of fields;
+    records whose fields are all blank are skipped."""
+    with _text_file(path, text) as lines:
+        reader = csv.reader(lines, delimiter=text.delimiter, skipinitialspace=True)
+        records = ((row, reader.line_num) for row in reader if any(f.strip() for f in row))
+        header, header_line = next(records, (None, 0))
+        if header is None:
+            raise DataFormatError(str(path), None, "file is empty, expected a header row")
+        header = [name.strip() for name in header]
+        _require_columns(str(path), header_line, header, columns)
+        names = header if columns is None else list(columns)
+        values: list[list[str]] = [[] for _ in names]
+        fields = [header.index(name) for name in names]
+        line_of = array("q")
+        for row, line in records:
+            if len(row) != len(header):
+                raise DataFormatError(
+                    str(path),
+                    line,
+                    f"{len(row)} fields where the header (line {header_line}) has {len(header)}",
+                )
+            for column, field_ in zip(values, fields):
+                column.append(row[field_])
+            line_of.append(line)
+    frame = pd.DataFrame(dict(zip(names, values)), dtype=object)
+    return _Table(str(path), frame, lambda row: (line_of[row], "line"))
 
 
-def _csv_line(path: Path, row: int) -> int:
-    """The line number of data record ``row`` (0-based) of a CSV file, read again only when
-    an error needs it: quoted fields may span lines, so rows and lines can differ."""
-    with path.open(encoding="utf-8-sig", newline="") as lines:
-        reader = csv.reader(lines)
-        records = (reader.line_num for record in reader if any(t.strip() for t in record))
-        next(records)  # the header
-        for index, line in enumerate(records):
-            if index == row:
-                return line
-    raise IndexError(row)
+@contextmanager
+def _text_file(path: Path, text: TextFormat) -> Iterator[TextIO]:
+    """``path`` open for reading in ``text``'s encoding; a byte the encoding cannot read
+    raises :class:`DataFormatError` naming its line and offset."""
+    with path.open(encoding=text.codec, newline="") as file:
+        try:
+            yield file
+        except UnicodeDecodeError:
+            raise _undecodable(path, text.encoding) from None
 
 
-def _read_parquet(path: Path, columns: Sequence[str] | None) -> _Table:
+def _undecodable(path: Path, encoding: str) -> DataFormatError:
+    """Where ``path`` first holds bytes that ``encoding`` cannot decode, found line by line."""
+    with path.open("rb") as raw:
+        offset = 0
+        for number, line in enumerate(raw, start=1):
+            try:
+                line.decode(encoding)
+            except UnicodeDecodeError as error:
+                byte = line[error.start]
+                return DataFormatError(
+                    path,
+                    number,
+                    f"byte 0x{byte:02x} (byte {error.start + 1} of the line, offset "
+                    f"{offset + error.start} in the file) is not {encoding}: give the file's "
+                    "encoding, such as --encoding cp1252",
+                )
+            offset += len(line)
+    return DataFormatError(
+        path, None, f"the file is not {encoding}: give its encoding (--encoding)"
+    )
+
+
+def _read_parquet(path: Path, columns: Sequence[str] | None, text: TextFormat) -> _Table:
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as error:
@@ -512,17 +586,21 @@ def _read_parquet(path: Path, columns: Sequence[str] | None) -> _Table:
     return _Table(str(path), frame, lambda row: (row + 1, "row"))
 
 
-def _read_jsonl(path: Path, columns: Sequence[str] | None) -> _Table:
+def _read_jsonl(path: Path, columns: Sequence[str] | None, text: TextFormat) -> _Table:
     records: list[dict[str, Any]] = []
     numbers: list[int] = []
-    with path.open(encoding="utf-8-sig") as lines:
+    with _text_file(path, text) as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line, object_pairs_hook=_object_once)
             except json.JSONDecodeError as error:
                 raise DataFormatError(str(path), number, f"not JSON ({error.msg})") from None
+            except _RepeatedKey as error:
+                raise DataFormatError(
+                    str(path), number, f"the object names {error} twice"
+                ) from None
             if not isinstance(record, dict):
                 raise DataFormatError(str(path), number, "not a JSON object")
             records.append(record)
@@ -533,3 +611,16 @@ def _read_jsonl(path: Path, columns: Sequence[str] | None) -> _Table:
         if columns is not None:
             frame = frame[list(columns)]
     return _Table(str(path), frame, lambda row: (numbers[row], "line"))
+
+
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _object_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, refusing a key that comes twice (json keeps the last)."""
+    record = dict(pairs)
+    if len(record) < len(pairs):
+        seen: set[str] = set()
+        raise _RepeatedKey(repr(next(k for k, _ in pairs if k in seen or seen.add(k))))
+    return record

@@ -21,12 +21,16 @@ def describe(directory: Path) -> str:
     items = pq.read_table(layout.items)
     splits = meta["splits"]
     n_train = users.column("n_train").to_numpy()
-    density = meta["n_interactions"] / (meta["n_users"] * meta["n_items"])
+    # Repeated events of a pair count once: the split keeps each pair's latest.
+    repeats = meta["duplicate_pairs_dropped"]
+    pairs = meta["n_interactions"] - repeats
+    density = pairs / (meta["n_users"] * meta["n_items"])
+    read = f" ({meta['n_interactions']:,} rows, {repeats:,} repeats dropped)" if repeats else ""
     lines = [
         f"{directory}  (source: {meta['source']})",
         (
             f"  users {meta['n_users']:,}  items {meta['n_items']:,}  "
-            f"interactions {meta['n_interactions']:,}  density {density:.2%}"
+            f"interactions {pairs:,}{read}  density {density:.2%}"
         ),
         (
             f"  split: train {splits['train']:,}  valid {splits['valid']:,}  "

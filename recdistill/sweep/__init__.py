@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from recdistill import tracking
+from recdistill import devices, tracking
 from recdistill.layout import SweepLayout
 from recdistill.summary import SweepSummary, from_json
 from recdistill.sweep.plan import load_plan
@@ -36,9 +36,17 @@ from recdistill.sweep.selection import finalize, select
 
 
 def run_sweep(
-    config: Path, data: Path, out: Path, *, jobs: int = 1, track: bool = False
+    config: Path,
+    data: Path,
+    out: Path,
+    *,
+    jobs: int = 1,
+    track: bool = False,
+    device: str | None = None,
 ) -> SweepSummary:
-    """Run the sweep of ``config`` into ``out``; ``track`` turns ``[tracking]`` on."""
+    """Run the sweep of ``config`` into ``out``; ``track`` turns ``[tracking]`` on. Candidates
+    train on ``device`` (:func:`recdistill.train`'s), its worker processes too."""
+    devices.announce(devices.use(device))
     plan = load_plan(config, data, out)
     spec = replace(plan.tracking, enabled=True) if track else plan.tracking
     layout = SweepLayout(plan.out)

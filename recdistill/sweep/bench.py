@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from recdistill import distributed
 from recdistill.data.feature_store import FeatureStore
 from recdistill.evaluate import evaluate
 from recdistill.models import TwoTower, TwoTowerSpec
@@ -33,7 +34,11 @@ class Bench:
     def teachers(self) -> dict[str, TwoTower]:
         plan = self.plan
         names = {plan.reference, *(t for c in plan.candidates for t in c.stage.teachers)}
-        return {name: load_stage_model(plan.base.root, name, self.store) for name in sorted(names)}
+        device = distributed.world().device
+        return {
+            name: load_stage_model(plan.base.root, name, self.store).to(device)
+            for name in sorted(names)
+        }
 
     @cached_property
     def frozen(self) -> dict[str, FrozenTeacher]:

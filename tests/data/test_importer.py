@@ -151,7 +151,11 @@ def test_json_lines_with_ratings_keep_the_well_rated(tmp_path):
     bob_code = next(code for code, name in bob.items() if name == "bob")
     bob_time = interactions.loc[interactions["user_id"] == bob_code, "timestamp"].item()
     assert bob_time == pd.Timestamp("2024-01-01T08:00:00Z").timestamp()
-    assert notes == ["min rating 3: dropped 1 of 6 rows rated lower"]
+    assert notes == [
+        f"{path}: 6 rows read",
+        "min rating 3: dropped 1 of 6 rows rated lower",
+        "kept 5 distinct (user, item) pairs of 3 users and 4 items",
+    ]
 
 
 def test_ml100k_written_as_plain_csv_imports_to_the_movielens_split(ml100k_dir, tmp_path, capsys):
@@ -247,6 +251,39 @@ HEADER = "user,item,time\n"
             "log.csv: no interactions remain to import",
         ),
         ({"log.txt": HEADER}, [], "log.txt: unknown format '.txt'"),
+        (
+            {"log.csv": "user,item,time,time\nu,i,1,2\n"},
+            [],
+            "log.csv line 1: the header names column 'time' twice",
+        ),
+        (
+            {"log.csv": "user,user,item,time\nu,v,i,1\n"},
+            [],
+            "log.csv line 1: the header names column 'user' twice",
+        ),
+        (
+            {"log.csv": HEADER + "u,i,1\nu,j,2,extra\n"},
+            [],
+            "log.csv line 3: 4 fields where the header (line 1) has 3",
+        ),
+        (
+            {"log.csv": HEADER + "u,i,1\n\nu,j\n"},
+            [],
+            "log.csv line 4: 2 fields where the header (line 1) has 3",
+        ),
+        (
+            {"log.csv": "user;item;time\nu;i;1\n"},
+            [],
+            (
+                "log.csv line 1: no column 'user'; the columns are user;item;time; is the "
+                "file separated by ';'? say so with --delimiter"
+            ),
+        ),
+        (
+            {"log.jsonl": '{"user": "u", "item": "i", "time": 1}\n{"user": "u", "user": "v"}\n'},
+            [],
+            "log.jsonl line 2: the object names 'user' twice",
+        ),
     ],
 )
 def test_a_bad_import_is_one_line_naming_file_line_and_column(
@@ -264,6 +301,71 @@ def test_a_bad_import_is_one_line_naming_file_line_and_column(
     assert error.startswith("recdistill: error: ") and error.count("\n") == 1
     assert message in error.replace(f"{tmp_path}/", "")
     assert not out.exists() and not list(tmp_path.glob(".data*"))
+
+
+def test_a_byte_the_encoding_cannot_read_is_named_and_encoding_reads_it(tmp_path, capsys):
+    log = tmp_path / "log.csv"
+    rows = "u,caf\u00e9,1\nv,th\u00e9,2\nu,tea,3\nv,tea,4\nu,milk,5\nv,milk,6\n"
+    log.write_bytes(("user,item,time\n" + rows).encode("cp1252"))
+    (tmp_path / "s.toml").write_text("[data.split]\nnegatives = 1\n")
+    argv = ["data", "import", "--interactions", log, "--user", "user", "--item", "item"]
+    argv += ["--time", "time", "--out", tmp_path / "data", "--config", tmp_path / "s.toml"]
+    status, _, error = run_cli(argv, capsys)
+    assert status == 2 and error.count("\n") == 1
+    assert (
+        f"{log} line 2: byte 0xe9 (byte 6 of the line, offset 20 in the file) is not utf-8: "
+        "give the file's encoding, such as --encoding cp1252"
+    ) in error
+    assert run_cli([*argv, "--encoding", "cp1252"], capsys)[0] == 0
+    items = sorted(external(tmp_path / "data", "items", "item_id").values())
+    assert items == ["café", "milk", "tea", "thé"]
+
+
+def test_delimiter_reads_a_semicolon_or_tab_file(tmp_path):
+    rows = [("u", "i", 1), ("u", "j", 2), ("u", "k", 3), ("v", "i", 4), ("v", "m", 5)]
+    for delimiter, flag in ((";", ";"), ("\t", "tab")):
+        log = tmp_path / f"log{len(flag)}.csv"
+        log.write_text("\n".join(delimiter.join(map(str, r)) for r in [("a", "b", "t"), *rows]))
+        out = prepare_data(
+            log, tmp_path / f"data{len(flag)}", user="a", item="b", time="t", delimiter=flag,
+            split=SplitSpec(negatives=1), log=lambda line: None,
+        )  # fmt: skip
+        assert len(pq.read_table(DataLayout(out).interactions)) == 5
+
+
+def test_the_counts_say_rows_read_pairs_kept_and_what_each_rule_dropped(tmp_path, capsys):
+    rows = ["user,item,time"] + [
+        f"u{u},i{(u + k) % 5},{t}" for t in range(3) for u in range(4) for k in range(3)
+    ]
+    rows += ["u9,i0,1", "u0,i9,1"]  # a user and an item seen once: the 2-core drops them
+    (tmp_path / "log.csv").write_text("\n".join(rows) + "\n")
+    argv = ["data", "import", "--interactions", tmp_path / "log.csv", "--user", "user"]
+    argv += ["--item", "item", "--time", "time", "--k-core", 2, "--out", tmp_path / "data"]
+    argv += ["--config", tmp_path / "split.toml"]
+    (tmp_path / "split.toml").write_text("[data.split]\nnegatives = 1\n")
+    status, printed, _ = run_cli(argv, capsys)
+    assert status == 0
+    lines = printed.splitlines()
+    assert lines[0] == f"{tmp_path / 'log.csv'}: 38 rows read"
+    assert "repeated events: 24 rows repeat an earlier (user, item) pair" in lines[1]
+    assert "k-core 2: 36 of 38 rows remain" in printed
+    assert "kept 12 distinct (user, item) pairs of 4 users and 5 items" in printed
+    assert "interactions 12 (36 rows, 24 repeats dropped)" in printed
+
+
+def test_an_existing_out_is_refused_unless_forced(tmp_path, capsys):
+    (tmp_path / "log.csv").write_text(HEADER + "u,i,1\nu,j,2\nu,k,3\nv,i,4\nv,m,5\n")
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    argv = ["data", "import", "--interactions", tmp_path / "log.csv", "--user", "user"]
+    argv += ["--item", "item", "--time", "time", "--out", out, "--config", tmp_path / "s.toml"]
+    (tmp_path / "s.toml").write_text("[data.split]\nnegatives = 1\n")
+    status, _, error = run_cli(argv, capsys)
+    assert status == 2 and f"{out} already exists: pass --force" in error
+    assert (out / "mine.txt").read_text() == "keep me"
+    assert run_cli([*argv, "--force"], capsys)[0] == 0
+    assert not (out / "mine.txt").exists() and DataLayout(out).interactions.exists()
 
 
 def test_a_bad_parquet_row_is_named_by_row(tmp_path):
@@ -308,7 +410,13 @@ def test_an_imported_run_trains_and_ranks_with_the_user_s_own_ids(tmp_path):
     )
     from recdistill.api import load_ranker
 
-    ranking = load_ranker(tmp_path / "art").rank("v3", ["sku-21", "sku-1", "nope"], k=3)
+    ranker = load_ranker(tmp_path / "art")
+    ranking = ranker.rank("v3", ["sku-21", "sku-1", "nope"], k=3)
+    # An ID of the wrong kind is refused, as POST /rank refuses it, not ranked as unknown.
+    with pytest.raises(ValueError, match="user_id: the model 'teacher' has strings as IDs"):
+        ranker.rank(3, ["sku-21", "sku-1"])
+    with pytest.raises(ValueError, match="item IDs: the model 'teacher' has strings as IDs"):
+        ranker.rank("v3", ["sku-21", 1])
     assert sorted(item for item, _ in ranking) == ["nope", "sku-1", "sku-21"]
     assert [score for _, score in ranking] == sorted((s for _, s in ranking), reverse=True)
 

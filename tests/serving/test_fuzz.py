@@ -32,6 +32,7 @@ CHECKS = [
 ]
 OPERATIONS = [
     ("POST", "/rank"),
+    ("POST", "/feedback"),
     ("POST", "/admin/reload"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),

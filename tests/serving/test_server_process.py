@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 
 import httpx2
 import pytest
@@ -87,3 +88,15 @@ def test_serve_says_when_the_impression_log_cannot_be_made(tiny_artifacts, tmp_p
     artifact = str(tiny_artifacts["student"])
     assert main(["serve", "--artifact", artifact, "--impressions", str(log)]) == 2
     assert f"impression log {log}: cannot create its folder" in capsys.readouterr().err
+
+
+def test_serve_on_a_port_in_use_says_so_before_claiming_to_serve(tiny_artifacts, capsys):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        argv = ["serve", "--artifact", str(tiny_artifacts["student"]), "--port", str(port)]
+        assert main(argv) == 2
+    printed = capsys.readouterr()
+    assert printed.err == (
+        f"recdistill: error: cannot serve on 127.0.0.1:{port}: Address already in use\n"
+    )
+    assert "serving" not in printed.out
