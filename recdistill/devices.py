@@ -70,7 +70,8 @@ def describe(device: torch.device) -> str:
             f"{torch.cuda.device_count()} GPUs visible)"
         )
     else:
-        text = f"{device.type} ({torch.get_num_threads()} threads)"
+        threads = torch.get_num_threads()
+        text = f"{device.type} ({threads} thread{'' if threads == 1 else 's'})"
     return text if _ranks() == 1 else f"{text} on each of {_ranks()} ranks"
 
 

@@ -64,7 +64,8 @@ def test_the_choice_reaches_the_world_and_worker_processes():
     device = devices.use("cpu")
     assert os.environ[devices.DEVICE_ENV] == "cpu"
     assert distributed.world().device == device
-    assert devices.describe(device) == f"cpu ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    assert devices.describe(device) == f"cpu ({threads} thread{'' if threads == 1 else 's'})"
 
 
 def train_argv(config, data, out) -> list[str]:
@@ -98,7 +99,7 @@ def test_a_tiny_run_honours_device_cpu(tiny_run):
     assert (
         (directory / "stderr.txt")
         .read_text()
-        .startswith(f"device: cpu ({torch.get_num_threads()} threads)\n")
+        .startswith(f"device: {devices.describe(torch.device('cpu'))}\n")
     )
 
 

@@ -170,9 +170,7 @@ def history_before(sequence: np.ndarray, end: int) -> tuple[np.ndarray, int]:
 @torch.no_grad()
 def user_vectors(model: SASRec, users, histories, lengths) -> torch.Tensor:
     """The user vectors of lists, 1,024 at a time."""
-    users, histories, lengths = (
-        torch.as_tensor(np.asarray(a)) for a in (users, histories, lengths)
-    )
+    users, histories, lengths = (torch.as_tensor(np.array(a)) for a in (users, histories, lengths))
     return torch.cat(
         [
             model.states(users[k : k + 1024], histories[k : k + 1024], lengths[k : k + 1024])[:, 0]
