@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 import torch
@@ -56,7 +57,7 @@ def teacher_model(config_path: Path, store: FeatureStore) -> TwoTower:
 
 def export(config_path: Path, data: Path, out: Path) -> Path:
     """The config's teacher (random weights) as ONNX, as ``recdistill export --format onnx``
-    writes a trained one."""
+    writes a trained one: its ``teacher.toml`` (the graph and its vocabularies)."""
     config = load_run_config(config_path)
     store = FeatureStore(data, history_length=config.history_length)
     model = teacher_model(config_path, store)
@@ -70,7 +71,7 @@ def export(config_path: Path, data: Path, out: Path) -> Path:
         model=copy.deepcopy(model),
         counts=None,
     )
-    return export_onnx(OnlineRanker(artifact), out, TEACHER).model
+    return export_onnx(OnlineRanker(artifact), out, TEACHER).teacher
 
 
 def measure(config_path: Path, data: Path, onnx: Path | None, scratch: Path, batches: int) -> dict:
@@ -90,7 +91,8 @@ def measure(config_path: Path, data: Path, onnx: Path | None, scratch: Path, bat
         teacher = FrozenTeacher(TEACHER, teacher_model(config_path, store), store, cache=scratch)
         result["load_s"], states = 0.0, teacher.states
     else:
-        spec = TeacherSpec(TEACHER, "onnx", path=str(onnx))
+        table = tomllib.loads(onnx.read_text())["teachers"][TEACHER]
+        spec = TeacherSpec(TEACHER, **table)
         teacher = load_teacher(spec, store, cache=scratch)
         result["load_s"] = time.perf_counter() - started
         states = teacher.states
@@ -131,13 +133,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         data = args.data or generated_world(args.users, scratch / "data")
-        graph = export(args.config, data, scratch / "onnx")
+        exported = export(args.config, data, scratch / "onnx")
         rows = {}
         for mode in ("internal", "onnx"):
             command = [sys.executable, __file__, "--config", str(args.config), "--data", str(data)]
-            command += ["--batches", str(args.batches), "--measure", mode, "--onnx", str(graph)]
+            command += ["--batches", str(args.batches), "--measure", mode, "--onnx", str(exported)]
             command += ["--scratch", str(scratch / mode)]
-            printed = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            printed = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
             rows[mode] = json.loads(printed.strip().splitlines()[-1])
     first = rows["internal"]
     print(
