@@ -277,12 +277,15 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return Response(content, media_type="application/json")
 
     @app.post(
-        "/feedback", response_model=FeedbackResponse, responses=error_responses(404, 409, 422, 503)
+        "/feedback",
+        response_model=FeedbackResponse,
+        responses=error_responses(400, 404, 409, 413, 422, 503),
     )
     async def feedback(body: FeedbackRequest) -> dict[str, Any]:
         """Record a click or conversion on an item a ranked request showed: 404 for a request
         this server never answered, 422 for an item it did not show, 409 for an event
-        already recorded (it is counted once). Appended to the event log, on disk before the
+        already recorded (it is counted once), 400 for a body that is not JSON, 413 for one
+        over the size limit. Appended to the event log, on disk before the
         answer."""
         if not state.ready:
             raise HTTPException(503, "models are still loading")
