@@ -66,6 +66,7 @@ class SASRec(nn.Module):
     ):
         super().__init__()
         self.item = nn.Embedding(items, dim, padding_idx=0)
+        self.history = nn.Embedding(items, dim, padding_idx=0)
         self.user = nn.Embedding(users, dim)
         self.position = nn.Embedding(MAX_LENGTH, dim)
         self.blocks = nn.ModuleList(Block(dim, heads, dropout) for _ in range(layers))
@@ -79,6 +80,7 @@ class SASRec(nn.Module):
         self.bias = nn.Parameter(torch.zeros(items))
         self.dropout = nn.Dropout(dropout)
         nn.init.normal_(self.item.weight, std=0.05)
+        nn.init.normal_(self.history.weight, std=0.05)
         nn.init.normal_(self.user.weight, std=0.05)
 
     def states(
@@ -90,7 +92,7 @@ class SASRec(nn.Module):
         length = history_length.clamp(max=history.shape[1])
         real = slots[None, :] < length[:, None]
         age = (length[:, None] - 1 - slots[None, :]).clamp(min=0)
-        x = self.dropout(self.item(history * real) + self.position(age)) * real[..., None]
+        x = self.dropout(self.history(history * real) + self.position(age)) * real[..., None]
         allowed = (slots[None, :] >= slots[:, None])[None] & real[:, None, :]
         allowed = allowed | (slots[:, None] == slots[None, :])[None]
         for block in self.blocks:
