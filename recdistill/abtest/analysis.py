@@ -444,13 +444,27 @@ def _verdict(
     standing = non_inferiority(lift.ci_low, lift.ci_high, spec.margin)
     if srm.mismatch:
         return None, f"NO DECISION: sample ratio mismatch; {estimate}; {rule}"
+    return ship_verdict(standing, treatment, estimate, rule, "users per arm", lift, spec)
+
+
+def ship_verdict(
+    standing: str,
+    treatment: str,
+    estimate: str,
+    rule: str,
+    unit: str,
+    effect: Any,
+    spec: AnalysisSpec,
+) -> tuple[bool, str]:
+    """The verdict a non-inferiority ``standing`` gives, an A/B's or an interleaving's; when
+    inconclusive, how many ``unit`` ``effect.users_needed`` says would settle it."""
     if standing == NON_INFERIOR:
         return True, f"SHIP {treatment}: {estimate}; {rule}"
     if standing == INFERIOR:
         return False, f"DO NOT SHIP {treatment}: worse beyond the margin, {estimate}; {rule}"
-    needed = lift.users_needed(spec.margin, spec.power, spec.alpha)
+    needed = effect.users_needed(spec.margin, spec.power, spec.alpha)
     return False, (
         f"DO NOT SHIP {treatment} (inconclusive): {estimate} straddles the margin; about "
-        f"{needed:,.0f} users per arm would show non-inferiority with {spec.power:.0%} power "
+        f"{needed:,.0f} {unit} would show non-inferiority with {spec.power:.0%} power "
         f"if the two truly perform the same; {rule}"
     )

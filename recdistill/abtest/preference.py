@@ -39,13 +39,12 @@ from scipy import stats
 from recdistill.ab_spec import AnalysisSpec, ExperimentSpec
 from recdistill.abtest.analysis import (
     ALL,
-    INFERIOR,
-    NON_INFERIOR,
     Analysis,
     SampleRatioMismatch,
     SrmCheck,
     latency_columns,
     non_inferiority,
+    ship_verdict,
     slices_of,
 )
 from recdistill.abtest.simulate import EXPERIMENT
@@ -293,13 +292,4 @@ def _verdict(
     if np.isnan(preference.lift):
         return None, f"NO DECISION: no clicks credited to both arms; {rule}"
     standing = non_inferiority(preference.ci_low, preference.ci_high, spec.margin)
-    if standing == NON_INFERIOR:
-        return True, f"SHIP {treatment}: {estimate}; {rule}"
-    if standing == INFERIOR:
-        return False, f"DO NOT SHIP {treatment}: worse beyond the margin, {estimate}; {rule}"
-    needed = preference.users_needed(spec.margin, spec.power, spec.alpha)
-    return False, (
-        f"DO NOT SHIP {treatment} (inconclusive): {estimate} straddles the margin; about "
-        f"{needed:,.0f} users would show non-inferiority with {spec.power:.0%} power if the "
-        f"two truly perform the same; {rule}"
-    )
+    return ship_verdict(standing, treatment, estimate, rule, "users", preference, spec)
