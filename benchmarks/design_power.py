@@ -1,10 +1,12 @@
 """How many users each design needs: interleaving against the A/B test, with and without CUPED.
 
-    .venv/bin/python benchmarks/design_power.py --config configs/ab.toml \\
-        [--treatment student --baseline teacher] [--replicates 4] [--experiments 200]
+    .venv/bin/python benchmarks/design_power.py --config configs/ab_interleaving.toml \\
+        [--treatment best --baseline teacher] [--artifact NAME=DIR ...] \\
+        [--replicates 4] [--experiments 200]
 
 The experiment config gives the world (its ``[simulation]`` and ``[clicks]``), the two
-models (``[artifacts]``) and the rule (``[analysis]``: α, power, margin, pre-period). Users
+models (by their names in ``[artifacts]``, to which ``--artifact`` adds) and the rule
+(``[analysis]``: α, power, margin, pre-period). Users
 of the world are simulated ``--replicates`` times over (each time a fresh split, fresh
 arrivals, candidates and clicks):
 
@@ -53,9 +55,8 @@ LARGEST_CHECKED = 400_000
 def pair_experiment(
     experiment: ExperimentSpec, treatment: str, baseline: str, design: str, replicate: int
 ) -> ExperimentSpec:
-    """The experiment of the two arms' models alone, under ``design``, one replicate's seed."""
-    models = {arm.name: arm.model for arm in experiment.routing.arms}
-    arms = (Arm(treatment, models[treatment], 0.5), Arm(baseline, models[baseline], 0.5))
+    """The experiment of the two models alone, under ``design``, one replicate's seed."""
+    arms = (Arm(treatment, treatment, 0.5), Arm(baseline, baseline, 0.5))
     return dataclasses.replace(
         experiment,
         routing=Routing(f"power-{replicate}", arms, design),
@@ -101,19 +102,31 @@ def achieved(draw: Callable[[np.random.Generator], bool], experiments: int, seed
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, required=True)
-    parser.add_argument("--treatment", default="student")
-    parser.add_argument("--baseline", default="teacher")
+    parser.add_argument("--treatment", default="best", help="a model of [artifacts]")
+    parser.add_argument("--baseline", default="teacher", help="a model of [artifacts]")
+    parser.add_argument(
+        "--artifact",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="add (or replace) a model of [artifacts], e.g. a sweep candidate exported",
+    )
     parser.add_argument("--replicates", type=int, default=4)
     parser.add_argument("--experiments", type=int, default=200)
     args = parser.parse_args()
 
     started = time.perf_counter()
     experiment = load_experiment(args.config)
+    added = dict(entry.split("=", 1) for entry in args.artifact)
+    experiment = dataclasses.replace(
+        experiment,
+        artifacts=experiment.artifacts | {name: Path(d) for name, d in added.items()},
+    )
+    pair = (args.treatment, args.baseline)
     spec = experiment.analysis
     alpha, power, margin = spec.alpha, spec.power, spec.margin
     world = World.load(experiment.simulation, experiment.clicks)
-    rankers = load_rankers(experiment)
-    pair = (args.treatment, args.baseline)
+    rankers = load_rankers(pair_experiment(experiment, *pair, AB, 0))
     ab, interleaved = pooled_users(world, experiment, rankers, pair, args.replicates)
     treated, base = ab[ab["arm"] == pair[0]], ab[ab["arm"] == pair[1]]
     level = 1 - alpha
@@ -121,8 +134,9 @@ def main() -> None:
     rows = []
     for cuped in (False, True):
         lift = compare(treated, base, "ctr", level=level, cuped=cuped)
-        # Per arm, s.d. of the log ratio with one user per arm: relative_sd * sqrt(2).
-        sd = lift.relative_sd * np.sqrt(2)
+        # relative_sd is one user's in one arm; with N users in all, N / 2 in each arm, the
+        # log ratio's variance is 2 * relative_sd**2 / (N / 2): 2 * relative_sd per user.
+        sd = 2 * lift.relative_sd
 
         def ab_draw(users: int, bar: float, cuped=cuped):
             per_arm = int(np.ceil(users / 2))

@@ -178,6 +178,16 @@ class SegmentScore:
     # evaluation report's test: recdistill.segments).
     flagged: bool = False
 
+    @property
+    def losing(self) -> bool:
+        """Loses to the teacher here, and significantly more than the candidate's other
+        users: a segment that keeps less than the rest but still gains on the teacher has
+        lost nothing."""
+        return self.flagged and self.retention < 1
+
+    def describe(self) -> str:
+        return f"{self.segment} = {self.value} ({self.retention:.3f})"
+
 
 @with_config(_STRICT)
 @dataclass(frozen=True)
@@ -303,8 +313,8 @@ class SelectionSpec:
             f"the smallest candidate (parameters) with p99 ≤ {self.p99_ms:g} ms on the "
             f"{self.latency_clock} clock{size} whose clicks, interleaved with the teacher's "
             f"in the simulation, are non-inferior within {margin:.1%} (the CI's lower bound), "
-            f"none of whose validation segments keeps significantly less of the teacher than "
-            f"its other users (the report's test), and which the A/B test of the "
+            f"none of whose validation segments loses to the teacher and significantly more "
+            f"than its other users (the report's test), and which the A/B test of the "
             f"{self.finalists} smallest such finalists does not find worse beyond the margin"
         )
 

@@ -111,9 +111,9 @@ def _standing(result: CandidateResult, selection: Selection) -> str:
     if impact.standing != NON_INFERIOR:
         worse = "worse beyond the margin" if impact.standing == INFERIOR else "inconclusive"
         return f"interleaved: {worse}"
-    flagged = [f"{s.segment} = {s.value}" for s in result.valid.segments if s.flagged]
-    if flagged:
-        return f"segment(s) losing more than the rest: {', '.join(flagged)}"
+    losing = [s.describe() for s in result.valid.segments if s.losing]
+    if losing:
+        return f"segment(s) losing more than the rest: {', '.join(losing)}"
     if impact.ab is None:
         return "not among the smallest finalists"
     return f"A/B: {impact.ab.standing}"
@@ -151,7 +151,7 @@ def _row(result: CandidateResult, selection: Selection) -> dict[str, Any]:
         "impact": impact,
         "interleaved": "–" if impact is None else _interval(impact.lift, impact.lift_ci),
         "ab": "–" if ab is None else _interval(ab.lift, ab.lift_ci),
-        "flagged": [f"{s.segment} = {s.value}" for s in result.valid.segments if s.flagged],
+        "losing": [s.describe() for s in result.valid.segments if s.losing],
         "standing": _standing(result, selection),
     }
 

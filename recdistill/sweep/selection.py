@@ -3,7 +3,7 @@
 :func:`select` keeps the Pareto frontier (NDCG@10 up; p99 and artifact bytes down) and
 chooses by the rule (:meth:`~recdistill.summary.SelectionSpec.describe`): among the
 candidates within the latency (and size) budget whose simulated interleaving with the
-teacher is non-inferior and none of whose validation segments is flagged, the
+teacher is non-inferior and none of whose validation segments is losing, the
 ``finalists`` smallest take an A/B test; the smallest of those the A/B does not find worse
 beyond the margin is chosen.
 :func:`finalize` scores the chosen student, float and int8, once on test and writes them as
@@ -77,14 +77,14 @@ def within_budget(result: CandidateResult, rule: SelectionSpec) -> bool:
 def finalists(results: list[CandidateResult], rule: SelectionSpec) -> list[CandidateResult]:
     """The ``rule.finalists`` smallest candidates (parameters; then the larger interleaved
     lift) within the budget whose interleaving with the teacher is non-inferior and none of
-    whose validation segments is flagged."""
+    whose validation segments is losing (:attr:`~recdistill.summary.SegmentScore.losing`)."""
     eligible = [
         r
         for r in results
         if within_budget(r, rule)
         and r.impact is not None
         and r.impact.standing == NON_INFERIOR
-        and not any(s.flagged for s in r.valid.segments)
+        and not any(s.losing for s in r.valid.segments)
     ]
     eligible.sort(key=lambda r: (r.params, -r.impact.lift, r.name))
     return eligible[: rule.finalists]
