@@ -15,7 +15,8 @@ a row marked unavailable, so the script runs everywhere:
    test NDCG@10 must be within ``TRAIN_TOLERANCE`` of the CPU's. Kernels differ in the last bits of float32
    and training compounds the difference, so this tolerance is wider.
 3. **Training speed.** The demo's teacher stage (``configs/synthetic.toml``, in float32 and
-   with ``precision = "bf16"``) and its student distilled on RRD lists from that teacher:
+   with ``precision = "bf16"``) and the demo sweep's 8-d bag student distilled on RRD lists
+   from that teacher (``configs/sweep_synthetic.toml``):
    training examples per second over ``--batches`` batches, after two unmeasured ones, on
    a synthetic world of ``--users`` users (the demo's 4,000 by default). The weights are
    fresh: speed does not depend on them.
@@ -37,19 +38,21 @@ import torch
 
 from recdistill import devices
 from recdistill.api import train
-from recdistill.config import RunConfig, load_run_config, parse_run_config
+from recdistill.config import RunConfig, load_run_config, load_sweep_config, parse_run_config
 from recdistill.data.feature_store import FeatureStore
 from recdistill.data.prepare import SplitSpec, prepare
 from recdistill.data.synthetic import SyntheticSpec, generate
 from recdistill.evaluate import evaluate, mean_metrics
-from recdistill.models import FeatureSpace, TwoTower
+from recdistill.models import FeatureSpace, TwoTower, TwoTowerSpec
 from recdistill.recipe import load_stage_model
-from recdistill.stage import LABELS, StageSpec
+from recdistill.stage import StageSpec
 from recdistill.teachers import FrozenTeacher
 from recdistill.trainer import Trainer
 
 PROJECT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = PROJECT / "configs" / "synthetic.toml"
+DEMO_SWEEP = PROJECT / "configs" / "sweep_synthetic.toml"
+STUDENT = ("b8", "rrd")  # the demo sweep's 8-d bag (34,493 parameters) and its loss mix
 METRICS = ("ndcg@10", "full_ndcg@10")
 # Absolute differences from the CPU's metrics that a device may show.
 SCORE_TOLERANCE = 1e-4
@@ -153,16 +156,19 @@ def same_run(
     return runs
 
 
-def speed_stages() -> dict[str, StageSpec]:
-    """The demo's teacher stage, in float32 and in bf16, and its student learning from the
-    teacher alone (the demo's student also learns from the intermediate)."""
+def speed_stages() -> dict[str, tuple[StageSpec, TwoTowerSpec]]:
+    """The demo's teacher stage, in float32 and in bf16, and the demo sweep's 8-d bag
+    student (``STUDENT``) learning from it on RRD lists, each with its model."""
     config = load_run_config(DEMO_CONFIG)
-    teacher, student = config.stage("teacher"), config.stage("student")
-    terms = tuple(t for t in student.losses if t.source in (LABELS, teacher.name))
+    sweep = load_sweep_config(DEMO_SWEEP)
+    teacher = config.stage("teacher")
+    preset, mix = STUDENT
+    student = sweep.train.stage_of("student", preset, sweep.mixes[mix], lists=sweep.sweep.lists)
+    model = config.models[teacher.model]
     return {
-        "teacher": teacher,
-        "teacher (bf16)": dataclasses.replace(teacher, precision="bf16"),
-        "student on RRD lists": dataclasses.replace(student, losses=terms),
+        "teacher": (teacher, model),
+        "teacher (bf16)": (dataclasses.replace(teacher, precision="bf16"), model),
+        "student on RRD lists": (student, sweep.models[preset]),
     }
 
 
@@ -189,9 +195,9 @@ def speeds(
         teacher = TwoTower(config.models["teacher"], space)
         frozen = {"teacher": FrozenTeacher("teacher", teacher, store)}
         measured[name] = {}
-        for label, stage in speed_stages().items():
+        for label, (stage, spec) in speed_stages().items():
             torch.manual_seed(0)
-            model = TwoTower(config.models[stage.model], space)
+            model = TwoTower(spec, space)
             teachers = {t: frozen[t] for t in stage.teachers}
             trainer = Trainer(stage, model, teachers, store, scratch / name / stage.name)
             measured[name][label] = examples_per_second(trainer, batches)

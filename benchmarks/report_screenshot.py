@@ -1,8 +1,8 @@
 """Screenshot, in headless Chromium, the pages a person reads: a run's segment report, the A/B
 page and the ranking server's API docs.
 
-    .venv/bin/python benchmarks/report_screenshot.py --run runs/synthetic --ab runs/ab \\
-        --artifact artifacts/synthetic/student [--out-dir runs/screenshots]
+    .venv/bin/python benchmarks/report_screenshot.py --run runs/synthetic \\
+        --ab runs/ab_interleaving --artifact artifacts/synthetic/student [--out-dir runs/screenshots]
 
 Each option adds its pages (at least one is needed): ``--run`` the run's report
 (``runs/X/report/index.html``), ``--ab`` the A/B test's ``index.html``, ``--artifact``

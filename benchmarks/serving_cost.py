@@ -1,7 +1,7 @@
 """What serving costs in cores: each model's capacity per core on each serving path.
 
     .venv/bin/python benchmarks/serving_cost.py \\
-        --artifacts artifacts/synthetic/teacher artifacts/synthetic/student \\
+        --artifacts artifacts/synthetic/teacher artifacts/synthetic/b8-rrd \\
         [--workers 1 2] [--paths plain torchrec] [--candidates 100] [--p99-ms 50] \\
         [--out runs/serving_cost]
 

@@ -1,7 +1,7 @@
 """Soak test: the ranking server at 80 % of its capacity for minutes while its model is reloaded.
 
     .venv/bin/python benchmarks/soak.py --artifact artifacts/synthetic/teacher \\
-        --artifact artifacts/synthetic/student [--minutes 10] [--p99-ms 50] [--load-share 0.8] \\
+        --artifact artifacts/synthetic/b8-rrd [--minutes 10] [--p99-ms 50] [--load-share 0.8] \\
         [--rps R] [--reload-every 5] [--bad-every 3] [--candidates 100] [--out runs/soak]
 
 Serves a copy of the first artifact and first finds the highest request rate that holds the

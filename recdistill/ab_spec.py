@@ -159,3 +159,16 @@ class ExperimentSpec:
         if tuple(self.analysis.ship) not in pairs:
             pairs.append(tuple(self.analysis.ship))
         return pairs
+
+
+@dataclass(frozen=True)
+class ImpactSpec:
+    """A sweep's ``[impact]``: the simulated experiments every candidate within the latency
+    budget is judged by against the base run's reference teacher, on the sweep's data
+    (``simulation.data`` is the sweep's ``--data``): an interleaving for each, an A/B test
+    (50 / 50, CUPED on a pre-period on the teacher) for the finalists. ``analysis`` holds the
+    rule's margin and level as an experiment's ``[analysis]`` does."""
+
+    simulation: SimulationSpec = field(default_factory=lambda: SimulationSpec(data=""))
+    clicks: ClickSpec = field(default_factory=ClickSpec)
+    analysis: AnalysisSpec = field(default_factory=AnalysisSpec)

@@ -7,8 +7,8 @@ calls::
 
     data = recdistill.prepare_data(events, "data/shop", user="visitor", item="sku", time="ts")
     config = recdistill.load_run_config("configs/default.toml")
-    summary = recdistill.trainer(config, data, "runs/shop")
-    recdistill.evaluation_report("runs/shop")
+    summary = recdistill.train(config, data, "runs/shop")
+    recdistill.report("runs/shop")
     ranker = recdistill.load_ranker(recdistill.export("runs/shop", "student", "artifacts/shop"))
     ranker.rank("v17", ["sku-1", "sku-9", "sku-4"], k=2)  # [("sku-9", 1.3), ("sku-4", 0.2)]
 """

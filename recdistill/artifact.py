@@ -76,9 +76,11 @@ from recdistill.quantize import QuantizationSpec, load_plain_state, plain_state,
 from recdistill.recipe import read_record
 from recdistill.summary import (
     BaselineModel,
+    CandidateResult,
     ChosenModel,
     EnsembleModel,
     ExternalModel,
+    SweepSummary,
     TrainedModel,
     from_json,
     read_summary,
@@ -143,17 +145,18 @@ def _export(
     config = load_run_config(layout.config)
     data = Path(data or summary.data)
     read_meta(data)
-    exportable = [
-        name for name, entry in summary.models.items() if not isinstance(entry, BaselineModel)
-    ]
+    # A sweep's candidates too, the chosen one or not: the rule's choice is not the only
+    # student someone may want to serve or compare.
+    models = summary.models | (summary.candidates if isinstance(summary, SweepSummary) else {})
+    exportable = [name for name, entry in models.items() if not isinstance(entry, BaselineModel)]
     exportable += [POPULARITY, *(BASELINE_MEMBERS if as_member else ())]
     if model_name not in exportable:
         raise ValueError(
             f"cannot export {model_name!r} from {layout.root}; exportable: {exportable}"
         )
-    entry = summary.models.get(model_name)
+    entry = models.get(model_name)
     record = None
-    if isinstance(entry, TrainedModel | ChosenModel):
+    if isinstance(entry, TrainedModel | ChosenModel | CandidateResult):
         record = read_record(layout.stage(model_name))
     length = config.history_length if record is None else record.history_length
     store = FeatureStore(data, history_length=length)
@@ -222,7 +225,8 @@ def _export(
             quantization=quantization,
             files=files,
             exported_from={"run": str(layout.root), "data": str(data)},
-            offline_metrics={} if entry is None else entry.metrics,
+            # A candidate the sweep did not choose was never scored on test.
+            offline_metrics=getattr(entry, "metrics", {}),
             role=None if config.roles is None else config.roles.role_of(model_name),
         )
         write_json(artifact.manifest, to_json(manifest))

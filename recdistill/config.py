@@ -21,6 +21,7 @@ from recdistill.ab_spec import (
     AnalysisSpec,
     ClickSpec,
     ExperimentSpec,
+    ImpactSpec,
     SimulationSpec,
 )
 from recdistill.data.prepare import SplitSpec
@@ -263,6 +264,8 @@ class SweepSpec:
     min_segment_users: int = 100
     latency_rounds: int = 5
     latency_requests: int = 200  # timed requests per model and round
+    # Teacher-ranked (RRD) lists every candidate learns on; unset: the training lists.
+    lists: ListSpec | None = None
 
     def __post_init__(self) -> None:
         if not self.base_run:
@@ -273,12 +276,14 @@ class SweepSpec:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """``recdistill sweep``'s config: ``[sweep]``, the budget (``[selection]``), the int8 copy
-    (``[quantization]``), and a run config's ``[train]`` defaults and ``[models.*]`` presets,
-    each trained with every loss mix of ``[mixes]``; ``[tracking]`` as a run config's."""
+    """``recdistill sweep``'s config: ``[sweep]``, the rule (``[selection]``) and the simulated
+    experiments it judges by (``[impact]``), the int8 copy (``[quantization]``), and a run
+    config's ``[train]`` defaults and ``[models.*]`` presets, each trained with every loss mix
+    of ``[mixes]``; ``[tracking]`` as a run config's."""
 
     sweep: SweepSpec
     selection: SelectionSpec = field(default_factory=SelectionSpec)
+    impact: ImpactSpec = field(default_factory=ImpactSpec)
     quantization: QuantizationSpec = field(default_factory=QuantizationSpec)
     train: TrainDefaults = field(default_factory=TrainDefaults)
     models: dict[str, TwoTowerSpec] = field(default_factory=dict)
@@ -292,9 +297,13 @@ class SweepConfig:
 
 def load_sweep_config(path: Path) -> SweepConfig:
     raw = load_toml(path)
+    sweep = dict(section(raw, "sweep"))
+    lists = sweep.pop("lists", None)
+    lists = None if lists is None else spec_from(ListSpec, lists, "[sweep] lists")
     return SweepConfig(
-        sweep=spec_from(SweepSpec, section(raw, "sweep"), "[sweep]"),
+        sweep=spec_from(SweepSpec, sweep, "[sweep]", lists=lists),
         selection=spec_from(SelectionSpec, section(raw, "selection"), "[selection]"),
+        impact=_impact(section(raw, "impact")),
         quantization=spec_from(QuantizationSpec, section(raw, "quantization"), "[quantization]"),
         train=_train_defaults(raw),
         models=_model_presets(raw),
@@ -304,6 +313,27 @@ def load_sweep_config(path: Path) -> SweepConfig:
         },
         tracking=spec_from(TrackingSpec, section(raw, "tracking"), "[tracking]"),
     )
+
+
+def _impact(table: dict[str, Any]) -> ImpactSpec:
+    """``[impact]``: its ``simulation``, ``clicks`` and ``analysis`` tables, each as an
+    experiment config's (``simulation.data`` is the sweep's data)."""
+    tables = {"simulation": SimulationSpec, "clicks": ClickSpec, "analysis": AnalysisSpec}
+    unknown = sorted(set(table) - set(tables))
+    if unknown:
+        raise ValueError(f"[impact]: unknown table(s) {unknown}; valid tables are {list(tables)}")
+    if "data" in table.get("simulation", {}):
+        raise ValueError("[impact.simulation]: no data here: the sweep simulates on its --data")
+    specs = {
+        name: spec_from(
+            kind,
+            table.get(name, {}),
+            f"[impact.{name}]",
+            **({"data": ""} if name == "simulation" else {}),
+        )
+        for name, kind in tables.items()
+    }
+    return ImpactSpec(**specs)
 
 
 def load_routing(path: Path) -> Routing:

@@ -11,13 +11,14 @@ names (``ndcg@10_ratio``, ...) are field aliases. Field order is the files' key 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, TypeAdapter, with_config
 
+from recdistill.ab_spec import ImpactSpec
 from recdistill.files import write_json
 from recdistill.quantize import QuantizationSpec
 from recdistill.ranked_lists import ListSpec
@@ -173,6 +174,19 @@ class SegmentScore:
     teacher_ndcg: Annotated[float, _key("teacher_ndcg@10")]
     retention: float
     retention_ci: list[float]
+    # Keeps significantly less of the teacher than the candidate's other users (the
+    # evaluation report's test: recdistill.segments).
+    flagged: bool = False
+
+    @property
+    def losing(self) -> bool:
+        """Loses to the teacher here, and significantly more than the candidate's other
+        users: a segment that keeps less than the rest but still gains on the teacher has
+        lost nothing."""
+        return self.flagged and self.retention < 1
+
+    def describe(self) -> str:
+        return f"{self.segment} = {self.value} ({self.retention:.3f})"
 
 
 @with_config(_STRICT)
@@ -210,6 +224,41 @@ class Int8Result:
 
 @with_config(_STRICT)
 @dataclass(frozen=True)
+class AbImpact:
+    """A finalist against the reference teacher in a simulated A/B test (CUPED): the relative
+    lift of the decision metric with its CI, and where that CI lies against the margin."""
+
+    users: list[int]  # treatment, baseline
+    lift: float
+    lift_ci: list[float]
+    p_value: float
+    mde: float
+    standing: str
+
+
+@with_config(_STRICT)
+@dataclass(frozen=True)
+class SimulatedImpact:
+    """A candidate against the reference teacher, interleaved in a simulated experiment
+    (:mod:`recdistill.abtest.preference`): users preferring each and neither, the preference
+    share and the relative lift of the clicks on the candidate's items, with CIs, and where
+    that lift's CI lies against the margin; the A/B test's for a finalist."""
+
+    users: int
+    wins: int
+    losses: int
+    ties: int
+    share: float
+    share_ci: list[float]
+    lift: float
+    lift_ci: list[float]
+    p_value: float
+    standing: str
+    ab: Annotated[AbImpact | None, _OMITTED_WHEN_NONE] = None
+
+
+@with_config(_STRICT)
+@dataclass(frozen=True)
 class CandidateResult:
     """A sweep candidate (a preset × a loss mix) trained and measured on validation: what its
     ``result.json`` holds once its latency is measured."""
@@ -228,15 +277,18 @@ class CandidateResult:
     int8: Int8Result
     # Measured once every candidate is trained (None until then).
     latency_ms: Annotated[ClockLatency | None, _OMITTED_WHEN_NONE] = None
+    # Measured once every candidate is timed, for those within the latency budget.
+    impact: Annotated[SimulatedImpact | None, _OMITTED_WHEN_NONE] = None
 
 
 @dataclass(frozen=True)
 class SelectionSpec:
-    """``[selection]``: the budget a sweep's chosen student must meet."""
+    """``[selection]``: the rule a sweep's chosen student must meet (see ``describe``)."""
 
     p99_ms: float = 2.0
-    min_worst_segment_retention: float = 0.95
     max_artifact_bytes: int | None = None
+    # The smallest candidates non-inferior in the interleaving that also take the A/B test.
+    finalists: int = 3
     # "wall": elapsed time; "cpu": the scoring thread's CPU time, which time spent waiting
     # while other processes hold the cores does not inflate. Both are measured and reported.
     latency_clock: str = "wall"
@@ -244,9 +296,27 @@ class SelectionSpec:
     def __post_init__(self) -> None:
         if self.latency_clock not in CLOCKS:
             raise ValueError(f"[selection] latency_clock must be one of {list(CLOCKS)}")
+        if self.finalists < 1:
+            raise ValueError(f"[selection] finalists must be at least 1, not {self.finalists}")
 
     def p99(self, latency_ms: ClockLatency) -> float:
         return latency_ms.on(self.latency_clock).p99
+
+    def describe(self, margin: float) -> str:
+        """The rule in one sentence (the sweep's report and its printout state it)."""
+        size = (
+            ""
+            if self.max_artifact_bytes is None
+            else f" and an artifact of at most {self.max_artifact_bytes:,} bytes"
+        )
+        return (
+            f"the smallest candidate (parameters) with p99 ≤ {self.p99_ms:g} ms on the "
+            f"{self.latency_clock} clock{size} whose clicks, interleaved with the teacher's "
+            f"in the simulation, are non-inferior within {margin:.1%} (the CI's lower bound), "
+            f"none of whose validation segments loses to the teacher and significantly more "
+            f"than its other users (the report's test), and which the A/B test of the "
+            f"{self.finalists} smallest such finalists does not find worse beyond the margin"
+        )
 
 
 @with_config(_STRICT)
@@ -258,6 +328,8 @@ class Selection(SelectionSpec):
     chosen: str | None
     frontier: list[str]
     within_budget: list[str]
+    # Meet the whole rule, the smallest first.
+    qualified: list[str] = field(default_factory=list)
 
 
 @with_config(_STRICT)
@@ -288,6 +360,10 @@ class SweepSummary:
     selection: Selection
     models: dict[str, ChosenModel]
     candidates: dict[str, CandidateResult]
+    # The simulated experiments the candidates were judged by, against ``reference``.
+    impact: Annotated[ImpactSpec | None, _OMITTED_WHEN_NONE] = None
+    reference: str = ""
+    truth: str = ""
 
 
 Summary = RunSummary | SweepSummary

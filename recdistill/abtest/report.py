@@ -541,7 +541,7 @@ def _pair_title(pair: tuple[str, str], experiment: ExperimentSpec) -> str:
     return f"{pair[0]} vs {pair[1]}{ship}"
 
 
-def _percent_axis(axis: Axes, *, vertical: bool = False) -> None:
+def percent_axis(axis: Axes, *, vertical: bool = False) -> None:
     which = axis.xaxis if vertical else axis.yaxis
     which.set_major_formatter(lambda value, _: f"{value:+.0%}")
     (axis.axvline if vertical else axis.axhline)(0.0, color="black", linewidth=0.8)
@@ -559,7 +559,7 @@ def daily_figure(daily: pd.DataFrame, experiment: ExperimentSpec) -> Figure:
         margin_band(axis, spec.margin)
         axis.fill_between(part["day"], part["ci_low"], part["ci_high"], color="C0", alpha=0.2)
         axis.plot(part["day"], part["lift"], marker=".", color="C0")
-        _percent_axis(axis)
+        percent_axis(axis)
         axis.set_title(_pair_title(pair, experiment), fontsize=10, loc="left")
         axis.set_ylabel(f"{decision_label(experiment)} lift")
     axes[-1].set_xlabel("experiment day (lift over the days so far)")
@@ -602,7 +602,7 @@ def segment_figure(
                 markersize=6 if whole else 4,
                 linewidth=1.4 if whole else 1.0,
             )
-        _percent_axis(axis, vertical=True)
+        percent_axis(axis, vertical=True)
         axis.set_title(_pair_title(pair, experiment), fontsize=10, loc="left")
         axis.set_xlabel(f"{decision_label(experiment)} lift")
         axis.grid(axis="x", color="#dddddd", linewidth=0.6)

@@ -6,7 +6,9 @@ The truth is an oracle ``relevance(user_ids, item_ids)`` (external IDs, broadcas
 - on real data, a **semi-synthetic** oracle: EASE fitted on *every* interaction of the data
   directory (train, validation and test alike), its scores taken as the true affinity. It
   is what a strong model would learn from everything we know, not a measured preference, so
-  lifts on real data are lifts under that assumption.
+  lifts on real data are lifts under that assumption. A world that helps *choose* a model
+  (the sweep's) fits it ``before_test``: on train and validation alone, so the choice never
+  reads the test split.
 
 Relevance becomes a click probability through the position-based model of
 :class:`~recdistill.ab_spec.ClickSpec`.
@@ -20,6 +22,7 @@ from typing import Protocol
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 from scipy.special import expit
 
@@ -49,11 +52,17 @@ class EaseOracle:
     scores: np.ndarray  # [users + 1, items + 1], row and column 0 unknown
 
     @classmethod
-    def fit(cls, data: Path, l2: float) -> EaseOracle:
+    def fit(cls, data: Path, l2: float, *, before_test: bool = False) -> EaseOracle:
         layout = DataLayout(data)
         users = Vocabulary.of(pq.read_table(layout.users, columns=["user_id"])["user_id"])
         items = Vocabulary.of(pq.read_table(layout.items, columns=["item_id"])["item_id"])
-        interactions = pq.read_table(layout.interactions, columns=["user_id", "item_id"])
+        columns = ["user_id", "item_id"]
+        if before_test:
+            interactions = pa.concat_tables(
+                pq.read_table(layout.split(split), columns=columns) for split in ("train", "valid")
+            )
+        else:
+            interactions = pq.read_table(layout.interactions, columns=columns)
         scores = ease_scores(
             users.index(interactions["user_id"].to_numpy()),
             items.index(interactions["item_id"].to_numpy()),
@@ -69,11 +78,19 @@ class EaseOracle:
         return self.scores[users, items]
 
 
-def load_oracle(data: Path, l2: float) -> Oracle:
+def truth_of(data: Path, *, before_test: bool = False) -> str:
+    """What the oracle of ``data``'s world is, in words."""
+    if DataLayout(data).truth_tensors.exists():
+        return "the synthetic generator's ground truth"
+    fitted = "train and validation interactions" if before_test else "all interactions"
+    return f"semi-synthetic, EASE fitted on {fitted} taken as the true affinity"
+
+
+def load_oracle(data: Path, l2: float, *, before_test: bool = False) -> Oracle:
     """The generator's truth if ``data`` has one, else the EASE oracle."""
     if DataLayout(data).truth_tensors.exists():
         return GroundTruth.load(data)
-    return EaseOracle.fit(data, l2)
+    return EaseOracle.fit(data, l2, before_test=before_test)
 
 
 @dataclass(frozen=True)
@@ -131,14 +148,15 @@ class World:
     oracle: Oracle
     clicks: ClickModel
     retrieval: Retrieval
+    truth: str  # what the oracle is, in words
 
     @classmethod
-    def load(cls, spec: SimulationSpec, clicks: ClickSpec) -> World:
+    def load(cls, spec: SimulationSpec, clicks: ClickSpec, *, before_test: bool = False) -> World:
         data = Path(spec.data)
         rng = np.random.default_rng([spec.seed, 0])
         population = load_population(data, spec, rng)
         items = pq.read_table(DataLayout(data).items, columns=["item_id", "n_train"]).to_pandas()
-        oracle = load_oracle(data, spec.oracle_l2)
+        oracle = load_oracle(data, spec.oracle_l2, before_test=before_test)
         pairs = (
             rng.choice(population.user_ids, CALIBRATION_PAIRS),
             rng.choice(items["item_id"].to_numpy(), CALIBRATION_PAIRS),
@@ -149,13 +167,8 @@ class World:
             oracle=oracle,
             clicks=ClickModel(clicks, float(relevance.mean()), float(relevance.std())),
             retrieval=retrieval_of(items, spec),
+            truth=truth_of(data, before_test=before_test),
         )
-
-    @property
-    def truth(self) -> str:
-        if isinstance(self.oracle, EaseOracle):
-            return "semi-synthetic, EASE fitted on all interactions taken as the true affinity"
-        return "the synthetic generator's ground truth"
 
     def attractiveness(self, user_ids: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         """``[requests, C]`` attractiveness of each request's candidates to its user."""

@@ -58,10 +58,6 @@ class IdCodes:
             return ids
         return self.encode(ids)
 
-    def subset(self, codes: np.ndarray) -> IdCodes:
-        rows = np.searchsorted(self.codes, codes)
-        return IdCodes(self.codes[rows], None if self.names is None else self.names[rows])
-
     def named(self, codes: np.ndarray) -> list:
         """The user's own IDs of ``codes`` (each a member of the set)."""
         if self.names is None:

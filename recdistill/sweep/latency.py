@@ -16,9 +16,7 @@ from dataclasses import replace
 import numpy as np
 import pyarrow.parquet as pq
 
-from recdistill.artifact import Artifact
 from recdistill.layout import DataLayout, SweepLayout
-from recdistill.manifest import TWO_TOWER
 from recdistill.online import OnlineRanker
 from recdistill.summary import CandidateResult, ClockLatency, Latency
 from recdistill.sweep.bench import Bench
@@ -37,7 +35,7 @@ def measure_latency(bench: Bench, results: list[CandidateResult]) -> list[Candid
     candidates = np.array(lists.column("candidates").to_pylist(), dtype=np.int64)
     by_name = {c.name: c for c in plan.candidates}
     rankers = {
-        (r.name, variant): _ranker(bench, by_name[r.name], variant, r.params)
+        (r.name, variant): candidate_ranker(bench, by_name[r.name], variant, r.params)
         for r in results
         for variant in VARIANTS
     }
@@ -79,20 +77,10 @@ def measure_latency(bench: Bench, results: list[CandidateResult]) -> list[Candid
     ]
 
 
-def _ranker(bench: Bench, candidate: Candidate, variant: str, params: int) -> OnlineRanker:
+def candidate_ranker(bench: Bench, candidate: Candidate, variant: str, params: int) -> OnlineRanker:
     """The candidate served as its artifact would be, straight from the sweep directory."""
     layout = SweepLayout(bench.plan.out).candidate(candidate.name)
     quantization = bench.plan.quantization if variant == "int8" else None
     weights = layout.int8_weights if variant == "int8" else layout.weights
-    artifact = Artifact(
-        directory=layout.root,
-        name=candidate.name,
-        kind=TWO_TOWER,
-        version=variant,
-        params=params,
-        store=bench.store,
-        model=bench.load(candidate.model, weights, quantization),
-        counts=None,
-        quantization=quantization,
-    )
-    return OnlineRanker(artifact, user_cache=0)
+    model = bench.load(candidate.model, weights, quantization)
+    return bench.ranker(candidate.name, model, params, quantization)

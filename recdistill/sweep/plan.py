@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from recdistill.ab_spec import ImpactSpec
 from recdistill.config import SweepSpec, load_run_config, load_sweep_config
 from recdistill.layout import RunLayout
 from recdistill.models import TwoTowerSpec
 from recdistill.quantize import QuantizationSpec
 from recdistill.stage import StageSpec
-from recdistill.summary import RunSummary, SelectionSpec, read_summary
+from recdistill.summary import (
+    EnsembleModel,
+    RunSummary,
+    SelectionSpec,
+    TrainedModel,
+    read_summary,
+)
 from recdistill.tracking import TrackingSpec
 
 METRIC = "ndcg@10"
@@ -39,6 +46,8 @@ class Plan:
     out: Path
     sweep: SweepSpec
     selection: SelectionSpec
+    # The simulated experiments, on this sweep's data.
+    impact: ImpactSpec
     quantization: QuantizationSpec
     history_length: int
     # The base run's reference teacher: a candidate's quality is a share of its own.
@@ -67,7 +76,12 @@ def load_plan(config_path: Path, data: Path, out: Path) -> Plan:
             arch,
             mix,
             config.models[arch],
-            config.train.stage_of(f"{arch}-{mix}", arch, config.mixes[mix]),
+            config.train.stage_of(
+                f"{arch}-{mix}",
+                arch,
+                config.mixes[mix],
+                **({} if config.sweep.lists is None else {"lists": config.sweep.lists}),
+            ),
         )
         for arch, mix in grid
     )
@@ -80,16 +94,32 @@ def load_plan(config_path: Path, data: Path, out: Path) -> Plan:
             f"{base_length}: the teachers must see the features they were trained on"
         )
     reference = base_config.roles.reference
-    trained = set(read_summary(base.summary, RunSummary).models)
-    missing = sorted({reference, *(t for c in candidates for t in c.stage.teachers)} - trained)
+    models = read_summary(base.summary, RunSummary).models
+    stages = {name for name, entry in models.items() if isinstance(entry, TrainedModel)}
+    ensembles = {name for name, entry in models.items() if isinstance(entry, EnsembleModel)}
+    missing = sorted(
+        {reference, *(t for c in candidates for t in c.stage.teachers)} - stages - ensembles
+    )
     if missing:
-        raise ValueError(f"{base.root} has no trained {missing} to learn from")
+        raise ValueError(
+            f"{base.root} has no trained {missing} to learn from (its stages "
+            f"{sorted(stages)} and ensembles {sorted(ensembles)} teach)"
+        )
+    for mix, terms in config.mixes.items():
+        towers = [t.source for t in terms if t.fn == "feature_mse" and t.source in ensembles]
+        if towers:
+            raise ValueError(
+                f"[mixes] {mix}: feature_mse needs tower outputs; the ensemble {towers[0]!r} "
+                "has none"
+            )
+    impact = config.impact
     return Plan(
         config=Path(config_path),
         data=Path(data),
         out=Path(out),
         sweep=config.sweep,
         selection=config.selection,
+        impact=replace(impact, simulation=replace(impact.simulation, data=str(data))),
         quantization=config.quantization,
         history_length=length,
         reference=reference,

@@ -11,7 +11,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
+from recdistill.abtest.analysis import INFERIOR, NON_INFERIOR
+from recdistill.abtest.report import (
+    BAND,
+    STANDING_COLOURS,
+    STANDING_LABELS,
+    margin_band,
+    margin_label,
+    percent_axis,
+)
 from recdistill.evaluation_report import figure_png, template_environment
 from recdistill.layout import SweepLayout
 from recdistill.segments import ALL
@@ -28,10 +39,13 @@ def build_sweep_report(out: Path) -> Path:
     rows = [_row(r, selection) for r in summary.candidates.values()]
     chosen = selection.chosen
     winners = _segment_winners(summary.candidates.values())
+    margin = summary.impact.analysis.margin
     context = {
         "run": str(layout.root),
         "summary": summary,
         "selection": selection,
+        "rule": selection.describe(margin),
+        "margin": margin,
         "metric": METRIC,
         "rows": rows,
         "chosen": None if chosen is None else next(r for r in rows if r["name"] == chosen),
@@ -39,6 +53,7 @@ def build_sweep_report(out: Path) -> Path:
         "winners": winners,
         "wins": Counter(w["winner"] for w in winners).most_common(),
         "figure": _frontier_figure(rows, summary),
+        "impact_figure": _impact_figure(rows, summary),
         "load_average": np.mean([r.latency_ms.load_average for r in summary.candidates.values()]),
     }
     environment = template_environment()
@@ -50,40 +65,65 @@ def build_sweep_report(out: Path) -> Path:
 
 
 def candidates_table(summary: SweepSummary) -> str:
-    """The candidates side by side, as printed at the end of ``recdistill sweep``."""
+    """The candidates side by side, as printed at the end of ``recdistill sweep``: validation
+    quality, size, latency, the interleaving with the teacher (and the finalists' A/B
+    test), and where each stands by the rule."""
     selection = summary.selection
     header = (
-        f"{'candidate':<30}{'valid ndcg':>11}{'worst ret.':>11}{'params':>9}{'bytes':>10}"
-        f"{'p99 wall':>9}{'p99 cpu':>8}{'int8 ndcg':>10}{'int8 bytes':>11}{'int8 wall':>10}"
-        f"{'int8 cpu':>9}  flags"
+        f"{'candidate':<28}{'valid ndcg':>11}{'worst ret.':>11}{'params':>9}{'p99 ' + selection.latency_clock:>9}"
+        f"{'pref. share':>12}{'interleaved clicks [95 % CI]':>31}{'A/B ' + summary.impact.analysis.metric + ' [95 % CI]':>28}  standing"
     )
     lines = [header]
     for name, r in summary.candidates.items():
-        flags = "frontier " * (name in selection.frontier)
-        flags += "budget " * (name in selection.within_budget)
-        flags += "CHOSEN" * (name == selection.chosen)
-        int8 = r.int8
+        row = _row(r, selection)
+        share = "–" if r.impact is None else f"{r.impact.share:.2%}"
         lines.append(
-            f"{name:<30}{r.valid.ndcg:>11.4f}{r.valid.worst_segment.retention:>11.3f}"
-            f"{r.params:>9,}{r.artifact_bytes:>10,}{r.latency_ms.wall.p99:>9.3f}"
-            f"{r.latency_ms.cpu.p99:>8.3f}{int8.valid.ndcg:>10.4f}"
-            f"{int8.artifact_bytes:>11,}{int8.latency_ms.wall.p99:>10.3f}"
-            f"{int8.latency_ms.cpu.p99:>9.3f}  {flags}"
+            f"{name:<28}{r.valid.ndcg:>11.4f}{r.valid.worst_segment.retention:>11.3f}"
+            f"{r.params:>9,}{selection.p99(r.latency_ms):>9.3f}{share:>12}"
+            f"{row['interleaved']:>31}{row['ab']:>28}  {row['standing']}"
         )
+    margin = summary.impact.analysis.margin
+    lines.append(f"\nrule: {selection.describe(margin)}")
     if selection.chosen is None:
-        lines.append("\nno candidate meets the budget")
+        lines.append("no candidate meets the rule (the standing column says why)")
     else:
         best, best_int8 = summary.models[BEST], summary.models[BEST_INT8]
         lines.append(
-            f"\nchosen: {selection.chosen}: test ndcg@10 {best.metrics[METRIC]:.4f} "
-            f"(int8 {best_int8.metrics[METRIC]:.4f})"
+            f"chosen: {selection.chosen} ({best.params:,} parameters): test ndcg@10 "
+            f"{best.metrics[METRIC]:.4f} (int8 {best_int8.metrics[METRIC]:.4f})"
         )
     return "\n".join(lines)
+
+
+def _interval(value: float, ci: list[float]) -> str:
+    return f"{value:+.2%} [{ci[0]:+.2%}, {ci[1]:+.2%}]"
+
+
+def _standing(result: CandidateResult, selection: Selection) -> str:
+    """Where the candidate stands by the rule: chosen, qualified, or the first reason not."""
+    if result.name == selection.chosen:
+        return "CHOSEN"
+    if result.name in selection.qualified:
+        return "qualifies, a smaller one was chosen"
+    if result.name not in selection.within_budget:
+        return "over the latency or size budget"
+    impact = result.impact
+    if impact.standing != NON_INFERIOR:
+        worse = "worse beyond the margin" if impact.standing == INFERIOR else "inconclusive"
+        return f"interleaved: {worse}"
+    losing = [s.describe() for s in result.valid.segments if s.losing]
+    if losing:
+        return f"segment(s) losing more than the rest: {', '.join(losing)}"
+    if impact.ab is None:
+        return "not among the smallest finalists"
+    return f"A/B: {impact.ab.standing}"
 
 
 def _row(result: CandidateResult, selection: Selection) -> dict[str, Any]:
     model, worst, int8 = result.model, result.valid.worst_segment, result.int8
     clock = selection.latency_clock
+    impact = result.impact
+    ab = None if impact is None else impact.ab
     return {
         "name": result.name,
         "architecture": result.architecture,
@@ -108,6 +148,11 @@ def _row(result: CandidateResult, selection: Selection) -> dict[str, Any]:
         "frontier": result.name in selection.frontier,
         "within_budget": result.name in selection.within_budget,
         "chosen": result.name == selection.chosen,
+        "impact": impact,
+        "interleaved": "–" if impact is None else _interval(impact.lift, impact.lift_ci),
+        "ab": "–" if ab is None else _interval(ab.lift, ab.lift_ci),
+        "losing": [s.describe() for s in result.valid.segments if s.losing],
+        "standing": _standing(result, selection),
     }
 
 
@@ -240,11 +285,9 @@ def _frontier_figure(rows: list[dict[str, Any]], summary: SweepSummary) -> str:
     qualities = [v for r in rows for v in (r["ndcg"], r["int8_ndcg"])]
     slices = summary.candidates[rows[0]["name"]].valid.segments
     teacher = next(s for s in slices if s.segment == ALL)
-    floor = teacher.teacher_ndcg * selection.min_worst_segment_retention
     p99_label = f"p99 budget {selection.p99_ms} ms"
     _budget_line(axis, selection.p99_ms, latencies, p99_label, vertical=True)
-    floor_label = f"teacher × {selection.min_worst_segment_retention} (retention budget, all users)"
-    _budget_line(axis, floor, qualities, floor_label, vertical=False)
+    _budget_line(axis, teacher.teacher_ndcg, qualities, "the teacher", vertical=False)
     axis.scatter([], [], color="white", edgecolors="black", linewidths=1.8, label="Pareto frontier")
     for mix, colour in colours.items():
         axis.scatter([], [], color=colour, label=mix)
@@ -258,5 +301,55 @@ def _frontier_figure(rows: list[dict[str, Any]], summary: SweepSummary) -> str:
         fontsize=9,
     )
     axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    figure.tight_layout()
+    return figure_png(figure)
+
+
+def _impact_figure(rows: list[dict[str, Any]], summary: SweepSummary) -> str | None:
+    """Each candidate's interleaved click lift over the teacher with its CI against its
+    parameters, coloured by where the CI lies against the margin band; the finalists' A/B
+    lifts beside them; the chosen one named."""
+    measured = [r for r in rows if r["impact"] is not None]
+    if not measured:
+        return None
+    margin = summary.impact.analysis.margin
+    figure = Figure(figsize=(11, 5.5))
+    axis = figure.subplots()
+    margin_band(axis, margin)
+    for r in measured:
+        impact = r["impact"]
+        colour = STANDING_COLOURS[impact.standing]
+        error = [[impact.lift - impact.lift_ci[0]], [impact.lift_ci[1] - impact.lift]]
+        axis.errorbar(r["params"], impact.lift, yerr=error, fmt="o", color=colour, capsize=3)
+        if impact.ab is not None:
+            ab = impact.ab
+            error = [[ab.lift - ab.lift_ci[0]], [ab.lift_ci[1] - ab.lift]]
+            axis.errorbar(
+                r["params"] * 1.06, ab.lift, yerr=error, fmt="s", mfc="none", color=colour
+            )
+        if r["chosen"]:
+            axis.annotate(
+                f"chosen: {r['name']}",
+                (r["params"], impact.lift),
+                xytext=(8, 8),
+                textcoords="offset points",
+                fontsize=9,
+                fontweight="bold",
+            )
+    axis.set_xscale("log")
+    percent_axis(axis)
+    axis.set_xlabel("parameters (log scale)")
+    axis.set_ylabel(f"lift over {summary.reference} (95 % CI)")
+    axis.set_title(
+        "dots: the candidate's clicks interleaved with the teacher's; squares: the A/B "
+        "test's CTR (finalists)",
+        fontsize=9,
+    )
+    handles = [
+        Line2D([], [], color=colour, marker="o", linestyle="", label=STANDING_LABELS[standing])
+        for standing, colour in STANDING_COLOURS.items()
+    ]
+    handles.append(Patch(label=margin_label(margin), **BAND))
+    axis.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     figure.tight_layout()
     return figure_png(figure)

@@ -1,9 +1,10 @@
-"""Train every candidate (in a pool of processes), score it and its int8 copy on validation.
+"""Train every candidate (in a pool of processes), score it and its int8 copy on validation,
+time it, and measure its simulated impact against the teacher.
 
 A candidate's result is written atomically to its ``result.json``; a candidate with a result
 for the same settings is skipped on a rerun, and a half-trained one resumes from its
 checkpoint. A result is a :class:`~recdistill.summary.CandidateResult`, its latency left
-out until every candidate is trained and timed.
+out until every candidate is trained and timed, its impact until every one is timed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from recdistill.quantize import plain_state, quantize
 from recdistill.recipe import train_stage
 from recdistill.summary import CandidateResult, CandidateTraining, Int8Result, from_json, to_json
 from recdistill.sweep.bench import Bench, one_torch_thread
+from recdistill.sweep.impact import measure_impact
 from recdistill.sweep.latency import measure_latency
 from recdistill.sweep.plan import METRIC, Candidate, Plan
 
@@ -36,6 +38,8 @@ def search(plan: Plan, *, jobs: int = 1) -> list[CandidateResult]:
     pending = [c for c in plan.candidates if _finished(plan, c) is None]
     bench = Bench(plan)
     with one_torch_thread():
+        if jobs > 1 and len(pending) > 1:
+            _rank_once(bench, pending)
         if jobs == 1 or len(pending) <= 1:
             for candidate in pending:
                 _announce(search_one(bench, candidate))
@@ -49,9 +53,12 @@ def search(plan: Plan, *, jobs: int = 1) -> list[CandidateResult]:
         untimed = [r for r in results if r.latency_ms is None]
         if untimed:
             timed = {r.name: r for r in measure_latency(bench, untimed)}
-            for result in timed.values():
-                write_result(_layout(plan, result.name), result)
             results = [timed.get(r.name, r) for r in results]
+        # Cheap beside training, and it depends on the rule and on every candidate (the
+        # finalists): measured again on every run.
+        results = measure_impact(bench, results)
+        for result in results:
+            write_result(_layout(plan, result.name), result)
     return results
 
 
@@ -90,6 +97,18 @@ def search_one(bench: Bench, candidate: Candidate) -> CandidateResult:
     )
     write_result(layout, result)
     return result
+
+
+def _rank_once(bench: Bench, pending: list[Candidate]) -> None:
+    """What the teachers compute per train row (a sequence teacher's states, the rankings
+    RRD lists are drawn from), computed here and cached in the base run before the workers
+    start, rather than by each worker at once."""
+    for candidate in pending:
+        stage = candidate.stage
+        for name in stage.teachers:
+            teacher = bench.frozen[name]
+            if stage.lists is not None and name in stage.ranked_sources:
+                teacher.ranked(stage.lists.depth)
 
 
 def write_result(layout: CandidateLayout, result: CandidateResult) -> None:

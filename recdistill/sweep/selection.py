@@ -1,7 +1,11 @@
-"""Choose a student under the budget, score it on test and write it as a run's model.
+"""Choose a student by the rule of ``[selection]``, score it on test and write it as a run's model.
 
 :func:`select` keeps the Pareto frontier (NDCG@10 up; p99 and artifact bytes down) and
-chooses the best validation NDCG@10 among candidates meeting ``[selection]``.
+chooses by the rule (:meth:`~recdistill.summary.SelectionSpec.describe`): among the
+candidates within the latency (and size) budget whose simulated interleaving with the
+teacher is non-inferior and none of whose validation segments is losing, the
+``finalists`` smallest take an A/B test; the smallest of those the A/B does not find worse
+beyond the margin is chosen.
 :func:`finalize` scores the chosen student, float and int8, once on test and writes them as
 ``best`` and ``best_int8`` in a run's layout (the summary, the config and each one's weights),
 so that ``recdistill export --run OUT --model best`` works. Nothing before it reads the test
@@ -17,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from recdistill.abtest.analysis import INFERIOR, NON_INFERIOR
+from recdistill.abtest.world import truth_of
 from recdistill.data.tables import read_meta
 from recdistill.evaluate import evaluate, mean_metrics
 from recdistill.layout import SweepLayout
@@ -41,28 +47,47 @@ BEST, BEST_INT8 = "best", "best_int8"
 class Choice:
     frontier: tuple[str, ...]
     within_budget: tuple[str, ...]
+    qualified: tuple[str, ...]
     chosen: str | None
 
 
-def select(results: list[CandidateResult], budget: SelectionSpec) -> Choice:
-    """The frontier, the candidates within ``budget``, and the best of those on validation."""
-    within = [r for r in results if meets(r, budget)]
-    chosen = max(within, key=lambda r: r.valid.ndcg).name if within else None
+def select(results: list[CandidateResult], rule: SelectionSpec) -> Choice:
+    """The frontier, the candidates within the budget, those meeting the whole rule (the
+    smallest first) and the chosen one."""
+    qualified = [
+        r
+        for r in finalists(results, rule)
+        if r.impact.ab is None or r.impact.ab.standing != INFERIOR
+    ]
     return Choice(
-        frontier=tuple(pareto_frontier(results, budget)),
-        within_budget=tuple(r.name for r in within),
-        chosen=chosen,
+        frontier=tuple(pareto_frontier(results, rule)),
+        within_budget=tuple(r.name for r in results if within_budget(r, rule)),
+        qualified=tuple(r.name for r in qualified),
+        chosen=qualified[0].name if qualified else None,
     )
 
 
-def meets(result: CandidateResult, budget: SelectionSpec) -> bool:
-    return (
-        budget.p99(result.latency_ms) <= budget.p99_ms
-        and result.valid.worst_segment.retention >= budget.min_worst_segment_retention
-        and (
-            budget.max_artifact_bytes is None or result.artifact_bytes <= budget.max_artifact_bytes
-        )
+def within_budget(result: CandidateResult, rule: SelectionSpec) -> bool:
+    """Fast enough (p99 on the rule's clock) and, if the rule says, small enough."""
+    return rule.p99(result.latency_ms) <= rule.p99_ms and (
+        rule.max_artifact_bytes is None or result.artifact_bytes <= rule.max_artifact_bytes
     )
+
+
+def finalists(results: list[CandidateResult], rule: SelectionSpec) -> list[CandidateResult]:
+    """The ``rule.finalists`` smallest candidates (parameters; then the larger interleaved
+    lift) within the budget whose interleaving with the teacher is non-inferior and none of
+    whose validation segments is losing (:attr:`~recdistill.summary.SegmentScore.losing`)."""
+    eligible = [
+        r
+        for r in results
+        if within_budget(r, rule)
+        and r.impact is not None
+        and r.impact.standing == NON_INFERIOR
+        and not any(s.losing for s in r.valid.segments)
+    ]
+    eligible.sort(key=lambda r: (r.params, -r.impact.lift, r.name))
+    return eligible[: rule.finalists]
 
 
 def pareto_frontier(results: list[CandidateResult], budget: SelectionSpec) -> list[str]:
@@ -130,9 +155,13 @@ def finalize(plan: Plan, results: list[CandidateResult], choice: Choice) -> dict
             chosen=choice.chosen,
             frontier=list(choice.frontier),
             within_budget=list(choice.within_budget),
+            qualified=list(choice.qualified),
         ),
         models=models,
         candidates=candidates,
+        impact=plan.impact,
+        reference=plan.reference,
+        truth=truth_of(plan.data, before_test=True),
     )
     write_summary(layout.summary, summary)
     return to_json(summary)

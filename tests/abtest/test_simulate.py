@@ -1,13 +1,14 @@
 import shutil
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from scipy.special import expit
 
 from recdistill.ab_spec import ClickSpec, SimulationSpec
 from recdistill.abtest.simulate import plan_requests, simulate
-from recdistill.abtest.world import EaseOracle, World, load_oracle
+from recdistill.abtest.world import EaseOracle, World, load_oracle, truth_of
 from recdistill.artifact import load_artifact
 from recdistill.data.synthetic_truth import GroundTruth
 from recdistill.online import OnlineRanker
@@ -132,3 +133,24 @@ def test_real_data_gets_an_ease_oracle_on_all_interactions(synthetic_dir, tmp_pa
     weights = np.eye(len(items)) - precision / np.diag(precision)
     expected = x[:3] @ weights
     assert oracle.relevance(users[:3, None], items[None, :]) == pytest.approx(expected, abs=1e-4)
+
+
+def test_an_oracle_that_helps_choose_never_reads_the_test_split(synthetic_dir, tmp_path):
+    """``before_test``: EASE on train and validation alone, so it is fitted with the test
+    split's files gone, and the test interactions are not among what it reconstructs."""
+    real = tmp_path / "real"
+    ignored = shutil.ignore_patterns("truth.*", "test.parquet", "interactions.parquet")
+    shutil.copytree(synthetic_dir, real, ignore=ignored)
+    oracle = load_oracle(real, 100.0, before_test=True)
+    known = pd.concat(
+        pq.read_table(synthetic_dir / f"{split}.parquet").to_pandas()
+        for split in ("train", "valid")
+    )
+    users, items = oracle.users.values, oracle.items.values
+    x = np.zeros((len(users), len(items)))
+    x[np.searchsorted(users, known["user_id"]), np.searchsorted(items, known["item_id"])] = 1
+    precision = np.linalg.inv(x.T @ x + 100.0 * np.eye(len(items)))
+    weights = np.eye(len(items)) - precision / np.diag(precision)
+    expected = x[:3] @ weights
+    assert oracle.relevance(users[:3, None], items[None, :]) == pytest.approx(expected, abs=1e-4)
+    assert "train and validation" in truth_of(real, before_test=True)

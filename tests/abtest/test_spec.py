@@ -43,7 +43,7 @@ def test_the_default_config_parses_and_routes_the_server():
         ("student", "teacher"),
     ]
     settings = ServerSettings(artifacts=(), ab_config=str(config))
-    assert routing_for(settings, {"popularity", "teacher", "student"}) == experiment.routing
+    assert routing_for(settings, {"popularity", "teacher", "best"}) == experiment.routing
     assert load_routing(config) == experiment.routing
 
 
@@ -119,3 +119,12 @@ def test_a_live_analysis_needs_only_the_arms_and_the_ship_pair(tmp_path):
 def test_abtest_without_a_config_says_what_it_needs(capsys):
     assert main(["abtest"]) == 2
     assert "abtest needs --config and --out" in capsys.readouterr().err
+
+
+def test_the_interleaving_config_parses_and_routes_the_server():
+    config = PROJECT / "configs" / "ab_interleaving.toml"
+    experiment = load_experiment(config)
+    assert experiment.routing.interleaved and experiment.comparisons == [("student", "teacher")]
+    settings = ServerSettings(artifacts=(), ab_config=str(config))
+    models = {arm.model for arm in experiment.routing.arms}
+    assert routing_for(settings, models) == experiment.routing
