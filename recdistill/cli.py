@@ -141,6 +141,14 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the checkpoints")
     train.add_argument("--track", action="store_true", help=TRACK_HELP)
     train.add_argument("--device", help=DEVICE_HELP)
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="TABLE.KEY=VALUE",
+        help="change one value of the config, e.g. stages.teacher.epochs=5 (repeatable); "
+        "the run's config.toml records the result",
+    )
     train.set_defaults(handler=_train)
 
     sweep = commands.add_parser(
@@ -368,15 +376,17 @@ def _data_import(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from recdistill.api import train
-    from recdistill.config import load_run_config
+    from recdistill.config import assignments, load_run_config
     from recdistill.distributed import world
     from recdistill.pipeline import summary_table
     from recdistill.tracking import location
     from recdistill.trainer import duration
 
-    tracked = {"tracking": {"enabled": True}} if args.track else None
+    changes = assignments(args.set)
+    if args.track:
+        changes = changes | {"tracking": changes.get("tracking", {}) | {"enabled": True}}
     started = time.perf_counter()
-    config = load_run_config(args.config, tracked)
+    config = load_run_config(args.config, changes)
     summary = train(config, args.data, args.out, resume=args.resume, device=args.device)
     if not world().is_main:
         return

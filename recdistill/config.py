@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -149,6 +151,26 @@ def load_run_config(path: Path | None, changes: dict[str, Any] | None = None) ->
     return parse_run_config(_merged(load_toml(path), changes or {}))
 
 
+def assignments(texts: list[str]) -> dict[str, Any]:
+    """``--set`` overrides (``stages.teacher.epochs=5``, ``train.seed=1``) as the nested
+    tables :func:`load_run_config` merges over a config: the dotted key names the table and
+    the key, the value is read as TOML (a bare word that is not one is a string)."""
+    changes: dict[str, Any] = {}
+    for text in texts:
+        key, equals, value = text.partition("=")
+        path = key.strip().split(".")
+        if not equals or not all(path):
+            raise ValueError(f"--set {text!r}: expected TABLE.KEY=VALUE, e.g. train.epochs=5")
+        try:
+            parsed = tomllib.loads(f"value = {value}")["value"]
+        except tomllib.TOMLDecodeError:
+            parsed = value
+        for name in reversed(path):
+            parsed = {name: parsed}
+        changes = _merged(changes, parsed)
+    return changes
+
+
 def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in changes.items():
@@ -247,6 +269,7 @@ def _stage_keys(table: dict[str, Any], where: str, extra: tuple[str, ...] = ()) 
     if unknown:
         valid = sorted([*STAGE_DEFAULTS, *extra])
         raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {valid}")
+    check_types(StageSpec, {k: v for k, v in table.items() if k != "lists"}, where)
     values = _tuples(table)
     if "lists" in values:
         values["lists"] = spec_from(ListSpec, table["lists"], f"{where} lists")
@@ -498,9 +521,67 @@ def spec_from(cls: type[Spec], table: dict[str, Any], where: str, **overrides: A
     unknown = sorted(set(table) - set(names))
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {names}")
+    check_types(cls, table, where)
     values = _tuples(table)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as error:
+        message = str(error)
+        raise ValueError(message if message.startswith("[") else f"{where}: {message}") from error
+
+
+def check_types(cls: type, table: dict[str, Any], where: str) -> None:
+    """Each value of ``table`` against the type its field of ``cls`` declares (an int where a
+    float is asked for is a float; TOML arrays are tuples): a one-line error naming ``where``
+    and the key. Fields whose type is not a plain scalar, tuple, list or union of them (a
+    nested spec, a table of tables) are checked by their own spec."""
+    hints = typing.get_type_hints(cls)
+    for key, value in table.items():
+        hint = hints.get(key)
+        if hint is not None and not _fits(value, hint):
+            raise ValueError(
+                f"{where} {key} = {value!r}: expected {_type_name(hint)}, "
+                f"not {type(value).__name__}"
+            )
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or isinstance(hint, typing.TypeVar):
+        return True
+    if origin in (types.UnionType, typing.Union):
+        return any(_fits(value, arg) for arg in args)
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(args) == len(value) and all(map(_fits, value, args))
+        return not args or all(_fits(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_fits(v, args[1]) for v in value.values())
+    if origin is not None or not isinstance(hint, type):
+        return True  # Literal, Annotated, ...: the spec checks them itself
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint in (str, Path):
+        return isinstance(value, str)
+    return True  # a nested spec: built and checked by its own spec_from
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) in (tuple, list):
+        return "an array"
+    if typing.get_origin(hint) is dict:
+        return "a table"
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    return names.get(hint, "None" if hint is type(None) else getattr(hint, "__name__", str(hint)))
 
 
 def _tuples(table: dict[str, Any]) -> dict[str, Any]:

@@ -101,6 +101,17 @@ class StageSpec:
     lists: ListSpec | None = None
 
     def __post_init__(self) -> None:
+        for key, least in (("epochs", 1), ("batch_size", 1), ("patience", 0), ("negatives", 0)):
+            if getattr(self, key) < least:
+                raise ValueError(
+                    f"{self.where} {key} = {getattr(self, key)}: must be at least {least}"
+                )
+        for key in ("learning_rate", "adagrad_learning_rate", "clip_norm"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise ValueError(f"{self.where} {key} = {value}: must be above 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"{self.where} weight_decay = {self.weight_decay}: must be at least 0")
         if self.lists is not None and not self.ranked_sources:
             raise ValueError(
                 f"{self.where}: lists are ranked by a teacher, but no loss of this "
