@@ -152,8 +152,6 @@ class StageSpec:
                 f"{self.where}: gbce's sampling_rate is the stage's own (its negatives "
                 "over the catalogue): set t alone"
             )
-        if self.clip_norm is not None and not self.clip_norm > 0:
-            raise ValueError(f"{self.where}: clip_norm must be positive, not {self.clip_norm}")
         if self.objective not in OBJECTIVES:
             raise ValueError(
                 f"{self.where}: unknown objective {self.objective!r}; "

@@ -229,7 +229,7 @@ def test_the_tracking_table_is_parsed_checked_and_written_back(tmp_path):
     assert parse_run_config({}).tracking == TrackingSpec(enabled=False, uri="")
     with pytest.raises(ValueError, match=r"\[tracking\]: unknown key\(s\) \['on'\]"):
         parse_run_config({"tracking": {"on": True}})
-    with pytest.raises(ValueError, match=r"\[tracking\] enabled = 'false': use true or false"):
+    with pytest.raises(ValueError, match=r"\[tracking\] enabled = 'false': expected true or false"):
         parse_run_config({"tracking": {"enabled": "false"}})
     sweep = tmp_path / "sweep.toml"
     sweep.write_text(

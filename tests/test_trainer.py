@@ -350,7 +350,7 @@ def test_gradients_are_clipped_to_the_stages_norm_before_each_step(store, tmp_pa
     trainer.optimizer.step = record_then_step
     trainer.train_epoch(0, max_batches=3)
     assert len(norms) == 3 and max(norms) == pytest.approx(1e-3, rel=1e-4)
-    with pytest.raises(ValueError, match="clip_norm must be positive"):
+    with pytest.raises(ValueError, match="clip_norm = 0.0: must be above 0"):
         stage(clip_norm=0.0)
 
 
