@@ -382,11 +382,9 @@ def _train(args: argparse.Namespace) -> None:
     from recdistill.tracking import location
     from recdistill.trainer import duration
 
-    changes = assignments(args.set)
-    if args.track:
-        changes = changes | {"tracking": changes.get("tracking", {}) | {"enabled": True}}
+    tracked = ["tracking.enabled=true"] if args.track else []
     started = time.perf_counter()
-    config = load_run_config(args.config, changes)
+    config = load_run_config(args.config, assignments([*args.set, *tracked]))
     summary = train(config, args.data, args.out, resume=args.resume, device=args.device)
     if not world().is_main:
         return
